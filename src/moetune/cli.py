@@ -1,0 +1,157 @@
+"""The `moetune` command line: argument parsing only; every verb calls one library function.
+
+Exit codes: 0 success, 2 bad input (config, data, paths, checkpoints: one paragraph, no
+traceback), 1 a failure during work. Heavy libraries (torch, transformers) are imported inside
+the verbs so `moetune --help` and `moetune validate` answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import textwrap
+from typing import Callable, Sequence
+
+from moetune.errors import UserError
+
+DEFAULT_CONFIG = "config.yaml"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `moetune` console script, `python -m moetune` and the root shims."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except UserError as err:
+        print(textwrap.fill(f"error: {err}", width=100, break_long_words=False, break_on_hyphens=False),
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moetune",
+        description="Fine-tune Mixture-of-Experts language models from one YAML config.",
+        epilog="Run `moetune VERB --help` for a verb's options. Overrides go after the options: "
+        "moetune train --config config.yaml training.learning_rate=1e-4 lora.r=32",
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, help: str, description: str, run: Callable[[argparse.Namespace], int | None],
+             overrides: bool = True) -> argparse.ArgumentParser:
+        sub = verbs.add_parser(name, help=help, description=description,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE",
+                         help=f"YAML config (default: ./{DEFAULT_CONFIG}).")
+        if overrides:
+            sub.add_argument("overrides", nargs="*", metavar="section.key=value",
+                             help="Config overrides; values are YAML and are validated like the file.")
+        sub.set_defaults(run=run)
+        return sub
+
+    verb("data", "build the training dataset from data.sources",
+         "Walk every source in data.sources (Rust repositories, question/answer JSONL) and write\n"
+         "data.output_path (JSONL) with <stem>.stats.json beside it: what was kept, skipped and why.",
+         _run_data)
+    verb("train", "fine-tune the model (LoRA / upcycled MoE) with Accelerate",
+         "Train as the config says: LM loss plus router auxiliary loss, expert-usage logging,\n"
+         "evaluation, checkpoints and exact resume. Launch through `accelerate launch` (or train.sh)\n"
+         "for several GPUs or nodes.",
+         _run_train)
+    ev = verb("eval", "compare base and fine-tuned: perplexity, generations, QA scores, routing",
+              "Evaluate the base model and the fine-tuned adapter on the validation split and write\n"
+              "report.json, report.md and figures.",
+              _run_eval)
+    ev.add_argument("--adapter-path", metavar="DIR",
+                    help="Adapter checkpoint or merged model (default: the final adapter in training.output_dir).")
+    ev.add_argument("--max-samples", type=int, metavar="N", help="Evaluate at most N validation samples.")
+    ev.add_argument("--output-dir", metavar="DIR", help="Where the report goes (default: <adapter>/eval).")
+    sw = verb("sweep", "run a grid of configs, skipping finished runs, and rank them",
+              "Run every combination (grid) or paired list of config values in sweep.yaml, each in its\n"
+              "own output_dir; finished runs are skipped, half-finished ones resume.",
+              _run_sweep)
+    sw.add_argument("--sweep", required=True, metavar="FILE", help="Sweep definition (YAML).")
+    sw.add_argument("--dry-run", action="store_true", help="List the runs without training.")
+    up = verb("upcycle", "turn a dense MPT checkpoint into an MoE (sparse upcycling)",
+              "Copy every (or every n-th) block's FFN into num_experts identical experts with a new\n"
+              "router, and save config + safetensors + tokenizer. Other moe.* settings come from --config\n"
+              "when that file exists.",
+              _run_upcycle)
+    up.add_argument("--model", required=True, metavar="DIR", help="Dense MPT checkpoint (directory or hub id).")
+    up.add_argument("--output", required=True, metavar="DIR", help="Where the upcycled checkpoint is written.")
+    up.add_argument("--num-experts", type=int, metavar="N", help="Experts per MoE block (moe.num_experts).")
+    up.add_argument("--top-k", type=int, metavar="K", help="Experts per token, 1 or 2 (moe.top_k).")
+    verb("validate", "check a config and exit 0 (valid) or 2 (invalid)",
+         "Load and validate the config with any overrides; print what is wrong, where.", _run_validate)
+    verb("print-config", "print the fully resolved config (defaults included) as YAML",
+         "Print the config after defaults and overrides; the output loads back to the same config.",
+         _run_print_config)
+    return parser
+
+
+# ------------------------------------------------------------------------------------- verbs
+
+
+def _load(args: argparse.Namespace, *extra: str):
+    from moetune.config import load_config
+
+    return load_config(args.config, [*getattr(args, "overrides", []), *extra])
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    config = _load(args)
+    print(f"{args.config}: valid ({len(config.data.sources)} data source(s), output_dir {config.training.output_dir})")
+    return 0
+
+
+def _run_print_config(args: argparse.Namespace) -> int:
+    from moetune.config import dump_config
+
+    sys.stdout.write(dump_config(_load(args)))
+    return 0
+
+
+def _run_data(args: argparse.Namespace) -> int | None:
+    return _library("moetune.data.build", "build_dataset")(_load(args))
+
+
+def _run_train(args: argparse.Namespace) -> int | None:
+    return _library("moetune.train.loop", "train")(_load(args))
+
+
+def _run_eval(args: argparse.Namespace) -> int | None:
+    evaluate = _library("moetune.eval.evaluate", "evaluate")
+    return evaluate(_load(args), adapter_path=args.adapter_path, max_samples=args.max_samples, output_dir=args.output_dir)
+
+
+def _run_sweep(args: argparse.Namespace) -> int | None:
+    run_sweep = _library("moetune.sweep", "run_sweep")
+    return run_sweep(args.config, args.sweep, overrides=args.overrides, dry_run=args.dry_run)
+
+
+def _run_upcycle(args: argparse.Namespace) -> int | None:
+    from pathlib import Path
+
+    flags = [f"moe.num_experts={args.num_experts}"] if args.num_experts is not None else []
+    flags += [f"moe.top_k={args.top_k}"] if args.top_k is not None else []
+    from moetune.config import load_config
+
+    path = args.config if Path(args.config).is_file() else None
+    config = load_config(path, [*args.overrides, *flags])
+    return _library("moetune.models.upcycle", "upcycle_checkpoint")(config, args.model, args.output)
+
+
+def _library(module: str, name: str) -> Callable:
+    """Import a verb's implementation on demand (torch is heavy; --help and validate stay instant)."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as err:
+        if err.name and err.name.startswith("moetune"):
+            raise UserError(f"`{module}` is not part of this moetune version yet; see the README for "
+                            "which verbs are available.") from None
+        raise

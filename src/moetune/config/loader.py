@@ -1,0 +1,279 @@
+"""YAML (plus ``section.key=value`` overrides) -> a validated, frozen :class:`Config`.
+
+Strict by design: an unknown key at any level is an error naming its dotted path, the closest
+valid key and the section's keys; a wrong type names the key, the value and what is accepted.
+Errors carry file:line (or the override that caused them) and never a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+
+from moetune.config.schema import SOURCE_TYPES, Config
+from moetune.errors import ConfigError, UserError
+
+_NONE = type(None)
+_SCALARS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Read ``path`` (None = defaults only), apply ``overrides``, validate, return the Config."""
+    raw: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    if path is not None:
+        raw, where = _read_yaml(Path(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value, text)
+        where[key] = f"override {text!r}"
+    try:
+        return _build(Config, raw, "")
+    except ConfigError as err:
+        raise ConfigError(err.key, f"{_locate(err.key, where, path)}: {err.message}") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"training.learning_rate=1e-4"`` -> ``("training.learning_rate", 1e-4)``; the value is YAML."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or key.startswith(".") or key.endswith(".") or ".." in key:
+        raise UserError(f"Override {text!r} must look like section.key=value (e.g. training.learning_rate=1e-4).")
+    try:
+        return key, yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        raise UserError(f"Override {text!r}: the value is not valid YAML ({_first_line(err)}).") from None
+
+
+def config_to_dict(config: Any) -> Any:
+    """Plain dicts and lists (tuples become lists), in field order; sources list their `type` first."""
+    if dataclasses.is_dataclass(config):
+        out = {f.name: config_to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+        if "type" in out:
+            out = {"type": out.pop("type"), **out}
+        return out
+    if isinstance(config, (list, tuple)):
+        return [config_to_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {k: config_to_dict(v) for k, v in config.items()}
+    return config
+
+
+def dump_config(config: Config) -> str:
+    """The fully resolved config as YAML; ``load_config`` of it gives back an equal Config."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=False, allow_unicode=True, width=100)
+
+
+def save_config(config: Config, directory: str | Path) -> Path:
+    """Write the resolved config to ``directory/config.yaml`` (a run's record of what it ran)."""
+    target = Path(directory) / "config.yaml"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".yaml.tmp")
+    tmp.write_text(dump_config(config))
+    tmp.replace(target)
+    return target
+
+
+# ------------------------------------------------------------------------------ reading YAML
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    if not path.is_file():
+        hint = " (it is a directory)" if path.is_dir() else ""
+        raise UserError(f"Config file {str(path)!r} not found{hint}. Pass --config PATH, or run where config.yaml is.")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise UserError(f"Config file {str(path)!r} is not UTF-8 text.") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {_first_line(err)}") from None
+    if raw is None:
+        return {}, {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections (model:, training:, ...), "
+                        f"got a {type(raw).__name__}.")
+    where: dict[str, str] = {}
+    _record_lines(node, "", str(path), where)
+    return raw, where
+
+
+def _record_lines(node: yaml.Node | None, prefix: str, filename: str, where: dict[str, str]) -> None:
+    """Map every dotted key to "file:line"; a key given twice is an error (PyYAML keeps the last silently)."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+            location = f"{filename}:{key_node.start_mark.line + 1}"
+            if key in where:
+                raise UserError(f"{location}: key {key!r} is given twice (first at {where[key]}).")
+            where[key] = location
+            _record_lines(value_node, key, filename, where)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            where[f"{prefix}[{i}]"] = f"{filename}:{item.start_mark.line + 1}"
+            _record_lines(item, f"{prefix}[{i}]", filename, where)
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, text: str) -> None:
+    """Set ``a.b.c`` inside nested dicts; a numeric part indexes a list (``data.sources.0.path``)."""
+    parts = key.split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError(f"Override {text!r}: {'.'.join(parts[:depth])} has {len(node)} entries; "
+                                f"{part!r} is not an index into it.")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise UserError(f"Override {text!r}: {'.'.join(parts[:depth])} is a value, not a section.")
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and not isinstance(node.get(part), (dict, list)):
+                node[part] = {}
+            node = node[part]
+
+
+# ------------------------------------------------------------------------ building dataclasses
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(prefix, f"{prefix} must be a mapping of keys, got {data!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            raise _unknown_key(str(key), prefix, list(fields))
+    kwargs = {}
+    for name, f in fields.items():
+        path = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            kwargs[name] = _coerce(hints[name], data[name], path)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(path, f"{path} is required: {f.metadata.get('help', '').rstrip('.')}.")
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        # A list entry's checks say "sources[]"; name the entry.
+        key = err.key.replace("[]", prefix[prefix.rfind("[") :] if prefix.endswith("]") else "[]")
+        raise ConfigError(key, err.message.replace(err.key, key)) from None
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and _NONE in args:
+            return None
+        options = [a for a in args if a is not _NONE]
+        if all(dataclasses.is_dataclass(a) for a in options):
+            return _build_source(value, key)
+        try:
+            return _coerce(options[0], value, key)
+        except ConfigError as err:
+            if _NONE in args and options[0] in _SCALARS:
+                raise ConfigError(key, f"{key} must be {_SCALARS[options[0]]} or null, got {value!r}.") from None
+            if _NONE in args:
+                raise ConfigError(err.key, err.message.rstrip(".") + " (or null).") from None
+            raise
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(key, f"{key} must be one of {', '.join(map(str, args))}; got {value!r}.{hint}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"{key} must be a list, got {value!r}.")
+        return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"{key} must be a mapping, got {value!r}.")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    return _coerce_scalar(tp, value, key)
+
+
+def _coerce_scalar(tp: type, value: Any, key: str) -> Any:
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads "2e-4" (no dot) as a string; it is plainly meant as a number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(key, f"{key} must be {_SCALARS[tp]}, got {value!r}.")
+
+
+def _build_source(value: Any, key: str) -> Any:
+    if not isinstance(value, dict) or "type" not in value:
+        raise ConfigError(key, f"{key} must be a mapping with a `type` ({' or '.join(SOURCE_TYPES)}), got {value!r}.")
+    kind = value["type"]
+    if kind not in SOURCE_TYPES:
+        close = difflib.get_close_matches(str(kind), list(SOURCE_TYPES), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{key}.type", f"{key}.type must be one of {', '.join(SOURCE_TYPES)}; got {kind!r}.{hint}")
+    return _build(SOURCE_TYPES[kind], value, key)
+
+
+# ---------------------------------------------------------------------------------- messages
+
+
+def _unknown_key(key: str, prefix: str, valid: list[str]) -> ConfigError:
+    path = f"{prefix}.{key}" if prefix else key
+    section = prefix or "the top level"
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if close:
+        hint = f" Did you mean {prefix + '.' if prefix else ''}{close[0]}?"
+    else:
+        elsewhere = [p for p in _all_paths(Config) if p.rsplit(".", 1)[-1] == key]
+        hint = f" Did you mean {elsewhere[0]}? (it belongs in another section)" if elsewhere else ""
+    return ConfigError(path, f"unknown key {path!r}.{hint} Valid keys in {section}: {', '.join(valid)}.")
+
+
+def _all_paths(cls: type, prefix: str = "") -> list[str]:
+    paths = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}.{f.name}" if prefix else f.name
+        paths.append(path)
+        if dataclasses.is_dataclass(hints[f.name]):
+            paths.extend(_all_paths(hints[f.name], path))
+    return paths
+
+
+def _locate(key: str, where: dict[str, str], path: str | Path | None) -> str:
+    """The most specific known location of ``key`` (or an enclosing key), else the file name."""
+    probe = key
+    while probe:
+        if probe in where:
+            return where[probe]
+        cut = max(probe.rfind("."), probe.rfind("["))
+        probe = probe[:cut] if cut > 0 else ""
+    # An unknown section set only by an override is recorded under its full dotted key.
+    inside = [loc for k, loc in where.items() if k.startswith((key + ".", key + "["))]
+    if inside:
+        return inside[0]
+    return str(path) if path is not None else "config"
+
+
+def _first_line(err: Exception) -> str:
+    return " ".join(str(err).split())

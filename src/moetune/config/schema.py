@@ -1,0 +1,381 @@
+"""The config schema: one frozen dataclass per YAML section, combined into :class:`Config`.
+
+Every field carries its documentation in ``metadata["help"]``; ``print-config`` and the README's
+config reference are generated from it. Checks that involve one section live in that section's
+``__post_init__`` and quote the YAML path; checks across sections live in ``Config.__post_init__``.
+Names follow the Hugging Face ``TrainingArguments`` / PEFT ``LoraConfig`` vocabulary so an
+existing config reads as its author expects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from moetune.errors import ConfigError
+
+
+def opt(default: Any, help: str, **kwargs: Any) -> Any:
+    """A documented field with a default (a factory for mutable defaults)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+def required(help: str) -> Any:
+    """A documented field the YAML must set."""
+    return field(metadata={"help": help})
+
+
+def check(ok: bool, key: str, value: Any, accepted: str) -> None:
+    """Raise a ConfigError naming the key, the value and what is accepted."""
+    if not ok:
+        raise ConfigError(key, f"{key} must be {accepted}, got {value!r}.")
+
+
+# --------------------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to fine-tune and how to load it."""
+
+    name: str = opt(
+        "mistralai/Mixtral-8x7B-v0.1",
+        "Hub id or local directory of the base model. With random_init it only names the run.",
+    )
+    architecture: Literal["mixtral", "mpt"] | None = opt(
+        None, "Model family; null reads it from the model's config.json."
+    )
+    torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = opt(
+        "bfloat16", "Dtype the weights are loaded in."
+    )
+    max_seq_length: int = opt(2048, "Longest training sequence in tokens (packing fills up to it).")
+    attn_implementation: Literal["flash_attention_2", "sdpa", "eager"] = opt(
+        "sdpa", "Attention kernel; flash_attention_2 falls back to sdpa with a warning where unavailable."
+    )
+    experts_implementation: Literal["grouped_mm", "batched_mm", "eager"] | None = opt(
+        None, "Kernel for the fused experts; null picks the fastest one available."
+    )
+    trust_remote_code: bool = opt(False, "Allow the model's own Python code from the hub (off: native classes only).")
+    load_in_4bit: bool = opt(False, "QLoRA: load the base weights in 4-bit NF4 through bitsandbytes.")
+    load_in_8bit: bool = opt(False, "Load the base weights in 8-bit through bitsandbytes.")
+    random_init: bool = opt(
+        False, "Build the model from its config with random weights (tests, quickstart) instead of loading weights."
+    )
+    config_overrides: dict[str, Any] = opt(
+        {}, "Keys set on the model's Hugging Face config, e.g. {num_hidden_layers: 2, hidden_size: 64}."
+    )
+    tokenizer: str | None = opt(
+        None, "Hub id or directory of the tokenizer; null uses `name`, or trains one on the data with random_init."
+    )
+    tokenizer_vocab_size: int = opt(4096, "Vocabulary size of a tokenizer trained on the data.")
+
+    def __post_init__(self) -> None:
+        check(self.max_seq_length >= 16, "model.max_seq_length", self.max_seq_length, "at least 16")
+        check(self.tokenizer_vocab_size >= 256, "model.tokenizer_vocab_size", self.tokenizer_vocab_size, "at least 256")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("model.load_in_8bit", "model.load_in_4bit and model.load_in_8bit are both true; pick one.")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapter settings (PEFT names)."""
+
+    enabled: bool = opt(True, "Train a LoRA adapter; false trains the unfrozen weights directly.")
+    r: int = opt(16, "LoRA rank.")
+    lora_alpha: float = opt(32, "LoRA scaling numerator (the update is scaled by lora_alpha / r).")
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA input.")
+    target_modules: tuple[str, ...] = opt(
+        ("q_proj", "k_proj", "v_proj", "o_proj"), "Module names that get LoRA (attention only by default)."
+    )
+    exclude_modules: tuple[str, ...] = opt((), "Module names never given LoRA, even when they match target_modules.")
+    bias: Literal["none", "all", "lora_only"] = opt("none", "Which biases train.")
+
+    def __post_init__(self) -> None:
+        check(self.r >= 1, "lora.r", self.r, "a positive integer")
+        check(self.lora_alpha > 0, "lora.lora_alpha", self.lora_alpha, "greater than 0")
+        check(0 <= self.lora_dropout < 1, "lora.lora_dropout", self.lora_dropout, "in [0, 1)")
+        check(len(self.target_modules) > 0, "lora.target_modules", list(self.target_modules), "a non-empty list")
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Mixture-of-Experts settings: router loss, expert monitoring, sparse upcycling."""
+
+    use_auxiliary_loss: bool = opt(True, "Add the router load-balancing (auxiliary) loss to the LM loss.")
+    auxiliary_loss_weight: float = opt(0.001, "Weight of the auxiliary loss (Mixtral's router_aux_loss_coef).")
+    freeze_router: bool = opt(True, "Keep the router frozen; false trains it and saves it in the adapter.")
+    monitor_expert_usage: bool = opt(True, "Count routed tokens per expert and layer during training.")
+    log_expert_metrics: bool = opt(True, "Log expert usage and balance figures to the console and TensorBoard.")
+    starving_expert_share: float = opt(
+        0.25, "Warn when an expert gets less than this fraction of its fair share (1 / num_experts)."
+    )
+    dominant_expert_share: float = opt(0.5, "Warn when one expert takes more than this fraction of a layer's routed tokens.")
+    # Sparse upcycling (dense -> MoE)
+    upcycle: bool = opt(False, "Turn a dense model (MPT) into an MoE by sparse upcycling before training.")
+    num_experts: int = opt(8, "Experts per upcycled MoE block.")
+    top_k: int = opt(2, "Experts each token is routed to (1 or 2).")
+    upcycle_every: int = opt(1, "Upcycle every n-th block's FFN (1 = every block).")
+    expert_noise_std: float = opt(0.0, "Std of noise added to each expert copy to break symmetry (relative to weight std).")
+    router_init_std: float = opt(0.02, "Std of the new router's normal init.")
+    capacity_factor: float | None = opt(None, "Expert capacity as a multiple of the even share; null = no token dropping.")
+    router_jitter: float = opt(0.0, "Multiplicative jitter on router inputs while training (Switch Transformer).")
+    router_z_loss_weight: float = opt(0.0, "Weight of the router z-loss (ST-MoE); 0 turns it off.")
+    expert_training: Literal["full", "lora", "frozen"] = opt(
+        "full", "How upcycled experts train: all weights, per-expert LoRA, or frozen."
+    )
+    backend: Literal["native", "deepspeed"] = opt("native", "MoE block implementation for upcycled models.")
+    expert_parallel_size: int = opt(1, "Expert-parallel group size with backend: deepspeed.")
+
+    def __post_init__(self) -> None:
+        check(self.auxiliary_loss_weight >= 0, "moe.auxiliary_loss_weight", self.auxiliary_loss_weight, "0 or more")
+        check(0 <= self.starving_expert_share <= 1, "moe.starving_expert_share", self.starving_expert_share, "in [0, 1]")
+        check(0 < self.dominant_expert_share <= 1, "moe.dominant_expert_share", self.dominant_expert_share, "in (0, 1]")
+        check(self.num_experts >= 2, "moe.num_experts", self.num_experts, "at least 2")
+        check(self.top_k in (1, 2), "moe.top_k", self.top_k, "1 or 2")
+        check(self.top_k <= self.num_experts, "moe.top_k", self.top_k, f"at most moe.num_experts ({self.num_experts})")
+        check(self.upcycle_every >= 1, "moe.upcycle_every", self.upcycle_every, "a positive integer")
+        check(self.expert_noise_std >= 0, "moe.expert_noise_std", self.expert_noise_std, "0 or more")
+        check(self.router_init_std > 0, "moe.router_init_std", self.router_init_std, "greater than 0")
+        if self.capacity_factor is not None:
+            check(self.capacity_factor > 0, "moe.capacity_factor", self.capacity_factor, "greater than 0 or null")
+        check(self.router_jitter >= 0, "moe.router_jitter", self.router_jitter, "0 or more")
+        check(self.router_z_loss_weight >= 0, "moe.router_z_loss_weight", self.router_z_loss_weight, "0 or more")
+        check(self.expert_parallel_size >= 1, "moe.expert_parallel_size", self.expert_parallel_size, "a positive integer")
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class RustRepoSourceConfig:
+    """A Rust repository walked into file-level and per-item samples."""
+
+    path: str = required("Root of the repository (relative paths resolve against the current directory).")
+    type: Literal["rust_repo"] = opt("rust_repo", "Source kind.")
+    file_level: bool = opt(True, "Emit whole-file samples, split at item boundaries to fit model.max_seq_length.")
+    granular: bool = opt(True, "Emit one sample per item (function, struct, enum, trait, impl, ...).")
+    instructions: bool = opt(False, "Emit instruction samples: the doc comment as the request, the item as the answer.")
+    max_file_bytes: int = opt(1_000_000, "Skip files larger than this.")
+    exclude: tuple[str, ...] = opt((), "Extra gitignore-style patterns to skip.")
+
+    def __post_init__(self) -> None:
+        check(bool(self.path), "data.sources[].path", self.path, "a non-empty path")
+        check(self.max_file_bytes > 0, "data.sources[].max_file_bytes", self.max_file_bytes, "greater than 0")
+
+
+@dataclass(frozen=True)
+class QaJsonlSourceConfig:
+    """Question/answer JSONL lines: {"question", "answer", "expert_label"}."""
+
+    path: str = required("JSONL file (relative paths resolve against the current directory).")
+    type: Literal["qa_jsonl"] = opt("qa_jsonl", "Source kind.")
+    prompt_template: str = opt("Question: {question}\nAnswer:", "Prompt built from each line; loss is on the answer only.")
+
+    def __post_init__(self) -> None:
+        check(bool(self.path), "data.sources[].path", self.path, "a non-empty path")
+        check("{question}" in self.prompt_template, "data.sources[].prompt_template", self.prompt_template,
+              "a template containing {question}")
+
+
+SOURCE_TYPES: dict[str, type] = {"rust_repo": RustRepoSourceConfig, "qa_jsonl": QaJsonlSourceConfig}
+SourceConfig = RustRepoSourceConfig | QaJsonlSourceConfig
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training data comes from and where the built dataset goes."""
+
+    output_path: str = opt("data/all_data.jsonl", "Built dataset (JSONL); <stem>.stats.json is written beside it.")
+    sources: tuple[SourceConfig, ...] = opt((), "Sources, each {type: rust_repo | qa_jsonl, path: ..., ...}.")
+    strict: bool = opt(False, "Stop at the first bad input line (exit 2) instead of counting and reporting it.")
+    packing: bool = opt(True, "Pack samples into full sequences (no padding, attention kept within each sample).")
+    num_workers: int = opt(0, "Processes for parsing source files; 0 = one per CPU core.")
+
+    def __post_init__(self) -> None:
+        check(bool(self.output_path), "data.output_path", self.output_path, "a non-empty path")
+        check(self.num_workers >= 0, "data.num_workers", self.num_workers, "0 or more")
+
+
+# ------------------------------------------------------------------------------------ training
+
+SCHEDULERS = ("cosine", "linear", "constant", "cosine_with_restarts")
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adafactor", "sgd", "adamw_8bit")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The optimisation loop, checkpoints and distributed settings (TrainingArguments names)."""
+
+    output_dir: str = opt("outputs/run", "Run folder: checkpoints, metrics.jsonl, TensorBoard runs/, resolved config.yaml.")
+    num_train_epochs: float = opt(3.0, "Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = opt(-1, "Optimizer steps to run; -1 = use num_train_epochs.")
+    per_device_train_batch_size: int = opt(8, "Training sequences per device per micro-batch.")
+    per_device_eval_batch_size: int = opt(8, "Evaluation sequences per device per batch.")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches accumulated into one optimizer step.")
+    learning_rate: float = opt(2e-4, "Peak learning rate.")
+    min_learning_rate: float = opt(0.0, "Floor the cosine schedule decays to.")
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "cosine_with_restarts"] = opt(
+        "cosine", "Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = opt(0.0, "Warmup length as a fraction of all steps.")
+    warmup_steps: int = opt(0, "Warmup length in steps (takes precedence over warmup_ratio when > 0).")
+    weight_decay: float = opt(0.0, "AdamW weight decay (never applied to biases and norms).")
+    label_smoothing_factor: float = opt(0.0, "Label smoothing of the LM loss.")
+    optim: Literal["adamw_torch_fused", "adamw_torch", "adafactor", "sgd", "adamw_8bit"] = opt(
+        "adamw_torch", "Optimizer."
+    )
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.999, "AdamW beta2.")
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm; 0 turns clipping off.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward (non-reentrant, keeps the aux-loss gradient).")
+    bf16: bool = opt(False, "bfloat16 mixed precision.")
+    fp16: bool = opt(False, "float16 mixed precision.")
+    seed: int = opt(42, "Seed for data order, initialisation and dropout.")
+    logging_steps: int = opt(10, "Log every n optimizer steps.")
+    eval_steps: int | None = opt(None, "Evaluate every n steps; null = once per epoch.")
+    save_steps: int = opt(500, "Save a checkpoint every n steps.")
+    save_total_limit: int | None = opt(None, "Keep only the newest n checkpoints (never deleting the best); null = keep all.")
+    load_best_model_at_end: bool = opt(False, "Finish with the best checkpoint by metric_for_best_model.")
+    metric_for_best_model: Literal["eval_loss", "eval_perplexity"] = opt("eval_loss", "Metric that picks the best checkpoint (lower is better).")
+    resume_from_checkpoint: str | None = opt(None, "A checkpoint folder, or `latest`, to resume from exactly.")
+    overwrite_output_dir: bool = opt(False, "Allow writing into an output_dir that holds another run's checkpoints.")
+    dataloader_num_workers: int = opt(0, "DataLoader worker processes.")
+    ddp_backend: Literal["nccl", "gloo", "mpi", "ccl", "hccl"] | None = opt(None, "torch.distributed backend; null = the launcher's default.")
+    ddp_timeout: int = opt(1800, "Seconds a collective may wait before failing.")
+    auto_find_batch_size: bool = opt(False, "Halve the batch size and retry on out-of-memory.")
+
+    def __post_init__(self) -> None:
+        t = "training."
+        check(bool(self.output_dir), t + "output_dir", self.output_dir, "a non-empty path")
+        check(self.num_train_epochs > 0, t + "num_train_epochs", self.num_train_epochs, "greater than 0")
+        check(self.max_steps == -1 or self.max_steps > 0, t + "max_steps", self.max_steps, "a positive integer, or -1 to use num_train_epochs")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps", "save_steps", "ddp_timeout"):
+            check(getattr(self, name) >= 1, t + name, getattr(self, name), "a positive integer")
+        check(self.eval_steps is None or self.eval_steps >= 1, t + "eval_steps", self.eval_steps, "a positive integer or null")
+        check(self.save_total_limit is None or self.save_total_limit >= 1, t + "save_total_limit",
+              self.save_total_limit, "a positive integer or null")
+        check(self.learning_rate > 0, t + "learning_rate", self.learning_rate, "greater than 0")
+        check(0 <= self.min_learning_rate <= self.learning_rate, t + "min_learning_rate", self.min_learning_rate,
+              f"in [0, training.learning_rate ({self.learning_rate:g})]")
+        check(0 <= self.warmup_ratio < 1, t + "warmup_ratio", self.warmup_ratio, "in [0, 1)")
+        check(self.warmup_steps >= 0, t + "warmup_steps", self.warmup_steps, "0 or more")
+        if self.warmup_ratio > 0 and self.warmup_steps > 0:
+            raise ConfigError(t + "warmup_steps", "training.warmup_ratio and training.warmup_steps are both set; set one of them.")
+        check(self.weight_decay >= 0, t + "weight_decay", self.weight_decay, "0 or more")
+        check(0 <= self.label_smoothing_factor < 1, t + "label_smoothing_factor", self.label_smoothing_factor, "in [0, 1)")
+        check(0 <= self.adam_beta1 < 1, t + "adam_beta1", self.adam_beta1, "in [0, 1)")
+        check(0 <= self.adam_beta2 < 1, t + "adam_beta2", self.adam_beta2, "in [0, 1)")
+        check(self.adam_epsilon > 0, t + "adam_epsilon", self.adam_epsilon, "greater than 0")
+        check(self.max_grad_norm >= 0, t + "max_grad_norm", self.max_grad_norm, "0 or more")
+        check(self.dataloader_num_workers >= 0, t + "dataloader_num_workers", self.dataloader_num_workers, "0 or more")
+        if self.bf16 and self.fp16:
+            raise ConfigError(t + "fp16", "training.bf16 and training.fp16 are both true; pick one mixed-precision mode.")
+        if self.load_best_model_at_end and self.eval_steps is not None and self.save_steps % self.eval_steps:
+            raise ConfigError(t + "save_steps", f"training.load_best_model_at_end needs training.save_steps ({self.save_steps}) "
+                              f"to be a multiple of training.eval_steps ({self.eval_steps}), so every saved step has an eval.")
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """The held-out split used for eval loss and perplexity."""
+
+    validation_split: float = opt(0.05, "Fraction of source files held out for validation (split by file, seeded).")
+    max_eval_samples: int | None = opt(None, "Cap on validation samples per evaluation; null = all.")
+
+    def __post_init__(self) -> None:
+        check(0 <= self.validation_split < 1, "validation.validation_split", self.validation_split, "in [0, 1)")
+        check(self.max_eval_samples is None or self.max_eval_samples >= 1, "validation.max_eval_samples",
+              self.max_eval_samples, "a positive integer or null")
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Generation settings used by evaluation."""
+
+    do_sample: bool = opt(True, "Sample; false decodes greedily.")
+    temperature: float = opt(0.2, "Sampling temperature.")
+    top_k: int = opt(50, "Sample from the k most likely tokens; 0 = no limit.")
+    top_p: float = opt(0.95, "Nucleus sampling mass.")
+    repetition_penalty: float = opt(1.1, "Penalty on repeated tokens (1.0 = none).")
+    max_new_tokens: int = opt(256, "Longest generated continuation.")
+
+    def __post_init__(self) -> None:
+        check(self.temperature > 0, "inference.temperature", self.temperature, "greater than 0")
+        check(self.top_k >= 0, "inference.top_k", self.top_k, "0 or more")
+        check(0 < self.top_p <= 1, "inference.top_p", self.top_p, "in (0, 1]")
+        check(self.repetition_penalty > 0, "inference.repetition_penalty", self.repetition_penalty, "greater than 0")
+        check(self.max_new_tokens >= 1, "inference.max_new_tokens", self.max_new_tokens, "a positive integer")
+
+
+@dataclass(frozen=True)
+class AdvancedConfig:
+    """Rarely changed knobs."""
+
+    use_cpu_offload: bool = opt(False, "Offload optimizer state (and ZeRO-3 parameters) to CPU memory.")
+    torch_compile: bool = opt(False, "Compile the model with torch.compile.")
+    early_stopping_patience: int | None = opt(None, "Stop after this many evaluations without improvement; null = off.")
+    early_stopping_threshold: float = opt(0.0, "Smallest improvement of the metric that counts.")
+    max_bad_steps: int = opt(10, "Consecutive NaN/inf-loss steps tolerated (each skipped) before saving and stopping.")
+
+    def __post_init__(self) -> None:
+        check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+              "advanced.early_stopping_patience", self.early_stopping_patience, "a positive integer or null")
+        check(self.early_stopping_threshold >= 0, "advanced.early_stopping_threshold", self.early_stopping_threshold, "0 or more")
+        check(self.max_bad_steps >= 1, "advanced.max_bad_steps", self.max_bad_steps, "a positive integer")
+
+
+@dataclass(frozen=True)
+class PostTrainingConfig:
+    """What happens after training."""
+
+    merge_and_save: bool = opt(False, "Merge the adapter into the base weights and save a standalone model.")
+    merged_output_dir: str | None = opt(None, "Where the merged model goes; null = <output_dir>/merged.")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Where metrics go besides the console and metrics.jsonl."""
+
+    tensorboard: bool = opt(True, "Write TensorBoard event files.")
+    logging_dir: str | None = opt(None, "TensorBoard folder; null = <output_dir>/runs.")
+    wandb: bool = opt(False, "Also log to Weights & Biases (needs the wandb package).")
+    wandb_project: str | None = opt(None, "W&B project name; null = moetune.")
+    run_name: str | None = opt(None, "Run name shown in the trackers; null = the output_dir's folder name.")
+
+
+# ---------------------------------------------------------------------------------------- root
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole moetune run. Every section may be left out of the YAML to take its defaults."""
+
+    model: ModelConfig = opt(ModelConfig(), "The base model.")
+    lora: LoraConfig = opt(LoraConfig(), "The LoRA adapter.")
+    moe: MoeConfig = opt(MoeConfig(), "Mixture-of-Experts settings.")
+    data: DataConfig = opt(DataConfig(), "Training data.")
+    training: TrainingConfig = opt(TrainingConfig(), "The training loop.")
+    validation: ValidationConfig = opt(ValidationConfig(), "The validation split.")
+    inference: InferenceConfig = opt(InferenceConfig(), "Generation.")
+    advanced: AdvancedConfig = opt(AdvancedConfig(), "Rarely changed knobs.")
+    post_training: PostTrainingConfig = opt(PostTrainingConfig(), "After training.")
+    logging: LoggingConfig = opt(LoggingConfig(), "Trackers.")
+
+    def __post_init__(self) -> None:
+        if self.moe.upcycle and self.model.architecture not in (None, "mpt"):
+            raise ConfigError("moe.upcycle", f"moe.upcycle turns a dense MPT model into an MoE; model.architecture is "
+                              f"{self.model.architecture!r}, which is already an MoE.")
+        if self.advanced.early_stopping_patience is not None and self.validation.validation_split == 0:
+            raise ConfigError("advanced.early_stopping_patience", "advanced.early_stopping_patience needs a validation split; "
+                              "validation.validation_split is 0.")
+        if self.training.load_best_model_at_end and self.validation.validation_split == 0:
+            raise ConfigError("training.load_best_model_at_end", "training.load_best_model_at_end needs a validation split; "
+                              "validation.validation_split is 0.")
+        if self.model.random_init and self.model.architecture is None:
+            raise ConfigError("model.architecture", "model.random_init builds a model from config, so it needs "
+                              "model.architecture (mixtral or mpt) and usually model.config_overrides "
+                              "(e.g. {num_hidden_layers: 2, hidden_size: 64}).")

@@ -1,0 +1,20 @@
+"""Errors that mean "the user's input is wrong" rather than "moetune failed".
+
+The CLI turns a :class:`UserError` into one paragraph on stderr and exit code 2, with no
+traceback; every other exception is a failure during work (exit code 1).
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input: a config, a data file, a path or a checkpoint. Exit code 2."""
+
+
+class ConfigError(UserError):
+    """A config value is wrong. ``key`` is its dotted path, so the loader can add file:line."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+        self.message = message
