@@ -10,8 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import textwrap
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from moetune.errors import UserError
 
@@ -25,8 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except UserError as err:
-        print(textwrap.fill(f"error: {err}", width=100, break_long_words=False, break_on_hyphens=False),
-              file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -117,16 +115,19 @@ def _run_print_config(args: argparse.Namespace) -> int:
 
 
 def _run_data(args: argparse.Namespace) -> int | None:
-    return _library("moetune.data.build", "build_dataset")(_load(args))
+    config = _load(args)
+    return _library("moetune.data.build", "build_dataset")(config)
 
 
 def _run_train(args: argparse.Namespace) -> int | None:
-    return _library("moetune.train.loop", "train")(_load(args))
+    config = _load(args)
+    return _library("moetune.train.loop", "train")(config)
 
 
 def _run_eval(args: argparse.Namespace) -> int | None:
+    config = _load(args)
     evaluate = _library("moetune.eval.evaluate", "evaluate")
-    return evaluate(_load(args), adapter_path=args.adapter_path, max_samples=args.max_samples, output_dir=args.output_dir)
+    return evaluate(config, adapter_path=args.adapter_path, max_samples=args.max_samples, output_dir=args.output_dir)
 
 
 def _run_sweep(args: argparse.Namespace) -> int | None:

@@ -11,8 +11,9 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import yaml
 
@@ -237,10 +238,25 @@ def _build_source(value: Any, key: str) -> Any:
 # ---------------------------------------------------------------------------------- messages
 
 
+# Names users bring from other tools' configs, mapped to ours.
+_ALIASES = {
+    "lr": "learning_rate", "epochs": "num_train_epochs", "num_epochs": "num_train_epochs",
+    "batch_size": "per_device_train_batch_size", "micro_batch_size": "per_device_train_batch_size",
+    "grad_accum": "gradient_accumulation_steps", "gradient_accumulation": "gradient_accumulation_steps",
+    "scheduler": "lr_scheduler_type", "optimizer": "optim", "clip_grad_norm": "max_grad_norm",
+    "model_name_or_path": "name", "base_model": "name", "max_length": "max_seq_length", "seq_len": "max_seq_length",
+    "rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules_list": "target_modules",
+    "router_aux_loss_coef": "auxiliary_loss_weight", "num_local_experts": "num_experts",
+    "num_experts_per_tok": "top_k", "dtype": "torch_dtype",
+}
+
+
 def _unknown_key(key: str, prefix: str, valid: list[str]) -> ConfigError:
     path = f"{prefix}.{key}" if prefix else key
     section = prefix or "the top level"
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if not close and _ALIASES.get(key) in valid:
+        close = [_ALIASES[key]]
     if close:
         hint = f" Did you mean {prefix + '.' if prefix else ''}{close[0]}?"
     else:
