@@ -1,0 +1,195 @@
+"""Checkpoints: atomic save, rotation that spares the best, exact resume, output_dir safety.
+
+A checkpoint folder holds the adapter in PEFT format (what `PeftModel.from_pretrained` reads) and
+Accelerate's state (optimizer, scheduler, RNG states of every process, DeepSpeed shards), plus
+``trainer_state.json`` (step, epoch, data position, best metric). It is written under a temporary
+name and renamed when complete, so a crash mid-save never leaves a broken checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from moetune.errors import UserError
+
+STATE_FILE = "trainer_state.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    """Where a run stands; saved with every checkpoint and enough to continue exactly."""
+
+    global_step: int = 0
+    epoch: int = 0  # the epoch in progress (0-based)
+    batches_done_in_epoch: int = 0  # micro-batches of that epoch already consumed
+    tokens_seen: int = 0
+    best_metric: float | None = None
+    best_checkpoint: str | None = None
+    evals_without_improvement: int = 0
+
+    def save(self, directory: Path) -> None:
+        (directory / STATE_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> TrainerState:
+        path = directory / STATE_FILE
+        try:
+            data = json.loads(path.read_text())
+            return cls(**data)
+        except FileNotFoundError:
+            raise UserError(f"{directory} is not a moetune checkpoint: it has no {STATE_FILE}.") from None
+        except (json.JSONDecodeError, TypeError) as err:
+            raise UserError(f"{path} is corrupt ({err}); resume from an earlier checkpoint.") from None
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(spec: str | None, output_dir: str | Path) -> Path | None:
+    """``training.resume_from_checkpoint`` -> a checkpoint folder (``latest`` = newest in output_dir)."""
+    if spec is None:
+        return None
+    if spec == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            raise UserError(f"training.resume_from_checkpoint is 'latest' but {output_dir} holds no checkpoint-<step> "
+                            "folder; start without resume_from_checkpoint.")
+        return checkpoints[-1]
+    path = Path(spec)
+    if not path.is_dir():
+        raise UserError(f"training.resume_from_checkpoint: {spec} is not a directory.")
+    TrainerState.load(path)  # fails clearly on a folder that is not a checkpoint
+    return path
+
+
+def prepare_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool) -> None:
+    """Refuse to mix a new run into another run's folder unless resuming or overwrite is set.
+
+    With ``overwrite_output_dir`` the earlier run's checkpoints and metrics are removed, so the folder
+    describes one run; other files are left alone.
+    """
+    root = Path(output_dir)
+    checkpoints = list_checkpoints(root)
+    if not checkpoints or resuming:
+        root.mkdir(parents=True, exist_ok=True)
+        return
+    if not overwrite:
+        raise UserError(f"{root} already holds another run's checkpoints ({checkpoints[-1].name}, ...). Pick a new "
+                        "training.output_dir, resume it with training.resume_from_checkpoint=latest, or replace it "
+                        "with training.overwrite_output_dir=true.")
+    for path in checkpoints:
+        shutil.rmtree(path)
+    (root / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState) -> Path:
+    """Save everything needed to resume into ``output_dir/checkpoint-<step>`` atomically."""
+    root = Path(output_dir)
+    final = root / f"checkpoint-{state.global_step}"
+    partial = root / f".partial-checkpoint-{state.global_step}"
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    kwargs = {"exclude_frozen_parameters": True} if _is_deepspeed(accelerator) else {}
+    accelerator.save_state(str(partial), **kwargs)
+    if accelerator.is_main_process:
+        state.save(partial)
+        if final.exists():  # a resumed run passing a step it saved before
+            shutil.rmtree(final)
+        partial.rename(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, checkpoint: Path) -> TrainerState:
+    """Restore model, optimizer, scheduler and RNG states; return where the run stood."""
+    state = TrainerState.load(checkpoint)
+    kwargs = {"load_module_strict": False} if _is_deepspeed(accelerator) else {}
+    try:
+        accelerator.load_state(str(checkpoint), **kwargs)
+    except (FileNotFoundError, KeyError, RuntimeError, ValueError) as err:
+        raise UserError(f"Cannot resume from {checkpoint}: {str(err).splitlines()[0]} (was it written by another "
+                        "model or config?).") from None
+    return state
+
+
+def rotate_checkpoints(output_dir: str | Path, limit: int | None, keep: str | None) -> list[Path]:
+    """Delete the oldest checkpoints beyond ``limit``, never the one named ``keep`` (the best)."""
+    if limit is None:
+        return []
+    checkpoints = list_checkpoints(output_dir)
+    removable = [p for p in checkpoints if p.name != keep]
+    excess = len(checkpoints) - limit
+    doomed = removable[:max(excess, 0)]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+def install_adapter_hooks(accelerator) -> None:
+    """Make ``save_state`` write the adapter (PEFT format) instead of the full base model's weights.
+
+    Accelerate would otherwise save the whole state dict, frozen Mixtral experts included (~90 GB per
+    checkpoint). Under DeepSpeed the engine saves its own shards; the PEFT files are written as well so
+    every checkpoint loads with ``PeftModel.from_pretrained``.
+    """
+
+    def save_hook(models, weights, output_dir):
+        for model in models:
+            # Under ZeRO-3 the weights are sharded: gathering them is collective, so every rank calls it.
+            state_dict = accelerator.get_state_dict(model) if _is_deepspeed(accelerator) else None
+            if accelerator.is_main_process:
+                accelerator.unwrap_model(model).save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        while models:
+            load_trainable_weights(accelerator.unwrap_model(models.pop()), Path(input_dir))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def load_trainable_weights(model, directory: Path) -> None:
+    """Load what ``save_pretrained`` wrote: the adapter of a PeftModel, else the full model's weights."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    if isinstance(model, PeftModel):
+        try:
+            weights = load_peft_weights(str(directory))
+        except (FileNotFoundError, ValueError, OSError) as err:
+            raise UserError(f"{directory} has no readable adapter ({err}).") from None
+        result = set_peft_model_state_dict(model, weights)
+        if result.unexpected_keys:
+            raise UserError(f"The adapter in {directory} does not fit this model: unexpected weights "
+                            f"{result.unexpected_keys[:3]}... (trained with another lora/moe config?).")
+        return
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("model*.safetensors"))
+    if not files:
+        raise UserError(f"{directory} has no model*.safetensors to resume the model weights from.")
+    state_dict = {k: v for f in files for k, v in load_file(str(f)).items()}
+    result = model.load_state_dict(state_dict, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise UserError(f"The weights in {directory} do not fit this model (missing {missing[:3]}, unexpected "
+                        f"{result.unexpected_keys[:3]}).")
+
+
+def _is_deepspeed(accelerator) -> bool:
+    return accelerator.distributed_type.name == "DEEPSPEED"

@@ -1,0 +1,37 @@
+"""Validation loss and perplexity, token-weighted and summed across processes."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from moetune.models.losses import IGNORE_INDEX
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader, accelerator, max_batches: int | None = None) -> dict[str, float]:
+    """Mean next-token loss over every label token of ``loader`` and its perplexity.
+
+    Weighted by tokens, not batches, so a short final batch or uneven shards cannot skew it.
+    """
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        labels = batch["labels"]
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs, use_cache=False).logits
+        shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+        shift_labels = labels[:, 1:].reshape(-1)
+        loss_sum += torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX,
+                                                      reduction="sum").double()
+        tokens += (shift_labels != IGNORE_INDEX).sum()
+    loss_sum, tokens = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(tokens, "sum")
+    if was_training:
+        model.train()
+    loss = (loss_sum / tokens.clamp_min(1)).item()
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": int(tokens.item())}

@@ -1,0 +1,241 @@
+"""`moetune train`: one readable training loop on Accelerate (DDP, FSDP, DeepSpeed ZeRO-2/3).
+
+build -> accelerator.prepare -> loop (lr, forward, losses, backward under accumulate, clip, step,
+log, eval, save) -> final save. Variants are config values and explicit ifs, not callbacks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from moetune.config import Config, save_config
+from moetune.errors import UserError
+from moetune.models.losses import compute_losses, expert_token_counts
+from moetune.train.checkpoint import (
+    TrainerState,
+    install_adapter_hooks,
+    load_checkpoint,
+    load_trainable_weights,
+    prepare_output_dir,
+    resolve_resume,
+    rotate_checkpoints,
+    save_checkpoint,
+)
+from moetune.train.evaluation import evaluate_loss
+from moetune.train.expert_usage import summarize_usage, usage_heatmap, usage_scalars, usage_warnings
+from moetune.train.optim import build_optimizer, build_scheduler
+from moetune.train.run_log import RunLog
+from moetune.train.setup import (
+    StopSignals,
+    build_accelerator,
+    build_training_inputs,
+    out_of_memory_message,
+    router_top_k,
+    save_final,
+    total_optimizer_steps,
+)
+
+
+def train(config: Config) -> int:
+    """Train as ``config`` says. Returns the process exit code (0, or 1 after a NaN/inf stop or a signal)."""
+    t = config.training
+    accelerator = build_accelerator(config)
+    resume_from = resolve_resume(t.resume_from_checkpoint, t.output_dir)
+    if accelerator.is_main_process:
+        prepare_output_dir(t.output_dir, resuming=resume_from is not None, overwrite=t.overwrite_output_dir)
+        save_config(config, t.output_dir)
+    accelerator.wait_for_everyone()
+
+    tokenizer, model, train_loader, val_loader = build_training_inputs(config, accelerator)
+    optimizer = build_optimizer(model, t)
+    total_steps = total_optimizer_steps(t, len(train_loader))
+    scheduler = build_scheduler(optimizer, t, total_steps)
+    model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, scheduler)
+    install_adapter_hooks(accelerator)
+    state = load_checkpoint(accelerator, resume_from) if resume_from else TrainerState()
+    log = RunLog(accelerator, config)
+    top_k = router_top_k(accelerator.unwrap_model(model))
+    usage = None  # (MoE layers, experts) routed-token counts since the last log line
+    window = _Window(accelerator.device)  # sums since the last log line
+    bad_steps, stop = 0, StopSignals()
+    eval_every = t.eval_steps or max(1, total_steps // max(1, math.ceil(t.num_train_epochs)))
+    progress = tqdm(total=total_steps, initial=state.global_step, desc="train", unit="step",
+                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    model.train()
+    done = state.global_step >= total_steps
+    try:
+        while not done:
+            train_loader.set_epoch(state.epoch)  # the seeded sampler reshuffles per epoch, the same on resume
+            for batch in accelerator.skip_first_batches(train_loader, state.batches_done_in_epoch):
+                with accelerator.accumulate(model):
+                    parts = compute_losses(model, batch, config)
+                    accelerator.backward(parts.total)
+                    window.add(parts, batch)
+                    if parts.router_logits and config.moe.monitor_expert_usage:
+                        counts = expert_token_counts(parts.router_logits, top_k, batch.get("attention_mask"))
+                        usage = counts if usage is None else usage + counts
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
+                        step_is_finite = window.step_is_finite(grad_norm)
+                        if step_is_finite:
+                            optimizer.step()
+                            scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                state.batches_done_in_epoch += 1
+                if not accelerator.sync_gradients:
+                    continue
+                state.global_step += 1
+                progress.update(1)
+                if not step_is_finite:
+                    bad_steps += 1
+                    log.warn(f"step {state.global_step}: loss or gradient is NaN/inf; the update was skipped "
+                             f"({bad_steps} in a row, limit advanced.max_bad_steps={config.advanced.max_bad_steps})")
+                    if bad_steps >= config.advanced.max_bad_steps:
+                        path = save_checkpoint(accelerator, t.output_dir, state)
+                        log.warn(f"stopping at step {state.global_step} after {bad_steps} NaN/inf steps in a row; "
+                                 f"the last good weights are in {path}. Lower training.learning_rate or check the data.")
+                        return 1
+                    continue
+                bad_steps = 0
+
+                if state.global_step % t.logging_steps == 0 or state.global_step == total_steps:
+                    record = window.flush(accelerator, state, scheduler.get_last_lr()[0], grad_norm, len(train_loader))
+                    if usage is not None:
+                        _add_expert_usage(record, accelerator.reduce(usage, "sum"), config, log, state.global_step)
+                        usage = None
+                    log.write(record, console=_console_line(record))
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+
+                improved = False
+                if val_loader is not None and (state.global_step % eval_every == 0 or state.global_step == total_steps):
+                    metrics = evaluate_loss(model, val_loader, accelerator, _eval_batches(config))
+                    improved = _track_best(state, metrics[t.metric_for_best_model], config)
+                    log.write({"step": state.global_step, "epoch": _epoch(state, len(train_loader)), **metrics},
+                              console=f"step {state.global_step}: eval_loss {metrics['eval_loss']:.4f}, "
+                                      f"perplexity {metrics['eval_perplexity']:.2f}" + (" (best)" if improved else ""))
+
+                stopping = stop.requested(accelerator)
+                # The best step is always saved when the run ends on the best model, so it can be loaded back.
+                if state.global_step % t.save_steps == 0 or stopping or (improved and t.load_best_model_at_end):
+                    path = save_checkpoint(accelerator, t.output_dir, state)
+                    if accelerator.is_main_process:
+                        rotate_checkpoints(t.output_dir, t.save_total_limit, keep=state.best_checkpoint)
+                    if stopping:
+                        log.warn(f"{stop.name} received: saved {path}; resume with training.resume_from_checkpoint=latest")
+                        return 1
+                done = _early_stop(state, config) or state.global_step >= total_steps
+                if done:
+                    break
+            else:
+                state.epoch, state.batches_done_in_epoch = state.epoch + 1, 0
+    except torch.OutOfMemoryError:
+        raise UserError(out_of_memory_message(config)) from None
+    finally:
+        progress.close()
+        stop.restore()
+
+    if t.load_best_model_at_end and state.best_checkpoint:
+        load_trainable_weights(accelerator.unwrap_model(model), Path(t.output_dir) / state.best_checkpoint)
+        log.warn(f"loaded the best checkpoint ({state.best_checkpoint}) before the final save")
+    save_final(accelerator, model, tokenizer, config)
+    log.close()
+    return 0
+
+
+class _Window:
+    """Loss parts and token counts summed on the device between log lines (no host sync per step)."""
+
+    def __init__(self, device):
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)  # total, lm, aux, z, micro-batches
+        self.tokens = torch.zeros((), dtype=torch.float64, device=device)
+        self.samples = torch.zeros((), dtype=torch.float64, device=device)
+        self.started = time.perf_counter()
+        self.step_total = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, parts, batch) -> None:
+        values = torch.stack([parts.total.detach(), parts.lm_loss.detach(), parts.aux_loss.detach(),
+                              parts.z_loss.detach(), torch.ones((), device=parts.total.device)]).double()
+        self.sums += values
+        self.step_total += values[0]
+        labels = batch["labels"]
+        self.tokens += (labels != -100).sum()
+        # A packed row holds several samples; each starts where position_ids restart at 0.
+        starts = batch["position_ids"] == 0 if "position_ids" in batch else None
+        self.samples += starts.sum() if starts is not None else labels.shape[0]
+
+    def step_is_finite(self, grad_norm) -> bool:
+        # One host sync per optimizer step. With DDP the gradients are already all-reduced, so a NaN on
+        # any rank makes the norm NaN everywhere and every rank skips the same step.
+        finite = torch.isfinite(self.step_total) & (torch.isfinite(grad_norm) if grad_norm is not None else True)
+        self.step_total.zero_()
+        return bool(finite)
+
+    def flush(self, accelerator, state: TrainerState, lr: float, grad_norm, batches_per_epoch: int) -> dict:
+        sums = accelerator.reduce(self.sums, "mean")
+        tokens = accelerator.reduce(self.tokens, "sum").item()
+        samples = accelerator.reduce(self.samples, "sum").item()
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        count = max(sums[4].item(), 1.0)
+        record = {
+            "step": state.global_step, "epoch": _epoch(state, batches_per_epoch),
+            "loss": sums[0].item() / count, "lm_loss": sums[1].item() / count, "aux_loss": sums[2].item() / count,
+            "z_loss": sums[3].item() / count, "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_second": tokens / seconds, "samples_per_second": samples / seconds,
+        }
+        if torch.cuda.is_available():
+            record["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        state.tokens_seen += int(tokens)
+        self.sums.zero_()
+        self.tokens.zero_()
+        self.samples.zero_()
+        self.started = time.perf_counter()
+        return record
+
+
+def _epoch(state: TrainerState, batches_per_epoch: int) -> float:
+    return round(state.epoch + state.batches_done_in_epoch / max(batches_per_epoch, 1), 4)
+
+
+def _console_line(record: dict) -> str:
+    return (f"step {record['step']}: loss {record['loss']:.4f} (lm {record['lm_loss']:.4f}, aux {record['aux_loss']:.4f})"
+            f", lr {record['lr']:.2e}, grad_norm {record['grad_norm'] or 0:.3f}, {record['tokens_per_second']:.0f} tok/s")
+
+
+def _add_expert_usage(record: dict, counts: torch.Tensor, config: Config, log: RunLog, step: int) -> None:
+    """Shares per layer into the record; balance scalars, the heatmap and collapse warnings to the log."""
+    balance = summarize_usage(counts)
+    record["expert_usage"] = [list(b.shares) for b in balance]
+    if config.moe.log_expert_metrics:
+        record["expert_scalars"] = usage_scalars(balance)
+        log.image("expert_usage/heatmap", usage_heatmap(balance), step)
+        for warning in usage_warnings(balance, config.moe.starving_expert_share, config.moe.dominant_expert_share):
+            log.warn(warning)
+
+
+def _eval_batches(config: Config) -> int | None:
+    cap = config.validation.max_eval_samples
+    return None if cap is None else max(1, math.ceil(cap / config.training.per_device_eval_batch_size))
+
+
+def _track_best(state: TrainerState, metric: float, config: Config) -> bool:
+    """Record an evaluation; True when it is the best so far (lower is better) by more than the threshold."""
+    threshold = config.advanced.early_stopping_threshold
+    if state.best_metric is None or metric < state.best_metric - threshold:
+        state.best_metric = metric
+        state.best_checkpoint = f"checkpoint-{state.global_step}"  # saved at this step when it matters
+        state.evals_without_improvement = 0
+        return True
+    state.evals_without_improvement += 1
+    return False
+
+
+def _early_stop(state: TrainerState, config: Config) -> bool:
+    patience = config.advanced.early_stopping_patience
+    return patience is not None and state.evals_without_improvement >= patience

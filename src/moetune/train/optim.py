@@ -1,0 +1,64 @@
+"""Optimizer and learning-rate schedule from the `training` section (HF TrainingArguments semantics)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.optimization import Adafactor, get_scheduler
+
+from moetune.config import TrainingConfig
+from moetune.errors import UserError
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters split so that biases and norm weights never get weight decay."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_norm_or_bias = param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
+        (no_decay if is_norm_or_bias else decay).append(param)
+    if not decay and not no_decay:
+        raise UserError("No parameter is trainable: check lora.target_modules (they must name modules of the "
+                        "model) and moe.freeze_router / moe.expert_training.")
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
+    """The optimizer named by ``training.optim`` over the model's trainable parameters."""
+    groups = decay_groups(model, cfg.weight_decay)
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    if cfg.optim in ("adamw_torch", "adamw_torch_fused"):
+        on_gpu = all(p.is_cuda for g in groups for p in g["params"])
+        # The fused kernel is the fast path on GPU; on CPU the foreach path is as fast and always available.
+        fused = cfg.optim == "adamw_torch_fused" and on_gpu
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon, fused=fused or None)
+    if cfg.optim == "adafactor":
+        return Adafactor(groups, lr=cfg.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False)
+    if cfg.optim == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=cfg.adam_beta1)
+    if cfg.optim == "adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("training.optim: adamw_8bit needs bitsandbytes: pip install 'moetune[quant]'.") from None
+        return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon)
+    raise AssertionError(f"unhandled optimizer {cfg.optim}")  # the config's Literal makes this unreachable
+
+
+def warmup_steps(cfg: TrainingConfig, total_steps: int) -> int:
+    """Warmup in optimizer steps: warmup_steps when set, else warmup_ratio of all steps."""
+    return cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, total_steps: int):
+    """transformers' schedule for ``lr_scheduler_type``; cosine decays to ``min_learning_rate``."""
+    warmup = warmup_steps(cfg, total_steps)
+    if cfg.lr_scheduler_type == "cosine":
+        return get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                             scheduler_specific_kwargs={"min_lr": cfg.min_learning_rate})
+    name = {"linear": "linear", "constant": "constant_with_warmup",
+            "cosine_with_restarts": "cosine_with_restarts"}[cfg.lr_scheduler_type]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)

@@ -1,0 +1,166 @@
+"""What the training loop needs built before it starts, and what it does after it ends."""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from moetune.config import Config, TrainingConfig
+from moetune.train.run_log import logging_dir, tracker_names
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def build_accelerator(config: Config):
+    """An Accelerator for this config: precision, accumulation, trackers, seeded sampler, timeouts."""
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+
+    t = config.training
+    precision = "bf16" if t.bf16 else "fp16" if t.fp16 else "no"
+    handlers = [
+        InitProcessGroupKwargs(timeout=timedelta(seconds=t.ddp_timeout), backend=t.ddp_backend),
+        # An upcycled model's experts can get no tokens in a step; DDP must not wait for their gradients.
+        DistributedDataParallelKwargs(find_unused_parameters=config.moe.upcycle),
+    ]
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=precision,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        log_with=tracker_names(config) or None,
+        project_config=ProjectConfiguration(project_dir=t.output_dir, logging_dir=str(logging_dir(config))),
+        # Seeded by training.seed and the epoch: the same order after a resume, on every rank.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=handlers,
+    )
+    set_seed(t.seed)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.deepspeed_config.get("gradient_clipping") == "auto":
+        plugin.deepspeed_config["gradient_clipping"] = t.max_grad_norm  # accelerate would fill 1.0
+    return accelerator
+
+
+def build_training_inputs(config: Config, accelerator):
+    """(tokenizer, model, train_loader, val_loader): tokenizer trained or loaded, model built, data packed.
+
+    The main process goes first so a tokenizer trained on the data and the tokenized-data cache are
+    built once and the other processes read them.
+    """
+    from moetune.data.packing import build_dataloaders
+    from moetune.data.split import load_splits
+    from moetune.data.tokenizer import load_or_train_tokenizer
+    from moetune.models.factory import build_model
+
+    tokenizer_dir = Path(config.training.output_dir) / TOKENIZER_DIR
+    with accelerator.main_process_first():
+        texts = None
+        if config.model.random_init and config.model.tokenizer is None and not (tokenizer_dir / "tokenizer.json").is_file():
+            train_records, _ = load_splits(config)
+            texts = (r["text"] if "text" in r else r["prompt"] + r["completion"] for r in train_records)
+        tokenizer = load_or_train_tokenizer(config, texts, save_dir=tokenizer_dir if accelerator.is_main_process else None)
+    model = build_model(config, tokenizer)
+    _register_zero3_leaf_modules(accelerator, model)
+    with accelerator.main_process_first():
+        train_loader, val_loader, data = build_dataloaders(config, tokenizer, model)
+    if accelerator.is_main_process:
+        s = data.stats
+        efficiency = f", packing efficiency {s['train_packing_efficiency']:.1%}" if data.packed else ""
+        print(f"data: {s['train_samples']:,} training samples ({s['train_tokens']:,} tokens) in {s['train_rows']:,} rows"
+              f"{efficiency}; {s.get('eval_samples', 0):,} validation samples", file=sys.stderr)
+    return tokenizer, model, train_loader, val_loader
+
+
+def _register_zero3_leaf_modules(accelerator, model) -> None:
+    """ZeRO-3 must gather an MoE block's experts as one unit, or ranks routing differently hang."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        return
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from moetune.models.layout import find_moe_blocks
+
+    classes = sorted({type(block.module) for block in find_moe_blocks(model)}, key=lambda c: c.__name__)
+    if classes:
+        set_z3_leaf_modules(model, classes)
+
+
+def router_top_k(model) -> int:
+    """Experts per token of the model's router (for expert-usage counts); 0 for a dense model."""
+    from moetune.models.layout import find_moe_blocks, moe_shape
+
+    return moe_shape(model.config)[1] if find_moe_blocks(model) else 0
+
+
+def total_optimizer_steps(t: TrainingConfig, batches_per_epoch: int) -> int:
+    """Optimizer steps of the run: max_steps, or epochs x ceil(batches / accumulation)."""
+    if t.max_steps > 0:
+        return t.max_steps
+    return max(1, math.ceil(t.num_train_epochs * math.ceil(batches_per_epoch / t.gradient_accumulation_steps)))
+
+
+def save_final(accelerator, model, tokenizer, config: Config) -> None:
+    """The final adapter (or model) and tokenizer into output_dir; the merged model when asked for."""
+    t = config.training
+    state_dict = accelerator.get_state_dict(model) if accelerator.distributed_type.name == "DEEPSPEED" else None
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(t.output_dir, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(t.output_dir)
+    if config.post_training.merge_and_save:
+        merged_dir = Path(config.post_training.merged_output_dir or Path(t.output_dir) / "merged")
+        merged = unwrapped.merge_and_unload() if hasattr(unwrapped, "merge_and_unload") else unwrapped
+        merged.save_pretrained(merged_dir, safe_serialization=True)
+        tokenizer.save_pretrained(merged_dir)
+        print(f"merged model saved to {merged_dir}", file=sys.stderr)
+
+
+def out_of_memory_message(config: Config) -> str:
+    t = config.training
+    return (f"Out of memory at per_device_train_batch_size={t.per_device_train_batch_size}, "
+            f"model.max_seq_length={config.model.max_seq_length}. Remedies: lower training.per_device_train_batch_size "
+            f"and raise training.gradient_accumulation_steps (same effective batch); "
+            f"{'keep' if t.gradient_checkpointing else 'set'} training.gradient_checkpointing=true; shorten "
+            "model.max_seq_length; set advanced.use_cpu_offload=true or use ZeRO-3 (configs/accelerate/zero3.yaml); "
+            "or load the base model in 4-bit (model.load_in_4bit=true). Resume with training.resume_from_checkpoint=latest.")
+
+
+class StopSignals:
+    """SIGTERM / SIGINT ask the loop to save a checkpoint and stop at the next optimizer step.
+
+    A second signal stops at once. Every process must agree on the step, so the flag is summed
+    across processes (one small all-reduce per step, only when there is more than one process).
+    """
+
+    def __init__(self):
+        self.name: str | None = None
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        if self.name is not None:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+
+    def requested(self, accelerator) -> bool:
+        flag = self.name is not None
+        if accelerator.num_processes > 1:
+            votes = accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum")
+            flag = votes.item() > 0
+            self.name = self.name or ("SIGTERM" if flag else None)
+        return flag
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
