@@ -59,7 +59,7 @@ def train(config: Config) -> int:
         model, optimizer, train_loader, val_loader, scheduler)
     install_adapter_hooks(accelerator)
     state = load_checkpoint(accelerator, resume_from) if resume_from else TrainerState()
-    log = RunLog(accelerator, config)
+    log = RunLog(accelerator, config, resumed_at_step=state.global_step if resume_from else None)
     top_k = router_top_k(accelerator.unwrap_model(model))
     usage = None  # (MoE layers, experts) routed-token counts since the last log line
     window = _Window(accelerator.device)  # sums since the last log line

@@ -28,10 +28,12 @@ def logging_dir(config: Config) -> Path:
 class RunLog:
     """Append-only metrics of one run, mirrored to the trackers and the console."""
 
-    def __init__(self, accelerator, config: Config):
+    def __init__(self, accelerator, config: Config, resumed_at_step: int | None = None):
         self.accelerator = accelerator
         self.path = Path(config.training.output_dir) / "metrics.jsonl"
         self.main = accelerator.is_main_process
+        if self.main and resumed_at_step is not None:
+            self._truncate_after(resumed_at_step)
         run_name = config.logging.run_name or Path(config.training.output_dir).name
         if tracker_names(config):
             init_kwargs = {"wandb": {"name": run_name}} if config.logging.wandb else {}
@@ -65,6 +67,21 @@ class RunLog:
 
     def close(self) -> None:
         self.accelerator.end_training()
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop records a killed run wrote after the checkpoint it resumes from: they are about to be redone."""
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines(keepends=True):
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (json.JSONDecodeError, KeyError):
+                continue  # a line cut short by the kill
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(self.path)
 
 
 def _hyperparameters(config: Config) -> dict[str, Any]:

@@ -52,6 +52,8 @@ def build_training_inputs(config: Config, accelerator):
     The main process goes first so a tokenizer trained on the data and the tokenized-data cache are
     built once and the other processes read them.
     """
+    from transformers import AutoTokenizer
+
     from moetune.data.packing import build_dataloaders
     from moetune.data.split import load_splits
     from moetune.data.tokenizer import load_or_train_tokenizer
@@ -59,11 +61,14 @@ def build_training_inputs(config: Config, accelerator):
 
     tokenizer_dir = Path(config.training.output_dir) / TOKENIZER_DIR
     with accelerator.main_process_first():
-        texts = None
-        if config.model.random_init and config.model.tokenizer is None and not (tokenizer_dir / "tokenizer.json").is_file():
-            train_records, _ = load_splits(config)
-            texts = (r["text"] if "text" in r else r["prompt"] + r["completion"] for r in train_records)
-        tokenizer = load_or_train_tokenizer(config, texts, save_dir=tokenizer_dir if accelerator.is_main_process else None)
+        if accelerator.is_main_process:
+            texts = None
+            if config.model.random_init and config.model.tokenizer is None and not (tokenizer_dir / "tokenizer.json").is_file():
+                train_records, _ = load_splits(config)
+                texts = (r["text"] if "text" in r else r["prompt"] + r["completion"] for r in train_records)
+            tokenizer = load_or_train_tokenizer(config, texts, save_dir=tokenizer_dir)
+        else:  # what the main process just saved (output_dir is on a filesystem every node sees)
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     model = build_model(config, tokenizer)
     _register_zero3_leaf_modules(accelerator, model)
     with accelerator.main_process_first():

@@ -1,0 +1,1 @@
+"""Training: the Accelerate loop, optimizers, checkpoints, expert-usage figures, the run log."""
