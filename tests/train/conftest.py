@@ -22,8 +22,8 @@ def write_dataset(path: Path, samples: int = 160, seed: int = 0) -> Path:
                           "expert_label": rng.choice(["payments", "refunds"]), "file": "qa.jsonl", "line": i + 1}
             else:
                 body = "\n".join(f"    let v{j} = {rng.choice(WORDS)}({j});" for j in range(rng.randint(2, 9)))
-                record = {"text": f"// crate demo: src/m{i % 16}.rs\nfn f{i}() {{\n{body}\n}}\n", "source": "rust_repo",
-                          "kind": "function", "repo": "demo", "crate": "demo", "path": f"src/m{i % 16}.rs",
+                record = {"text": f"// crate demo: src/m{i % 40}.rs\nfn f{i}() {{\n{body}\n}}\n", "source": "rust_repo",
+                          "kind": "function", "repo": "demo", "crate": "demo", "path": f"src/m{i % 40}.rs",
                           "name": f"f{i}", "module": "demo", "start_line": 1, "end_line": 4}
             f.write(json.dumps(record) + "\n")
     return path
@@ -39,10 +39,10 @@ model:
   tokenizer_vocab_size: 512
   config_overrides: {{num_hidden_layers: 2, hidden_size: 64, intermediate_size: 128, num_attention_heads: 4,
                      num_key_value_heads: 2, num_local_experts: 4, num_experts_per_tok: 2, max_position_embeddings: 256}}
-lora: {{r: 8, lora_alpha: 16, lora_dropout: 0.1}}
+lora: {{r: 8, lora_alpha: 16, lora_dropout: 0.1, modules_to_save: [embed_tokens, lm_head]}}
 moe: {{use_auxiliary_loss: true, auxiliary_loss_weight: 0.01, freeze_router: false}}
 data: {{output_path: {data}}}
-validation: {{validation_split: 0.1}}
+validation: {{validation_split: 0.2}}
 training:
   output_dir: {out}
   max_steps: 12

@@ -76,6 +76,9 @@ class ModelConfig:
         check(self.tokenizer_vocab_size >= 256, "model.tokenizer_vocab_size", self.tokenizer_vocab_size, "at least 256")
         if self.load_in_4bit and self.load_in_8bit:
             raise ConfigError("model.load_in_8bit", "model.load_in_4bit and model.load_in_8bit are both true; pick one.")
+        if self.random_init and (self.load_in_4bit or self.load_in_8bit):
+            raise ConfigError("model.random_init", "model.random_init builds random weights, which cannot be loaded in "
+                              "4/8-bit; set model.load_in_4bit/load_in_8bit to false or load saved weights.")
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,9 @@ class LoraConfig:
         ("q_proj", "k_proj", "v_proj", "o_proj"), "Module names that get LoRA (attention only by default)."
     )
     exclude_modules: tuple[str, ...] = opt((), "Module names never given LoRA, even when they match target_modules.")
+    modules_to_save: tuple[str, ...] = opt(
+        (), "Modules trained in full and saved with the adapter, e.g. [embed_tokens, lm_head] for a new tokenizer."
+    )
     bias: Literal["none", "all", "lora_only"] = opt("none", "Which biases train.")
 
     def __post_init__(self) -> None:
@@ -192,10 +198,14 @@ class DataConfig:
     strict: bool = opt(False, "Stop at the first bad input line (exit 2) instead of counting and reporting it.")
     packing: bool = opt(True, "Pack samples into full sequences (no padding, attention kept within each sample).")
     num_workers: int = opt(0, "Processes for parsing source files; 0 = one per CPU core.")
+    chars_per_token: float = opt(
+        3.0, "Characters per token assumed before a tokenizer exists (file-chunk sizes, token figures in the stats)."
+    )
 
     def __post_init__(self) -> None:
         check(bool(self.output_path), "data.output_path", self.output_path, "a non-empty path")
         check(self.num_workers >= 0, "data.num_workers", self.num_workers, "0 or more")
+        check(1.0 <= self.chars_per_token <= 16.0, "data.chars_per_token", self.chars_per_token, "in [1, 16]")
 
 
 # ------------------------------------------------------------------------------------ training

@@ -81,6 +81,7 @@ def train(config: Config) -> int:
                         counts = expert_token_counts(parts.router_logits, top_k, batch.get("attention_mask"))
                         usage = counts if usage is None else usage + counts
                     if accelerator.sync_gradients:
+                        step_lr = scheduler.get_last_lr()[0]  # the rate this step uses (logged with it)
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
                         step_is_finite = window.step_is_finite(grad_norm)
                         if step_is_finite:
@@ -105,7 +106,7 @@ def train(config: Config) -> int:
                 bad_steps = 0
 
                 if state.global_step % t.logging_steps == 0 or state.global_step == total_steps:
-                    record = window.flush(accelerator, state, scheduler.get_last_lr()[0], grad_norm, len(train_loader))
+                    record = window.flush(accelerator, state, step_lr, grad_norm, len(train_loader))
                     if usage is not None:
                         _add_expert_usage(record, accelerator.reduce(usage, "sum"), config, log, state.global_step)
                         usage = None
@@ -155,7 +156,7 @@ class _Window:
         self.sums = torch.zeros(5, dtype=torch.float64, device=device)  # total, lm, aux, z, micro-batches
         self.tokens = torch.zeros((), dtype=torch.float64, device=device)
         self.samples = torch.zeros((), dtype=torch.float64, device=device)
-        self.started = time.perf_counter()
+        self.started = self.loop_started = time.perf_counter()
         self.step_total = torch.zeros((), dtype=torch.float64, device=device)
 
     def add(self, parts, batch) -> None:
@@ -192,6 +193,8 @@ class _Window:
         if torch.cuda.is_available():
             record["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         state.tokens_seen += int(tokens)
+        record["tokens_seen"] = state.tokens_seen
+        record["elapsed_seconds"] = time.perf_counter() - self.loop_started
         self.sums.zero_()
         self.tokens.zero_()
         self.samples.zero_()

@@ -7,6 +7,7 @@ without TensorBoard.
 from __future__ import annotations
 
 import json
+import sys
 import math
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ class RunLog:
 
     def warn(self, message: str) -> None:
         if self.main:
-            tqdm.write(f"warning: {message}")
+            tqdm.write(f"warning: {message}", file=sys.stderr)
 
     def close(self) -> None:
         self.accelerator.end_training()

@@ -1,0 +1,77 @@
+"""Hugging Face model configs built from ``model.config_overrides``, with typo-checked keys.
+
+A misspelt override (``num_hidden_layer: 2``) would otherwise become a stray attribute on the
+config and be ignored, giving a full-size model; here it is an error naming the YAML path and the
+closest real key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from transformers import PreTrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from moetune.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def config_keys(config_class: type[PreTrainedConfig]) -> set[str]:
+    """Every key the config class accepts: its dataclass fields and its aliases (``attribute_map``)."""
+    keys = {f.name for f in dataclasses.fields(config_class)} if dataclasses.is_dataclass(config_class) else set()
+    keys |= set(getattr(config_class, "attribute_map", {}) or {})
+    if not keys:  # an older, non-dataclass config: fall back to the attributes of a default instance
+        keys = set(vars(config_class()))
+    return {k for k in keys if not k.startswith("_")}
+
+
+def check_overrides(config_class: type[PreTrainedConfig], overrides: Mapping[str, Any]) -> None:
+    """Raise a ConfigError for the first override key the config class does not have."""
+    valid = config_keys(config_class)
+    for key in overrides:
+        if key in valid:
+            continue
+        close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"model.config_overrides.{key}",
+            f"model.config_overrides.{key} is not a setting of {config_class.__name__}.{hint} "
+            f"Valid keys include: {', '.join(sorted(valid))}.",
+        )
+
+
+def build_random_init_config(model_type: str, overrides: Mapping[str, Any], vocab_size: int | None = None,
+                             special_tokens: Mapping[str, int | None] | None = None) -> PreTrainedConfig:
+    """The default config of ``model_type`` with ``overrides`` applied (checked first).
+
+    ``vocab_size`` (from the tokenizer) wins even over ``config_overrides.vocab_size``: an
+    embedding smaller than the tokenizer fails at the first unseen id. ``special_tokens``
+    (pad/bos/eos ids from the tokenizer) fill in what the overrides leave unset.
+    """
+    config_class = CONFIG_MAPPING[model_type]
+    check_overrides(config_class, overrides)
+    values: dict[str, Any] = {k: v for k, v in (special_tokens or {}).items() if v is not None}
+    values.update(overrides)
+    if vocab_size is not None:
+        if "vocab_size" in overrides and overrides["vocab_size"] != vocab_size:
+            logger.warning("model.config_overrides.vocab_size=%s replaced by the tokenizer's size %d.",
+                           overrides["vocab_size"], vocab_size)
+        values["vocab_size"] = vocab_size
+    try:
+        return config_class(**values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError("model.config_overrides", f"model.config_overrides is not a valid {config_class.__name__}: "
+                          f"{err}") from None
+
+
+def apply_overrides(config: PreTrainedConfig, overrides: Mapping[str, Any]) -> PreTrainedConfig:
+    """Set ``overrides`` on a loaded config (keys checked against its class first); returns it."""
+    check_overrides(type(config), overrides)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config

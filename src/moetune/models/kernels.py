@@ -1,0 +1,54 @@
+"""Which attention and experts kernels to ask transformers for, with fallbacks that never crash."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def flash_attention_available() -> bool:
+    """flash-attn is importable and a CUDA GPU is present (it has no CPU kernel)."""
+    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+
+
+def resolve_attn_implementation(requested: str, supports_choice: bool = True) -> str:
+    """``requested`` when it can run here; flash_attention_2 falls back to sdpa with one warning.
+
+    ``supports_choice`` is False for models with a single attention kernel of their own (MPT's
+    ALiBi attention), which get "eager", the only value transformers accepts for them.
+    """
+    if not supports_choice:
+        if requested != "eager":
+            logger.info("model.attn_implementation=%s does not apply: this model has one attention kernel (eager)",
+                        requested)
+        return "eager"
+    if requested == "flash_attention_2" and not flash_attention_available():
+        reason = "flash-attn is not installed" if importlib.util.find_spec("flash_attn") is None else "no CUDA GPU is present"
+        logger.warning("model.attn_implementation=flash_attention_2 is unavailable (%s; `pip install moetune[flash]` on "
+                       "a CUDA machine); using sdpa instead.", reason)
+        return "sdpa"
+    return requested
+
+
+def experts_implementation_in_use(model) -> str | None:
+    """The experts kernel transformers chose for a fused-experts model (e.g. "grouped_mm"), else None."""
+    config = getattr(model, "config", None)
+    for attribute in ("_experts_implementation_internal", "_experts_implementation"):
+        value = getattr(config, attribute, None)
+        if value:
+            return value
+    return None
+
+
+def log_kernels(model, attn_implementation: str, requested_experts: str | None) -> None:
+    """One log line saying which attention and experts kernels the model runs."""
+    experts = experts_implementation_in_use(model)
+    if experts is None:
+        logger.info("attention: %s; experts: per-expert modules", attn_implementation)
+        return
+    how = "set by model.experts_implementation" if requested_experts else "fastest available"
+    logger.info("attention: %s; experts: %s (%s)", attn_implementation, experts, how)

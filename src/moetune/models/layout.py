@@ -1,0 +1,138 @@
+"""Find the parts of an MoE model by probing its module tree, not by trusting a version string.
+
+Three layouts must work with the same code:
+
+* transformers 5.x Mixtral: ``layers.N.mlp`` holds ``gate`` (a router whose parameter is
+  ``gate.weight``) and ``experts`` with fused 3-D ``gate_up_proj`` / ``down_proj`` parameters;
+* older Mixtral code and checkpoints: ``layers.N.block_sparse_moe`` with ``gate`` (nn.Linear) and
+  ``experts.N.w1/w2/w3``;
+* upcycled MPT (:mod:`moetune.models.mpt_moe`): ``blocks.N.ffn`` with ``router`` and ``experts.N.up_proj/down_proj``.
+
+An MoE block is any module with an ``experts`` child and a router child (``gate`` or ``router``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from moetune.errors import UserError
+
+ROUTER_NAMES = ("gate", "router")
+EXPERTS_NAME = "experts"
+
+# Attention projections under the names other families use, so the default
+# lora.target_modules (q/k/v/o_proj) means "attention" on MPT too, whose QKV is one fused Linear.
+ATTENTION_ALIASES = {
+    "q_proj": ("Wqkv", "qkv_proj", "c_attn"),
+    "k_proj": ("Wqkv", "qkv_proj", "c_attn"),
+    "v_proj": ("Wqkv", "qkv_proj", "c_attn"),
+    "o_proj": ("out_proj", "dense", "c_proj"),
+}
+
+
+@dataclass(frozen=True)
+class MoeBlockInfo:
+    """Where one MoE block lives: its dotted path and the names of its router and experts children."""
+
+    path: str
+    router_name: str
+    module: nn.Module
+
+    @property
+    def router_path(self) -> str:
+        return f"{self.path}.{self.router_name}"
+
+    @property
+    def experts_path(self) -> str:
+        return f"{self.path}.{EXPERTS_NAME}"
+
+
+def find_moe_blocks(model: nn.Module) -> list[MoeBlockInfo]:
+    """Every MoE block of ``model`` in forward order (empty for a dense model)."""
+    blocks = []
+    for path, module in model.named_modules():
+        children = dict(module.named_children())
+        if EXPERTS_NAME not in children:
+            continue
+        router = next((name for name in ROUTER_NAMES if name in children), None)
+        if router is not None:
+            blocks.append(MoeBlockInfo(path=path, router_name=router, module=module))
+    return blocks
+
+
+def router_module_names(model: nn.Module) -> list[str]:
+    """The distinct child names routers go by (e.g. ``["gate"]``), for PEFT's ``modules_to_save``."""
+    return sorted({block.router_name for block in find_moe_blocks(model)})
+
+
+def is_expert_parameter(name: str) -> bool:
+    """True for a parameter that belongs to an expert (fused or per-expert layout)."""
+    return f".{EXPERTS_NAME}." in f".{name}"
+
+
+def freeze_experts(model: nn.Module) -> int:
+    """Set requires_grad=False on every expert parameter; returns how many tensors were frozen."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if is_expert_parameter(name):
+            param.requires_grad_(False)
+            frozen += 1
+    return frozen
+
+
+def set_router_trainable(model: nn.Module, trainable: bool) -> None:
+    """Turn the gradient of every router weight on or off."""
+    for block in find_moe_blocks(model):
+        for param in getattr(block.module, block.router_name).parameters():
+            param.requires_grad_(trainable)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Dotted names of every nn.Linear (and bitsandbytes Linear, which subclasses it)."""
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def resolve_target_modules(model: nn.Module, targets: tuple[str, ...], exclude: tuple[str, ...] = (),
+                           key: str = "lora.target_modules") -> list[str]:
+    """Full dotted names of the Linears that get LoRA: ``targets`` matched by last name component
+    (falling back to :data:`ATTENTION_ALIASES`), minus names ending in an ``exclude`` entry
+    (PEFT's rule: ``o_proj`` or ``layers.0.self_attn.q_proj``).
+
+    Matching is done here rather than left to PEFT so an unknown name is an error, not an adapter
+    that silently trains nothing. Expert Linears only match when a target names them explicitly.
+    """
+    linears = linear_module_names(model)
+    leaf_names = {name.rsplit(".", 1)[-1] for name in linears}
+    wanted: set[str] = set()
+    for target in targets:
+        if target in leaf_names:
+            wanted.add(target)
+            continue
+        alias = next((a for a in ATTENTION_ALIASES.get(target, ()) if a in leaf_names), None)
+        if alias is None:
+            raise UserError(f"{key} names {target!r}, but this model has no Linear module of that name; its Linear "
+                            f"modules are called {sorted(leaf_names)}.")
+        wanted.add(alias)
+    chosen = []
+    for name in linears:
+        parts = name.split(".")
+        excluded = any(name == ex or name.endswith(f".{ex}") for ex in exclude)
+        if parts[-1] not in wanted or excluded:
+            continue
+        chosen.append(name)
+    if not chosen:
+        raise UserError(f"{key} {list(targets)} with lora.exclude_modules {list(exclude)} leaves no module to adapt.")
+    return chosen
+
+
+def moe_shape(model_config) -> tuple[int, int]:
+    """(num_experts, top_k) from a Hugging Face config, whatever the family calls them."""
+    experts = next((getattr(model_config, k) for k in ("num_local_experts", "num_experts", "moe_num_experts")
+                    if getattr(model_config, k, None)), None)
+    top_k = getattr(model_config, "num_experts_per_tok", None) or getattr(model_config, "moe_top_k", None)
+    if experts is None or top_k is None:
+        raise UserError(f"The model config ({type(model_config).__name__}) does not say how many experts it has "
+                        "and how many each token uses; this is not an MoE model moetune knows.")
+    return int(experts), int(top_k)

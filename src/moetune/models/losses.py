@@ -1,0 +1,150 @@
+"""The training losses of an MoE model, kept apart so the trainer can log each one.
+
+``compute_losses`` runs the forward pass *without* labels and computes the LM loss itself:
+Hugging Face's ``out.loss`` already contains ``router_aux_loss_coef * aux_loss`` when router
+logits are requested, so adding moetune's weighted aux loss to it would count the aux loss twice
+(with a weight the user never set). Here the total is exactly
+``lm_loss + moe.auxiliary_loss_weight * aux_loss + moe.router_z_loss_weight * z_loss``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moetune.errors import UserError
+from moetune.models.layout import moe_shape
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LossParts:
+    """One forward pass's losses. ``router_logits``: one (tokens, num_experts) tensor per MoE layer, or ()."""
+
+    lm_loss: torch.Tensor
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    total: torch.Tensor
+    router_logits: tuple[torch.Tensor, ...]
+
+
+def load_balancing_loss(router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor], num_experts: int, top_k: int,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss, ``num_experts * sum_e f_e * P_e``.
+
+    ``f_e`` is the share of top-k assignments that went to expert e and ``P_e`` the mean router
+    probability of e, both pooled over every layer's tokens (the same pooling as transformers'
+    ``load_balancing_loss_func``, so the numbers match). Padding tokens (attention_mask 0) are left
+    out. Perfectly balanced routing gives ``top_k``.
+    """
+    logits = torch.cat([layer.float() for layer in router_logits], dim=0)
+    probs = torch.softmax(logits, dim=-1)
+    _, chosen = torch.topk(probs, top_k, dim=-1)
+    assignments = F.one_hot(chosen, num_experts).sum(dim=1).float()  # (rows, E): top-k picks per row
+    if attention_mask is None:
+        weights = torch.ones(logits.shape[0], device=logits.device)
+    else:
+        weights = attention_mask.reshape(-1).float().to(logits.device).repeat(len(router_logits))
+    total = weights.sum().clamp_min(1.0)
+    tokens_per_expert = (assignments * weights[:, None]).sum(dim=0) / total
+    prob_per_expert = (probs * weights[:, None]).sum(dim=0) / total
+    return num_experts * torch.sum(tokens_per_expert * prob_per_expert)
+
+
+def router_z_loss(router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor],
+                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of ``logsumexp(logits)^2``, averaged over layers.
+
+    It keeps router logits small, which keeps the softmax out of its saturated, unstable region.
+    """
+    per_layer = []
+    for layer in router_logits:
+        z = torch.logsumexp(layer.float(), dim=-1).square()
+        if attention_mask is None:
+            per_layer.append(z.mean())
+        else:
+            mask = attention_mask.reshape(-1).float().to(z.device)
+            per_layer.append((z * mask).sum() / mask.sum().clamp_min(1.0))
+    return torch.stack(per_layer).mean()
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Next-token cross-entropy (labels shifted here), mean over labels that are not -100."""
+    shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+
+
+def wants_router_logits(config) -> bool:
+    """Whether a forward pass must return router logits for this config (losses or expert monitoring)."""
+    moe = config.moe
+    return moe.use_auxiliary_loss or moe.router_z_loss_weight > 0 or moe.monitor_expert_usage
+
+
+def compute_losses(model: torch.nn.Module, batch: Mapping[str, Any], config) -> LossParts:
+    """Forward ``batch`` through ``model`` and split the loss into its parts.
+
+    ``batch`` holds ``input_ids`` and optionally ``attention_mask``, ``position_ids`` and
+    ``labels`` (default: ``input_ids`` with padding set to -100). On a dense model (no router)
+    the aux and z losses are zero tensors and ``router_logits`` is empty.
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    labels = batch.get("labels")
+    mask = batch.get("attention_mask")
+    if labels is None:
+        labels = batch["input_ids"].masked_fill(mask == 0, IGNORE_INDEX) if mask is not None else batch["input_ids"]
+    want_logits = wants_router_logits(config) and _is_moe(model)
+    if want_logits:
+        inputs["output_router_logits"] = True
+    out = model(**inputs, use_cache=False)
+    lm_loss = causal_lm_loss(out.logits, labels, config.training.label_smoothing_factor)
+    zero = lm_loss.new_zeros(())
+    router_logits = tuple(getattr(out, "router_logits", None) or ()) if want_logits else ()
+    # A 2-D 0/1 mask is a padding mask; packed batches may carry other shapes, which pool every token.
+    token_mask = mask if mask is not None and mask.dim() == 2 else None
+    aux = z = zero
+    if router_logits:
+        num_experts, top_k = moe_shape(_hf_config(model))
+        if config.moe.use_auxiliary_loss:
+            aux = load_balancing_loss(router_logits, num_experts, top_k, token_mask)
+        if config.moe.router_z_loss_weight > 0:
+            z = router_z_loss(router_logits, token_mask)
+    total = lm_loss
+    if config.moe.use_auxiliary_loss:
+        total = total + config.moe.auxiliary_loss_weight * aux
+    if config.moe.router_z_loss_weight > 0:
+        total = total + config.moe.router_z_loss_weight * z
+    return LossParts(lm_loss=lm_loss, aux_loss=aux, z_loss=z, total=total, router_logits=router_logits)
+
+
+def expert_token_counts(router_logits: tuple[torch.Tensor, ...], top_k: int,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Routed tokens per (layer, expert) as a (layers, num_experts) tensor, for expert-usage stats."""
+    counts = []
+    for layer in router_logits:
+        chosen = torch.topk(layer.detach().float(), top_k, dim=-1).indices
+        one_hot = F.one_hot(chosen, layer.shape[-1]).sum(dim=1).float()
+        if attention_mask is not None and attention_mask.dim() == 2:
+            one_hot = one_hot * attention_mask.reshape(-1, 1).float().to(one_hot.device)
+        counts.append(one_hot.sum(dim=0))
+    return torch.stack(counts) if counts else torch.zeros(0, 0)
+
+
+def _hf_config(model: torch.nn.Module):
+    # DDP and DeepSpeed keep the model in .module; a PeftModel forwards attribute lookups itself.
+    while not hasattr(model, "config") and isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model.config
+
+
+def _is_moe(model: torch.nn.Module) -> bool:
+    try:
+        moe_shape(_hf_config(model))
+    except UserError:
+        return False
+    return True

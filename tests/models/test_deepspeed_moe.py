@@ -1,0 +1,108 @@
+"""moe.backend: deepspeed (an optional extra) and the older deepspeed_moe_config.json "moe" block."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from moetune.config import load_config
+from moetune.errors import UserError
+from moetune.models import build_model
+from moetune.models.deepspeed_moe import legacy_moe_overrides, read_legacy_deepspeed_moe
+
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+
+
+def write_json(path, data):
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_legacy_moe_block_becomes_moe_settings(tmp_path):
+    path = write_json(tmp_path / "ds.json", {"train_batch_size": "auto",
+                                             "moe": {"enabled": True, "num_experts": 8, "top_k": 2, "ep_size": 4,
+                                                     "capacity_factor": 1.25, "moe_loss_coeff": 0.01}})
+    assert read_legacy_deepspeed_moe(path) == {"num_experts": 8, "top_k": 2, "expert_parallel_size": 4,
+                                               "capacity_factor": 1.25, "auxiliary_loss_weight": 0.01}
+    config = load_config(None, legacy_moe_overrides(path))
+    assert (config.moe.num_experts, config.moe.top_k, config.moe.expert_parallel_size) == (8, 2, 4)
+    assert config.moe.capacity_factor == 1.25 and config.moe.auxiliary_loss_weight == 0.01
+
+
+def test_file_without_moe_block_gives_no_settings(tmp_path):
+    assert read_legacy_deepspeed_moe(write_json(tmp_path / "ds.json", {"zero_optimization": {"stage": 2}})) == {}
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"min_capacity": 4}, r"\"moe\".\"min_capacity\" is not supported .* live in the moe section of config.yaml"),
+    ({"num_expert": 8}, r"\"moe\".\"num_expert\" is not a known MoE setting. MoE settings now live in the moe section"),
+    ({"k": 1, "top_k": 2}, r"sets moe.top_k twice with different values"),
+])
+def test_legacy_settings_without_a_home_are_rejected(tmp_path, block, message):
+    with pytest.raises(UserError, match=message):
+        read_legacy_deepspeed_moe(write_json(tmp_path / "ds.json", {"moe": block}))
+
+
+def test_unreadable_legacy_file_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no such DeepSpeed config file"):
+        read_legacy_deepspeed_moe(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(UserError, match="is not valid JSON"):
+        read_legacy_deepspeed_moe(tmp_path / "bad.json")
+
+
+def test_deepspeed_backend_without_deepspeed_says_how_to_install_it(mpt_config, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "deepspeed" else real_find_spec(name, *a))
+    with pytest.raises(UserError, match=r"needs the deepspeed package.*pip install moetune\[deepspeed\]"):
+        build_model(mpt_config("moe.upcycle=true", "moe.backend=deepspeed"))
+
+
+def test_deepspeed_backend_is_for_upcycled_models(mixtral_config):
+    with pytest.raises(UserError, match="Mixtral keeps its own blocks"):
+        build_model(mixtral_config("moe.backend=deepspeed"))
+
+
+DEEPSPEED_SCRIPT = textwrap.dedent("""
+    import os, torch, deepspeed
+    deepspeed.init_distributed(dist_backend="gloo")
+    from moetune.config import load_config
+    from moetune.models import build_model
+    from moetune.models.deepspeed_moe import DeepSpeedMoeFeedForward
+    overrides = ["model.architecture=mpt", "model.random_init=true", "model.torch_dtype=float32",
+                 "model.config_overrides={n_layers: 2, d_model: 64, n_heads: 4, vocab_size: 128, max_seq_len: 64}",
+                 "moe.upcycle=true", "moe.num_experts=4", "lora.enabled=false"]
+    torch.manual_seed(0)
+    native = build_model(load_config(None, overrides)).eval()
+    torch.manual_seed(0)
+    model = build_model(load_config(None, overrides + ["moe.backend=deepspeed"])).eval()
+    for module in model.modules():
+        if hasattr(module, "set_deepspeed_parallelism"):
+            module.set_deepspeed_parallelism()
+    assert isinstance(model.transformer.blocks[0].ffn, DeepSpeedMoeFeedForward)
+    ids = torch.randint(0, 128, (2, 10))
+    out = model(ids, output_router_logits=True)
+    ref = native(ids, output_router_logits=True)
+    print("max_diff", (out.logits - ref.logits).abs().max().item(), "layers", len(out.router_logits))
+""")
+
+
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed (the moetune[deepspeed] extra) is not installed")
+def test_deepspeed_block_computes_what_the_native_block_computes(tmp_path):
+    # A separate process: DeepSpeed sets up a process group, which must not leak into other tests.
+    # TORCHDYNAMO_DISABLE skips DeepSpeed's torch.compile of its gating (~30 s on CPU, same numbers).
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517", "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0", "TORCHDYNAMO_DISABLE": "1"}
+    result = subprocess.run([sys.executable, "-c", DEEPSPEED_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("max_diff"))
+    _, diff, _, layers = line.split()
+    assert float(diff) < 1e-5 and int(layers) == 2

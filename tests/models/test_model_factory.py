@@ -1,0 +1,120 @@
+"""build_model: architecture choice, config_overrides checks, tokenizer vocab, kernels and fallbacks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import MixtralForCausalLM, MptForCausalLM, PreTrainedTokenizerFast
+
+from moetune.errors import ConfigError, UserError
+from moetune.models import build_model
+from moetune.models.factory import resolve_architecture
+
+
+def tiny_tokenizer(size: int) -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def test_misspelt_config_override_names_the_key_and_the_closest_one(mixtral_config, mpt_config):
+    config = mixtral_config("model.config_overrides={num_hidden_layer: 2}")
+    with pytest.raises(ConfigError) as err:
+        build_model(config)
+    assert err.value.key == "model.config_overrides.num_hidden_layer"
+    assert "model.config_overrides.num_hidden_layer is not a setting of MixtralConfig" in str(err.value)
+    assert "Did you mean 'num_hidden_layers'?" in str(err.value)
+
+
+def test_config_override_aliases_are_accepted(mixtral_config, mpt_config):
+    # MPT calls it d_model; hidden_size is its attribute_map alias and must be accepted too.
+    config = mpt_config("model.config_overrides={n_layers: 1, hidden_size: 32, n_heads: 2, vocab_size: 64}",
+                        "lora.enabled=false")
+    model = build_model(config)
+    assert model.config.d_model == 32 and model.config.n_layers == 1
+
+
+def test_random_init_takes_vocab_size_and_special_ids_from_the_tokenizer(mixtral_config, mpt_config):
+    tokenizer = tiny_tokenizer(200)
+    model = build_model(mixtral_config("lora.enabled=false"), tokenizer=tokenizer)
+    assert isinstance(model, MixtralForCausalLM)
+    assert model.config.vocab_size == 200 == model.get_input_embeddings().num_embeddings
+    assert (model.config.pad_token_id, model.config.bos_token_id, model.config.eos_token_id) == (0, 1, 2)
+
+
+def test_tiny_mixtral_has_the_requested_shape_and_picks_grouped_mm(mixtral_config, mpt_config, caplog):
+    with caplog.at_level(logging.INFO, logger="moetune"):
+        model = build_model(mixtral_config())
+    base = model.get_base_model()
+    assert base.config.num_hidden_layers == 2 and base.config.hidden_size == 64
+    assert base.model.layers[0].mlp.experts.gate_up_proj.shape == (4, 256, 64)
+    assert "experts: grouped_mm (fastest available)" in caplog.text
+
+
+def test_experts_implementation_override_is_used_and_logged(mixtral_config, mpt_config, caplog):
+    with caplog.at_level(logging.INFO, logger="moetune"):
+        model = build_model(mixtral_config("model.experts_implementation=eager", "lora.enabled=false"))
+    assert model.config._experts_implementation == "eager"
+    assert "experts: eager (set by model.experts_implementation)" in caplog.text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
+def test_flash_attention_falls_back_to_sdpa_with_one_warning(mixtral_config, mpt_config, caplog):
+    with caplog.at_level(logging.WARNING, logger="moetune"):
+        model = build_model(mixtral_config("model.attn_implementation=flash_attention_2", "lora.enabled=false"))
+    assert model.config._attn_implementation == "sdpa"
+    warnings = [r for r in caplog.records if "flash_attention_2 is unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "using sdpa instead" in warnings[0].getMessage()
+
+
+def test_architecture_is_read_from_config_json(mixtral_config, mpt_config, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+    config = mixtral_config("model.architecture=null", "model.random_init=false", f"model.name={tmp_path}")
+    assert resolve_architecture(config.model) == "mixtral"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ConfigError, match="is a 'bert' model, which moetune does not know"):
+        resolve_architecture(config.model)
+
+
+def test_missing_model_path_is_a_user_error(mixtral_config, mpt_config, tmp_path):
+    config = mixtral_config("model.random_init=false", f"model.name={tmp_path / 'nowhere'}")
+    with pytest.raises(UserError, match="could not be loaded"):
+        build_model(config)
+
+
+def test_loading_saved_weights_checks_the_architecture(mixtral_config, mpt_config, tmp_path):
+    dense = build_model(mpt_config("lora.enabled=false"))
+    assert isinstance(dense, MptForCausalLM)
+    dense.save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="model.architecture is 'mixtral' but model.name .* is a 'mpt' model"):
+        build_model(mixtral_config("model.random_init=false", f"model.name={tmp_path}"))
+
+
+def test_quantised_base_needs_lora(mixtral_config, mpt_config):
+    with pytest.raises(UserError, match="set lora.enabled: true"):
+        build_model(mixtral_config("model.load_in_4bit=true", "lora.enabled=false", "model.random_init=false"))
+
+
+def test_dense_mpt_without_lora_trains_everything(mixtral_config, mpt_config):
+    model = build_model(mpt_config("lora.enabled=false"))
+    assert model.config.vocab_size == 128
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_loaded_model_is_resized_to_a_larger_tokenizer(mixtral_config, mpt_config, tmp_path):
+    build_model(mixtral_config("lora.enabled=false")).save_pretrained(tmp_path)
+    model = build_model(mixtral_config("model.random_init=false", f"model.name={tmp_path}", "lora.enabled=false"),
+                        tokenizer=tiny_tokenizer(200))
+    assert model.get_input_embeddings().num_embeddings == 200 == model.get_output_embeddings().out_features
+
+
+def test_aux_loss_weight_is_the_model_coefficient(mixtral_config, mpt_config):
+    model = build_model(mixtral_config("moe.auxiliary_loss_weight=0.02", "lora.enabled=false"))
+    assert model.config.router_aux_loss_coef == 0.02 == model.router_aux_loss_coef
+    upcycled = build_model(mpt_config("moe.upcycle=true", "moe.auxiliary_loss_weight=0.03", "lora.enabled=false"))
+    assert upcycled.config.router_aux_loss_coef == 0.03

@@ -1,0 +1,132 @@
+"""A whole tiny training run through the CLI: files, logged values, TensorBoard, adapter, merge, safety."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from moetune.cli import main
+from moetune.config import load_config
+
+from .conftest import TINY_CONFIG, read_metrics, write_dataset
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    data = write_dataset(root / "data.jsonl")
+    config = root / "tiny.yaml"
+    config.write_text(textwrap.dedent(TINY_CONFIG.format(data=data, out=root / "out")))
+    code = main(["train", "--config", str(config), "training.save_total_limit=2", "post_training.merge_and_save=true",
+                 "training.max_steps=24", "training.eval_steps=8", "training.save_steps=8"])
+    return code, config, root / "out"
+
+
+def test_run_writes_the_output_contract(finished_run):
+    code, config, out = finished_run
+    assert code == 0
+    assert load_config(out / "config.yaml").training.max_steps == 24  # the resolved config, overrides applied
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert (out / "tokenizer.json").is_file()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-24"]  # save_total_limit=2
+    for name in ("adapter_model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "trainer_state.json"):
+        assert (out / "checkpoint-24" / name).is_file(), name
+
+
+def test_metrics_jsonl_has_every_field_and_expert_usage(finished_run):
+    _, _, out = finished_run
+    records = read_metrics(out)
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 25))
+    for r in train:
+        for key in ("epoch", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_second"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]), key
+        assert r["loss"] == pytest.approx(r["lm_loss"] + 0.01 * r["aux_loss"], rel=1e-5)
+        assert len(r["expert_usage"]) == 2 and all(len(layer) == 4 for layer in r["expert_usage"])
+        assert all(sum(layer) == pytest.approx(1.0, abs=1e-3) for layer in r["expert_usage"])
+        assert r["aux_loss"] >= 1.0  # top_k=2 routing gives >= ~2 when balanced; never near 0
+    assert train[0]["lr"] == pytest.approx(0.0) and train[2]["lr"] == pytest.approx(3e-3, rel=1e-3)  # 2 warmup steps
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [8, 16, 24]
+    assert all(r["eval_perplexity"] == pytest.approx(math.exp(r["eval_loss"])) for r in evals)
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # it learns
+
+
+def test_tensorboard_has_losses_expert_scalars_and_heatmap(finished_run):
+    _, _, out = finished_run
+    [event_file] = list((out / "runs").rglob("events.out.tfevents.*"))[:1]
+    events = EventAccumulator(str(event_file.parent), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    for tag in ("loss", "lm_loss", "aux_loss", "lr", "eval_loss", "expert_usage/layer_1/expert_3", "expert_balance/mean_entropy"):
+        assert tag in tags["scalars"], tag
+    assert len(events.Scalars("loss")) == 24
+    assert "expert_usage/heatmap" in tags["images"]
+
+
+def test_final_adapter_loads_with_peft_and_merged_model_with_auto(finished_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moetune.models.factory import build_base_model
+
+    _, config_path, out = finished_run
+    config = load_config(config_path)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    base = build_base_model(config, tokenizer)  # random init seeded by training.seed: the run's own base
+    tuned = PeftModel.from_pretrained(base, out).eval()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    ids = torch.tensor([tokenizer("fn main() { let amount = 10; }")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(tuned(ids).logits, merged(ids).logits, atol=1e-4)
+        assert not torch.allclose(build_base_model(config, tokenizer)(ids).logits, merged(ids).logits, atol=1e-3)
+
+
+def test_a_second_run_into_the_same_output_dir_stops_clearly(finished_run, capsys):
+    _, config, out = finished_run
+    before = sorted(p.name for p in out.iterdir())
+    assert main(["train", "--config", str(config)]) == 2
+    assert "already holds another run's checkpoints" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_nan_loss_steps_are_skipped_then_the_run_stops_naming_the_step(tiny_run, monkeypatch, capsys):
+    import moetune.train.loop as loop
+
+    config, out = tiny_run
+    real = loop.compute_losses
+
+    def poisoned(model, batch, cfg):
+        parts = real(model, batch, cfg)
+        parts.total = parts.total * float("nan")
+        return parts
+
+    monkeypatch.setattr(loop, "compute_losses", poisoned)
+    assert main(["train", "--config", str(config), "advanced.max_bad_steps=3"]) == 1
+    err = capsys.readouterr().err
+    assert "step 1: loss or gradient is NaN/inf; the update was skipped" in err
+    assert "stopping at step 3 after 3 NaN/inf steps in a row" in err
+    assert (out / "checkpoint-3" / "adapter_model.safetensors").is_file()
+
+
+def test_sigterm_saves_a_checkpoint_then_exits(tiny_run):
+    config, out = tiny_run
+    process = subprocess.Popen([sys.executable, "-m", "moetune", "train", "--config", str(config),
+                                "training.max_steps=400", "training.save_steps=1000", "training.eval_steps=1000"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").is_file() and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=240)
+    assert process.returncode == 1
+    assert "SIGTERM received: saved" in err
+    [checkpoint] = list(out.glob("checkpoint-*"))
+    assert (checkpoint / "adapter_model.safetensors").is_file()
