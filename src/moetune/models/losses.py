@@ -136,8 +136,9 @@ def expert_token_counts(router_logits: tuple[torch.Tensor, ...], top_k: int,
 
 
 def _hf_config(model: torch.nn.Module):
-    # DDP and DeepSpeed keep the model in .module; a PeftModel forwards attribute lookups itself.
-    while not hasattr(model, "config") and isinstance(getattr(model, "module", None), torch.nn.Module):
+    # DDP and DeepSpeed keep the model in .module (a DeepSpeedEngine's own .config is DeepSpeed's);
+    # a PeftModel forwards attribute lookups to the model it wraps.
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
         model = model.module
     return model.config
 

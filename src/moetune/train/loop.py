@@ -173,9 +173,10 @@ class _Window:
     def step_is_finite(self, grad_norm) -> bool:
         # One host sync per optimizer step. With DDP the gradients are already all-reduced, so a NaN on
         # any rank makes the norm NaN everywhere and every rank skips the same step.
-        finite = torch.isfinite(self.step_total) & (torch.isfinite(grad_norm) if grad_norm is not None else True)
+        # DeepSpeed reports the norm as a float, DDP and single-process runs as a tensor.
+        finite = bool(torch.isfinite(self.step_total)) and (grad_norm is None or math.isfinite(float(grad_norm)))
         self.step_total.zero_()
-        return bool(finite)
+        return finite
 
     def flush(self, accelerator, state: TrainerState, lr: float, grad_norm, batches_per_epoch: int) -> dict:
         sums = accelerator.reduce(self.sums, "mean")

@@ -7,8 +7,8 @@ without TensorBoard.
 from __future__ import annotations
 
 import json
-import sys
 import math
+import sys
 from pathlib import Path
 from typing import Any
 

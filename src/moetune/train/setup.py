@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 from datetime import timedelta
@@ -28,8 +29,10 @@ def build_accelerator(config: Config):
         # An upcycled model's experts can get no tokens in a step; DDP must not wait for their gradients.
         DistributedDataParallelKwargs(find_unused_parameters=config.moe.upcycle),
     ]
+    # Without a GPU, plain and DDP runs need cpu=True (gloo); DeepSpeed brings its own CPU accelerator.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
+        cpu=not torch.cuda.is_available() and not deepspeed,
         mixed_precision=precision,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         log_with=tracker_names(config) or None,
@@ -93,6 +96,9 @@ def _register_zero3_leaf_modules(accelerator, model) -> None:
     classes = sorted({type(block.module) for block in find_moe_blocks(model)}, key=lambda c: c.__name__)
     if classes:
         set_z3_leaf_modules(model, classes)
+        if accelerator.is_main_process:
+            print(f"ZeRO-3: MoE blocks gathered whole as leaf modules: {', '.join(c.__name__ for c in classes)}",
+                  file=sys.stderr)
 
 
 def router_top_k(model) -> int:
