@@ -32,6 +32,7 @@ from moetune.train.optim import build_optimizer, build_scheduler
 from moetune.train.run_log import RunLog
 from moetune.train.setup import (
     StopSignals,
+    apply_legacy_deepspeed_moe,
     build_accelerator,
     build_training_inputs,
     out_of_memory_message,
@@ -43,6 +44,7 @@ from moetune.train.setup import (
 
 def train(config: Config) -> int:
     """Train as ``config`` says. Returns the process exit code (0, or 1 after a NaN/inf stop or a signal)."""
+    config = apply_legacy_deepspeed_moe(config)
     t = config.training
     accelerator = build_accelerator(config)
     resume_from = resolve_resume(t.resume_from_checkpoint, t.output_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from moetune.config import Config, TrainingConfig
+from moetune.errors import UserError
 from moetune.train.run_log import logging_dir, tracker_names
 
 TOKENIZER_DIR = "tokenizer"
@@ -47,6 +49,33 @@ def build_accelerator(config: Config):
     if plugin is not None and plugin.deepspeed_config.get("gradient_clipping") == "auto":
         plugin.deepspeed_config["gradient_clipping"] = t.max_grad_norm  # accelerate would fill 1.0
     return accelerator
+
+
+def apply_legacy_deepspeed_moe(config: Config) -> Config:
+    """Read the ``"moe"`` block of an older DeepSpeed JSON (given to ``accelerate launch``) into ``moe.*``.
+
+    Older setups kept num_experts / top_k / ... in deepspeed_moe_config.json, where DeepSpeed itself
+    ignores them. They are taken over unless config.yaml sets the same key to another value, which is
+    an error naming both; anything without a moe.* equivalent is rejected by the reader.
+    """
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not path or not Path(path).is_file():
+        return config
+    from moetune.config import MoeConfig
+    from moetune.models.deepspeed_moe import read_legacy_deepspeed_moe
+
+    legacy = read_legacy_deepspeed_moe(path)
+    if not legacy:
+        return config
+    defaults = MoeConfig()
+    for key, value in legacy.items():
+        mine = getattr(config.moe, key)
+        if mine != getattr(defaults, key) and mine != value:
+            raise UserError(f"moe.{key} is {mine!r} in the config but {value!r} in the \"moe\" block of {path}; "
+                            f"keep it in one place: the moe section of the config (and drop the block from {path}).")
+    print(f"moetune: read {', '.join(f'moe.{k}={v}' for k, v in legacy.items())} from the \"moe\" block of {path}; "
+          "move them to the moe section of the config.", file=sys.stderr)
+    return dataclasses.replace(config, moe=dataclasses.replace(config.moe, **legacy))
 
 
 def build_training_inputs(config: Config, accelerator):
