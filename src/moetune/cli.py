@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-from moetune.errors import UserError
+from moetune.errors import RunFailure, UserError
 
 DEFAULT_CONFIG = "config.yaml"
 
@@ -26,6 +26,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunFailure as err:
+        print(f"failed: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

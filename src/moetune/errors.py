@@ -18,3 +18,11 @@ class ConfigError(UserError):
         super().__init__(message)
         self.key = key
         self.message = message
+
+
+class RunFailure(Exception):
+    """Work failed for a reason with known remedies (out of memory, ...): one paragraph, exit code 1."""
+
+
+class OutOfMemory(RunFailure):
+    """The device ran out of memory; the message lists what to change."""

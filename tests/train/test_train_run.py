@@ -130,3 +130,35 @@ def test_sigterm_saves_a_checkpoint_then_exits(tiny_run):
     assert "SIGTERM received: saved" in err
     [checkpoint] = list(out.glob("checkpoint-*"))
     assert (checkpoint / "adapter_model.safetensors").is_file()
+
+
+def test_out_of_memory_exits_1_with_remedies(tiny_run, monkeypatch, capsys):
+    import moetune.train.loop as loop
+
+    def out_of_memory(model, batch, cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loop, "compute_losses", out_of_memory)
+    config, _ = tiny_run
+    assert main(["train", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "failed: Out of memory at per_device_train_batch_size=4, model.max_seq_length=128." in err
+    assert "raise training.gradient_accumulation_steps" in err and "Traceback" not in err
+
+
+def test_auto_find_batch_size_halves_the_batch_and_keeps_the_effective_batch(tiny_run, monkeypatch):
+    import moetune.train.loop as loop
+
+    real = loop.compute_losses
+
+    def needs_small_batches(model, batch, cfg):
+        if batch["input_ids"].shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return real(model, batch, cfg)
+
+    monkeypatch.setattr(loop, "compute_losses", needs_small_batches)
+    config, out = tiny_run
+    assert main(["train", "--config", str(config), "training.auto_find_batch_size=true", "training.max_steps=2"]) == 0
+    resolved = load_config(out / "config.yaml").training
+    assert (resolved.per_device_train_batch_size, resolved.gradient_accumulation_steps) == (1, 8)
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2]

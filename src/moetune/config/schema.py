@@ -255,7 +255,9 @@ class TrainingConfig:
     dataloader_num_workers: int = opt(0, "DataLoader worker processes.")
     ddp_backend: Literal["nccl", "gloo", "mpi", "ccl", "hccl"] | None = opt(None, "torch.distributed backend; null = the launcher's default.")
     ddp_timeout: int = opt(1800, "Seconds a collective may wait before failing.")
-    auto_find_batch_size: bool = opt(False, "Halve the batch size and retry on out-of-memory.")
+    auto_find_batch_size: bool = opt(
+        False, "On out-of-memory, retry with half the per-device batch and twice the accumulation (same effective batch)."
+    )
 
     def __post_init__(self) -> None:
         t = "training."

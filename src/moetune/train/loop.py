@@ -6,7 +6,10 @@ log, eval, save) -> final save. Variants are config values and explicit ifs, not
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moetune.config import Config, save_config
-from moetune.errors import UserError
+from moetune.errors import OutOfMemory
 from moetune.models.losses import compute_losses, expert_token_counts
 from moetune.train.checkpoint import (
     TrainerState,
@@ -43,7 +46,31 @@ from moetune.train.setup import (
 
 
 def train(config: Config) -> int:
-    """Train as ``config`` says. Returns the process exit code (0, or 1 after a NaN/inf stop or a signal)."""
+    """Train as ``config`` says. Returns the process exit code (0, or 1 after a NaN/inf stop or a signal).
+
+    With ``training.auto_find_batch_size`` an out-of-memory start is retried with half the per-device
+    batch and twice the accumulation, so the effective batch (and the tuned learning rate) stays the same.
+    """
+    while True:
+        try:
+            return _train_once(config)
+        except OutOfMemory:
+            t = config.training
+            if not t.auto_find_batch_size or t.per_device_train_batch_size == 1:
+                raise
+            smaller = dataclasses.replace(t, per_device_train_batch_size=t.per_device_train_batch_size // 2,
+                                          gradient_accumulation_steps=t.gradient_accumulation_steps * 2,
+                                          overwrite_output_dir=True)  # only this run's failed attempt is there
+            print(f"moetune: out of memory at per_device_train_batch_size={t.per_device_train_batch_size}; retrying "
+                  f"with {smaller.per_device_train_batch_size} x {smaller.gradient_accumulation_steps} accumulation",
+                  file=sys.stderr)
+            config = dataclasses.replace(config, training=smaller)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+def _train_once(config: Config) -> int:
     config = apply_legacy_deepspeed_moe(config)
     t = config.training
     accelerator = build_accelerator(config)
@@ -138,7 +165,7 @@ def train(config: Config) -> int:
             else:
                 state.epoch, state.batches_done_in_epoch = state.epoch + 1, 0
     except torch.OutOfMemoryError:
-        raise UserError(out_of_memory_message(config)) from None
+        raise OutOfMemory(out_of_memory_message(config)) from None
     finally:
         progress.close()
         stop.restore()
