@@ -1,0 +1,117 @@
+"""Batched generation with the ``inference`` settings, and the prompts evaluation generates from.
+
+Prompts are left-padded so every row's last prompt token sits at the end of the batch and the
+new tokens line up; the KV cache is on. Router logits are switched off while generating:
+transformers' generation breaks when the model returns them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from moetune.config.schema import InferenceConfig
+
+# Items whose body sits between braces after a `keyword name` signature.
+_BODY_KEYWORDS = {"function": "fn", "struct": "struct", "enum": "enum", "trait": "trait", "module": "mod"}
+
+
+def rust_generation_prompt(record: dict) -> tuple[str, str] | None:
+    """(prompt, reference body) of a Rust item record, or None when it has no braced body.
+
+    The prompt is the record's text up to and including the item's opening brace: the file header,
+    doc comment, attributes, any ``impl`` header around a method, and the signature. The reference
+    is what lies between that brace and its matching closing brace.
+    """
+    keyword = _BODY_KEYWORDS.get(record.get("kind", ""))
+    text, name = record.get("text"), record.get("name")
+    if record.get("source") != "rust_repo" or keyword is None or not text or not name:
+        return None
+    signature = re.search(rf"\b{keyword}\s+{re.escape(name)}\b", text)
+    if signature is None:
+        return None
+    open_brace = text.find("{", signature.end())
+    close_brace = _matching_brace(text, open_brace) if open_brace >= 0 else -1
+    if close_brace < 0:
+        return None
+    return text[:open_brace + 1], text[open_brace + 1:close_brace]
+
+
+def _matching_brace(text: str, open_index: int) -> int:
+    # Counting braces is wrong only for unbalanced braces inside string or char literals; such an
+    # item then gets a longer or shorter reference body, which is only shown, never scored.
+    depth = 0
+    for i in range(open_index, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+    return -1
+
+
+def generation_kwargs(inference: InferenceConfig, tokenizer) -> dict:
+    """``model.generate`` keyword arguments for the inference section (sampling knobs only when sampling)."""
+    kwargs = {"max_new_tokens": inference.max_new_tokens, "do_sample": inference.do_sample,
+              "repetition_penalty": inference.repetition_penalty, "use_cache": True,
+              "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+              "eos_token_id": tokenizer.eos_token_id}
+    if inference.do_sample:
+        kwargs.update(temperature=inference.temperature, top_k=inference.top_k, top_p=inference.top_p)
+    return kwargs
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompts: list[str], inference: InferenceConfig, batch_size: int,
+                   max_prompt_tokens: int, seed: int, desc: str = "generate") -> list[str]:
+    """The continuation of each prompt (special tokens removed), in prompt order.
+
+    Each prompt is encoded as in training (bos + tokens, no eos) and keeps its last
+    ``max_prompt_tokens`` tokens. Sampling is seeded with ``seed``, so the base and the tuned
+    model draw from the same random stream.
+    """
+    if not prompts:
+        return []
+    model.eval()
+    device = next(model.parameters()).device
+    kwargs = generation_kwargs(inference, tokenizer)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    encoded = [(bos + ids)[-max_prompt_tokens:] for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    # Similar lengths together waste less padding; results go back in prompt order.
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    outputs: list[str] = [""] * len(prompts)
+    torch.manual_seed(seed)
+    with _router_logits_off(model):
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", dynamic_ncols=True):
+            rows = order[start:start + batch_size]
+            input_ids, attention_mask = _left_pad([encoded[i] for i in rows], kwargs["pad_token_id"])
+            generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
+            new_tokens = generated[:, input_ids.shape[1]:]
+            for i, text in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
+                outputs[i] = text
+    return outputs
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return ids, mask
+
+
+@contextlib.contextmanager
+def _router_logits_off(model) -> Iterator[None]:
+    config = getattr(model, "config", None)
+    previous = getattr(config, "output_router_logits", None)
+    if previous:
+        config.output_router_logits = False
+    try:
+        yield
+    finally:
+        if previous:
+            config.output_router_logits = previous

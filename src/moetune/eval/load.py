@@ -1,0 +1,153 @@
+"""What evaluation compares: the base model the config describes and the fine-tuned one, and their tokenizer.
+
+The fine-tuned model is a PEFT adapter folder (a run's output_dir or one of its checkpoint-<step>
+folders) loaded onto the rebuilt base, or a merged model folder. Anything wrong with the folder
+(missing, not a model, corrupt, trained for another model) is a UserError that says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from moetune.config.schema import Config
+from moetune.errors import UserError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+RUN_TOKENIZER_DIR = "tokenizer"  # where a run keeps its tokenizer (moetune.train.setup.TOKENIZER_DIR)
+
+
+@dataclass(frozen=True)
+class TunedModelPath:
+    """A folder holding a fine-tuned model: a PEFT ``adapter`` or a ``merged`` full model."""
+
+    path: Path
+    kind: Literal["adapter", "merged"]
+
+
+def resolve_tuned_model(config: Config, adapter_path: str | Path | None) -> TunedModelPath:
+    """The folder to evaluate: ``adapter_path``, or the final adapter in ``training.output_dir``."""
+    path = Path(adapter_path) if adapter_path is not None else Path(config.training.output_dir)
+    given = "--adapter-path" if adapter_path is not None else "training.output_dir"
+    if not path.is_dir():
+        raise UserError(f"{given} {path} is not a directory. Train first (`moetune train`) or pass --adapter-path "
+                        "with a run's output_dir, one of its checkpoint-<step> folders, or a merged model folder.")
+    if (path / ADAPTER_CONFIG).is_file():
+        try:
+            json.loads((path / ADAPTER_CONFIG).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"{path / ADAPTER_CONFIG} is corrupt ({err}); evaluate another checkpoint.") from None
+        if not any((path / name).is_file() for name in ADAPTER_WEIGHTS):
+            raise UserError(f"{path} has {ADAPTER_CONFIG} but no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}); "
+                            "the save was interrupted. Evaluate another checkpoint.")
+        return TunedModelPath(path, "adapter")
+    if (path / "config.json").is_file() and (any(path.glob("model*.safetensors")) or any(path.glob("pytorch_model*.bin"))):
+        return TunedModelPath(path, "merged")
+    checkpoints = sorted(path.glob("checkpoint-*"), key=lambda p: p.stat().st_mtime)
+    hint = (f" It holds checkpoints; the run has not finished: pass --adapter-path {checkpoints[-1]}."
+            if checkpoints else "")
+    raise UserError(f"{given} {path} holds neither a PEFT adapter ({ADAPTER_CONFIG}) nor a merged model "
+                    f"(config.json + model*.safetensors).{hint}")
+
+
+def load_eval_tokenizer(config: Config, tuned: TunedModelPath):
+    """The tokenizer the model was trained with.
+
+    The folder's own tokenizer files when present (a run saves them beside its final adapter), else
+    the run's ``tokenizer/`` folder one level up (beside checkpoint-<step>), else what
+    :func:`moetune.data.tokenizer.load_or_train_tokenizer` gives for the config.
+    """
+    from transformers import AutoTokenizer
+
+    from moetune.data.tokenizer import load_or_train_tokenizer
+
+    for folder in (tuned.path, tuned.path.parent / RUN_TOKENIZER_DIR):
+        if any((folder / name).is_file() for name in TOKENIZER_FILES):
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=config.model.trust_remote_code)
+            except (OSError, ValueError) as err:
+                raise UserError(f"The tokenizer files in {folder} cannot be read ({err}).") from None
+            break
+    else:
+        trained_on_data = config.model.random_init and config.model.tokenizer is None
+        run_tokenizer = Path(config.training.output_dir) / RUN_TOKENIZER_DIR
+        tokenizer = load_or_train_tokenizer(config, None, save_dir=run_tokenizer if trained_on_data else None)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(config: Config, tokenizer):
+    """The base model exactly as training built it (same seed for random or upcycled weights), in eval mode."""
+    from moetune.models.factory import build_base_model
+
+    return _to_device(build_base_model(config, tokenizer)).eval()
+
+
+def load_tuned(config: Config, tuned: TunedModelPath, tokenizer, base=None):
+    """The fine-tuned model: the adapter loaded onto ``base`` (built when None), or the merged model.
+
+    Loading an adapter changes ``base`` in place (LoRA layers are injected); evaluate the base through
+    the returned model's ``disable_adapter()`` context.
+    """
+    if tuned.kind == "merged":
+        return _load_merged(config, tuned.path, tokenizer)
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    from moetune.train.checkpoint import load_trainable_weights
+
+    base = base if base is not None else load_base(config, tokenizer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model = PeftModel.from_pretrained(base, str(tuned.path), is_trainable=False)
+        except (ValueError, RuntimeError, KeyError, OSError, SafetensorError) as err:
+            raise UserError(f"The adapter in {tuned.path} cannot be loaded onto the base model of this config "
+                            f"({_first_line(err)}). Was it trained with another model.* / lora.* config, or is the file "
+                            "corrupt? Pass the run's own config with --config.") from None
+    missing = [w for w in caught if "missing adapter keys" in str(w.message)]
+    if missing:
+        raise UserError(f"The adapter in {tuned.path} does not fit the base model of this config: "
+                        f"{str(missing[0].message).splitlines()[0][:300]}")
+    # PEFT ignores adapter weights that match no module; loading again through the trainer's loader
+    # turns such leftovers (an adapter for another model shape) into a clear error.
+    load_trainable_weights(model, tuned.path)
+    return _to_device(model).eval()
+
+
+def _load_merged(config: Config, path: Path, tokenizer):
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    import moetune.models.mpt_moe  # noqa: F401  (registers the upcycled MPT class with the Auto classes)
+    from moetune.models.factory import resolve_dtype
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(config.model.torch_dtype),
+                                                     trust_remote_code=config.model.trust_remote_code)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
+        raise UserError(f"The merged model in {path} cannot be loaded ({_first_line(err)}).") from None
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise UserError(f"The merged model in {path} has {model.get_input_embeddings().num_embeddings} token embeddings "
+                        f"but its tokenizer has {len(tokenizer)} tokens; it was saved with another tokenizer.")
+    return _to_device(model).eval()
+
+
+def _to_device(model):
+    # Quantised (bitsandbytes) models are placed on the GPU when loaded and cannot be moved.
+    if torch.cuda.is_available() and getattr(model, "hf_quantizer", None) is None:
+        model = model.to("cuda")
+    return model
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,90 @@
+"""One pass over the validation samples: loss and perplexity, per group and overall, and routing counts.
+
+Samples are encoded exactly as for training (:func:`moetune.data.encode.encode_records`: bos +
+tokens + eos, prompt tokens without loss, long samples cut into windows) but batched one sample
+per row with right padding instead of packed, so every row belongs to one routing group. The
+loss is the mean over label tokens, weighted by tokens as in the trainer's evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from moetune.data.encode import IGNORE_INDEX, encode_records
+from moetune.data.packing import PaddingCollator
+from moetune.eval.routing_report import count_routed_tokens, group_of
+from moetune.train.setup import router_top_k
+
+
+@dataclass
+class ScoreResult:
+    """Loss over all label tokens, per-group losses, and (MoE only) routed-token counts per group."""
+
+    loss: float
+    perplexity: float
+    tokens: int
+    per_group: dict[str, dict[str, float]] = field(default_factory=dict)
+    routing_counts: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> (layers, experts)
+    top_k: int = 0
+
+    def as_dict(self) -> dict:
+        return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens, "per_group": self.per_group}
+
+
+def perplexity_of(loss: float) -> float:
+    """exp(loss), capped so a diverged model reports a huge number instead of overflowing."""
+    return math.exp(min(loss, 50.0))
+
+
+@torch.no_grad()
+def score_records(model, tokenizer, records: list[dict], max_seq_length: int, batch_size: int,
+                  desc: str = "loss") -> ScoreResult:
+    """Loss, perplexity and routing counts of ``model`` on ``records`` (dataset records)."""
+    model.eval()
+    device = next(model.parameters()).device
+    top_k = router_top_k(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collate = PaddingCollator(pad_id)
+    # bos/eos/pad are in every sample alike: they say nothing about the group, only dilute its routing.
+    special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+
+    batches: list[tuple[str, dict[str, torch.Tensor]]] = []
+    for group, members in _by_group(records).items():
+        encoded = encode_records(members, tokenizer, max_seq_length)
+        rows = sorted(({"input_ids": ids, "labels": labels} for ids, labels in
+                       zip(encoded["input_ids"], encoded["labels"], strict=True)), key=lambda r: len(r["input_ids"]))
+        batches += [(group, collate(rows[i:i + batch_size])) for i in range(0, len(rows), batch_size)]
+
+    loss_sums: dict[str, float] = {}
+    token_counts: dict[str, int] = {}
+    routing: dict[str, torch.Tensor] = {}
+    for group, batch in tqdm(batches, desc=desc, unit="batch", dynamic_ncols=True):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        kwargs = {"output_router_logits": True} if top_k else {}
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **kwargs)
+        shift_labels = batch["labels"][:, 1:].reshape(-1)
+        loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float(), shift_labels,
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+        loss_sums[group] = loss_sums.get(group, 0.0) + float(loss)
+        token_counts[group] = token_counts.get(group, 0) + int((shift_labels != IGNORE_INDEX).sum())
+        if top_k and getattr(out, "router_logits", None):
+            counted = batch["attention_mask"].bool().cpu() & ~torch.isin(batch["input_ids"].cpu(), special_ids)
+            counts = count_routed_tokens(out.router_logits, top_k, counted)
+            routing[group] = counts if group not in routing else routing[group] + counts
+
+    tokens = sum(token_counts.values())
+    mean = sum(loss_sums.values()) / max(tokens, 1)
+    per_group = {g: {"loss": loss_sums[g] / max(token_counts[g], 1), "tokens": token_counts[g]} for g in sorted(loss_sums)}
+    return ScoreResult(mean, perplexity_of(mean), tokens, per_group, routing, top_k)
+
+
+def _by_group(records: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        groups.setdefault(group_of(record), []).append(record)
+    return dict(sorted(groups.items()))
