@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -21,6 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `moetune` console script, `python -m moetune` and the root shims."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    _configure_logging()
     try:
         return args.run(args) or 0
     except UserError as err:
@@ -148,6 +151,19 @@ def _run_upcycle(args: argparse.Namespace) -> int | None:
     path = args.config if Path(args.config).is_file() else None
     config = load_config(path, [*args.overrides, *flags])
     return _library("moetune.models.upcycle", "upcycle_checkpoint")(config, args.model, args.output)
+
+
+def _configure_logging() -> None:
+    """moetune's own log lines (kernels picked, trainable parameters, ...) to stderr, from rank 0 only."""
+    logger = logging.getLogger("moetune")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("moetune: %(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False
+    # Launchers set RANK on every process; the others only speak up for warnings.
+    logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
 
 
 def _library(module: str, name: str) -> Callable:
