@@ -1,0 +1,44 @@
+"""A byte-level BPE trained on the data when no pretrained tokenizer applies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moetune.config import load_config
+from moetune.data.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, load_or_train_tokenizer
+from moetune.errors import UserError
+
+TEXTS = ["pub fn add(a: i64, b: i64) -> i64 { a + b }", "impl Money { fn is_zero(&self) -> bool { self.minor == 0 } }",
+         "Question: What is a refund?\nAnswer: Money returned to the payer.", "fn f() { let s = \"héllo wörld 🦀\"; }"] * 20
+
+
+def _random_init_config(vocab: int = 300):
+    return load_config(None, ["model.random_init=true", "model.architecture=mixtral", f"model.tokenizer_vocab_size={vocab}"])
+
+
+def test_trained_tokenizer_round_trips_any_text_and_has_special_tokens(tmp_path: Path):
+    tokenizer = load_or_train_tokenizer(_random_init_config(), TEXTS, save_dir=tmp_path / "tok")
+    assert (tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token) == (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+    assert 256 < len(tokenizer) <= 300
+    unseen = "struct Ünïcode<'a> { x: &'a str } // 漢字 \t\n"
+    assert tokenizer.decode(tokenizer(unseen, add_special_tokens=False)["input_ids"]) == unseen  # byte-level: no unknowns
+
+
+def test_saved_tokenizer_reloads_identically(tmp_path: Path):
+    trained = load_or_train_tokenizer(_random_init_config(), TEXTS, save_dir=tmp_path / "tok")
+    reloaded = load_or_train_tokenizer(_random_init_config(), None, save_dir=tmp_path / "tok")
+    assert reloaded(TEXTS[1])["input_ids"] == trained(TEXTS[1])["input_ids"]
+    assert reloaded.eos_token_id == trained.eos_token_id
+    with pytest.raises(UserError, match="no tokenizer was saved"):
+        load_or_train_tokenizer(_random_init_config(), None, save_dir=tmp_path / "elsewhere")
+
+
+def test_a_named_tokenizer_folder_is_loaded_and_a_missing_one_is_a_user_error(tmp_path: Path):
+    load_or_train_tokenizer(_random_init_config(), TEXTS, save_dir=tmp_path / "tok")
+    config = load_config(None, [f"model.tokenizer={tmp_path / 'tok'}"])
+    assert load_or_train_tokenizer(config).eos_token == EOS_TOKEN
+    with pytest.raises(UserError, match="cannot load a tokenizer"):
+        load_or_train_tokenizer(load_config(None, [f"model.tokenizer={tmp_path / 'missing'}"]))
