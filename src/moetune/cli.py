@@ -153,12 +153,24 @@ def _run_upcycle(args: argparse.Namespace) -> int | None:
     return _library("moetune.models.upcycle", "upcycle_checkpoint")(config, args.model, args.output)
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (it is swapped when moetune runs inside another tool)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _configure_logging() -> None:
     """moetune's own log lines (kernels picked, trainable parameters, ...) to stderr, from rank 0 only."""
     logger = logging.getLogger("moetune")
     if logger.handlers:
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderr()
     handler.setFormatter(logging.Formatter("moetune: %(message)s"))
     logger.addHandler(handler)
     logger.propagate = False
