@@ -12,7 +12,7 @@ from moetune.cli import main
 from moetune.errors import UserError
 from moetune.sweep import load_sweep, plan_runs, run_name
 
-from .train.conftest import TINY_CONFIG, read_metrics, write_dataset
+from .train.conftest import read_metrics, write_tiny_run
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_SWEEPS = sorted(ROOT.glob("configs/**/*sweep*.yaml"))
@@ -63,10 +63,7 @@ def test_run_names_are_made_of_the_values():
 
 @pytest.fixture
 def tiny_base(tmp_path):
-    data = write_dataset(tmp_path / "data.jsonl")
-    config = tmp_path / "tiny.yaml"
-    config.write_text(textwrap.dedent(TINY_CONFIG.format(data=data, out=tmp_path / "sweep")))
-    return config
+    return write_tiny_run(tmp_path, "sweep")[0]
 
 
 @pytest.mark.parametrize("values, message", [
@@ -88,9 +85,7 @@ TINY_SWEEP_OVERRIDES = ["training.max_steps=8", "training.eval_steps=4", "traini
 @pytest.fixture(scope="module")
 def finished_sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    data = write_dataset(root / "data.jsonl")
-    config = root / "tiny.yaml"
-    config.write_text(textwrap.dedent(TINY_CONFIG.format(data=data, out=root / "sweep")))
+    config, _ = write_tiny_run(root, "sweep")
     sweep = root / "grid.yaml"
     sweep.write_text("grid:\n  training.learning_rate: [1.0e-3, 3.0e-3]\n  lora.r: [4, 8]\n")
     code = main(["sweep", "--config", str(config), "--sweep", str(sweep), *TINY_SWEEP_OVERRIDES])

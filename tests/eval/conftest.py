@@ -1,12 +1,10 @@
 """One tiny training run per test session, shared by the evaluation tests (see tests/train/conftest.py)."""
 
-import textwrap
-
 import pytest
 
 from moetune.cli import main
 
-from ..train.conftest import TINY_CONFIG, read_metrics, write_dataset
+from ..train.conftest import read_metrics, write_tiny_run
 
 # Greedy and short: generation is deterministic and cheap, so reports can be compared value by value.
 EVAL_OVERRIDES = ["inference.do_sample=false", "inference.max_new_tokens=8", "inference.repetition_penalty=1.0"]
@@ -15,9 +13,6 @@ EVAL_OVERRIDES = ["inference.do_sample=false", "inference.max_new_tokens=8", "in
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """(config path, run output dir, metrics records) of a finished 12-step tiny run with checkpoints 4, 8, 12."""
-    root = tmp_path_factory.mktemp("eval-run")
-    data = write_dataset(root / "data.jsonl")
-    config = root / "tiny.yaml"
-    config.write_text(textwrap.dedent(TINY_CONFIG.format(data=data, out=root / "run")))
+    config, out = write_tiny_run(tmp_path_factory.mktemp("eval-run"))
     assert main(["train", "--config", str(config), "logging.tensorboard=false"]) == 0
-    return config, root / "run", read_metrics(root / "run")
+    return config, out, read_metrics(out)

@@ -59,14 +59,19 @@ logging: {{tensorboard: true}}
 """
 
 
+def write_tiny_run(root: Path, out_name: str = "run") -> tuple[Path, Path]:
+    """Write the synthetic dataset and the tiny config under ``root``; return (config path, output dir)."""
+    data = write_dataset(root / "data.jsonl")
+    out = root / out_name
+    config = root / "tiny.yaml"
+    config.write_text(textwrap.dedent(TINY_CONFIG.format(data=data, out=out)))
+    return config, out
+
+
 @pytest.fixture
 def tiny_run(tmp_path):
     """(config path, output dir) of a 12-step tiny training run."""
-    data = write_dataset(tmp_path / "data.jsonl")
-    out = tmp_path / "run"
-    config = tmp_path / "tiny.yaml"
-    config.write_text(textwrap.dedent(TINY_CONFIG.format(data=data, out=out)))
-    return config, out
+    return write_tiny_run(tmp_path)
 
 
 def read_metrics(out: Path) -> list[dict]:

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -15,18 +14,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from moetune.cli import main
 from moetune.config import load_config
 
-from .conftest import TINY_CONFIG, read_metrics, write_dataset
+from .conftest import read_metrics, write_tiny_run
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
-    data = write_dataset(root / "data.jsonl")
-    config = root / "tiny.yaml"
-    config.write_text(textwrap.dedent(TINY_CONFIG.format(data=data, out=root / "out")))
+    config, out = write_tiny_run(tmp_path_factory.mktemp("run"))
     code = main(["train", "--config", str(config), "training.save_total_limit=2", "post_training.merge_and_save=true",
                  "training.max_steps=24", "training.eval_steps=8", "training.save_steps=8"])
-    return code, config, root / "out"
+    return code, config, out
 
 
 def test_run_writes_the_output_contract(finished_run):
