@@ -6,7 +6,7 @@ All three train the same tiny Mixtral-shaped model (random init, LoRA on q/k/v/o
 same Rust-like samples with the same tokenizer, batch size, learning rate and one epoch, in this one
 process. Each reports useful tokens per second: tokens that carry a loss (no padding), counted once
 per epoch, divided by the wall time of its training loop (model building and tokenisation excluded).
-Needs `pip install trl` for the third line (skipped with a note when it is missing).
+Needs TRL for the third line (`pip install -e ".[bench]"`); it is skipped with a note when missing.
 """
 
 from __future__ import annotations
