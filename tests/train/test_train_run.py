@@ -158,3 +158,20 @@ def test_auto_find_batch_size_halves_the_batch_and_keeps_the_effective_batch(tin
     resolved = load_config(out / "config.yaml").training
     assert (resolved.per_device_train_batch_size, resolved.gradient_accumulation_steps) == (1, 8)
     assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2]
+
+
+def test_early_stopping_and_the_best_checkpoint_loaded_at_the_end(tiny_run, capsys):
+    from safetensors.torch import load_file
+
+    config, out = tiny_run
+    # A learning rate this high makes eval loss rise after the first evaluation, so patience 1 stops the run.
+    assert main(["train", "--config", str(config), "training.learning_rate=0.5", "training.eval_steps=2",
+                 "training.save_steps=4", "training.load_best_model_at_end=true", "advanced.early_stopping_patience=1",
+                 "training.max_grad_norm=0", "training.warmup_steps=0"]) == 0
+    evals = [r for r in read_metrics(out) if "eval_loss" in r]
+    best = min(evals, key=lambda r: r["eval_loss"])
+    assert evals[-1]["eval_loss"] > best["eval_loss"] and evals[-1]["step"] < 12  # stopped early
+    assert f"loaded the best checkpoint (checkpoint-{best['step']})" in capsys.readouterr().err
+    final = load_file(out / "adapter_model.safetensors")
+    saved_best = load_file(out / f"checkpoint-{best['step']}" / "adapter_model.safetensors")
+    assert final.keys() == saved_best.keys() and all((final[k] == saved_best[k]).all() for k in final)
