@@ -1,6 +1,11 @@
 """Training throughput: moetune's trainer vs a naive padded loop vs TRL's SFTTrainer with packing.
 
     python scripts/bench_train.py [--samples 600] [--hidden 128] [--layers 2] [--experts 4] [--seq 512] [--batch 4]
+    python scripts/bench_train.py --preset mixtral-8x7b --layers 2 --experts-kernels     # on a GPU
+
+The second form trains moetune alone on Mixtral-8x7B layer shapes (a few layers, random weights, bf16)
+once per experts kernel (eager, grouped_mm) and reports tokens/s and MFU: model FLOPs per token
+(6 x active parameters + 12 x layers x hidden x seq for attention) x tokens/s / the GPU's dense bf16 peak.
 
 All three train the same tiny Mixtral-shaped model (random init, LoRA on q/k/v/o, same seed), on the
 same Rust-like samples with the same tokenizer, batch size, learning rate and one epoch, in this one
@@ -46,18 +51,25 @@ def make_dataset(path: Path, samples: int, seq: int, seed: int = 0) -> list[str]
     return texts
 
 
-def config_yaml(data: Path, out: Path, args) -> str:
+PRESETS = {"mixtral-8x7b": {"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "experts": 8,
+                            "vocab": 32000, "seq": 4096, "batch": 1, "bf16": True}}
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM
+
+
+def config_yaml(data: Path, out: Path, args, experts_kernel: str | None = None) -> str:
+    precision = "bfloat16" if args.bf16 else "float32"
+    kernel = f"\n  experts_implementation: {experts_kernel}" if experts_kernel else ""
     return f"""
 model:
   name: bench-mixtral
   architecture: mixtral
   random_init: true
-  torch_dtype: float32
+  torch_dtype: {precision}
   attn_implementation: sdpa
   max_seq_length: {args.seq}
-  tokenizer_vocab_size: 2048
-  config_overrides: {{num_hidden_layers: {args.layers}, hidden_size: {args.hidden}, intermediate_size: {args.hidden * 2},
-                     num_attention_heads: 4, num_key_value_heads: 2, num_local_experts: {args.experts},
+  tokenizer_vocab_size: {args.vocab}{kernel}
+  config_overrides: {{num_hidden_layers: {args.layers}, hidden_size: {args.hidden}, intermediate_size: {args.intermediate},
+                     num_attention_heads: {args.heads}, num_key_value_heads: {args.kv_heads}, num_local_experts: {args.experts},
                      num_experts_per_tok: 2, max_position_embeddings: {args.seq * 2}}}
 lora: {{r: 16, lora_alpha: 32, lora_dropout: 0.0}}
 moe: {{use_auxiliary_loss: true, auxiliary_loss_weight: 0.001, log_expert_metrics: false}}
@@ -67,6 +79,8 @@ training:
   output_dir: {out}
   num_train_epochs: 1
   per_device_train_batch_size: {args.batch}
+  bf16: {str(args.bf16).lower()}
+  gradient_checkpointing: {str(args.bf16).lower()}
   learning_rate: 1.0e-4
   logging_steps: 5
   save_steps: 100000
@@ -124,6 +138,31 @@ def bench_trl(config, tokenizer, texts: list[str], out: Path) -> float | None:
     return useful / result.metrics["train_runtime"]
 
 
+def flops_per_token(args, vocab: int) -> float:
+    """Training FLOPs per token: 6 x active parameters (top-2 of the experts) + attention scores."""
+    head_dim = args.hidden // args.heads
+    attention = 2 * args.hidden * args.heads * head_dim + 2 * args.hidden * args.kv_heads * head_dim
+    experts = 2 * 3 * args.hidden * args.intermediate  # top-2 experts, gate/up/down each
+    active = args.layers * (attention + args.hidden * args.experts + experts) + args.hidden * vocab
+    return 6 * active + 12 * args.layers * args.hidden * args.seq
+
+
+def bench_experts_kernels(args, root: Path) -> None:
+    """moetune on the given shapes once per experts kernel: tokens/s and, on a known GPU, MFU."""
+    make_dataset(root / "data.jsonl", args.samples, args.seq)
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    peak = next((flops for gpu, flops in PEAK_BF16_FLOPS.items() if gpu in name), None)
+    print(f"\n{name}: hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, {args.experts} "
+          f"experts (top-2), seq {args.seq}, batch {args.batch}, {'bf16' if args.bf16 else 'fp32'}")
+    for kernel in ("eager", "grouped_mm"):
+        (root / f"{kernel}.yaml").write_text(config_yaml(root / "data.jsonl", root / kernel, args, kernel))
+        config = load_config(root / f"{kernel}.yaml", ["training.num_train_epochs=1", f"training.max_steps={args.steps}"])
+        rate = bench_moetune(config)
+        vocab = len(load_or_train_tokenizer(config, None, save_dir=root / kernel / "tokenizer"))
+        mfu = f"{rate * flops_per_token(args, vocab) / peak:6.1%}" if peak else "n/a (no known GPU peak)"
+        print(f"  experts {kernel:10s} {rate:10,.0f} tokens/s   MFU {mfu}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=600)
@@ -132,10 +171,23 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--intermediate", type=int, help="expert FFN width (default: 2 x hidden)")
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=2048, help="entries of the BPE trained on the data")
+    parser.add_argument("--bf16", action="store_true", help="bf16 weights and autocast, gradient checkpointing")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="real layer shapes (sets every size but --layers)")
+    parser.add_argument("--experts-kernels", action="store_true", help="moetune only, eager vs grouped_mm experts")
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per kernel with --experts-kernels")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    for key, value in PRESETS.get(args.preset, {}).items():
+        setattr(args, key, value)
+    args.intermediate = args.intermediate or 2 * args.hidden
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        if args.experts_kernels:
+            bench_experts_kernels(args, root)
+            return
         texts = make_dataset(root / "data.jsonl", args.samples, args.seq)
         (root / "bench.yaml").write_text(config_yaml(root / "data.jsonl", root / "moetune", args))
         config = load_config(root / "bench.yaml")
