@@ -208,3 +208,20 @@ def test_adapter_trained_on_an_upcycled_model_reloads_onto_a_rebuilt_base(mpt_co
     base = build_base_model(mpt_config(*overrides))
     reloaded = PeftModel.from_pretrained(base, tmp_path).eval()
     assert torch.allclose(reloaded(tokens).logits, expected, atol=1e-6)
+
+
+def test_moetune_upcycle_command(mpt_config, tokens, tmp_path, monkeypatch, capsys):
+    from moetune.cli import main
+
+    dense = dense_mpt(mpt_config)
+    dense.save_pretrained(tmp_path / "dense")
+    monkeypatch.chdir(tmp_path)  # no config.yaml here: the moe defaults plus the flags
+    assert main(["upcycle", "--model", "dense", "--num-experts", "4", "--top-k", "2", "--output", "moe",
+                 "model.torch_dtype=float32"]) == 0
+    saved = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert (saved["model_type"], saved["num_local_experts"], saved["num_experts_per_tok"]) == ("mpt_moe", 4, 2)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    assert torch.allclose(reloaded(tokens).logits, dense(tokens).logits, atol=1e-5)
+    assert main(["upcycle", "--model", "dense", "--top-k", "3", "--output", "moe2"]) == 2
+    assert "moe.top_k must be 1 or 2, got 3." in capsys.readouterr().err
+    assert not (tmp_path / "moe2").exists()
