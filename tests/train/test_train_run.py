@@ -175,3 +175,10 @@ def test_early_stopping_and_the_best_checkpoint_loaded_at_the_end(tiny_run, caps
     final = load_file(out / "adapter_model.safetensors")
     saved_best = load_file(out / f"checkpoint-{best['step']}" / "adapter_model.safetensors")
     assert final.keys() == saved_best.keys() and all((final[k] == saved_best[k]).all() for k in final)
+
+
+def test_a_missing_dataset_stops_before_anything_is_written(tiny_run, tmp_path, capsys):
+    config, out = tiny_run
+    assert main(["train", "--config", str(config), f"data.output_path={tmp_path / 'nope.jsonl'}"]) == 2
+    assert "does not exist; build it first with `moetune data" in capsys.readouterr().err
+    assert not out.exists()

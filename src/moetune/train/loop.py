@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moetune.config import Config, save_config
-from moetune.errors import OutOfMemory
+from moetune.errors import OutOfMemory, UserError
 from moetune.models.losses import compute_losses, expert_token_counts
 from moetune.train.checkpoint import (
     TrainerState,
@@ -73,6 +73,9 @@ def train(config: Config) -> int:
 def _train_once(config: Config) -> int:
     config = apply_legacy_deepspeed_moe(config)
     t = config.training
+    if not Path(config.data.output_path).is_file():  # before anything is created or downloaded
+        raise UserError(f"data.output_path {config.data.output_path} does not exist; build it first with "
+                        "`moetune data --config <this config>` (or python prepare_dataset.py).")
     accelerator = build_accelerator(config)
     resume_from = resolve_resume(t.resume_from_checkpoint, t.output_dir)
     if accelerator.is_main_process:
