@@ -169,15 +169,15 @@ def _train_once(config: Config) -> int:
                 state.epoch, state.batches_done_in_epoch = state.epoch + 1, 0
     except torch.OutOfMemoryError:
         raise OutOfMemory(out_of_memory_message(config)) from None
-    finally:
+    finally:  # also on a NaN stop, a signal or an error: flush the trackers, give the signals back
         progress.close()
         stop.restore()
+        log.close()
 
     if t.load_best_model_at_end and state.best_checkpoint:
         load_trainable_weights(accelerator.unwrap_model(model), Path(t.output_dir) / state.best_checkpoint)
         log.warn(f"loaded the best checkpoint ({state.best_checkpoint}) before the final save")
     save_final(accelerator, model, tokenizer, config)
-    log.close()
     return 0
 
 

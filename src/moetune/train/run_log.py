@@ -67,7 +67,11 @@ class RunLog:
             tqdm.write(f"warning: {message}", file=sys.stderr)
 
     def close(self) -> None:
-        self.accelerator.end_training()
+        # Only the trackers: accelerator.end_training() would also tear down the process group,
+        # which the final (collective) save still needs.
+        if self.main:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
 
     def _truncate_after(self, step: int) -> None:
         """Drop records a killed run wrote after the checkpoint it resumes from: they are about to be redone."""
