@@ -12,12 +12,12 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from moetune.data.encode import IGNORE_INDEX, encode_records
 from moetune.data.packing import PaddingCollator
 from moetune.eval.routing_report import count_routed_tokens, group_of
+from moetune.models.losses import causal_lm_loss
 from moetune.train.setup import router_top_k
 
 
@@ -67,11 +67,9 @@ def score_records(model, tokenizer, records: list[dict], max_seq_length: int, ba
         batch = {k: v.to(device) for k, v in batch.items()}
         kwargs = {"output_router_logits": True} if top_k else {}
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **kwargs)
-        shift_labels = batch["labels"][:, 1:].reshape(-1)
-        loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float(), shift_labels,
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = causal_lm_loss(out.logits, batch["labels"], reduction="sum")
         loss_sums[group] = loss_sums.get(group, 0.0) + float(loss)
-        token_counts[group] = token_counts.get(group, 0) + int((shift_labels != IGNORE_INDEX).sum())
+        token_counts[group] = token_counts.get(group, 0) + int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         if top_k and getattr(out, "router_logits", None):
             counted = batch["attention_mask"].bool().cpu() & ~torch.isin(batch["input_ids"].cpu(), special_ids)
             counts = count_routed_tokens(out.router_logits, top_k, counted)

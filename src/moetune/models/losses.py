@@ -73,11 +73,16 @@ def router_z_loss(router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor],
     return torch.stack(per_layer).mean()
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Next-token cross-entropy (labels shifted here), mean over labels that are not -100."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
+                   reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy (labels shifted here) over labels that are not -100.
+
+    ``reduction="sum"`` gives the total, for token-weighted averages across batches and processes.
+    """
     shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()
     shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing,
+                           reduction=reduction)
 
 
 def wants_router_logits(config) -> bool:

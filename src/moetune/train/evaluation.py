@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from moetune.models.losses import IGNORE_INDEX
+from moetune.models.losses import IGNORE_INDEX, causal_lm_loss
 
 
 @torch.no_grad()
@@ -25,11 +25,8 @@ def evaluate_loss(model, loader, accelerator, max_batches: int | None = None) ->
         labels = batch["labels"]
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         logits = model(**inputs, use_cache=False).logits
-        shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-        shift_labels = labels[:, 1:].reshape(-1)
-        loss_sum += torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX,
-                                                      reduction="sum").double()
-        tokens += (shift_labels != IGNORE_INDEX).sum()
+        loss_sum += causal_lm_loss(logits, labels, reduction="sum").double()
+        tokens += (labels[:, 1:] != IGNORE_INDEX).sum()
     loss_sum, tokens = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(tokens, "sum")
     if was_training:
         model.train()
