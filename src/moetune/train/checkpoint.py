@@ -148,8 +148,8 @@ def install_adapter_hooks(accelerator) -> None:
 
     def save_hook(models, weights, output_dir):
         for model in models:
-            # Under ZeRO-3 the weights are sharded: gathering them is collective, so every rank calls it.
-            state_dict = accelerator.get_state_dict(model) if _is_deepspeed(accelerator) else None
+            # Under ZeRO-3 / FSDP the weights are sharded: gathering them is collective, so every rank calls it.
+            state_dict = accelerator.get_state_dict(model) if weights_are_sharded(accelerator) else None
             if accelerator.is_main_process:
                 accelerator.unwrap_model(model).save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
         weights.clear()
@@ -193,3 +193,8 @@ def load_trainable_weights(model, directory: Path) -> None:
 
 def _is_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type.name == "DEEPSPEED"
+
+
+def weights_are_sharded(accelerator) -> bool:
+    """DeepSpeed and FSDP hold the weights in pieces: a whole state dict must be gathered to save."""
+    return accelerator.distributed_type.name in ("DEEPSPEED", "FSDP")

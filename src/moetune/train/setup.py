@@ -14,6 +14,7 @@ import torch
 
 from moetune.config import Config, TrainingConfig
 from moetune.errors import UserError
+from moetune.train.checkpoint import weights_are_sharded
 from moetune.train.run_log import logging_dir, tracker_names
 
 TOKENIZER_DIR = "tokenizer"
@@ -147,7 +148,7 @@ def total_optimizer_steps(t: TrainingConfig, batches_per_epoch: int) -> int:
 def save_final(accelerator, model, tokenizer, config: Config) -> None:
     """The final adapter (or model) and tokenizer into output_dir; the merged model when asked for."""
     t = config.training
-    state_dict = accelerator.get_state_dict(model) if accelerator.distributed_type.name == "DEEPSPEED" else None
+    state_dict = accelerator.get_state_dict(model) if weights_are_sharded(accelerator) else None
     if not accelerator.is_main_process:
         return
     unwrapped = accelerator.unwrap_model(model)
