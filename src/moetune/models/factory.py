@@ -73,7 +73,11 @@ def _build_architecture(config, tokenizer) -> tuple[nn.Module, bool]:
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Non-reentrant checkpointing: the reentrant variant silently drops the router aux-loss gradient."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x; the old one warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with recomputation
 
 
