@@ -176,6 +176,9 @@ def _configure_logging() -> None:
     logger.propagate = False
     # Launchers set RANK on every process; the others only speak up for warnings.
     logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+    # bitsandbytes warns on every import on CPUs with AVX512-BF16 that an optional kernel package is
+    # missing; it changes nothing for training and buries moetune's own lines.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def _library(module: str, name: str) -> Callable:
