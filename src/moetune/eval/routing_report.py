@@ -23,16 +23,6 @@ def group_of(record: dict) -> str:
     return f"kind:{record.get('kind', 'unknown')}"
 
 
-def count_routed_tokens(router_logits, top_k: int, counted: torch.Tensor) -> torch.Tensor:
-    """(layers, experts) top-k assignments of the tokens where ``counted`` (batch, seq) is true."""
-    mask = counted.reshape(-1).to(torch.bool)
-    rows = []
-    for layer in router_logits:
-        chosen = torch.topk(layer.detach().float()[mask.to(layer.device)], top_k, dim=-1).indices
-        rows.append(torch.bincount(chosen.reshape(-1).cpu(), minlength=layer.shape[-1]).double())
-    return torch.stack(rows)
-
-
 def mutual_information_bits(joint_counts: torch.Tensor) -> float:
     """I(group; expert) in bits from a (groups, experts) table of counts."""
     total = joint_counts.sum()

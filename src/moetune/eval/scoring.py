@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 
 from moetune.data.encode import IGNORE_INDEX, encode_records
 from moetune.data.packing import PaddingCollator
-from moetune.eval.routing_report import count_routed_tokens, group_of
-from moetune.models.losses import causal_lm_loss
+from moetune.eval.routing_report import group_of
+from moetune.models.losses import causal_lm_loss, expert_token_counts
 from moetune.train.setup import router_top_k
 
 
@@ -72,7 +72,7 @@ def score_records(model, tokenizer, records: list[dict], max_seq_length: int, ba
         token_counts[group] = token_counts.get(group, 0) + int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         if top_k and getattr(out, "router_logits", None):
             counted = batch["attention_mask"].bool().cpu() & ~torch.isin(batch["input_ids"].cpu(), special_ids)
-            counts = count_routed_tokens(out.router_logits, top_k, counted)
+            counts = expert_token_counts(out.router_logits, top_k, counted.to(device)).double().cpu()
             routing[group] = counts if group not in routing else routing[group] + counts
 
     tokens = sum(token_counts.values())
