@@ -183,10 +183,4 @@ def _configure_logging() -> None:
 
 def _library(module: str, name: str) -> Callable:
     """Import a verb's implementation on demand (torch is heavy; --help and validate stay instant)."""
-    try:
-        return getattr(importlib.import_module(module), name)
-    except ModuleNotFoundError as err:
-        if err.name and err.name.startswith("moetune"):
-            raise UserError(f"`{module}` is not part of this moetune version yet; see the README for "
-                            "which verbs are available.") from None
-        raise
+    return getattr(importlib.import_module(module), name)
