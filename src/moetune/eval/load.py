@@ -17,6 +17,7 @@ import torch
 
 from moetune.config.schema import Config
 from moetune.errors import UserError
+from moetune.train.checkpoint import list_checkpoints
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -50,7 +51,7 @@ def resolve_tuned_model(config: Config, adapter_path: str | Path | None) -> Tune
         return TunedModelPath(path, "adapter")
     if (path / "config.json").is_file() and (any(path.glob("model*.safetensors")) or any(path.glob("pytorch_model*.bin"))):
         return TunedModelPath(path, "merged")
-    checkpoints = sorted(path.glob("checkpoint-*"), key=lambda p: p.stat().st_mtime)
+    checkpoints = list_checkpoints(path)
     hint = (f" It holds checkpoints; the run has not finished: pass --adapter-path {checkpoints[-1]}."
             if checkpoints else "")
     raise UserError(f"{given} {path} holds neither a PEFT adapter ({ADAPTER_CONFIG}) nor a merged model "
