@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from moetune.errors import UserError
-from moetune.models import build_model
+from moetune.models.factory import build_model
 from moetune.models.layout import find_moe_blocks, is_expert_parameter
 from moetune.models.lora import apply_training_plan
 

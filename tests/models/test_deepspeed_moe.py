@@ -13,8 +13,8 @@ import pytest
 
 from moetune.config import load_config
 from moetune.errors import UserError
-from moetune.models import build_model
 from moetune.models.deepspeed_moe import legacy_moe_overrides, read_legacy_deepspeed_moe
+from moetune.models.factory import build_model
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
@@ -74,7 +74,7 @@ DEEPSPEED_SCRIPT = textwrap.dedent("""
     import os, torch, deepspeed
     deepspeed.init_distributed(dist_backend="gloo")
     from moetune.config import load_config
-    from moetune.models import build_model
+    from moetune.models.factory import build_model
     from moetune.models.deepspeed_moe import DeepSpeedMoeFeedForward
     overrides = ["model.architecture=mpt", "model.random_init=true", "model.torch_dtype=float32",
                  "model.config_overrides={n_layers: 2, d_model: 64, n_heads: 4, vocab_size: 128, max_seq_len: 64}",

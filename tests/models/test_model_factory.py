@@ -11,8 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import MixtralForCausalLM, MptForCausalLM, PreTrainedTokenizerFast
 
 from moetune.errors import ConfigError, UserError
-from moetune.models import build_model
-from moetune.models.factory import resolve_architecture
+from moetune.models.factory import build_model, resolve_architecture
 
 
 def tiny_tokenizer(size: int) -> PreTrainedTokenizerFast:

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from moetune.models import build_model, compute_losses, expert_token_counts, load_balancing_loss, router_z_loss
+from moetune.models.factory import build_model
+from moetune.models.losses import compute_losses, expert_token_counts, load_balancing_loss, router_z_loss
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
