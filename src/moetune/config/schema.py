@@ -131,8 +131,14 @@ class MoeConfig:
     expert_training: Literal["full", "lora", "frozen"] = opt(
         "full", "How upcycled experts train: all weights, per-expert LoRA, or frozen."
     )
-    backend: Literal["native", "deepspeed"] = opt("native", "MoE block implementation for upcycled models.")
-    expert_parallel_size: int = opt(1, "Expert-parallel group size with backend: deepspeed.")
+    backend: Literal["native", "deepspeed"] = opt(
+        "native", "MoE block of upcycled models in training: deepspeed splits the experts across ranks (needs a DeepSpeed "
+        "launch, not ZeRO-3); runs save the native layout either way."
+    )
+    expert_parallel_size: int = opt(
+        1, "With backend: deepspeed, how many ranks the experts are split across (each holds num_experts / this many); "
+        "it must divide the number of processes."
+    )
 
     def __post_init__(self) -> None:
         check(self.auxiliary_loss_weight >= 0, "moe.auxiliary_loss_weight", self.auxiliary_loss_weight, "0 or more")
@@ -149,6 +155,12 @@ class MoeConfig:
         check(self.router_jitter >= 0, "moe.router_jitter", self.router_jitter, "0 or more")
         check(self.router_z_loss_weight >= 0, "moe.router_z_loss_weight", self.router_z_loss_weight, "0 or more")
         check(self.expert_parallel_size >= 1, "moe.expert_parallel_size", self.expert_parallel_size, "a positive integer")
+        if self.backend == "deepspeed":
+            # DeepSpeed's gate would compute something else than the native mpt_moe model the run is saved as.
+            check(self.top_k == 2, "moe.top_k", self.top_k, "2 with moe.backend: deepspeed (its top-1 gate scales each "
+                  "expert output by the router probability; the native block gives the chosen expert weight 1)")
+            check(self.router_jitter in (0.0, 0.01), "moe.router_jitter", self.router_jitter,
+                  "0 or 0.01 with moe.backend: deepspeed (DeepSpeed's jitter has a fixed epsilon of 0.01)")
 
 
 # ---------------------------------------------------------------------------------------- data

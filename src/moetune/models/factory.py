@@ -2,8 +2,8 @@
 
 Steps, in order: pick the architecture (``model.architecture`` or the model's config.json),
 load the weights or build from config (``model.random_init``), quantise (QLoRA), upcycle (MPT),
-swap in DeepSpeed MoE (``moe.backend``), enable non-reentrant gradient checkpointing, then decide
-what trains (:mod:`moetune.models.lora`).
+enable non-reentrant gradient checkpointing, decide what trains (:mod:`moetune.models.lora`), then
+swap in DeepSpeed MoE blocks (``moe.backend: deepspeed``).
 """
 
 from __future__ import annotations
@@ -55,13 +55,21 @@ def build_model(config, tokenizer=None) -> nn.Module:
     model, upcycled_now = _build_architecture(config, tokenizer)
     if config.training.gradient_checkpointing and not wants_quantization(config.model):
         enable_gradient_checkpointing(model)
-    return apply_training_plan(model, config, upcycled_now=upcycled_now)
+    model = apply_training_plan(model, config, upcycled_now=upcycled_now)
+    if config.moe.backend == "deepspeed":
+        from moetune.models.deepspeed_moe import convert_to_deepspeed_moe
+
+        # After the plan: LoRA and modules_to_save then name the native modules, so the adapter
+        # config and every saved file use the mpt_moe names (see native_moe_layout).
+        model = convert_to_deepspeed_moe(model, config.moe)
+    return model
 
 
 def build_base_model(config, tokenizer=None) -> nn.Module:
     """The model ``build_model`` wraps, before any freezing or LoRA: loaded, quantised, upcycled
     (with the same seed, so identical) exactly as for training. Load a saved adapter onto it with
-    ``peft.PeftModel.from_pretrained(build_base_model(config), adapter_dir)``."""
+    ``peft.PeftModel.from_pretrained(build_base_model(config), adapter_dir)``. It always has native
+    MoE blocks: ``moe.backend: deepspeed`` runs also save in that layout."""
     model, _ = _build_architecture(config, tokenizer)
     return model
 
@@ -207,10 +215,6 @@ def build_mpt(config, tokenizer=None) -> tuple[nn.Module, bool]:
         # Seeded, so evaluation rebuilds exactly the base the adapter was trained on.
         model = upcycle_mpt(model, config.moe, generator=torch.Generator().manual_seed(config.training.seed))
         upcycled_now = True
-    if config.moe.backend == "deepspeed":
-        from moetune.models.deepspeed_moe import convert_to_deepspeed_moe
-
-        model = convert_to_deepspeed_moe(model, config.moe)
     return model, upcycled_now
 
 

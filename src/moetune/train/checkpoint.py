@@ -143,15 +143,20 @@ def install_adapter_hooks(accelerator) -> None:
 
     Accelerate would otherwise save the whole state dict, frozen Mixtral experts included (~90 GB per
     checkpoint). Under DeepSpeed the engine saves its own shards; the PEFT files are written as well so
-    every checkpoint loads with ``PeftModel.from_pretrained``.
+    every checkpoint loads with ``PeftModel.from_pretrained``, in the native MoE layout also under
+    ``moe.backend: deepspeed`` (the engine's own files keep DeepSpeed's names, for resuming).
     """
+
+    from moetune.models.deepspeed_moe import native_moe_layout
 
     def save_hook(models, weights, output_dir):
         for model in models:
-            # Under ZeRO-3 / FSDP the weights are sharded: gathering them is collective, so every rank calls it.
-            state_dict = accelerator.get_state_dict(model) if weights_are_sharded(accelerator) else None
-            if accelerator.is_main_process:
-                accelerator.unwrap_model(model).save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+            unwrapped = accelerator.unwrap_model(model)
+            # Gathering sharded weights (ZeRO-3, FSDP) or expert-parallel experts is collective: every rank calls it.
+            with native_moe_layout(unwrapped):
+                state_dict = accelerator.get_state_dict(model) if weights_are_sharded(accelerator) else None
+                if accelerator.is_main_process:
+                    unwrapped.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
         weights.clear()
 
     def load_hook(models, input_dir):
@@ -163,7 +168,18 @@ def install_adapter_hooks(accelerator) -> None:
 
 
 def load_trainable_weights(model, directory: Path) -> None:
-    """Load what ``save_pretrained`` wrote: the adapter of a PeftModel, else the full model's weights."""
+    """Load what ``save_pretrained`` wrote: the adapter of a PeftModel, else the full model's weights.
+
+    The files are in the native MoE layout, so a model with DeepSpeed MoE blocks takes them through
+    :func:`~moetune.models.deepspeed_moe.native_moe_layout` (collective under expert parallelism).
+    """
+    from moetune.models.deepspeed_moe import native_moe_layout
+
+    with native_moe_layout(model):
+        _load_trainable_weights(model, directory)
+
+
+def _load_trainable_weights(model, directory: Path) -> None:
     from peft import PeftModel, set_peft_model_state_dict
     from peft.utils import load_peft_weights
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from transformers.optimization import Adafactor, get_scheduler
@@ -22,13 +23,30 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     if not decay and not no_decay:
         raise UserError("No parameter is trainable: check lora.target_modules (they must name modules of the "
                         "model) and moe.freeze_router / moe.expert_training.")
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def split_expert_parallel_groups(groups: list[dict]) -> list[dict]:
+    """Move DeepSpeed MoE expert parameters (``moe.backend: deepspeed``) into their own groups.
+
+    ZeRO requires them there (groups marked ``moe``, one per expert-parallel group name): it reduces
+    their gradients over the expert-data-parallel group only. Each new group keeps the weight decay
+    of the group it came from; groups left empty are dropped. Other models pass through unchanged.
+    """
+    if "deepspeed" not in sys.modules:  # no DeepSpeed MoE block exists unless deepspeed was imported
+        return groups
+    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+
+    if not any(is_moe_param(p) for g in groups for p in g["params"]):
+        return groups
+    return [g for g in split_params_into_different_moe_groups_for_optimizer(groups) if g["params"]]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
     """The optimizer named by ``training.optim`` over the model's trainable parameters."""
-    groups = decay_groups(model, cfg.weight_decay)
+    groups = split_expert_parallel_groups(decay_groups(model, cfg.weight_decay))
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if cfg.optim in ("adamw_torch", "adamw_torch_fused"):
         on_gpu = all(p.is_cuda for g in groups for p in g["params"])

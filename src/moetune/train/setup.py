@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from moetune.config import Config, TrainingConfig
-from moetune.errors import UserError
+from moetune.errors import ConfigError, UserError
 from moetune.train.checkpoint import weights_are_sharded
 from moetune.train.run_log import logging_dir, tracker_names
 
@@ -49,7 +49,33 @@ def build_accelerator(config: Config):
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None and plugin.deepspeed_config.get("gradient_clipping") == "auto":
         plugin.deepspeed_config["gradient_clipping"] = t.max_grad_norm  # accelerate would fill 1.0
+    if config.moe.backend == "deepspeed":
+        check_deepspeed_moe_launch(config, accelerator)
     return accelerator
+
+
+def check_deepspeed_moe_launch(config: Config, accelerator) -> None:
+    """``moe.backend: deepspeed`` needs a DeepSpeed launch (not ZeRO-3) whose process count the
+    expert-parallel size divides; anything else is a UserError before anything is built."""
+    plugin = accelerator.state.deepspeed_plugin
+    ep_size = config.moe.expert_parallel_size
+    if plugin is None:
+        # A DeepSpeed MoE layer gets its expert-parallel groups, and its experts their gradient
+        # reduction, from the DeepSpeed engine; under DDP every rank would average other ranks' experts.
+        raise UserError("moe.backend: deepspeed needs the run launched under DeepSpeed: the DeepSpeed engine sets up "
+                        "the expert-parallel groups and reduces expert gradients. Launch with an accelerate config "
+                        "that uses DeepSpeed ZeRO-2, e.g. `accelerate launch --config_file accelerate_config.yaml -m "
+                        "moetune train --config <this config>` (or `bash train.sh`), or set moe.backend: native.")
+    if plugin.zero_stage == 3:
+        raise UserError("moe.backend: deepspeed cannot run under ZeRO-3: DeepSpeed does not support its MoE layers "
+                        "with ZeRO stage 3. Launch with ZeRO-2 (accelerate_config.yaml, deepspeed_moe_config.json) or "
+                        "use moe.backend: native, which ZeRO-3 supports.")
+    if plugin.deepspeed_config.get("use_data_before_expert_parallelism"):
+        raise UserError("moe.backend: deepspeed places experts on runs of consecutive ranks; remove "
+                        "\"use_data_before_expert_parallelism\" from the DeepSpeed config.")
+    if accelerator.num_processes % ep_size:
+        raise ConfigError("moe.expert_parallel_size", f"moe.expert_parallel_size ({ep_size}) must divide the number "
+                          f"of processes ({accelerator.num_processes}); each group of {ep_size} ranks shares the experts.")
 
 
 def apply_legacy_deepspeed_moe(config: Config) -> Config:
@@ -146,20 +172,25 @@ def total_optimizer_steps(t: TrainingConfig, batches_per_epoch: int) -> int:
 
 
 def save_final(accelerator, model, tokenizer, config: Config) -> None:
-    """The final adapter (or model) and tokenizer into output_dir; the merged model when asked for."""
+    """The final adapter (or model) and tokenizer into output_dir; the merged model when asked for.
+    Always in the native layout (``moe.backend: deepspeed`` blocks are converted back)."""
+    from moetune.models.deepspeed_moe import native_moe_layout
+
     t = config.training
-    state_dict = accelerator.get_state_dict(model) if weights_are_sharded(accelerator) else None
-    if not accelerator.is_main_process:
-        return
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(t.output_dir, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(t.output_dir)
-    if config.post_training.merge_and_save:
-        merged_dir = Path(config.post_training.merged_output_dir or Path(t.output_dir) / "merged")
-        merged = unwrapped.merge_and_unload() if hasattr(unwrapped, "merge_and_unload") else unwrapped
-        merged.save_pretrained(merged_dir, safe_serialization=True)
-        tokenizer.save_pretrained(merged_dir)
-        print(f"merged model saved to {merged_dir}", file=sys.stderr)
+    # Every rank enters: with expert parallelism the experts are gathered from all of them.
+    with native_moe_layout(unwrapped):
+        state_dict = accelerator.get_state_dict(model) if weights_are_sharded(accelerator) else None
+        if not accelerator.is_main_process:
+            return
+        unwrapped.save_pretrained(t.output_dir, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(t.output_dir)
+        if config.post_training.merge_and_save:
+            merged_dir = Path(config.post_training.merged_output_dir or Path(t.output_dir) / "merged")
+            merged = unwrapped.merge_and_unload() if hasattr(unwrapped, "merge_and_unload") else unwrapped
+            merged.save_pretrained(merged_dir, safe_serialization=True)
+            tokenizer.save_pretrained(merged_dir)
+            print(f"merged model saved to {merged_dir}", file=sys.stderr)
 
 
 def out_of_memory_message(config: Config) -> str:
