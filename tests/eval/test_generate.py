@@ -62,3 +62,21 @@ def test_left_padded_batches_generate_what_single_prompts_do(trained_run):
     sampled = InferenceConfig(do_sample=True, temperature=1.0, max_new_tokens=6)
     first = generate_texts(model, tokenizer, prompts, sampled, batch_size=3, max_prompt_tokens=100, seed=5)
     assert generate_texts(model, tokenizer, prompts, sampled, batch_size=3, max_prompt_tokens=100, seed=5) == first
+
+
+def test_prompt_and_continuation_stay_within_the_model_context(trained_run):
+    # MPT's ALiBi bias is built for max_seq_len positions; generating past it fails inside the model.
+    import torch
+    from transformers import MptConfig, MptForCausalLM
+
+    torch.manual_seed(0)
+    config_path, _, _ = trained_run
+    config = load_config(config_path)
+    tokenizer = load_eval_tokenizer(config, resolve_tuned_model(config, None))
+    model = MptForCausalLM(MptConfig(d_model=32, n_heads=4, n_layers=1, vocab_size=len(tokenizer), max_seq_len=24))
+    greedy = InferenceConfig(do_sample=False, max_new_tokens=50, repetition_penalty=1.0)
+    prompts = ["fn f1() {", "// crate demo: src/m3.rs\n" * 10 + "fn f3() {"]
+    texts = generate_texts(model, tokenizer, prompts, greedy, batch_size=2, max_prompt_tokens=100, seed=1)
+    longest_prompt = min(23, 1 + len(tokenizer(prompts[1], add_special_tokens=False)["input_ids"]))
+    assert max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts) <= 24 - longest_prompt
+    assert len(tokenizer(texts[0], add_special_tokens=False)["input_ids"]) >= 1

@@ -23,14 +23,14 @@ MPT_OVERRIDES = f"{{n_layers: 2, d_model: 64, n_heads: 4, vocab_size: {VOCAB}, m
 
 def make_mixtral_config(*overrides: str) -> Config:
     """A random-init tiny Mixtral with attention LoRA (r=4), float32."""
-    return load_config(None, ["model.architecture=mixtral", "model.random_init=true", "model.torch_dtype=float32",
+    return load_config(None, ["model.architecture=mixtral", "model.random_init=true", "model.torch_dtype=float32", "model.max_seq_length=128",
                               f"model.config_overrides={MIXTRAL_OVERRIDES}", "lora.r=4", "lora.lora_dropout=0.0",
                               *overrides])
 
 
 def make_mpt_config(*overrides: str) -> Config:
     """A random-init tiny dense MPT, float32; add moe.upcycle=true to upcycle it to 4 experts."""
-    return load_config(None, ["model.architecture=mpt", "model.random_init=true", "model.torch_dtype=float32",
+    return load_config(None, ["model.architecture=mpt", "model.random_init=true", "model.torch_dtype=float32", "model.max_seq_length=128",
                               f"model.config_overrides={MPT_OVERRIDES}", "moe.num_experts=4", "lora.r=4",
                               "lora.lora_dropout=0.0", *overrides])
 

@@ -78,7 +78,7 @@ DEEPSPEED_SCRIPT = textwrap.dedent("""
     from moetune.models.deepspeed_moe import DeepSpeedMoeFeedForward, native_moe_layout
     from moetune.models.mpt_moe import MoeFeedForward
     # Noisy expert copies: the experts differ, so the logits only agree if both blocks route alike.
-    overrides = ["model.architecture=mpt", "model.random_init=true", "model.torch_dtype=float32",
+    overrides = ["model.architecture=mpt", "model.random_init=true", "model.torch_dtype=float32", "model.max_seq_length=64",
                  "model.config_overrides={n_layers: 2, d_model: 64, n_heads: 4, vocab_size: 128, max_seq_len: 64}",
                  "moe.upcycle=true", "moe.num_experts=4", "moe.expert_noise_std=0.5", "lora.enabled=false"]
     torch.manual_seed(0)

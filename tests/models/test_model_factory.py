@@ -117,3 +117,12 @@ def test_aux_loss_weight_is_the_model_coefficient(mixtral_config, mpt_config):
     assert model.config.router_aux_loss_coef == 0.02 == model.router_aux_loss_coef
     upcycled = build_model(mpt_config("moe.upcycle=true", "moe.auxiliary_loss_weight=0.03", "lora.enabled=false"))
     assert upcycled.config.router_aux_loss_coef == 0.03
+
+
+@pytest.mark.parametrize(("architecture", "key"), [("mixtral", "max_position_embeddings"), ("mpt", "max_seq_len")])
+def test_training_rows_longer_than_the_model_context_are_a_config_error(mixtral_config, mpt_config, architecture, key):
+    build = mixtral_config if architecture == "mixtral" else mpt_config
+    build_model(build("model.max_seq_length=128"))  # exactly the context fits
+    with pytest.raises(ConfigError, match=rf"model.max_seq_length \(129\) is longer than the model's context "
+                                          rf"\({key}: 128 in its config\)"):
+        build_model(build("model.max_seq_length=129"))

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moetune.config.schema import InferenceConfig
+from moetune.models.hf_config import context_length
 
 # Items whose body sits between braces after a `keyword name` signature.
 _BODY_KEYWORDS = {"function": "fn", "struct": "struct", "enum": "enum", "trait": "trait", "module": "mod"}
@@ -72,14 +73,18 @@ def generate_texts(model, tokenizer, prompts: list[str], inference: InferenceCon
     """The continuation of each prompt (special tokens removed), in prompt order.
 
     Each prompt is encoded as in training (bos + tokens, no eos) and keeps its last
-    ``max_prompt_tokens`` tokens. Sampling is seeded with ``seed``, so the base and the tuned
-    model draw from the same random stream.
+    ``max_prompt_tokens`` tokens. Prompt and continuation together stay within the model's context
+    (its config's context length): a model with learned or ALiBi positions fails past it. Sampling is
+    seeded with ``seed``, so the base and the tuned model draw from the same random stream.
     """
     if not prompts:
         return []
     model.eval()
     device = next(model.parameters()).device
     kwargs = generation_kwargs(inference, tokenizer)
+    _, context = context_length(model.config) or (None, None)
+    if context is not None:
+        max_prompt_tokens = min(max_prompt_tokens, context - 1)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     encoded = [(bos + ids)[-max_prompt_tokens:] for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     # Similar lengths together waste less padding; results go back in prompt order.
@@ -90,6 +95,8 @@ def generate_texts(model, tokenizer, prompts: list[str], inference: InferenceCon
         for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", dynamic_ncols=True):
             rows = order[start:start + batch_size]
             input_ids, attention_mask = _left_pad([encoded[i] for i in rows], kwargs["pad_token_id"])
+            if context is not None:
+                kwargs["max_new_tokens"] = min(inference.max_new_tokens, context - input_ids.shape[1])
             generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
             new_tokens = generated[:, input_ids.shape[1]:]
             for i, text in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):

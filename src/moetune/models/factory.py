@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moetune.errors import ConfigError, UserError
-from moetune.models.hf_config import apply_overrides, build_random_init_config
+from moetune.models.hf_config import apply_overrides, build_random_init_config, context_length
 from moetune.models.kernels import log_kernels, resolve_attn_implementation
 from moetune.models.lora import apply_training_plan
 from moetune.models.mpt_moe import MptMoeForCausalLM, check_loading_info
@@ -76,7 +76,20 @@ def build_base_model(config, tokenizer=None) -> nn.Module:
 
 def _build_architecture(config, tokenizer) -> tuple[nn.Module, bool]:
     architecture = ARCHITECTURES[resolve_architecture(config.model)]
-    return architecture.build(config, tokenizer)
+    model, upcycled_now = architecture.build(config, tokenizer)
+    check_context_length(model, config.model.max_seq_length)
+    return model, upcycled_now
+
+
+def check_context_length(model: nn.Module, max_seq_length: int) -> None:
+    """Training rows of ``model.max_seq_length`` must fit the model's positions: MPT's ALiBi bias,
+    for one, is built for ``max_seq_len`` positions and fails on longer rows mid-run."""
+    context = context_length(model.config)
+    if context is not None and context[1] < max_seq_length:
+        key, value = context
+        raise ConfigError("model.max_seq_length", f"model.max_seq_length ({max_seq_length}) is longer than the model's "
+                          f"context ({key}: {value} in its config). Lower model.max_seq_length to at most {value}, "
+                          f"or raise the model's {key} with model.config_overrides if it can attend that far.")
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
