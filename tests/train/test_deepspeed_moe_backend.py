@@ -127,13 +127,22 @@ def test_two_processes_with_expert_parallelism_gather_every_expert_into_the_save
     # Enough rows that 4 steps x 2 micro-batches x 4 rows per rank stay inside the first epoch.
     write_dataset(Path(yaml.safe_load(config.read_text())["data"]["output_path"]), samples=480)
     # gloo: without it Accelerate sees no distributed backend on a CPU-only machine and counts one process.
-    launch(tmp_path, config, 29543 if expert_training == "full" else 29544, "moe.expert_parallel_size=2",
-           f"moe.expert_training={expert_training}", f"training.gradient_checkpointing={str(checkpointing).lower()}",
-           "training.ddp_backend=gloo", "training.save_steps=4", processes=2)
+    settings = ["moe.expert_parallel_size=2", f"moe.expert_training={expert_training}",
+                f"training.gradient_checkpointing={str(checkpointing).lower()}", "training.ddp_backend=gloo"]
+    port = 29543 if expert_training == "full" else 29545
+    launch(tmp_path, config, port, *settings, processes=2)
     ranks = [probe(out, rank) for rank in (0, 1)]
     assert [r["ep_rank"] for r in ranks] == [0, 1]
     assert ("ep_size_2", True, 0.01) in ranks[0]["optimizer_groups"]
-    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2, 3, 4]
+    train = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+
+    # Each rank resumes its own experts (and their optimizer state) from the engine's files: the same losses.
+    launch(tmp_path, config, port + 1, *settings, f"training.resume_from_checkpoint={out / 'checkpoint-2'}", processes=2)
+    resumed = [r for r in read_metrics(out) if "loss" in r]
+    for again, first in zip(resumed[2:], train[2:], strict=True):
+        assert again["loss"] == pytest.approx(first["loss"], rel=1e-5), first["step"]
+    assert torch.allclose(probe(out)["logits"], ranks[0]["logits"], atol=1e-5)
 
     # Each rank trained two of the four experts of each layer; the adapter has all four, in DeepSpeed's order
     # (global expert = 2 * rank + local offset), under the native names.
