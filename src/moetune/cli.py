@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from moetune.errors import RunFailure, UserError
@@ -179,6 +180,9 @@ def _configure_logging() -> None:
     # bitsandbytes warns on every import on CPUs with AVX512-BF16 that an optional kernel package is
     # missing; it changes nothing for training and buries moetune's own lines.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # PEFT still reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: the
+    # warning is about PEFT's code, not the user's, and nothing in a config can change it.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def _library(module: str, name: str) -> Callable:
