@@ -5,12 +5,19 @@ op (about 20-45 s, cached afterwards).
 """
 
 import importlib.util
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from moetune.config import load_config
+from moetune.models.factory import build_model
+from moetune.models.lora import count_parameters
 
 from .conftest import read_metrics
 
@@ -20,19 +27,38 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                 reason="the optional deepspeed extra is not installed")
 
 
-@pytest.mark.parametrize(("ds_config", "stage"), [("deepspeed_moe_config.json", 2), ("configs/zero3.json", 3)])
-def test_deepspeed_zero_on_cpu_trains_logs_and_saves_a_peft_adapter(tiny_run, tmp_path, ds_config, stage):
-    config, out = tiny_run
+def launch(config: Path, tmp_path: Path, ds_config: str, port: int, *overrides: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` one CPU process of `moetune train` under DeepSpeed, as the shipped configs set it."""
+    stage = json.loads((ROOT / ds_config).read_text())["zero_optimization"]["stage"]
     accelerate_config = tmp_path / "accelerate.yaml"
     accelerate_config.write_text(
         "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\n"
-        f"deepspeed_config:\n  deepspeed_config_file: {ROOT / ds_config}\n  zero3_init_flag: false\n"
+        f"deepspeed_config:\n  deepspeed_config_file: {ROOT / ds_config}\n"
+        f"  zero3_init_flag: {'true' if stage == 3 else 'false'}\n"  # as configs/accelerate/zero3.yaml ships
         "machine_rank: 0\nnum_machines: 1\nnum_processes: 1\nuse_cpu: false\n")
     result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
-                             "--main_process_port", str(29520 + stage), "-m", "moetune", "train", "--config", str(config),
-                             "training.max_steps=4", "training.save_steps=4", "training.eval_steps=4"],
-                            capture_output=True, text=True, timeout=600)
+                             "--main_process_port", str(port), "-m", "moetune", "train", "--config", str(config),
+                             *overrides], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def logged_parameter_counts(stderr: str) -> tuple[int, int]:
+    found = re.search(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+)", stderr)
+    return int(found[1].replace(",", "")), int(found[2].replace(",", ""))
+
+
+def counted_in_one_process(config: Path, out: Path, *overrides: str) -> tuple[int, int]:
+    """The parameter counts of the same model built without DeepSpeed (nothing partitioned)."""
+    model = build_model(load_config(config, list(overrides)), AutoTokenizer.from_pretrained(out / "tokenizer"))
+    return count_parameters(model)
+
+
+@pytest.mark.parametrize(("ds_config", "stage"), [("deepspeed_moe_config.json", 2), ("configs/zero3.json", 3)])
+def test_deepspeed_zero_on_cpu_trains_logs_and_saves_a_peft_adapter(tiny_run, tmp_path, ds_config, stage):
+    config, out = tiny_run
+    result = launch(config, tmp_path, ds_config, 29520 + stage,
+                    "training.max_steps=4", "training.save_steps=4", "training.eval_steps=4")
     train = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     assert all(r["aux_loss"] > 1.0 and len(r["expert_usage"]) == 2 for r in train)
@@ -40,5 +66,22 @@ def test_deepspeed_zero_on_cpu_trains_logs_and_saves_a_peft_adapter(tiny_run, tm
     adapter = load_file(out / "checkpoint-4" / "adapter_model.safetensors")
     lora_a = [v for k, v in adapter.items() if "q_proj.lora_A" in k]
     assert len(lora_a) == 2 and all(tuple(v.shape) == (8, 64) for v in lora_a)  # gathered, not ZeRO-3 shards
+    # Under ZeRO-3 the weights load partitioned (zero3_init_flag); the logged counts are still the whole model's.
+    assert logged_parameter_counts(result.stderr) == counted_in_one_process(config, out)
     if stage == 3:
         assert "ZeRO-3: MoE blocks gathered whole as leaf modules: MixtralSparseMoeBlock" in result.stderr
+
+
+def test_zero3_upcycles_a_partitioned_dense_mpt_and_trains_it(tiny_run, tmp_path):
+    # Each process loads only its shard of the dense weights; upcycling gathers them to copy whole FFNs.
+    config, out = tiny_run
+    mpt = ["model.architecture=mpt", "model.config_overrides={d_model: 64, n_heads: 4, n_layers: 2, max_seq_len: 128}",
+           "moe.upcycle=true", "moe.num_experts=4", "lora.target_modules=[Wqkv, out_proj]", "lora.modules_to_save=[]"]
+    result = launch(config, tmp_path, "configs/zero3.json", 29525, *mpt, "training.max_steps=2", "training.eval_steps=2")
+    assert "upcycled 2 of 2 MPT blocks into 4 experts each" in result.stderr
+    assert "ZeRO-3: MoE blocks gathered whole as leaf modules: MoeFeedForward" in result.stderr
+    train = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2] and all(r["aux_loss"] > 1.0 for r in train)
+    assert logged_parameter_counts(result.stderr) == counted_in_one_process(config, out, *mpt)
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert tuple(adapter["base_model.model.transformer.blocks.0.ffn.experts.3.up_proj.weight"].shape) == (256, 64)

@@ -8,6 +8,7 @@ swap in DeepSpeed MoE blocks (``moe.backend: deepspeed``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -226,9 +227,27 @@ def build_mpt(config, tokenizer=None) -> tuple[nn.Module, bool]:
         logger.info("model.name is already upcycled (mpt_moe); moe.upcycle has nothing left to do")
     elif config.moe.upcycle:
         # Seeded, so evaluation rebuilds exactly the base the adapter was trained on.
-        model = upcycle_mpt(model, config.moe, generator=torch.Generator().manual_seed(config.training.seed))
+        with whole_weights(model):
+            model = upcycle_mpt(model, config.moe, generator=torch.Generator().manual_seed(config.training.seed))
         upcycled_now = True
     return model, upcycled_now
+
+
+def whole_weights(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Gather ZeRO-3-partitioned weights for the duration of a ``with``.
+
+    Under ZeRO-3 with zero3_init_flag each process loads only its shard of the dense model, and
+    upcycling copies whole FFNs. The upcycled model is then built whole in every process and
+    partitioned by the engine; ``moetune upcycle`` beforehand avoids that peak (the saved model
+    loads partitioned).
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
 ARCHITECTURES: dict[str, Architecture] = {

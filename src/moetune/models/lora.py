@@ -106,7 +106,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, all) parameter counts; packed 4-bit tensors count the weights they hold, not bytes."""
     trainable = total = 0
     for param in model.parameters():
-        count = param.numel()
+        count = getattr(param, "ds_numel", param.numel())  # a ZeRO-3 shard reports its full size as ds_numel
         if type(param).__name__ == "Params4bit":
             count *= 2  # two 4-bit weights per stored uint8
         total += count
