@@ -1,5 +1,8 @@
 """Training an MPT upcycled on the fly through the same loop: padding instead of packing, experts that diverge."""
 
+import json
+import math
+
 import pytest
 from safetensors.torch import load_file
 
@@ -31,3 +34,10 @@ def test_upcycled_mpt_trains_with_aux_loss_and_expert_usage(tiny_run, expert_tra
         assert expert_keys and all("lora_" in k for k in expert_keys)
     else:
         assert expert_keys and not any("lora_" in k for k in expert_keys)
+
+    # The run evaluates like any other: the base is upcycled again from the same seed, the adapter goes on top.
+    assert main(["eval", "--config", str(out / "config.yaml"), "--max-samples", "8"]) == 0
+    report = json.loads((out / "eval" / "report.json").read_text())
+    base, tuned = report["perplexity"]["base"], report["perplexity"]["tuned"]
+    assert math.isfinite(base["loss"]) and math.isfinite(tuned["loss"]) and tuned["loss"] != base["loss"]
+    assert base["tokens"] == tuned["tokens"] > 0
