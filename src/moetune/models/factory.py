@@ -85,9 +85,8 @@ def _build_architecture(config, tokenizer) -> tuple[nn.Module, bool]:
 def check_context_length(model: nn.Module, max_seq_length: int) -> None:
     """Training rows of ``model.max_seq_length`` must fit the model's positions: MPT's ALiBi bias,
     for one, is built for ``max_seq_len`` positions and fails on longer rows mid-run."""
-    context = context_length(model.config)
-    if context is not None and context[1] < max_seq_length:
-        key, value = context
+    key, value = context_length(model.config) or (None, None)
+    if value is not None and value < max_seq_length:
         raise ConfigError("model.max_seq_length", f"model.max_seq_length ({max_seq_length}) is longer than the model's "
                           f"context ({key}: {value} in its config). Lower model.max_seq_length to at most {value}, "
                           f"or raise the model's {key} with model.config_overrides if it can attend that far.")
