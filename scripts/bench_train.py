@@ -4,8 +4,12 @@
     python scripts/bench_train.py --preset mixtral-8x7b --layers 2 --experts-kernels     # on a GPU
 
 The second form trains moetune alone on Mixtral-8x7B layer shapes (a few layers, random weights, bf16)
-once per experts kernel (eager, grouped_mm) and reports tokens/s and MFU: model FLOPs per token
-(6 x active parameters + 12 x layers x hidden x seq for attention) x tokens/s / the GPU's dense bf16 peak.
+once per experts kernel (eager, grouped_mm) and reports steady-state tokens/s (from the first logged
+step to the last, so CUDA start-up and kernel selection are left out) and MFU: model FLOPs per token x
+tokens/s / the GPU's dense bf16 peak. Model FLOPs per token are 4 x active parameters (the weights are
+frozen under LoRA, so the backward pass computes activation gradients only: 2 FLOPs per weight forward,
+2 backward, not the 6 of full training) + 12 x layers x hidden x seq for the attention scores;
+recomputation by gradient checkpointing is not counted, as MFU is defined.
 
 All three train the same tiny Mixtral-shaped model (random init, LoRA on q/k/v/o, same seed), on the
 same Rust-like samples with the same tokenizer, batch size, learning rate and one epoch, in this one
@@ -138,13 +142,24 @@ def bench_trl(config, tokenizer, texts: list[str], out: Path) -> float | None:
     return useful / result.metrics["train_runtime"]
 
 
+def steady_rate(output_dir: Path) -> float:
+    """Tokens/s between the first and the last logged step of a moetune run (warm-up left out)."""
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "tokens_seen" in r]
+    if len(logged) < 2:
+        raise SystemExit(f"{output_dir}: fewer than two logged steps; raise --steps (steps are logged every 5).")
+    first, last = logged[0], logged[-1]
+    return (last["tokens_seen"] - first["tokens_seen"]) / (last["elapsed_seconds"] - first["elapsed_seconds"])
+
+
 def flops_per_token(args, vocab: int) -> float:
-    """Training FLOPs per token: 6 x active parameters (top-2 of the experts) + attention scores."""
+    """Model FLOPs per token of LoRA training on frozen weights: 4 x active parameters (top-2 of the
+    experts; forward 2, activation gradients 2) + attention scores (forward and backward)."""
     head_dim = args.hidden // args.heads
     attention = 2 * args.hidden * args.heads * head_dim + 2 * args.hidden * args.kv_heads * head_dim
     experts = 2 * 3 * args.hidden * args.intermediate  # top-2 experts, gate/up/down each
     active = args.layers * (attention + args.hidden * args.experts + experts) + args.hidden * vocab
-    return 6 * active + 12 * args.layers * args.hidden * args.seq
+    return 4 * active + 12 * args.layers * args.hidden * args.seq
 
 
 def bench_experts_kernels(args, root: Path) -> None:
@@ -157,7 +172,8 @@ def bench_experts_kernels(args, root: Path) -> None:
     for kernel in ("eager", "grouped_mm"):
         (root / f"{kernel}.yaml").write_text(config_yaml(root / "data.jsonl", root / kernel, args, kernel))
         config = load_config(root / f"{kernel}.yaml", ["training.num_train_epochs=1", f"training.max_steps={args.steps}"])
-        rate = bench_moetune(config)
+        train(config)
+        rate = steady_rate(root / kernel)
         vocab = len(load_or_train_tokenizer(config, None, save_dir=root / kernel / "tokenizer"))
         mfu = f"{rate * flops_per_token(args, vocab) / peak:6.1%}" if peak else "n/a (no known GPU peak)"
         print(f"  experts {kernel:10s} {rate:10,.0f} tokens/s   MFU {mfu}")
