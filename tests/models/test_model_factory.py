@@ -7,6 +7,7 @@ import json
 import logging
 
 import pytest
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import MixtralForCausalLM, MptForCausalLM, PreTrainedTokenizerFast
 
@@ -46,13 +47,15 @@ def test_random_init_takes_vocab_size_and_special_ids_from_the_tokenizer(mixtral
     assert (model.config.pad_token_id, model.config.bos_token_id, model.config.eos_token_id) == (0, 1, 2)
 
 
-def test_tiny_mixtral_has_the_requested_shape_and_picks_grouped_mm(mixtral_config, mpt_config, caplog):
+def test_tiny_mixtral_has_the_requested_shape_and_the_fastest_experts_kernel(mixtral_config, mpt_config, caplog):
     with caplog.at_level(logging.INFO, logger="moetune"):
         model = build_model(mixtral_config())
     base = model.get_base_model()
     assert base.config.num_hidden_layers == 2 and base.config.hidden_size == 64
     assert base.model.layers[0].mlp.experts.gate_up_proj.shape == (4, 256, 64)
-    assert "experts: grouped_mm (fastest available)" in caplog.text
+    fastest = "grouped_mm" if torch.cuda.is_available() else "eager"  # eager measured faster on CPU
+    assert base.config._experts_implementation == fastest
+    assert f"experts: {fastest} (fastest available)" in caplog.text
 
 
 def test_experts_implementation_override_is_used_and_logged(mixtral_config, mpt_config, caplog):

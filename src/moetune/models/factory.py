@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from moetune.errors import ConfigError, UserError
 from moetune.models.hf_config import apply_overrides, build_random_init_config, context_length
-from moetune.models.kernels import log_kernels, resolve_attn_implementation
+from moetune.models.kernels import fastest_experts_implementation, log_kernels, resolve_attn_implementation
 from moetune.models.lora import apply_training_plan
 from moetune.models.mpt_moe import MptMoeForCausalLM, check_loading_info
 from moetune.models.quant import prepare_quantized_for_training, quantization_config, wants_quantization
@@ -135,8 +135,9 @@ def load_base_model(config, architecture: Architecture, tokenizer=None) -> nn.Mo
     dtype = resolve_dtype(spec.torch_dtype)
     attn = resolve_attn_implementation(spec.attn_implementation, architecture.supports_attn_choice)
     kwargs: dict[str, Any] = {"attn_implementation": attn}
-    if architecture.has_fused_experts and spec.experts_implementation:
-        kwargs["experts_implementation"] = spec.experts_implementation
+    experts = spec.experts_implementation or fastest_experts_implementation()
+    if architecture.has_fused_experts and experts:
+        kwargs["experts_implementation"] = experts
     elif spec.experts_implementation:
         logger.info("model.experts_implementation=%s does not apply: %s experts are separate modules",
                     spec.experts_implementation, architecture.name)
