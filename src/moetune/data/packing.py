@@ -30,6 +30,7 @@ from moetune.config.schema import Config
 from moetune.data.encode import IGNORE_INDEX, encode_records
 from moetune.data.split import load_splits
 from moetune.errors import UserError
+from moetune.models.layout import innermost_model
 
 
 def plan_packed_rows(lengths: Sequence[int], max_len: int) -> list[list[int]]:
@@ -167,7 +168,7 @@ def build_train_eval_datasets(config: Config, tokenizer, model=None, cache_dir: 
     max_len = config.model.max_seq_length
     packed = config.data.packing and (model is None or accepts_position_ids(model))
     if config.data.packing and not packed:
-        print(f"data.packing: {type(unwrapped_model(model)).__name__} takes no position_ids, so samples cannot be packed without "
+        print(f"data.packing: {type(innermost_model(model)).__name__} takes no position_ids, so samples cannot be packed without "
               "attending across them; padding instead.", file=sys.stderr)
     cache = Path(cache_dir) if cache_dir is not None else Path(config.data.output_path).parent / ".cache"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -216,15 +217,7 @@ def build_dataloaders(config: Config, tokenizer, model=None) -> tuple[DataLoader
 
 def accepts_position_ids(model) -> bool:
     """True when the model's forward takes ``position_ids`` (needed for packed rows)."""
-    return "position_ids" in inspect.signature(unwrapped_model(model).forward).parameters
-
-
-def unwrapped_model(model):
-    """The model inside DDP/accelerate (``.module``) and PEFT (``get_base_model()``) wrappers, whose
-    own forward only passes keyword arguments on."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "position_ids" in inspect.signature(innermost_model(model).forward).parameters
 
 
 def _raise_empty_train(config: Config) -> None:

@@ -128,7 +128,6 @@ def _load_merged(config: Config, path: Path, tokenizer):
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    import moetune.models.mpt_moe  # noqa: F401  (registers the upcycled MPT class with the Auto classes)
     from moetune.models.factory import resolve_dtype
 
     try:

@@ -136,3 +136,12 @@ def moe_shape(model_config) -> tuple[int, int]:
         raise UserError(f"The model config ({type(model_config).__name__}) does not say how many experts it has "
                         "and how many each token uses; this is not an MoE model moetune knows.")
     return int(experts), int(top_k)
+
+
+def innermost_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP/DeepSpeed/accelerate (``.module``) and PEFT (``get_base_model()``)
+    wrappers, whose own forward only passes keyword arguments on (and a DeepSpeedEngine's own
+    ``.config`` is DeepSpeed's)."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from moetune.errors import UserError
-from moetune.models.layout import moe_shape
+from moetune.models.layout import innermost_model, moe_shape
 
 IGNORE_INDEX = -100
 
@@ -114,7 +114,7 @@ def compute_losses(model: torch.nn.Module, batch: Mapping[str, Any], config) -> 
     token_mask = mask if mask is not None and mask.dim() == 2 else None
     aux = z = zero
     if router_logits:
-        num_experts, top_k = moe_shape(_hf_config(model))
+        num_experts, top_k = moe_shape(innermost_model(model).config)
         if config.moe.use_auxiliary_loss:
             aux = load_balancing_loss(router_logits, num_experts, top_k, token_mask)
         if config.moe.router_z_loss_weight > 0:
@@ -140,17 +140,9 @@ def expert_token_counts(router_logits: tuple[torch.Tensor, ...], top_k: int,
     return torch.stack(counts) if counts else torch.zeros(0, 0)
 
 
-def _hf_config(model: torch.nn.Module):
-    # DDP and DeepSpeed keep the model in .module (a DeepSpeedEngine's own .config is DeepSpeed's);
-    # a PeftModel forwards attribute lookups to the model it wraps.
-    while isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
-    return model.config
-
-
 def _is_moe(model: torch.nn.Module) -> bool:
     try:
-        moe_shape(_hf_config(model))
+        moe_shape(innermost_model(model).config)
     except UserError:
         return False
     return True
