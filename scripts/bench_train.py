@@ -2,6 +2,7 @@
 
     python scripts/bench_train.py [--samples 600] [--hidden 128] [--layers 2] [--experts 4] [--seq 512] [--batch 4]
     python scripts/bench_train.py --preset mixtral-8x7b --layers 2 --experts-kernels     # on a GPU
+    python scripts/bench_train.py --compile --steps 30                                   # advanced.torch_compile
 
 The second form trains moetune alone on Mixtral-8x7B layer shapes (a few layers, random weights, bf16)
 once per experts kernel (eager, grouped_mm) and reports steady-state tokens/s (from the first logged
@@ -162,21 +163,27 @@ def flops_per_token(args, vocab: int) -> float:
     return 4 * active + 12 * args.layers * args.hidden * args.seq
 
 
-def bench_experts_kernels(args, root: Path) -> None:
-    """moetune on the given shapes once per experts kernel: tokens/s and, on a known GPU, MFU."""
+def bench_variants(args, root: Path, variants: dict[str, tuple[str | None, list[str]]]) -> None:
+    """moetune alone on the given shapes once per variant (experts kernel, config overrides): steady-state
+    tokens/s, MFU on a known GPU, the seconds to the first logged step (start-up and compilation) and the
+    last logged LM loss (the variants train the same model on the same data, so it should agree)."""
     make_dataset(root / "data.jsonl", args.samples, args.seq)
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     peak = next((flops for gpu, flops in PEAK_BF16_FLOPS.items() if gpu in name), None)
     print(f"\n{name}: hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, {args.experts} "
           f"experts (top-2), seq {args.seq}, batch {args.batch}, {'bf16' if args.bf16 else 'fp32'}")
-    for kernel in ("eager", "grouped_mm"):
-        (root / f"{kernel}.yaml").write_text(config_yaml(root / "data.jsonl", root / kernel, args, kernel))
-        config = load_config(root / f"{kernel}.yaml", ["training.num_train_epochs=1", f"training.max_steps={args.steps}"])
+    for label, (kernel, overrides) in variants.items():
+        folder = label.replace(" ", "-")
+        (root / f"{folder}.yaml").write_text(config_yaml(root / "data.jsonl", root / folder, args, kernel))
+        config = load_config(root / f"{folder}.yaml",
+                             ["training.num_train_epochs=1", f"training.max_steps={args.steps}", *overrides])
         train(config)
-        rate = steady_rate(root / kernel)
-        vocab = len(load_or_train_tokenizer(config, None, save_dir=root / kernel / "tokenizer"))
+        rate = steady_rate(root / folder)
+        logged = [json.loads(line) for line in (root / folder / "metrics.jsonl").read_text().splitlines()]
+        vocab = len(load_or_train_tokenizer(config, None, save_dir=root / folder / "tokenizer"))
         mfu = f"{rate * flops_per_token(args, vocab) / peak:6.1%}" if peak else "n/a (no known GPU peak)"
-        print(f"  experts {kernel:10s} {rate:10,.0f} tokens/s   MFU {mfu}")
+        print(f"  {label:22s} {rate:10,.0f} tokens/s   MFU {mfu}   first logged step after "
+              f"{logged[0]['elapsed_seconds']:6.1f} s   last lm_loss {logged[-1]['lm_loss']:.5f}")
 
 
 def main() -> None:
@@ -194,7 +201,8 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 weights and autocast, gradient checkpointing")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="real layer shapes (sets every size but --layers)")
     parser.add_argument("--experts-kernels", action="store_true", help="moetune only, eager vs grouped_mm experts")
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per kernel with --experts-kernels")
+    parser.add_argument("--compile", action="store_true", help="moetune only, with and without advanced.torch_compile")
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per variant with --experts-kernels/--compile")
     args = parser.parse_args()
     for key, value in PRESETS.get(args.preset, {}).items():
         setattr(args, key, value)
@@ -202,7 +210,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if args.experts_kernels:
-            bench_experts_kernels(args, root)
+            bench_variants(args, root, {f"experts {kernel}": (kernel, []) for kernel in ("eager", "grouped_mm")})
+            return
+        if args.compile:
+            bench_variants(args, root, {"layers uncompiled": (None, []),
+                                        "layers compiled": (None, ["advanced.torch_compile=true"])})
             return
         texts = make_dataset(root / "data.jsonl", args.samples, args.seq)
         (root / "bench.yaml").write_text(config_yaml(root / "data.jsonl", root / "moetune", args))

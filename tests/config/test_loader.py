@@ -187,3 +187,13 @@ def test_print_config_output_loads_back_to_the_same_config(tmp_path):
     resolved = write(tmp_path, dump_config(config), "resolved.yaml")
     assert load_config(resolved) == config
     assert "min_learning_rate: 0.0" in resolved.read_text()  # defaults are spelled out
+
+
+def test_a_key_moetune_makes_unnecessary_is_accepted_with_the_reason(tmp_path, capsys):
+    path = tmp_path / "guide.yaml"
+    path.write_text("training:\n  gradient_accumulation_steps: 4\n  gradient_accumulation_steps_auto: true\n")
+    config = load_config(path)
+    assert config.training.gradient_accumulation_steps == 4
+    err = capsys.readouterr().err
+    assert "training.gradient_accumulation_steps_auto is not needed and is ignored" in err
+    assert "per-token mean over all of its micro-batches" in err

@@ -85,3 +85,16 @@ def test_zero3_upcycles_a_partitioned_dense_mpt_and_trains_it(tiny_run, tmp_path
     assert logged_parameter_counts(result.stderr) == counted_in_one_process(config, out, *mpt)
     adapter = load_file(out / "adapter_model.safetensors")
     assert tuple(adapter["base_model.model.transformer.blocks.0.ffn.experts.3.up_proj.weight"].shape) == (256, 64)
+
+
+@pytest.mark.parametrize(("ds_config", "stage", "offloaded"),
+                         [("deepspeed_moe_config.json", 2, "optimizer state"),
+                          ("configs/zero3.json", 3, "optimizer state and parameters")])
+def test_cpu_offload_reaches_the_engine(tiny_run, tmp_path, ds_config, stage, offloaded):
+    # The line is the engine's own answer (zero_cpu_offload, zero_offload_param) after prepare.
+    config, out = tiny_run
+    result = launch(config, tmp_path, ds_config, 29530 + stage, "advanced.use_cpu_offload=true",
+                    "training.max_steps=2", "training.eval_steps=2")
+    assert f"DeepSpeed ZeRO-{stage}: {offloaded} offloaded to CPU (advanced.use_cpu_offload)" in result.stderr
+    train = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2] and all(r["grad_norm"] > 0 for r in train)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from collections.abc import Sequence
@@ -151,9 +152,13 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(prefix, f"{prefix} must be a mapping of keys, got {data!r}.")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    for key in data:
+    for key in list(data):
         if key not in fields:
-            raise _unknown_key(str(key), prefix, list(fields))
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if path not in _NOT_NEEDED:
+                raise _unknown_key(str(key), prefix, list(fields))
+            print(f"moetune: {path} is not needed and is ignored: {_NOT_NEEDED[path]}", file=sys.stderr)
+            data = {k: v for k, v in data.items() if k != key}
     kwargs = {}
     for name, f in fields.items():
         path = f"{prefix}.{name}" if prefix else name
@@ -248,6 +253,18 @@ _ALIASES = {
     "rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules_list": "target_modules",
     "router_aux_loss_coef": "auxiliary_loss_weight", "num_local_experts": "num_experts",
     "num_experts_per_tok": "top_k", "dtype": "torch_dtype",
+}
+
+
+# Keys that guides for moetune's predecessors recommend, which moetune makes unnecessary: accepted
+# with the reason, so a copied config does not fail, and never mistaken for a setting that took effect.
+_NOT_NEEDED = {
+    "training.gradient_accumulation_steps_auto": (
+        "every optimizer step's loss is already the per-token mean over all of its micro-batches and processes, so "
+        "micro-batches of unequal length weigh by their tokens, and with data.packing: true (the default) each "
+        "micro-batch is filled to model.max_seq_length tokens. To set the tokens per step, set "
+        "training.gradient_accumulation_steps: a step holds about per_device_train_batch_size x "
+        "gradient_accumulation_steps x processes x max_seq_length tokens."),
 }
 
 

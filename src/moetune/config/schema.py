@@ -235,7 +235,8 @@ class TrainingConfig:
     max_steps: int = opt(-1, "Optimizer steps to run; -1 = use num_train_epochs.")
     per_device_train_batch_size: int = opt(8, "Training sequences per device per micro-batch.")
     per_device_eval_batch_size: int = opt(8, "Evaluation sequences per device per batch.")
-    gradient_accumulation_steps: int = opt(1, "Micro-batches accumulated into one optimizer step.")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches accumulated into one optimizer step. Its loss is the "
+                                           "per-token mean over all of them and all processes.")
     learning_rate: float = opt(2e-4, "Peak learning rate.")
     min_learning_rate: float = opt(0.0, "Floor the cosine schedule decays to.")
     lr_scheduler_type: Literal["cosine", "linear", "constant", "cosine_with_restarts"] = opt(
@@ -339,8 +340,10 @@ class InferenceConfig:
 class AdvancedConfig:
     """Rarely changed knobs."""
 
-    use_cpu_offload: bool = opt(False, "Offload optimizer state (and ZeRO-3 parameters) to CPU memory.")
-    torch_compile: bool = opt(False, "Compile the model with torch.compile.")
+    use_cpu_offload: bool = opt(False, "Offload optimizer state (ZeRO-1/2/3) and parameters (ZeRO-3, FSDP) to CPU "
+                                "memory. Needs a DeepSpeed or FSDP launch; refused in a plain or DDP run.")
+    torch_compile: bool = opt(False, "Compile each decoder layer with torch.compile (regional compilation). Not "
+                              "with ZeRO-3 or moe.backend: deepspeed. On CPU it is slower (docs/benchmarks.md).")
     early_stopping_patience: int | None = opt(None, "Stop after this many evaluations without improvement; null = off.")
     early_stopping_threshold: float = opt(0.0, "Smallest improvement of the metric that counts.")
     max_bad_steps: int = opt(10, "Consecutive NaN/inf-loss steps tolerated (each skipped) before saving and stopping.")

@@ -61,3 +61,22 @@ def log_kernels(model, attn_implementation: str, requested_experts: str | None) 
         return
     how = "set by model.experts_implementation" if requested_experts else "fastest available"
     logger.info("attention: %s; experts: %s (%s)", attn_implementation, experts, how)
+
+
+def compile_decoder_layers(model) -> int:
+    """Compile each decoder layer in place (regional compilation); returns how many were compiled.
+
+    Compiling layer by layer rather than the whole model keeps the router's data-dependent shapes
+    (how many tokens each expert gets) to graph breaks inside one small graph, and every layer reuses
+    the code compiled for the first, so compile time does not grow with depth. The layer classes are
+    the model's ``_no_split_modules``, the units transformers itself never splits.
+    """
+    from moetune.models.layout import innermost_model
+
+    layer_classes = set(getattr(innermost_model(model), "_no_split_modules", None) or ())
+    layers = [module for module in model.modules() if type(module).__name__ in layer_classes]
+    for layer in layers:
+        layer.compile()
+    logger.info("advanced.torch_compile: compiled %d decoder layers (%s) with torch.compile", len(layers),
+                ", ".join(sorted(layer_classes)))
+    return len(layers)

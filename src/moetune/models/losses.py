@@ -3,8 +3,15 @@
 ``compute_losses`` runs the forward pass *without* labels and computes the LM loss itself:
 Hugging Face's ``out.loss`` already contains ``router_aux_loss_coef * aux_loss`` when router
 logits are requested, so adding moetune's weighted aux loss to it would count the aux loss twice
-(with a weight the user never set). Here the total is exactly
+(with a weight the user never set). For one micro-batch the total is exactly
 ``lm_loss + moe.auxiliary_loss_weight * aux_loss + moe.router_z_loss_weight * z_loss``.
+
+An optimizer step is a per-token mean over *all* of its micro-batches on every process, not a mean
+of per-micro-batch means (which would weigh a 20-token QA answer like a 400-token one). So the LM
+loss is kept as a sum with its token count, and :meth:`LossParts.objective` divides it by the label
+tokens of the whole step (:func:`step_token_counts`, summed over the window and the processes). The
+aux and z losses are per-routed-token statistics of a micro-batch; each micro-batch contributes them
+in proportion to its share of the step's routed tokens.
 """
 
 from __future__ import annotations
@@ -24,13 +31,66 @@ IGNORE_INDEX = -100
 
 @dataclass
 class LossParts:
-    """One forward pass's losses. ``router_logits``: one (tokens, num_experts) tensor per MoE layer, or ()."""
+    """One forward pass's losses. ``router_logits``: one (tokens, num_experts) tensor per MoE layer, or ().
 
-    lm_loss: torch.Tensor
+    ``lm_loss_sum`` is summed over the ``loss_tokens`` label tokens; ``aux_loss`` and ``z_loss`` are this
+    micro-batch's values over its ``routed_tokens``; the weights are the config's.
+    """
+
+    lm_loss_sum: torch.Tensor
+    loss_tokens: torch.Tensor
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
-    total: torch.Tensor
+    routed_tokens: torch.Tensor
     router_logits: tuple[torch.Tensor, ...]
+    aux_weight: float = 0.0
+    z_weight: float = 0.0
+
+    @property
+    def lm_loss(self) -> torch.Tensor:
+        """Mean cross-entropy over this micro-batch's label tokens."""
+        return self.lm_loss_sum / self.loss_tokens.clamp_min(1)
+
+    @property
+    def total(self) -> torch.Tensor:
+        """This micro-batch's loss on its own (as if it were the whole step)."""
+        return self.objective(torch.stack([self.loss_tokens, self.routed_tokens]))
+
+    def objective(self, step_tokens: torch.Tensor) -> torch.Tensor:
+        """This micro-batch's share of the step's loss, to differentiate.
+
+        ``step_tokens`` = (label tokens, routed tokens) of the whole optimizer step, every micro-batch
+        and every process (:func:`step_token_counts`, then summed). Summing the objectives of all of
+        them gives the per-token mean LM loss of the step plus the token-weighted router losses.
+        """
+        loss_tokens, routed_tokens = step_tokens.to(self.lm_loss_sum.dtype).clamp_min(1).unbind()
+        total = self.lm_loss_sum / loss_tokens
+        if self.aux_weight or self.z_weight:
+            share = self.routed_tokens / routed_tokens
+            total = total + share * (self.aux_weight * self.aux_loss + self.z_weight * self.z_loss)
+        return total
+
+
+def step_token_counts(batch: Mapping[str, Any]) -> torch.Tensor:
+    """(label tokens, routed tokens) of one batch, as counted by :func:`compute_losses`, without a forward pass.
+
+    Label tokens are those the shifted next-token loss scores; routed tokens are the non-padding ones
+    (every token of a packed row, which carries no attention mask).
+    """
+    labels = _labels(batch)
+    mask = batch.get("attention_mask")
+    loss_tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
+    routed = mask.sum() if mask is not None and mask.dim() == 2 else torch.tensor(labels.numel(), device=labels.device)
+    return torch.stack([loss_tokens, routed.to(loss_tokens.device)]).float()
+
+
+def _labels(batch: Mapping[str, Any]) -> torch.Tensor:
+    """The batch's labels; by default its input_ids with padding set to -100."""
+    labels = batch.get("labels")
+    if labels is not None:
+        return labels
+    mask = batch.get("attention_mask")
+    return batch["input_ids"].masked_fill(mask == 0, IGNORE_INDEX) if mask is not None else batch["input_ids"]
 
 
 def load_balancing_loss(router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor], num_experts: int, top_k: int,
@@ -99,16 +159,15 @@ def compute_losses(model: torch.nn.Module, batch: Mapping[str, Any], config) -> 
     the aux and z losses are zero tensors and ``router_logits`` is empty.
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    labels = batch.get("labels")
+    labels = _labels(batch)
     mask = batch.get("attention_mask")
-    if labels is None:
-        labels = batch["input_ids"].masked_fill(mask == 0, IGNORE_INDEX) if mask is not None else batch["input_ids"]
     want_logits = wants_router_logits(config) and _is_moe(model)
     if want_logits:
         inputs["output_router_logits"] = True
     out = model(**inputs, use_cache=False)
-    lm_loss = causal_lm_loss(out.logits, labels, config.training.label_smoothing_factor)
-    zero = lm_loss.new_zeros(())
+    lm_loss_sum = causal_lm_loss(out.logits, labels, config.training.label_smoothing_factor, reduction="sum")
+    loss_tokens, routed_tokens = step_token_counts(batch).to(lm_loss_sum.device).unbind()
+    zero = lm_loss_sum.new_zeros(())
     router_logits = tuple(getattr(out, "router_logits", None) or ()) if want_logits else ()
     # A 2-D 0/1 mask is a padding mask; packed batches may carry other shapes, which pool every token.
     token_mask = mask if mask is not None and mask.dim() == 2 else None
@@ -119,12 +178,10 @@ def compute_losses(model: torch.nn.Module, batch: Mapping[str, Any], config) -> 
             aux = load_balancing_loss(router_logits, num_experts, top_k, token_mask)
         if config.moe.router_z_loss_weight > 0:
             z = router_z_loss(router_logits, token_mask)
-    total = lm_loss
-    if config.moe.use_auxiliary_loss:
-        total = total + config.moe.auxiliary_loss_weight * aux
-    if config.moe.router_z_loss_weight > 0:
-        total = total + config.moe.router_z_loss_weight * z
-    return LossParts(lm_loss=lm_loss, aux_loss=aux, z_loss=z, total=total, router_logits=router_logits)
+    return LossParts(lm_loss_sum=lm_loss_sum, loss_tokens=loss_tokens, aux_loss=aux, z_loss=z,
+                     routed_tokens=routed_tokens, router_logits=router_logits,
+                     aux_weight=config.moe.auxiliary_loss_weight if config.moe.use_auxiliary_loss else 0.0,
+                     z_weight=config.moe.router_z_loss_weight)
 
 
 def expert_token_counts(router_logits: tuple[torch.Tensor, ...], top_k: int,

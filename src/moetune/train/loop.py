@@ -6,6 +6,7 @@ log, eval, save) -> final save. Variants are config values and explicit ifs, not
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import math
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from moetune.config import Config, save_config
 from moetune.errors import OutOfMemory, UserError
-from moetune.models.losses import compute_losses, expert_token_counts
+from moetune.models.losses import compute_losses, expert_token_counts, step_token_counts
 from moetune.train.checkpoint import (
     TrainerState,
     install_adapter_hooks,
@@ -38,6 +39,7 @@ from moetune.train.setup import (
     apply_legacy_deepspeed_moe,
     build_accelerator,
     build_training_inputs,
+    log_cpu_offload,
     out_of_memory_message,
     router_top_k,
     save_final,
@@ -90,11 +92,13 @@ def _train_once(config: Config) -> int:
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler)
     install_adapter_hooks(accelerator)
+    if config.advanced.use_cpu_offload:
+        log_cpu_offload(accelerator)
     state = load_checkpoint(accelerator, resume_from) if resume_from else TrainerState()
     log = RunLog(accelerator, config, resumed_at_step=state.global_step if resume_from else None)
     top_k = router_top_k(accelerator.unwrap_model(model))
     usage = None  # (MoE layers, experts) routed-token counts since the last log line
-    window = _Window(accelerator.device)  # sums since the last log line
+    window_log = _LogWindow(accelerator.device)  # sums since the last log line
     bad_steps, stop = 0, StopSignals()
     eval_every = t.eval_steps or max(1, total_steps // max(1, math.ceil(t.num_train_epochs)))
     progress = tqdm(total=total_steps, initial=state.global_step, desc="train", unit="step",
@@ -104,25 +108,28 @@ def _train_once(config: Config) -> int:
     try:
         while not done:
             train_loader.set_epoch(state.epoch)  # the seeded sampler reshuffles per epoch, the same on resume
-            for batch in accelerator.skip_first_batches(train_loader, state.batches_done_in_epoch):
-                with accelerator.accumulate(model):
-                    parts = compute_losses(model, batch, config)
-                    accelerator.backward(parts.total)
-                    window.add(parts, batch)
+            batches = accelerator.skip_first_batches(train_loader, state.batches_done_in_epoch)
+            for window in accumulation_windows(batches, t.gradient_accumulation_steps):
+                # The step's loss is a per-token mean over every micro-batch of every process, so the
+                # token counts are summed before the first backward (one small all-reduce per step).
+                step_tokens = accelerator.reduce(sum(step_token_counts(batch) for batch in window), "sum")
+                for index, batch in enumerate(window):
+                    last = index == len(window) - 1
+                    with accumulating(accelerator, model, sync=last):
+                        parts = compute_losses(model, batch, config)
+                        backward_share(accelerator, parts.objective(step_tokens))
+                    window_log.add(parts, batch)
                     if parts.router_logits and config.moe.monitor_expert_usage:
                         counts = expert_token_counts(parts.router_logits, top_k, batch.get("attention_mask"))
                         usage = counts if usage is None else usage + counts
-                    if accelerator.sync_gradients:
-                        step_lr = scheduler.get_last_lr()[0]  # the rate this step uses (logged with it)
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
-                        step_is_finite = window.step_is_finite(grad_norm)
-                        if step_is_finite:
-                            optimizer.step()
-                            scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                state.batches_done_in_epoch += 1
-                if not accelerator.sync_gradients:
-                    continue
+                state.batches_done_in_epoch += len(window)
+                step_lr = scheduler.get_last_lr()[0]  # the rate this step uses (logged with it)
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
+                step_is_finite = window_log.step_is_finite(grad_norm)
+                if step_is_finite:
+                    optimizer.step()
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
                 state.global_step += 1
                 progress.update(1)
                 if not step_is_finite:
@@ -138,7 +145,7 @@ def _train_once(config: Config) -> int:
                 bad_steps = 0
 
                 if state.global_step % t.logging_steps == 0 or state.global_step == total_steps:
-                    record = window.flush(accelerator, state, step_lr, grad_norm, len(train_loader))
+                    record = window_log.flush(accelerator, state, step_lr, grad_norm, len(train_loader))
                     if usage is not None:
                         _add_expert_usage(record, accelerator.reduce(usage, "sum"), config, log, state.global_step)
                         usage = None
@@ -181,26 +188,32 @@ def _train_once(config: Config) -> int:
     return 0
 
 
-class _Window:
-    """Loss parts and token counts summed on the device between log lines (no host sync per step)."""
+class _LogWindow:
+    """Loss sums and token counts between log lines, kept on the device (no host sync per micro-batch).
+
+    The logged ``lm_loss`` is a per-token mean over the whole window and every process, ``aux_loss``
+    and ``z_loss`` are routed-token-weighted means, and ``loss`` combines them with the config's weights.
+    """
+
+    # Columns of ``sums``: summed LM loss, label tokens, aux x routed tokens, z x routed tokens, routed tokens.
+    LM_SUM, LOSS_TOKENS, AUX_SUM, Z_SUM, ROUTED = range(5)
 
     def __init__(self, device):
-        self.sums = torch.zeros(5, dtype=torch.float64, device=device)  # total, lm, aux, z, micro-batches
-        self.tokens = torch.zeros((), dtype=torch.float64, device=device)
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
         self.samples = torch.zeros((), dtype=torch.float64, device=device)
         self.started = self.loop_started = time.perf_counter()
         self.step_total = torch.zeros((), dtype=torch.float64, device=device)
+        self.aux_weight = self.z_weight = 0.0
 
     def add(self, parts, batch) -> None:
-        values = torch.stack([parts.total.detach(), parts.lm_loss.detach(), parts.aux_loss.detach(),
-                              parts.z_loss.detach(), torch.ones((), device=parts.total.device)]).double()
-        self.sums += values
-        self.step_total += values[0]
-        labels = batch["labels"]
-        self.tokens += (labels != -100).sum()
+        routed = parts.routed_tokens.detach()
+        self.sums += torch.stack([parts.lm_loss_sum.detach(), parts.loss_tokens.detach(), parts.aux_loss.detach() * routed,
+                                  parts.z_loss.detach() * routed, routed]).double()
+        self.step_total += parts.total.detach().double()
+        self.aux_weight, self.z_weight = parts.aux_weight, parts.z_weight
         # A packed row holds several samples; each starts where position_ids restart at 0.
         starts = batch["position_ids"] == 0 if "position_ids" in batch else None
-        self.samples += starts.sum() if starts is not None else labels.shape[0]
+        self.samples += starts.sum() if starts is not None else batch["input_ids"].shape[0]
 
     def step_is_finite(self, grad_norm) -> bool:
         # One host sync per optimizer step. With DDP the gradients are already all-reduced, so a NaN on
@@ -211,15 +224,15 @@ class _Window:
         return finite
 
     def flush(self, accelerator, state: TrainerState, lr: float, grad_norm, batches_per_epoch: int) -> dict:
-        sums = accelerator.reduce(self.sums, "mean")
-        tokens = accelerator.reduce(self.tokens, "sum").item()
+        sums = accelerator.reduce(self.sums, "sum").tolist()
         samples = accelerator.reduce(self.samples, "sum").item()
         seconds = max(time.perf_counter() - self.started, 1e-9)
-        count = max(sums[4].item(), 1.0)
+        tokens, routed = sums[self.LOSS_TOKENS], max(sums[self.ROUTED], 1.0)
+        lm_loss, aux_loss, z_loss = sums[self.LM_SUM] / max(tokens, 1.0), sums[self.AUX_SUM] / routed, sums[self.Z_SUM] / routed
         record = {
             "step": state.global_step, "epoch": _epoch(state, batches_per_epoch),
-            "loss": sums[0].item() / count, "lm_loss": sums[1].item() / count, "aux_loss": sums[2].item() / count,
-            "z_loss": sums[3].item() / count, "lr": lr,
+            "loss": lm_loss + self.aux_weight * aux_loss + self.z_weight * z_loss, "lm_loss": lm_loss,
+            "aux_loss": aux_loss, "z_loss": z_loss, "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_second": tokens / seconds, "samples_per_second": samples / seconds,
         }
@@ -229,10 +242,52 @@ class _Window:
         record["tokens_seen"] = state.tokens_seen
         record["elapsed_seconds"] = time.perf_counter() - self.loop_started
         self.sums.zero_()
-        self.tokens.zero_()
         self.samples.zero_()
         self.started = time.perf_counter()
         return record
+
+
+def accumulation_windows(batches, size: int):
+    """The micro-batches of each optimizer step, as lists of ``size`` (the last of an epoch may be shorter).
+
+    The whole window is fetched first so its token count is known before the first backward.
+    """
+    window = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+@contextlib.contextmanager
+def accumulating(accelerator, model, sync: bool):
+    """One micro-batch of a step: gradients are synchronised (and the optimizer may step) only on the last.
+
+    Set by hand rather than by ``accelerator.accumulate``, which counts batches itself and would end a
+    step early once a prefetched window has reached the end of the dataloader.
+    """
+    accelerator.gradient_state._set_sync_gradients(sync)
+    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+        yield
+
+
+def backward_share(accelerator, objective: torch.Tensor) -> None:
+    """Backward one micro-batch's share of the step's per-token mean.
+
+    The shares already sum to the step's loss, but accelerate divides each by the accumulation steps
+    (DeepSpeed's engine, unless told not to) and DDP and ZeRO average gradients over the processes;
+    both are undone here, so the gradient is exactly that of the step's per-token mean.
+    """
+    from accelerate.utils import DistributedType
+
+    objective = objective * accelerator.num_processes
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        accelerator.backward(objective, scale_wrt_gas=False)
+    else:
+        accelerator.backward(objective * accelerator.gradient_accumulation_steps)
 
 
 def _epoch(state: TrainerState, batches_per_epoch: int) -> float:

@@ -51,7 +51,68 @@ def build_accelerator(config: Config):
         plugin.deepspeed_config["gradient_clipping"] = t.max_grad_norm  # accelerate would fill 1.0
     if config.moe.backend == "deepspeed":
         check_deepspeed_moe_launch(config, accelerator)
+    if config.advanced.use_cpu_offload:
+        apply_cpu_offload(accelerator)
+    if config.advanced.torch_compile:
+        check_compile_launch(config, accelerator)
     return accelerator
+
+
+def apply_cpu_offload(accelerator) -> None:
+    """``advanced.use_cpu_offload`` in the distributed engine's own settings, before it is built.
+
+    DeepSpeed: optimizer state (ZeRO-1/2/3) and parameters (ZeRO-3) go to CPU memory. FSDP: its
+    parameter offload. A plain or DDP run has nothing that offloads, so it is refused rather than ignored.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    fsdp = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is not None:
+        zero = plugin.deepspeed_config.setdefault("zero_optimization", {})
+        stage = int(zero.get("stage", 0))
+        if stage == 0:
+            raise UserError("advanced.use_cpu_offload needs ZeRO stage 1, 2 or 3 (it offloads the state ZeRO "
+                            "partitions); the DeepSpeed config sets stage 0. Use deepspeed_moe_config.json (ZeRO-2) "
+                            "or configs/zero3.json.")
+        where = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_optimizer"] = dict(where)
+        if stage == 3:
+            zero["offload_param"] = dict(where)
+        # moetune builds its own optimizer; DeepSpeed otherwise insists on its CPU Adam for offloading.
+        plugin.deepspeed_config["zero_force_ds_cpu_optimizer"] = False
+    elif fsdp is not None:
+        fsdp.cpu_offload = True
+        fsdp.set_cpu_offload()
+        fsdp.validate_cpu_offload()
+    else:
+        raise UserError("advanced.use_cpu_offload needs a DeepSpeed or FSDP launch: those engines keep optimizer "
+                        "state (and with ZeRO-3 or FSDP the parameters) in CPU memory, a plain or DDP run cannot. "
+                        "Launch with `bash train.sh` (accelerate_config.yaml: DeepSpeed ZeRO-2), "
+                        "configs/accelerate/zero3.yaml or configs/accelerate/fsdp.yaml, or set "
+                        "advanced.use_cpu_offload: false.")
+
+
+def log_cpu_offload(accelerator) -> None:
+    """After ``prepare``: what the engine itself reports it offloads (so a config that did not take shows)."""
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    if wrapped is None or not accelerator.is_main_process:
+        return
+    engine = wrapped.engine
+    offloaded = [name for name, on in (("optimizer state", engine.zero_cpu_offload()),
+                                       ("parameters", engine.zero_offload_param() is not None)) if on]
+    print(f"DeepSpeed ZeRO-{engine.zero_optimization_stage()}: {' and '.join(offloaded) or 'nothing'} offloaded to CPU "
+          "(advanced.use_cpu_offload)", file=sys.stderr)
+
+
+def check_compile_launch(config: Config, accelerator) -> None:
+    """``advanced.torch_compile`` compiles decoder layers; refuse the launches where that cannot trace."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.zero_stage == 3:
+        raise UserError("advanced.torch_compile does not apply under ZeRO-3: its parameters are gathered by hooks "
+                        "around every module, which torch.compile cannot trace through layer by layer. Use ZeRO-2 "
+                        "(accelerate_config.yaml) or set advanced.torch_compile: false.")
+    if config.moe.backend == "deepspeed":
+        raise UserError("advanced.torch_compile does not apply to moe.backend: deepspeed, whose MoE layers exchange "
+                        "tokens between ranks inside the forward pass; use moe.backend: native to compile.")
 
 
 def check_deepspeed_moe_launch(config: Config, accelerator) -> None:
@@ -130,6 +191,10 @@ def build_training_inputs(config: Config, accelerator):
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     model = build_model(config, tokenizer)
     _register_zero3_leaf_modules(accelerator, model)
+    if config.advanced.torch_compile:
+        from moetune.models.kernels import compile_decoder_layers
+
+        compile_decoder_layers(model)
     with accelerator.main_process_first():
         train_loader, val_loader, data = build_dataloaders(config, tokenizer, model)
     if accelerator.is_main_process:
@@ -199,7 +264,8 @@ def out_of_memory_message(config: Config) -> str:
             f"model.max_seq_length={config.model.max_seq_length}. Remedies: lower training.per_device_train_batch_size "
             f"and raise training.gradient_accumulation_steps (same effective batch); "
             f"{'keep' if t.gradient_checkpointing else 'set'} training.gradient_checkpointing=true; shorten "
-            "model.max_seq_length; set advanced.use_cpu_offload=true or use ZeRO-3 (configs/accelerate/zero3.yaml); "
+            "model.max_seq_length; use ZeRO-3 (configs/accelerate/zero3.yaml) and, under DeepSpeed or FSDP, set "
+            "advanced.use_cpu_offload=true; "
             "or load the base model in 4-bit (model.load_in_4bit=true). Resume with training.resume_from_checkpoint=latest.")
 
 
