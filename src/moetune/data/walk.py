@@ -196,10 +196,14 @@ _RE2_OPTIONS.log_errors = False  # a failure is reported as a UserError below, n
 class _LinearTimePattern(GitIgnoreSpecPattern):
     """pathspec's gitignore pattern, matched by RE2 instead of Python's backtracking ``re``.
 
-    pathspec turns ``a*a*a*b`` into ``[^/]*a[^/]*a...``; Python's engine needs time exponential in
-    the number of stars to reject a long name, so one ``.gitignore`` line could stall a build.
-    RE2 matches in time linear in the path. pathspec still parses the pattern, so its meaning
-    (negation, anchoring, directory patterns, ``**``) is unchanged.
+    pathspec turns ``a*a*a*b`` into ``a[^/]*a[^/]*a...``; Python's engine backtracks through every
+    way of splitting a long name between the stars (26 stars, 60 characters: it never finishes),
+    so one ``.gitignore`` line could stall a build. RE2 matches in time linear in the path.
+    pathspec still parses the pattern, so its meaning (negation, anchoring, directory patterns,
+    ``**``) is unchanged. Each pattern gets its own RE2 regex rather than pathspec's "re2" backend:
+    that one combines them into an RE2 set, which fails to compile for a few thousand wildcard
+    patterns and answers "no match" when its DFA runs out of memory; a single RE2 regex falls back
+    to its NFA instead.
     """
 
     __slots__ = ("_linear",)
