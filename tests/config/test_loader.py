@@ -4,6 +4,7 @@ import textwrap
 
 import pytest
 
+from moetune.cli import main
 from moetune.config import Config, dump_config, load_config, parse_override
 from moetune.errors import ConfigError, UserError
 
@@ -197,3 +198,42 @@ def test_a_key_moetune_makes_unnecessary_is_accepted_with_the_reason(tmp_path, c
     err = capsys.readouterr().err
     assert "training.gradient_accumulation_steps_auto is not needed and is ignored" in err
     assert "per-token mean over all of its micro-batches" in err
+
+
+def _alias_bomb(levels: int, width: int) -> str:
+    lines = [f"l0: &l0 [{', '.join(['lol'] * width)}]"]
+    for level in range(1, levels):
+        lines.append(f"l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * width)}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_rejected_naming_the_file(tmp_path, capsys):
+    path = write(tmp_path, _alias_bomb(9, 9))  # 9**9 values once expanded, from a few hundred bytes
+    assert path.stat().st_size < 600
+
+    assert main(["validate", "--config", str(path)]) == 2
+
+    err = capsys.readouterr().err
+    assert err == (f"error: {path}: its YAML aliases (*name) expand to more than 100,000 values; a config is far "
+                   "smaller. Write the values out, or reuse fewer levels of anchors.\n")
+
+
+def test_aliases_within_the_budget_still_work(tmp_path):
+    config = load_config(write(tmp_path, """\
+        lora:
+          target_modules: &attn [q_proj, k_proj]
+          exclude_modules: *attn
+        """))
+    assert config.lora.target_modules == config.lora.exclude_modules == ("q_proj", "k_proj")
+
+
+def test_a_value_that_contains_itself_or_nests_absurdly_deep_is_a_user_error(tmp_path, capsys):
+    assert "c.yaml:2: a YAML alias refers to the value that contains it" in error_of(tmp_path, """\
+        model:
+          name: &n [*n]
+        """)
+    assert error_of(tmp_path, "model: " + "[" * 5000 + "]" * 5000 + "\n").endswith(
+        "c.yaml: the YAML is nested too deeply to be a config.")
+    bomb = "&a [" + ", ".join(["&b [" + ", ".join(["x"] * 400) + "]"] + ["*b"] * 400) + "]"
+    assert main(["validate", "--config", str(write(tmp_path, "{}\n")), f"data.sources={bomb}"]) == 2
+    assert f"error: Override 'data.sources={bomb}': its YAML aliases (*name) expand to more than 100,000" in capsys.readouterr().err

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
+import moetune.data.build as build_module
 from moetune.config import load_config
 from moetune.data.build import build_dataset, stats_path_for
 from moetune.errors import UserError
@@ -159,3 +163,39 @@ def test_a_pathological_file_is_skipped_and_counted_not_fatal(tmp_path: Path, ca
     assert stats["files_skipped"] == {"processing_error": 1}
     assert stats["rust_files_scanned"] == 1
     assert "deep.rs: RecursionError" in capsys.readouterr().err
+
+
+def test_temporary_files_of_a_killed_build_are_removed_by_the_next_one(tmp_path: Path, qa_file: Path):
+    config = _config(tmp_path, [{"type": "qa_jsonl", "path": str(qa_file)}])
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid now names no process, like a build killed with SIGKILL
+    alive = os.getppid()  # a concurrent build to the same file must keep its files
+    stale = [out_dir / f".all.jsonl.tmp-{gone.pid}", out_dir / f".all.stats.json.tmp-{gone.pid}"]
+    kept = [out_dir / f".all.jsonl.tmp-{alive}", out_dir / "notes.tmp-1"]
+    for path in stale + kept:
+        path.write_text("half-written\n")
+
+    assert build_dataset(config) == 0
+
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(["all.jsonl", "all.stats.json", *(p.name for p in kept)])
+
+
+def test_sigterm_during_a_build_exits_143_and_leaves_no_temporary_file(tmp_path: Path, qa_file: Path, monkeypatch):
+    config = _config(tmp_path, [{"type": "qa_jsonl", "path": str(qa_file)}])
+    real_add = build_module._add_qa_jsonl
+
+    def add_then_get_terminated(*args):
+        real_add(*args)  # the temporary dataset now holds samples
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(build_module, "_add_qa_jsonl", add_then_get_terminated)
+    previous = signal.getsignal(signal.SIGTERM)
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_dataset(config)
+
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert list((tmp_path / "out").iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is previous

@@ -52,3 +52,21 @@ def test_long_file_becomes_numbered_chunks_with_headers_and_line_spans(tmp_path)
     assert chunks[-1]["end_line"] == 199 and chunks[-1]["text"].endswith("pub fn f39() -> u32 {\n    39\n}")
     bodies = "".join(c["text"].split("\n", 1)[1] + "\n" for c in chunks)
     assert bodies.replace("\n\n", "\n") == source.replace("\n\n", "\n")  # nothing lost, only blank lines trimmed
+
+
+def test_every_chunk_of_a_file_cut_many_times_names_its_own_lines(tmp_path):
+    # Line numbers are counted on from chunk to chunk; each span must still be exactly the chunk's text.
+    source = "".join(f"/// Doc {i}.\n#[inline]\nfn g{i}(x: u8) -> u8 {{\n    x ^ {i % 256}\n}}\n" + "\n" * (i % 3)
+                     for i in range(300))
+    path = tmp_path / "many.rs"
+    path.write_text(source)
+    options = RustSampleOptions(repo="r", file_level=True, granular=False, instructions=False,
+                                chunk_budget_chars=250, max_file_bytes=100_000)
+    result = process_rust_file(RustFile("many.rs", str(path), "c", "", path.stat().st_size), options, new_parser())
+    chunks = [json.loads(line) for _, line, _, _ in result.samples]
+    lines = source.split("\n")
+
+    assert len(chunks) > 50
+    for chunk in chunks:
+        body = chunk["text"].split("\n", 1)[1]
+        assert lines[chunk["start_line"] - 1:chunk["end_line"]] == body.split("\n")

@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from moetune.data.walk import walk_rust_repo
+import pathspec
+import pytest
+
+from moetune.data.walk import gitignore_spec, walk_rust_repo
+from moetune.errors import UserError
 
 
 def test_walk_lists_rust_files_in_order_and_counts_every_skip(rust_crate: Path):
@@ -70,3 +74,57 @@ def test_a_module_folder_named_vendor_is_kept_and_symlinks_inside_the_repo_are_n
     # Each file once, under its real name; the links are counted, never walked.
     assert [f.path for f in result.files] == ["src/vendor.rs", "src/vendor/arm.rs"]
     assert dict(result.skipped) == {"symlink_inside_repo": 2, "broken_symlink": 1, "symlink_loop": 1}
+
+
+# Ordinary .gitignore contents and paths; the linear-time matcher must give pathspec's answer for each.
+_PATTERN_TABLE = [
+    ["*.rs"], ["/top.rs"], ["src/"], ["src"], ["/src/"], ["doc/*.rs"], ["**/gen"], ["**/gen/*.rs"], ["a/**/b.rs"],
+    ["a/**"], ["*.rs", "!keep.rs"], ["*.rs", "!/src/keep.rs"], ["build/", "!build/keep.rs"], ["[a-c]?.rs"],
+    ["[!a]*.rs"], ["\\#hash.rs"], ["\\!bang.rs"], ["trailing.rs   "], ["# comment", ""], ["**"], ["*/lib.rs"],
+    ["src/**/*.rs", "!src/**/mod.rs"], ["x*y*z.rs"], ["ünï*.rs"],
+]
+_PATHS = [
+    "top.rs", "src/top.rs", "src/", "src/lib.rs", "src/keep.rs", "keep.rs", "doc/x.rs", "doc/sub/x.rs", "gen/",
+    "a/gen/", "a/gen/x.rs", "a/b.rs", "a/x/y/b.rs", "a/", "build/", "build/keep.rs", "ab.rs", "dx.rs", "bz.rs",
+    "#hash.rs", "!bang.rs", "trailing.rs", "src/deep/mod.rs", "src/deep/other.rs", "xayaz.rs", "ünïcode.rs",
+]
+
+
+@pytest.mark.parametrize("lines", _PATTERN_TABLE, ids=lambda lines: "|".join(lines))
+def test_the_linear_time_matcher_agrees_with_pathspec(lines: list[str]):
+    ours = gitignore_spec(lines, ".gitignore")
+    reference = pathspec.GitIgnoreSpec.from_lines(lines, backend="simple")
+
+    assert [ours.check_file(p).include for p in _PATHS] == [reference.check_file(p).include for p in _PATHS]
+
+
+def test_a_pattern_with_many_stars_keeps_its_meaning(tmp_path: Path):
+    # The same pattern against a 60-character name is the data build test in test_cli_data.py.
+    (tmp_path / ".gitignore").write_text("*".join(["a"] * 26) + "b\n")
+    (tmp_path / ("a" * 20 + ".rs")).write_text("fn a() {}\n")
+    (tmp_path / ("a" * 30 + "b")).mkdir()
+    (tmp_path / ("a" * 30 + "b") / "x.rs").write_text("fn x() {}\n")
+
+    result = walk_rust_repo(tmp_path, 1000)
+
+    assert [f.path for f in result.files] == ["a" * 20 + ".rs"]
+    assert dict(result.skipped) == {"gitignored": 1}  # the folder ending in "ab"
+
+
+def test_lines_that_are_no_pattern_and_names_that_are_not_utf8_are_handled(tmp_path: Path):
+    (tmp_path / ".gitignore").write_bytes(b"!\n\\\n*.skip.rs\nbad\xff*.rs\n")
+    (tmp_path / "a.rs").write_text("fn a() {}\n")
+    (tmp_path / "b.skip.rs").write_text("fn b() {}\n")
+    with open(os.path.join(os.fsencode(tmp_path), b"bad\xffname.rs"), "wb") as f:
+        f.write(b"fn c() {}\n")
+
+    result = walk_rust_repo(tmp_path, 1000)
+
+    # "!" and a lone backslash mean nothing to git; the undecodable byte reads as U+FFFD on both sides.
+    assert [f.path for f in result.files] == ["a.rs"]
+    assert result.skipped["gitignored"] == 2
+
+
+def test_a_gitignore_pattern_too_large_to_compile_is_a_user_error(tmp_path: Path):
+    with pytest.raises(UserError, match=r"^data.sources\[\].exclude: the gitignore pattern '\?{80}'\.\.\. is too large"):
+        gitignore_spec(["?" * 100_000], "data.sources[].exclude")

@@ -23,6 +23,9 @@ from moetune.errors import ConfigError, UserError
 
 _NONE = type(None)
 _SCALARS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+# Values a config may hold once YAML aliases are expanded. The largest shipped config has a few
+# hundred; a 550-byte file of nested anchors ("billion laughs") expands to 9**9.
+MAX_EXPANDED_NODES = 100_000
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
@@ -47,10 +50,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key or key.startswith(".") or key.endswith(".") or ".." in key:
         raise UserError(f"Override {text!r} must look like section.key=value (e.g. training.learning_rate=1e-4).")
+    if not value.strip():
+        return key, None
     try:
-        return key, yaml.safe_load(value) if value.strip() else None
+        _check_expansion(yaml.compose(value, Loader=yaml.SafeLoader), f"Override {text!r}", with_lines=False)
+        return key, yaml.safe_load(value)
     except yaml.YAMLError as err:
         raise UserError(f"Override {text!r}: the value is not valid YAML ({_first_line(err)}).") from None
+    except RecursionError:
+        raise UserError(f"Override {text!r}: the value is nested too deeply.") from None
 
 
 def config_to_dict(config: Any) -> Any:
@@ -92,11 +100,14 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     try:
         text = path.read_text(encoding="utf-8-sig")
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_expansion(node, str(path))  # before anything walks the values
         raw = yaml.safe_load(text)
     except UnicodeDecodeError:
         raise UserError(f"Config file {str(path)!r} is not UTF-8 text.") from None
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML: {_first_line(err)}") from None
+    except RecursionError:
+        raise UserError(f"{path}: the YAML is nested too deeply to be a config.") from None
     if raw is None:
         return {}, {}
     if not isinstance(raw, dict):
@@ -105,6 +116,38 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     where: dict[str, str] = {}
     _record_lines(node, "", str(path), where)
     return raw, where
+
+
+def _check_expansion(root: yaml.Node | None, source: str, with_lines: bool = True) -> None:
+    """Reject YAML whose aliases expand to more than MAX_EXPANDED_NODES values, or refer to themselves.
+
+    Sizes are counted once per node (an alias is the same node object as its anchor), so this
+    costs time linear in the text however large the expansion would be.
+    """
+    expanded: dict[int, int] = {}
+    in_progress: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in expanded:
+            return expanded[id(node)]
+        if id(node) in in_progress:
+            where = f"{source}:{node.start_mark.line + 1}" if with_lines else source
+            raise UserError(f"{where}: a YAML alias refers to the value that contains it; "
+                            "a config cannot be infinite.")
+        in_progress.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(item) for item in node.value)
+        else:
+            total = 1
+        in_progress.discard(id(node))
+        expanded[id(node)] = total = min(total, MAX_EXPANDED_NODES + 1)
+        return total
+
+    if root is not None and size(root) > MAX_EXPANDED_NODES:
+        raise UserError(f"{source}: its YAML aliases (*name) expand to more than {MAX_EXPANDED_NODES:,} values; "
+                        "a config is far smaller. Write the values out, or reuse fewer levels of anchors.")
 
 
 def _record_lines(node: yaml.Node | None, prefix: str, filename: str, where: dict[str, str]) -> None:

@@ -175,7 +175,9 @@ class RustRepoSourceConfig:
     file_level: bool = opt(True, "Emit whole-file samples, split at item boundaries to fit model.max_seq_length.")
     granular: bool = opt(True, "Emit one sample per item (function, struct, enum, trait, impl, ...).")
     instructions: bool = opt(False, "Emit instruction samples: the doc comment as the request, the item as the answer.")
-    max_file_bytes: int = opt(1_000_000, "Skip files larger than this.")
+    max_file_bytes: int = opt(1_000_000, "Skip files larger than this. Chunking is linear in the file's size, but a file is "
+                              "parsed whole: tree-sitter's syntax tree alone takes about 25 times the file's size in "
+                              "memory (a worker peaks near 90 times), so raise it with the memory of every worker in mind.")
     exclude: tuple[str, ...] = opt((), "Extra gitignore-style patterns to skip.")
 
     def __post_init__(self) -> None:

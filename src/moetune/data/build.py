@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -57,9 +61,9 @@ def build_dataset(config: Config) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     stats = _new_stats(data.chars_per_token)
     started = time.perf_counter()
-    tmp_output = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    tmp_stats = output.with_name(f".{stats_path_for(output).name}.tmp-{os.getpid()}")
-    try:
+    _remove_stale_tmp_files(output)
+    tmp_output, tmp_stats = (output.with_name(f"{prefix}{os.getpid()}") for prefix in _tmp_prefixes(output))
+    with _exit_cleanly_on_termination(), _removed_unless_renamed(tmp_output, tmp_stats):
         with tmp_output.open("w", encoding="utf-8", newline="\n") as out:
             writer = _DedupWriter(out, stats)
             for source in data.sources:
@@ -74,11 +78,72 @@ def build_dataset(config: Config) -> int:
         tmp_stats.write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         os.replace(tmp_output, output)
         os.replace(tmp_stats, stats_path_for(output))
-    finally:
-        tmp_output.unlink(missing_ok=True)
-        tmp_stats.unlink(missing_ok=True)
     _print_summary(stats, output, time.perf_counter() - started)
     return 0
+
+
+def _tmp_prefixes(output: Path) -> list[str]:
+    return [f".{output.name}.tmp-", f".{stats_path_for(output).name}.tmp-"]
+
+
+def _remove_stale_tmp_files(output: Path) -> None:
+    """Delete temporary files left beside ``output`` by builds whose process no longer exists (killed with -9)."""
+    prefixes = _tmp_prefixes(output)
+    try:
+        names = os.listdir(output.parent)
+    except OSError:
+        return
+    for name in names:
+        prefix = next((p for p in prefixes if name.startswith(p)), None)
+        pid = name[len(prefix):] if prefix else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_exists(int(pid)):
+            (output.parent / name).unlink(missing_ok=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+@contextmanager
+def _removed_unless_renamed(*paths: Path) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for path in paths:
+            path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _exit_cleanly_on_termination() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into SystemExit while building, so `finally` blocks remove the temporary files.
+
+    By default those signals end the process on the spot and leave the files behind.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    owner = os.getpid()
+
+    def _exit(signum: int, frame) -> None:
+        if os.getpid() != owner:  # a forked worker: die as the signal would have it
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise SystemExit(128 + signum)
+
+    wanted = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {signum: signal.signal(signum, _exit) for signum in wanted}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class _DedupWriter:

@@ -56,20 +56,46 @@ def to_json_line(record: dict[str, Any]) -> str:
 def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
     """Stream the records of a built dataset file.
 
-    Raises UserError when the file is missing (run `moetune data` first) or a line is not a record.
+    Raises UserError when the file is missing (run `moetune data` first) or a line is not a record
+    (not UTF-8, not JSON, or without string ``text`` / ``prompt`` + ``completion``), naming file:line.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"Dataset {path} does not exist; build it first with `moetune data --config <file>` "
                         "(it writes data.output_path).")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    # Bytes, decoded line by line: a file that is not UTF-8 text is then reported at its line.
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"{where}: not UTF-8 text (byte {err.start + 1} of the line); is data.output_path "
+                                "a dataset built by `moetune data`?") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{lineno}: not a JSON line ({err.msg}); rebuild it with `moetune data`.") from None
-            if not isinstance(record, dict) or ("text" not in record and "completion" not in record):
-                raise UserError(f"{path}:{lineno}: a dataset line needs `text` or `prompt` + `completion`.")
+                raise UserError(f"{where}: not a JSON line ({err.msg}); rebuild it with `moetune data`.") from None
+            _check_record(record, where)
             yield record
+
+
+def _check_record(record: Any, where: str) -> None:
+    """A dataset line is an object with a string ``text``, or string ``prompt`` and ``completion``."""
+    expected = "a dataset line needs `text` (a string) or `prompt` + `completion` (strings)"
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: {expected}; got a JSON {_json_type(record)}.")
+    fields = ("text",) if "text" in record else ("prompt", "completion")
+    for name in fields:
+        if name not in record:
+            present = ", ".join(f"`{key}`" for key in list(record)[:8]) or "none"
+            raise UserError(f"{where}: {expected}; `{name}` is missing (keys: {present}).")
+        if not isinstance(record[name], str):
+            raise UserError(f"{where}: {expected}; `{name}` is a JSON {_json_type(record[name])}.")
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)

@@ -17,8 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pathspec
+import re2
+from pathspec.pattern import RegexMatchResult
+from pathspec.patterns.gitignore import GitIgnorePatternError
+from pathspec.patterns.gitignore.spec import GitIgnoreSpecPattern
 
 from moetune.data.secrets import is_secret_file_name
+from moetune.errors import UserError
 
 # Folders that never hold source worth learning from.
 ALWAYS_SKIPPED_DIRS = frozenset({".git", ".hg", ".svn", "node_modules", "__pycache__", ".cargo"})
@@ -53,7 +58,7 @@ def walk_rust_repo(root: str | Path, max_file_bytes: int, exclude: tuple[str, ..
     """
     root_real = os.path.realpath(root)
     result = WalkResult()
-    root_specs = [("", pathspec.GitIgnoreSpec.from_lines(list(exclude)))] if exclude else []
+    root_specs = [("", gitignore_spec(exclude, "data.sources[].exclude"))] if exclude else []
     crate_names: dict[str, str | None] = {}
     seen_dirs: set[tuple[int, int]] = set()
     fallback_crate = _crate_ident(os.path.basename(root_real))
@@ -175,12 +180,71 @@ def _is_vendored_dir(entry: os.DirEntry, sibling_names: set[str]) -> bool:
     return f"{entry.name}.rs" not in sibling_names and not os.path.exists(os.path.join(entry.path, "mod.rs"))
 
 
-def _read_gitignore(path: str):
+def _read_gitignore(path: str) -> pathspec.GitIgnoreSpec:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            return pathspec.GitIgnoreSpec.from_lines(f.read().splitlines())
+            lines = f.read().splitlines()
     except OSError:
-        return pathspec.GitIgnoreSpec.from_lines([])
+        lines = []
+    return gitignore_spec(lines, path)
+
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a failure is reported as a UserError below, not logged by the library
+
+
+class _LinearTimePattern(GitIgnoreSpecPattern):
+    """pathspec's gitignore pattern, matched by RE2 instead of Python's backtracking ``re``.
+
+    pathspec turns ``a*a*a*b`` into ``a[^/]*a[^/]*a...``; Python's engine backtracks through every
+    way of splitting a long name between the stars (26 stars, 60 characters: it never finishes),
+    so one ``.gitignore`` line could stall a build. RE2 matches in time linear in the path.
+    pathspec still parses the pattern, so its meaning (negation, anchoring, directory patterns,
+    ``**``) is unchanged. Each pattern gets its own RE2 regex rather than pathspec's "re2" backend:
+    that one combines them into an RE2 set, which fails to compile for a few thousand wildcard
+    patterns and answers "no match" when its DFA runs out of memory; a single RE2 regex falls back
+    to its NFA instead.
+    """
+
+    __slots__ = ("_linear",)
+
+    def __init__(self, line: str):
+        try:
+            super().__init__(line)
+        except GitIgnorePatternError:
+            # git skips a line it cannot read as a pattern ("!" alone, a trailing backslash); so do we.
+            super().__init__("")
+        try:
+            self._linear = re2.compile(self.regex.pattern, _RE2_OPTIONS) if self.regex is not None else None
+        except re2.error:
+            raise _PatternTooComplex(line) from None
+
+    def match_file(self, file: str) -> RegexMatchResult | None:
+        if self._linear is None:
+            return None
+        try:
+            match = self._linear.search(file)
+        except UnicodeEncodeError:
+            # A file name that is not UTF-8 reaches Python as lone surrogates, which RE2 cannot take;
+            # the .gitignore was read with the same bytes replaced by U+FFFD.
+            match = self._linear.search(file.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+        return RegexMatchResult(match) if match is not None else None
+
+
+class _PatternTooComplex(Exception):
+    def __init__(self, line: str):
+        super().__init__(line)
+        self.line = line
+
+
+def gitignore_spec(lines, source: str) -> pathspec.GitIgnoreSpec:
+    """The gitignore patterns in ``lines`` (from ``source``, named in errors), matched in linear time."""
+    try:
+        # The "simple" backend asks each pattern in turn, so every match goes through RE2 above.
+        return pathspec.GitIgnoreSpec.from_lines(list(lines), _LinearTimePattern, backend="simple")
+    except _PatternTooComplex as err:
+        raise UserError(f"{source}: the gitignore pattern {err.line[:80]!r}{'...' if len(err.line) > 80 else ''} "
+                        "is too large to match; shorten or remove it.") from None
 
 
 _NAME_LINE = re.compile(r"""^name\s*=\s*["']([^"'\n]+)["']""")
