@@ -1,7 +1,7 @@
 """The `moetune` command line: argument parsing only; every verb calls one library function.
 
 Exit codes: 0 success, 2 bad input (config, data, paths, checkpoints: one paragraph, no
-traceback), 1 a failure during work. Heavy libraries (torch, transformers) are imported inside
+traceback), 1 a failure during work, 130 / 143 a run stopped by SIGINT / SIGTERM. Heavy libraries (torch, transformers) are imported inside
 the verbs so `moetune --help` and `moetune validate` answer at once.
 """
 
@@ -15,7 +15,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 
-from moetune.errors import RunFailure, UserError
+from moetune.errors import RunFailure, StoppedBySignal, UserError
 
 DEFAULT_CONFIG = "config.yaml"
 
@@ -33,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunFailure as err:
         print(f"failed: {err}", file=sys.stderr)
         return 1
+    except StoppedBySignal as err:
+        print(f"moetune: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -109,7 +112,10 @@ def _load(args: argparse.Namespace, *extra: str):
 
 
 def _run_validate(args: argparse.Namespace) -> int:
+    from moetune.train.output_dir import check_output_dir
+
     config = _load(args)
+    check_output_dir(config.training.output_dir)
     print(f"{args.config}: valid ({len(config.data.sources)} data source(s), output_dir {config.training.output_dir})")
     return 0
 
@@ -127,8 +133,12 @@ def _run_data(args: argparse.Namespace) -> int | None:
 
 
 def _run_train(args: argparse.Namespace) -> int | None:
+    from moetune.train.signals import StopSignals
+
     config = _load(args)
-    return _library("moetune.train.loop", "train")(config)
+    with StopSignals():  # importing the training stack takes seconds: a signal then gets the start-up line too
+        train = _library("moetune.train.loop", "train")
+    return train(config)
 
 
 def _run_eval(args: argparse.Namespace) -> int | None:

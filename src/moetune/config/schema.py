@@ -266,6 +266,10 @@ class TrainingConfig:
     load_best_model_at_end: bool = opt(False, "Finish with the best checkpoint by metric_for_best_model.")
     metric_for_best_model: Literal["eval_loss", "eval_perplexity"] = opt("eval_loss", "Metric that picks the best checkpoint (lower is better).")
     resume_from_checkpoint: str | None = opt(None, "A checkpoint folder, or `latest`, to resume from exactly.")
+    reset_lr_schedule: bool = opt(
+        False, "On resume, run the learning-rate schedule this config describes from the checkpoint's step instead of "
+        "the checkpoint's (optimizer moments are kept); e.g. to resume with a lower training.learning_rate."
+    )
     overwrite_output_dir: bool = opt(False, "Allow writing into an output_dir that holds another run's checkpoints.")
     dataloader_num_workers: int = opt(0, "DataLoader worker processes.")
     ddp_backend: Literal["nccl", "gloo", "mpi", "ccl", "hccl"] | None = opt(None, "torch.distributed backend; null = the launcher's default.")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -267,38 +266,3 @@ def out_of_memory_message(config: Config) -> str:
             "model.max_seq_length; use ZeRO-3 (configs/accelerate/zero3.yaml) and, under DeepSpeed or FSDP, set "
             "advanced.use_cpu_offload=true; "
             "or load the base model in 4-bit (model.load_in_4bit=true). Resume with training.resume_from_checkpoint=latest.")
-
-
-class StopSignals:
-    """SIGTERM / SIGINT ask the loop to save a checkpoint and stop at the next optimizer step.
-
-    A second signal stops at once. Every process must agree on the step, so the flag is summed
-    across processes (one small all-reduce per step, only when there is more than one process).
-    """
-
-    def __init__(self):
-        self.name: str | None = None
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-
-    def _handle(self, signum, frame) -> None:
-        if self.name is not None:
-            raise KeyboardInterrupt
-        self.name = signal.Signals(signum).name
-
-    def requested(self, accelerator) -> bool:
-        flag = self.name is not None
-        if accelerator.num_processes > 1:
-            votes = accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum")
-            flag = votes.item() > 0
-            self.name = self.name or ("SIGTERM" if flag else None)
-        return flag
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
