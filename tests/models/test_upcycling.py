@@ -152,6 +152,22 @@ def test_generation_after_upcycling_uses_the_cache(mpt_config, tokens):
     assert torch.equal(cached, uncached)
 
 
+def test_forward_and_cached_generation_raise_no_future_warning(mpt_config, tokens):
+    import warnings
+
+    moe = upcycle_mpt(dense_mpt(mpt_config), MoeConfig(num_experts=4, top_k=2, expert_noise_std=0.05)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        full = moe(tokens, output_router_logits=True)
+        prefix = moe(tokens[:, :-1], use_cache=True)
+        assert prefix.cache.get_seq_length() == tokens.shape[1] - 1
+        step = moe(tokens[:, -1:], cache=prefix.cache, use_cache=True)
+        generated = moe.generate(tokens[:1, :5], max_new_tokens=3, do_sample=False)
+    # The cached step computes what the whole sequence does for its last token.
+    assert torch.allclose(step.logits[:, -1], full.logits[:, -1], atol=1e-5)
+    assert full.aux_loss is not None and generated.shape == (1, 8)
+
+
 def test_upcycle_checkpoint_writes_model_and_tokenizer(mpt_config, tokens, tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
