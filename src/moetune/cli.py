@@ -48,11 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def verb(name: str, help: str, description: str, run: Callable[[argparse.Namespace], int | None],
-             overrides: bool = True) -> argparse.ArgumentParser:
+             overrides: bool = True, config_help: str | None = None) -> argparse.ArgumentParser:
         sub = verbs.add_parser(name, help=help, description=description,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-        sub.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE",
-                         help=f"YAML config (default: ./{DEFAULT_CONFIG}).")
+        if config_help is None:
+            sub.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE",
+                             help=f"YAML config (default: ./{DEFAULT_CONFIG}).")
+        else:  # a verb that needs no config unless one is named
+            sub.add_argument("--config", default=None, metavar="FILE", help=config_help)
         if overrides:
             sub.add_argument("overrides", nargs="*", metavar="section.key=value",
                              help="Config overrides; values are YAML and are validated like the file.")
@@ -84,13 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--dry-run", action="store_true", help="List the runs without training.")
     up = verb("upcycle", "turn a dense MPT checkpoint into an MoE (sparse upcycling)",
               "Copy every (or every n-th) block's FFN into num_experts identical experts with a new\n"
-              "router, and save config + safetensors + tokenizer. Other moe.* settings come from --config\n"
-              "when that file exists.",
-              _run_upcycle)
+              "router, and save config + safetensors + tokenizer in the dense checkpoint's dtype. Other\n"
+              "moe.* settings come from --config when one is given, else from the defaults.",
+              _run_upcycle, config_help="YAML config for the other moe.* settings (default: none; the moe.* defaults).")
     up.add_argument("--model", required=True, metavar="DIR", help="Dense MPT checkpoint (directory or hub id).")
     up.add_argument("--output", required=True, metavar="DIR", help="Where the upcycled checkpoint is written.")
     up.add_argument("--num-experts", type=int, metavar="N", help="Experts per MoE block (moe.num_experts).")
     up.add_argument("--top-k", type=int, metavar="K", help="Experts per token, 1 or 2 (moe.top_k).")
+    up.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                    help="Save the upcycled model in this dtype (default: the dense checkpoint's).")
     verb("validate", "check a config and exit 0 (valid) or 2 (invalid)",
          "Load and validate the config with any overrides; print what is wrong, where.", _run_validate)
     verb("print-config", "print the fully resolved config (defaults included) as YAML",
@@ -143,15 +148,10 @@ def _run_sweep(args: argparse.Namespace) -> int | None:
 
 
 def _run_upcycle(args: argparse.Namespace) -> int | None:
-    from pathlib import Path
-
     flags = [f"moe.num_experts={args.num_experts}"] if args.num_experts is not None else []
     flags += [f"moe.top_k={args.top_k}"] if args.top_k is not None else []
-    from moetune.config import load_config
-
-    path = args.config if Path(args.config).is_file() else None
-    config = load_config(path, [*args.overrides, *flags])
-    return _library("moetune.models.upcycle", "upcycle_checkpoint")(config, args.model, args.output)
+    config = _load(args, *flags)
+    return _library("moetune.models.upcycle", "upcycle_checkpoint")(config, args.model, args.output, dtype=args.dtype)
 
 
 class _CurrentStderr(logging.StreamHandler):
@@ -183,6 +183,14 @@ def _configure_logging() -> None:
     # PEFT still reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: the
     # warning is about PEFT's code, not the user's, and nothing in a config can change it.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # accelerate imports DeepSpeed, when installed, to recognise its engine whenever a model is unwrapped
+    # or saved, and DeepSpeed's import announces that it found no GPU. Only a DeepSpeed run needs to hear it.
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        logging.getLogger("DeepSpeed").addFilter(_not_the_cpu_accelerator_notice)
+
+
+def _not_the_cpu_accelerator_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Setting accelerator to CPU")
 
 
 def _library(module: str, name: str) -> Callable:
