@@ -79,6 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Adapter checkpoint or merged model (default: the final adapter in training.output_dir).")
     ev.add_argument("--max-samples", type=int, metavar="N", help="Evaluate at most N validation samples.")
     ev.add_argument("--output-dir", metavar="DIR", help="Where the report goes (default: <adapter>/eval).")
+    gen = verb("generate", "try the fine-tuned model on prompts (streamed, or a prompts file to JSONL)",
+               "Load the fine-tuned adapter (or merged model) as `moetune eval` does and generate with the\n"
+               "inference settings. --prompt and --interactive stream the tokens to the terminal; --prompts\n"
+               "FILE (one prompt per line, blank lines skipped) is generated in batches, one JSON line per\n"
+               "prompt (prompt, completion, prompt_tokens, completion_tokens, seconds) to --output or stdout.",
+               _run_generate)
+    gen.add_argument("--adapter-path", metavar="DIR",
+                     help="Adapter checkpoint or merged model (default: the final adapter in training.output_dir).")
+    given = gen.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", metavar="TEXT", help="One prompt; the completion is streamed.")
+    given.add_argument("--prompts", metavar="FILE", help="A text file, one prompt per line.")
+    given.add_argument("--interactive", action="store_true", help="Read prompts from stdin, one per line, until EOF.")
+    gen.add_argument("--output", metavar="FILE", help="Write one JSON line per prompt here.")
+    gen.add_argument("--compare-base", action="store_true",
+                     help="Generate with the base model too (the adapter switched off) and record both completions.")
     sw = verb("sweep", "run a grid of configs, skipping finished runs, and rank them",
               "Run every combination (grid) or paired list of config values in sweep.yaml, each in its\n"
               "own output_dir; finished runs are skipped, half-finished ones resume.",
@@ -140,6 +155,13 @@ def _run_eval(args: argparse.Namespace) -> int | None:
     config = _load(args)
     evaluate = _library("moetune.eval.evaluate", "evaluate")
     return evaluate(config, adapter_path=args.adapter_path, max_samples=args.max_samples, output_dir=args.output_dir)
+
+
+def _run_generate(args: argparse.Namespace) -> int | None:
+    config = _load(args)
+    generate = _library("moetune.eval.prompting", "generate_from_prompts")
+    return generate(config, adapter_path=args.adapter_path, prompt=args.prompt, prompts_file=args.prompts,
+                    interactive=args.interactive, output=args.output, compare_base=args.compare_base)
 
 
 def _run_sweep(args: argparse.Namespace) -> int | None:
