@@ -147,3 +147,20 @@ def test_bad_paths_exit_2_naming_the_path(trained_run, tmp_path, capsys):
     (corrupt / "adapter_config.json").write_text((run_dir / "adapter_config.json").read_text())
     (corrupt / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
     assert f"The adapter in {corrupt} cannot be loaded" in fails("--adapter-path", str(corrupt), "--prompt", "fn f1() {")
+
+
+def test_a_merged_model_compares_with_a_base_built_beside_it(trained_run, direct, tmp_path):
+    config_path, _, _ = trained_run
+    tokenizer, expected = direct
+    config = load_config(config_path, EVAL_OVERRIDES)
+    merged = tmp_path / "merged"
+    load_tuned(config, resolve_tuned_model(config, None), tokenizer).merge_and_unload().save_pretrained(merged)
+    tokenizer.save_pretrained(merged)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS[0] + "\n")
+    out = tmp_path / "merged.jsonl"
+    assert main(["generate", "--config", str(config_path), "--adapter-path", str(merged), "--prompts", str(prompts),
+                 "--compare-base", "--output", str(out), *EVAL_OVERRIDES]) == 0
+    [record] = _read(out)
+    assert record["completion"] == tokenizer.decode(expected["tuned"][0][1], skip_special_tokens=True)
+    assert record["base_completion"] == tokenizer.decode(expected["base"][0][1], skip_special_tokens=True)
