@@ -325,7 +325,7 @@ class ValidationConfig:
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """Generation settings used by evaluation."""
+    """Generation settings used by evaluation and `moetune generate`."""
 
     do_sample: bool = opt(True, "Sample; false decodes greedily.")
     temperature: float = opt(0.2, "Sampling temperature.")
@@ -333,6 +333,9 @@ class InferenceConfig:
     top_p: float = opt(0.95, "Nucleus sampling mass.")
     repetition_penalty: float = opt(1.1, "Penalty on repeated tokens (1.0 = none).")
     max_new_tokens: int = opt(256, "Longest generated continuation.")
+    use_chat_template: bool = opt(
+        False, "`moetune generate` wraps each prompt as one user message in the tokenizer's chat template, when it has "
+        "one. Leave false for a model trained on plain text; evaluation always uses prompts as the data has them.")
 
     def __post_init__(self) -> None:
         check(self.temperature > 0, "inference.temperature", self.temperature, "greater than 0")
