@@ -3,8 +3,9 @@ MPT-7B-MoE trainer's command line; each flag is a config override on configs/mpt
 Several GPUs: accelerate launch --config_file accelerate_config.yaml train_mpt7b_moe_accelerate.py [flags]."""
 
 import sys
+from pathlib import Path
 
 from moetune.mpt_accelerate_cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], checkout=Path(__file__).resolve().parent))

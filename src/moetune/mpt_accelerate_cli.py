@@ -128,13 +128,14 @@ def _moe_block(path: str | Path | None) -> dict:
     return read_legacy_deepspeed_moe(path)
 
 
-def load_trainer_config(args: argparse.Namespace, deepspeed_json: str | Path | None = None):
+def load_trainer_config(args: argparse.Namespace, deepspeed_json: str | Path | None = None,
+                        default_config: str | Path = DEFAULT_CONFIG):
     """The Config these flags describe; a bad flag value is a UserError naming the flag."""
     from moetune.config import load_config
 
     overrides, flags_of = flag_overrides(args, deepspeed_json)
     try:
-        return load_config(args.config or DEFAULT_CONFIG, [*overrides, *args.overrides])
+        return load_config(args.config or default_config, [*overrides, *args.overrides])
     except ConfigError as err:
         source = flags_of.get(err.key)
         if source is None or any(o.split("=", 1)[0] == err.key for o in args.overrides):
@@ -142,18 +143,24 @@ def load_trainer_config(args: argparse.Namespace, deepspeed_json: str | Path | N
         raise UserError(f"{source}: {_without_location(err.message)}") from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of train_mpt7b_moe_accelerate.py: 0, 1 (a failure), 2 (bad flags, config or data)."""
+def main(argv: Sequence[str] | None = None, checkout: str | Path | None = None) -> int:
+    """Entry point of train_mpt7b_moe_accelerate.py: 0, 1 (a failure), 2 (bad flags, config or data).
+
+    ``checkout`` is the folder holding configs/ (the script's own), for runs started elsewhere.
+    """
     from moetune.cli import report_errors
 
-    args = build_parser().parse_args(argv)
-    return report_errors(lambda: _run(args))
+    args = build_parser().parse_intermixed_args(argv)  # overrides may come between the flags
+    default_config = Path(DEFAULT_CONFIG)
+    if not default_config.is_file() and checkout is not None:
+        default_config = Path(checkout) / DEFAULT_CONFIG
+    return report_errors(lambda: _run(args, default_config))
 
 
-def _run(args: argparse.Namespace) -> int | None:
+def _run(args: argparse.Namespace, default_config: Path) -> int | None:
     from moetune.train.signals import StopSignals
 
-    config = load_trainer_config(args, deepspeed_json_path())
+    config = load_trainer_config(args, deepspeed_json_path(), default_config)
     if args.data_file is not None or args.config is None:
         from moetune.data.build import build_dataset_unless_current
 
