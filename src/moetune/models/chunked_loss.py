@@ -161,43 +161,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros_like(weight) if want_weight else None
         grad_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if want_bias else None
-        any_grad = want_hidden or want_weight or want_bias
 
         for start in range(0, hidden.shape[0], chunk_tokens):
             chunk = hidden[start:start + chunk_tokens]
-            target = targets[start:start + chunk_tokens, None]
-            logits = F.linear(chunk, weight, bias).float()
-            if logit_scale is not None:
-                logits.mul_(logit_scale)
-            tanh = None
-            if softcap is not None:
-                tanh = logits.div_(softcap).tanh_()
-                logits = tanh * softcap
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            # F.cross_entropy's label smoothing: target mass (1 - eps) on the label, eps / V on every class.
-            token_loss = lse - (1.0 - label_smoothing) * logits.gather(1, target)
-            if label_smoothing > 0:
-                token_loss = token_loss - (label_smoothing / vocab) * logits.sum(dim=-1, keepdim=True)
-            loss_sum += token_loss.sum()
-            if not any_grad:
+            chunk_loss, grad_logits = _chunk_loss_and_logit_grad(
+                chunk, weight, bias, targets[start:start + chunk_tokens, None], label_smoothing, logit_scale, softcap,
+                want_grad=want_hidden or want_weight or want_bias)
+            loss_sum += chunk_loss
+            if grad_logits is None:
                 continue
-            grad_logits = logits.sub_(lse).exp_()  # softmax, in place: d loss / d logits = p - q
-            grad_logits.scatter_add_(1, target, torch.full_like(target, label_smoothing - 1.0, dtype=torch.float32))
-            if label_smoothing > 0:
-                grad_logits.sub_(label_smoothing / vocab)
-            if tanh is not None:
-                grad_logits.mul_(tanh.square_().neg_().add_(1.0))
-                del tanh
-            if logit_scale is not None:
-                grad_logits.mul_(logit_scale)
             if want_bias:
-                grad_bias += grad_logits.sum(dim=0)
-            grad_logits = grad_logits.to(weight.dtype)
+                grad_bias += grad_logits.sum(dim=0, dtype=torch.float32)
             if want_hidden:
                 grad_hidden[start:start + chunk_tokens] = grad_logits @ weight
             if want_weight:
                 grad_weight.addmm_(grad_logits.t(), chunk)
-            del grad_logits, logits
+            del grad_logits  # before the next chunk's logits are allocated
 
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias.to(bias.dtype) if want_bias else None)
         return loss_sum
@@ -208,6 +187,43 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         scale = grad_output.to(torch.float32)
         grads = [None if g is None else g * scale.to(g.dtype) for g in (grad_hidden, grad_weight, grad_bias)]
         return (*grads, None, None, None, None, None, None)
+
+
+def _chunk_loss_and_logit_grad(chunk, weight, bias, target, label_smoothing, logit_scale, softcap, want_grad):
+    """Summed cross-entropy of one chunk and d loss / d raw logits (in the weight's dtype), or None.
+
+    A function of its own so that every alias of the chunk's logits is freed on return.
+    """
+    vocab = weight.shape[0]
+    logits = F.linear(chunk, weight, bias).float()
+    if logit_scale is not None:
+        logits.mul_(logit_scale)
+    tanh = None
+    if softcap is not None:
+        tanh = logits.div_(softcap).tanh_()
+        logits = tanh * softcap
+    # The softmax is built in place in the logits buffer (torch.logsumexp would allocate a second
+    # chunk-sized tensor): shift by the row max, read what the loss needs, exponentiate.
+    shifted = logits.sub_(logits.amax(dim=-1, keepdim=True))
+    # F.cross_entropy's label smoothing: target mass (1 - eps) on the label, eps / V on every class;
+    # the row max cancels out of  lse - (1 - eps) * z_y - eps / V * sum(z).
+    token_loss = -(1.0 - label_smoothing) * shifted.gather(1, target)
+    if label_smoothing > 0:
+        token_loss = token_loss - (label_smoothing / vocab) * shifted.sum(dim=-1, keepdim=True)
+    exp = shifted.exp_()
+    sum_exp = exp.sum(dim=-1, keepdim=True)
+    loss = (token_loss + sum_exp.log()).sum()
+    if not want_grad:
+        return loss, None
+    grad_logits = exp.div_(sum_exp)  # softmax: d loss / d logits = p - q
+    grad_logits.scatter_add_(1, target, torch.full_like(target, label_smoothing - 1.0, dtype=torch.float32))
+    if label_smoothing > 0:
+        grad_logits.sub_(label_smoothing / vocab)
+    if tanh is not None:
+        grad_logits.mul_(tanh.square_().neg_().add_(1.0))
+    if logit_scale is not None:
+        grad_logits.mul_(logit_scale)
+    return loss, grad_logits.to(weight.dtype)
 
 
 def _liger_loss(hidden, weight, bias, targets, label_smoothing, logit_scale, softcap) -> torch.Tensor:
