@@ -56,8 +56,9 @@ def chunked_causal_lm_loss(hidden_states: torch.Tensor, lm_head: nn.Module | tor
     Gradients reach ``hidden_states`` and, where they require grad, the lm_head weight and bias
     (frozen ones cost nothing). The logits are computed in the matmul dtype (the weight's, or the
     autocast dtype under autocast), as ``lm_head`` computes them; the softmax, scale and softcap in
-    float32. ``chunk_tokens`` bounds the transient memory: about ``chunk_tokens * V * 10`` bytes (a
-    float32 and a bf16 chunk of logits). ``implementation``: "auto" (Liger's fused kernel on a CUDA
+    float32. ``chunk_tokens`` bounds the transient memory to one float32 chunk of logits,
+    ``chunk_tokens * V * 4`` bytes (594 MiB at 1,024 x 151,936), plus half that again for its bf16
+    copy with bf16/fp16 weights, and one more float32 chunk with ``softcap``. ``implementation``: "auto" (Liger's fused kernel on a CUDA
     tensor where ``liger_kernel`` is installed, else "chunked"), "chunked", or
     "liger_fused_linear_cross_entropy".
 
