@@ -10,7 +10,9 @@ process so no allocation of one is seen by another:
 * ``no loss``: the hidden states' sum, which leaves out the head; it measures the model alone;
 * ``full logits``: ``model(...).logits`` then moetune's ``causal_lm_loss`` (today's path:
   the logits upcast to float32, ``F.cross_entropy``);
-* ``chunked``: ``model.model(...)`` hidden states, then ``chunked_causal_lm_loss`` with ``model.lm_head``.
+* ``chunked``: ``model.model(...)`` hidden states, then ``chunked_causal_lm_loss`` with ``model.lm_head``;
+* ``trainer``: what moetune's trainer and evaluation call, ``forward_with_lm_loss`` (the whole model's
+  forward with ``logits_to_keep=1``, its last hidden states into the chunked loss, 1,024 tokens a chunk).
 
 The peak is the process's resident-set high-water mark (VmHWM), reset right before the step
 through /proc/self/clear_refs, minus the resident set at that moment: what the step itself
@@ -29,7 +31,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("no loss", "full logits", "chunked")
+VARIANTS = ("no loss", "full logits", "chunked", "trainer")
 
 
 def rss_kib(field: str) -> int:
@@ -46,7 +48,7 @@ def measure(variant: str, args) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from moetune.models.chunked_loss import chunked_causal_lm_loss, lm_loss_implementation
-    from moetune.models.losses import causal_lm_loss
+    from moetune.models.losses import causal_lm_loss, forward_with_lm_loss
 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -68,6 +70,8 @@ def measure(variant: str, args) -> dict:
     start = time.perf_counter()
     if variant == "full logits":
         loss = causal_lm_loss(model(input_ids=tokens).logits, labels, reduction="sum")
+    elif variant == "trainer":
+        _, loss = forward_with_lm_loss(model, {"input_ids": tokens, "use_cache": False}, labels)
     else:
         hidden = model.model(input_ids=tokens).last_hidden_state
         if variant == "chunked":
@@ -78,7 +82,7 @@ def measure(variant: str, args) -> dict:
     seconds = time.perf_counter() - start
     peak = rss_kib("VmHWM")
     return {"variant": variant, "step_peak_mib": (peak - before) / 1024, "loss": loss.item(), "seconds": seconds,
-            "implementation": lm_loss_implementation("cpu") if variant == "chunked" else "full float32 logits"}
+            "implementation": "full float32 logits" if variant == "full logits" else lm_loss_implementation("cpu")}
 
 
 def main() -> None:
@@ -116,8 +120,9 @@ def main() -> None:
         print(f"  {variant:12s} step peak {r['step_peak_mib']:8,.0f} MiB{share}   {r['seconds']:5.2f} s   "
               f"loss {r['loss']:.4f}")
     full = results["full logits"]["step_peak_mib"] - model_only
-    chunked = results["chunked"]["step_peak_mib"] - model_only
-    print(f"  loss-related peak: {full / max(chunked, 1.0):.1f}x lower with {results['chunked']['implementation']}")
+    for variant in ("chunked", "trainer"):
+        ours = results[variant]["step_peak_mib"] - model_only
+        print(f"  loss-related peak, {variant}: {full / max(ours, 1.0):.1f}x lower ({results[variant]['implementation']})")
 
 
 if __name__ == "__main__":
