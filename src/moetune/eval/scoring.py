@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from moetune.data.encode import IGNORE_INDEX, encode_records
 from moetune.data.packing import PaddingCollator
 from moetune.eval.routing_report import group_of
-from moetune.models.losses import causal_lm_loss, expert_token_counts
+from moetune.models.losses import expert_token_counts, forward_with_lm_loss
 from moetune.train.setup import router_top_k
 
 
@@ -66,8 +66,8 @@ def score_records(model, tokenizer, records: list[dict], max_seq_length: int, ba
     for group, batch in tqdm(batches, desc=desc, unit="batch", dynamic_ncols=True):
         batch = {k: v.to(device) for k, v in batch.items()}
         kwargs = {"output_router_logits": True} if top_k else {}
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **kwargs)
-        loss = causal_lm_loss(out.logits, batch["labels"], reduction="sum")
+        out, loss = forward_with_lm_loss(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                                                 "use_cache": False, **kwargs}, batch["labels"])
         loss_sums[group] = loss_sums.get(group, 0.0) + float(loss)
         token_counts[group] = token_counts.get(group, 0) + int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         if top_k and getattr(out, "router_logits", None):
