@@ -271,6 +271,33 @@ def test_a_full_disk_while_saving_says_so_and_keeps_earlier_checkpoints(tiny_run
     assert not (out / "config.yaml.tmp").exists() and (out / "config.yaml").read_text() == config_before
 
 
+def test_a_full_disk_at_the_final_save_says_so_removes_the_half_written_adapter_and_resumes(tiny_run, monkeypatch,
+                                                                                           capsys):
+    from safetensors.torch import save_file as real_save_file
+
+    config, out = tiny_run
+    import peft.peft_model
+
+    def disk_full(tensors, filename, *args, **kwargs):
+        if Path(filename).parent != out:  # checkpoints save fine; the final adapter hits the full disk
+            return real_save_file(tensors, filename, *args, **kwargs)
+        Path(filename).write_bytes(b"half an adapter")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", disk_full)
+    assert main(["train", "--config", str(config), *SHORT]) == 1
+    err = capsys.readouterr().err
+    assert f"no space left on {out}: " in err and "while writing the final adapter / model (the checkpoints are intact)" in err
+    assert "Traceback" not in err
+    assert not (out / "adapter_model.safetensors").exists()  # no truncated adapter for eval to trip on
+    checkpoints = sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-"))
+    assert checkpoints and (out / checkpoints[-1] / "adapter_model.safetensors").is_file()
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", real_save_file)
+    assert main(["train", "--config", str(config), *SHORT, "training.resume_from_checkpoint=latest"]) == 0
+    assert (out / "adapter_model.safetensors").is_file()
+
+
 class _SavingAccelerator:
     """Just what save_checkpoint uses; ``save_state`` fails as torch's zip writer does on a full disk."""
 

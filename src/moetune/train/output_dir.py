@@ -11,11 +11,13 @@ defined here and nowhere else (:func:`checkpoint_dir_name`, :data:`CHECKPOINT_DI
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -133,6 +135,27 @@ def no_space_failure(directory: Path, needed_bytes: int, what: str, then: str, a
     needed = f"{'at least ' if at_least else ''}{_mb(needed_bytes)} MB needed"
     return RunFailure(f"no space left on {directory}: {needed}, {_mb(free_bytes(directory))} MB free, while writing "
                       f"{what}. Free some space (or move training.output_dir to a larger disk), then {then}.")
+
+
+@contextlib.contextmanager
+def final_files_or_no_space(directory: Path, needed_bytes: int):
+    """Write a run's final files inside the ``with``; a full disk becomes a RunFailure naming the space needed.
+
+    The files this ``with`` began to write are removed again (a truncated adapter would only fail
+    later, in eval); the checkpoints are not touched, so the run resumes to write them once there is room.
+    """
+    started = time.time()
+    try:
+        yield
+    except Exception as err:
+        if not is_disk_full(err, directory, needed_bytes):
+            raise
+        for path in (directory, directory / "merged"):
+            for entry in path.iterdir() if path.is_dir() else ():
+                if entry.is_file() and entry.stat().st_mtime >= started - 1 and _OWN_ENTRY.match(entry.name):
+                    entry.unlink()
+        raise no_space_failure(directory, needed_bytes, "the final adapter / model (the checkpoints are intact)",
+                               "resume with training.resume_from_checkpoint=latest to write them") from None
 
 
 def _mb(n: int) -> str:

@@ -14,6 +14,7 @@ import torch
 from moetune.config import Config, TrainingConfig
 from moetune.errors import ConfigError, UserError
 from moetune.train.checkpoint import weights_are_sharded
+from moetune.train.output_dir import final_files_or_no_space
 from moetune.train.run_log import logging_dir, tracker_names
 
 TOKENIZER_DIR = "tokenizer"
@@ -247,13 +248,17 @@ def save_final(accelerator, model, tokenizer, config: Config) -> None:
         state_dict = accelerator.get_state_dict(model) if weights_are_sharded(accelerator) else None
         if not accelerator.is_main_process:
             return
-        unwrapped.save_pretrained(t.output_dir, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(t.output_dir)
+        trainable_bytes = sum(p.numel() * p.element_size() for p in unwrapped.parameters() if p.requires_grad)
+        with final_files_or_no_space(Path(t.output_dir), trainable_bytes):
+            unwrapped.save_pretrained(t.output_dir, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(t.output_dir)
         if config.post_training.merge_and_save:
             merged_dir = Path(config.post_training.merged_output_dir or Path(t.output_dir) / "merged")
             merged = unwrapped.merge_and_unload() if hasattr(unwrapped, "merge_and_unload") else unwrapped
-            merged.save_pretrained(merged_dir, safe_serialization=True)
-            tokenizer.save_pretrained(merged_dir)
+            model_bytes = sum(p.numel() * p.element_size() for p in merged.parameters())
+            with final_files_or_no_space(merged_dir, model_bytes):
+                merged.save_pretrained(merged_dir, safe_serialization=True)
+                tokenizer.save_pretrained(merged_dir)
             print(f"merged model saved to {merged_dir}", file=sys.stderr)
 
 
