@@ -11,7 +11,7 @@ from moetune.cli import main
 from moetune.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-VERBS = ["data", "train", "eval", "sweep", "upcycle", "validate", "print-config"]
+VERBS = ["data", "train", "eval", "generate", "sweep", "upcycle", "validate", "print-config"]
 
 
 def run(*args, cwd=ROOT):
@@ -79,6 +79,7 @@ def test_console_help_lists_every_verb():
 @pytest.mark.parametrize(("shim", "verb", "option"), [
     ("train_moe.py", "train", "--config FILE"),
     ("evaluate_moe.py", "eval", "--adapter-path DIR"),
+    ("generate.py", "generate", "--prompts FILE"),
     ("prepare_dataset.py", "data", "--config FILE"),
 ])
 def test_root_shims_are_the_verbs(shim, verb, option):

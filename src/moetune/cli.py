@@ -1,7 +1,7 @@
 """The `moetune` command line: argument parsing only; every verb calls one library function.
 
 Exit codes: 0 success, 2 bad input (config, data, paths, checkpoints: one paragraph, no
-traceback), 1 a failure during work. Heavy libraries (torch, transformers) are imported inside
+traceback), 1 a failure during work, 130 / 143 a run stopped by SIGINT / SIGTERM. Heavy libraries (torch, transformers) are imported inside
 the verbs so `moetune --help` and `moetune validate` answer at once.
 """
 
@@ -15,7 +15,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 
-from moetune.errors import RunFailure, UserError
+from moetune.errors import RunFailure, StoppedBySignal, UserError
 
 DEFAULT_CONFIG = "config.yaml"
 
@@ -33,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunFailure as err:
         print(f"failed: {err}", file=sys.stderr)
         return 1
+    except StoppedBySignal as err:
+        print(f"moetune: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -48,11 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def verb(name: str, help: str, description: str, run: Callable[[argparse.Namespace], int | None],
-             overrides: bool = True) -> argparse.ArgumentParser:
+             overrides: bool = True, config_help: str | None = None) -> argparse.ArgumentParser:
         sub = verbs.add_parser(name, help=help, description=description,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-        sub.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE",
-                         help=f"YAML config (default: ./{DEFAULT_CONFIG}).")
+        if config_help is None:
+            sub.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE",
+                             help=f"YAML config (default: ./{DEFAULT_CONFIG}).")
+        else:  # a verb that needs no config unless one is named
+            sub.add_argument("--config", default=None, metavar="FILE", help=config_help)
         if overrides:
             sub.add_argument("overrides", nargs="*", metavar="section.key=value",
                              help="Config overrides; values are YAML and are validated like the file.")
@@ -76,6 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Adapter checkpoint or merged model (default: the final adapter in training.output_dir).")
     ev.add_argument("--max-samples", type=int, metavar="N", help="Evaluate at most N validation samples.")
     ev.add_argument("--output-dir", metavar="DIR", help="Where the report goes (default: <adapter>/eval).")
+    gen = verb("generate", "try the fine-tuned model on prompts (streamed, or a prompts file to JSONL)",
+               "Load the fine-tuned adapter (or merged model) as `moetune eval` does and generate with the\n"
+               "inference settings. --prompt and --interactive stream the tokens to the terminal; --prompts\n"
+               "FILE (one prompt per line, blank lines skipped) is generated in batches, one JSON line per\n"
+               "prompt (prompt, completion, prompt_tokens, completion_tokens, seconds) to --output or stdout.",
+               _run_generate)
+    gen.add_argument("--adapter-path", metavar="DIR",
+                     help="Adapter checkpoint or merged model (default: the final adapter in training.output_dir).")
+    given = gen.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", metavar="TEXT", help="One prompt; the completion is streamed.")
+    given.add_argument("--prompts", metavar="FILE", help="A text file, one prompt per line.")
+    given.add_argument("--interactive", action="store_true", help="Read prompts from stdin, one per line, until EOF.")
+    gen.add_argument("--output", metavar="FILE", help="Write one JSON line per prompt here.")
+    gen.add_argument("--compare-base", action="store_true",
+                     help="Generate with the base model too (the adapter switched off) and record both completions.")
     sw = verb("sweep", "run a grid of configs, skipping finished runs, and rank them",
               "Run every combination (grid) or paired list of config values in sweep.yaml, each in its\n"
               "own output_dir; finished runs are skipped, half-finished ones resume.",
@@ -84,13 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--dry-run", action="store_true", help="List the runs without training.")
     up = verb("upcycle", "turn a dense MPT checkpoint into an MoE (sparse upcycling)",
               "Copy every (or every n-th) block's FFN into num_experts identical experts with a new\n"
-              "router, and save config + safetensors + tokenizer. Other moe.* settings come from --config\n"
-              "when that file exists.",
-              _run_upcycle)
+              "router, and save config + safetensors + tokenizer in the dense checkpoint's dtype. Other\n"
+              "moe.* settings come from --config when one is given, else from the defaults.",
+              _run_upcycle, config_help="YAML config for the other moe.* settings (default: none; the moe.* defaults).")
     up.add_argument("--model", required=True, metavar="DIR", help="Dense MPT checkpoint (directory or hub id).")
     up.add_argument("--output", required=True, metavar="DIR", help="Where the upcycled checkpoint is written.")
     up.add_argument("--num-experts", type=int, metavar="N", help="Experts per MoE block (moe.num_experts).")
     up.add_argument("--top-k", type=int, metavar="K", help="Experts per token, 1 or 2 (moe.top_k).")
+    up.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                    help="Save the upcycled model in this dtype (default: the dense checkpoint's).")
     verb("validate", "check a config and exit 0 (valid) or 2 (invalid)",
          "Load and validate the config with any overrides; print what is wrong, where.", _run_validate)
     verb("print-config", "print the fully resolved config (defaults included) as YAML",
@@ -109,7 +132,10 @@ def _load(args: argparse.Namespace, *extra: str):
 
 
 def _run_validate(args: argparse.Namespace) -> int:
+    from moetune.train.output_dir import check_output_dir
+
     config = _load(args)
+    check_output_dir(config.training.output_dir)
     print(f"{args.config}: valid ({len(config.data.sources)} data source(s), output_dir {config.training.output_dir})")
     return 0
 
@@ -127,8 +153,12 @@ def _run_data(args: argparse.Namespace) -> int | None:
 
 
 def _run_train(args: argparse.Namespace) -> int | None:
+    from moetune.train.signals import StopSignals
+
     config = _load(args)
-    return _library("moetune.train.loop", "train")(config)
+    with StopSignals():  # importing the training stack takes seconds: a signal then gets the start-up line too
+        train = _library("moetune.train.loop", "train")
+    return train(config)
 
 
 def _run_eval(args: argparse.Namespace) -> int | None:
@@ -137,21 +167,23 @@ def _run_eval(args: argparse.Namespace) -> int | None:
     return evaluate(config, adapter_path=args.adapter_path, max_samples=args.max_samples, output_dir=args.output_dir)
 
 
+def _run_generate(args: argparse.Namespace) -> int | None:
+    config = _load(args)
+    generate = _library("moetune.eval.prompting", "generate_from_prompts")
+    return generate(config, adapter_path=args.adapter_path, prompt=args.prompt, prompts_file=args.prompts,
+                    interactive=args.interactive, output=args.output, compare_base=args.compare_base)
+
+
 def _run_sweep(args: argparse.Namespace) -> int | None:
     run_sweep = _library("moetune.sweep", "run_sweep")
     return run_sweep(args.config, args.sweep, overrides=args.overrides, dry_run=args.dry_run)
 
 
 def _run_upcycle(args: argparse.Namespace) -> int | None:
-    from pathlib import Path
-
     flags = [f"moe.num_experts={args.num_experts}"] if args.num_experts is not None else []
     flags += [f"moe.top_k={args.top_k}"] if args.top_k is not None else []
-    from moetune.config import load_config
-
-    path = args.config if Path(args.config).is_file() else None
-    config = load_config(path, [*args.overrides, *flags])
-    return _library("moetune.models.upcycle", "upcycle_checkpoint")(config, args.model, args.output)
+    config = _load(args, *flags)
+    return _library("moetune.models.upcycle", "upcycle_checkpoint")(config, args.model, args.output, dtype=args.dtype)
 
 
 class _CurrentStderr(logging.StreamHandler):
@@ -183,6 +215,14 @@ def _configure_logging() -> None:
     # PEFT still reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: the
     # warning is about PEFT's code, not the user's, and nothing in a config can change it.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # accelerate imports DeepSpeed, when installed, to recognise its engine whenever a model is unwrapped
+    # or saved, and DeepSpeed's import announces that it found no GPU. Only a DeepSpeed run needs to hear it.
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        logging.getLogger("DeepSpeed").addFilter(_not_the_cpu_accelerator_notice)
+
+
+def _not_the_cpu_accelerator_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Setting accelerator to CPU")
 
 
 def _library(module: str, name: str) -> Callable:

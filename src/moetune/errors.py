@@ -26,3 +26,15 @@ class RunFailure(Exception):
 
 class OutOfMemory(RunFailure):
     """The device ran out of memory; the message lists what to change."""
+
+
+class StoppedBySignal(KeyboardInterrupt):
+    """SIGTERM / SIGINT ended a run before its training loop started: one line, exit code 128 + the signal number.
+
+    A KeyboardInterrupt, not an Exception, so library code that catches Exception while the model is
+    being built cannot swallow it.
+    """
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum

@@ -40,12 +40,13 @@ def test_build_counts_everything_exactly(tmp_path: Path, rust_crate: Path, qa_fi
                                       "non_utf8": 1, "secret_file": 2, "symlink_loop": 1, "symlink_outside_repo": 1,
                                       "too_large": 1, "vendored": 1}
     assert stats["samples"] == {
-        "rust_repo": {"const": 2, "enum": 1, "file": 7, "function": 10, "impl": 3, "macro": 1, "module": 2,
+        "rust_repo": {"const": 2, "enum": 1, "file": 7, "function": 11, "impl": 2, "macro": 1, "module": 2,
                       "static": 1, "struct": 3, "trait": 1, "type": 1},
         "qa_jsonl": {"qa": 6},
     }
     assert stats["samples_total"] == 38
-    # `shared()` is in copy_a.rs and copy_b.rs; `fmt` wrapped in its impl header is the whole one-method impl.
+    # `shared()` is in copy_a.rs and copy_b.rs; `fmt` wrapped in its impl header is the whole one-method impl,
+    # which is kept as the function.
     assert stats["duplicates_removed"] == 2
     assert stats["redactions"] == {"assigned_secret": 1, "aws_access_key": 1, "private_key": 1}
     assert (stats["files_with_syntax_errors"], stats["items_with_syntax_errors"]) == (1, 1)
@@ -60,6 +61,24 @@ def test_build_counts_everything_exactly(tmp_path: Path, rust_crate: Path, qa_fi
     assert "Found 7 Rust files" in printed.out and "Created 7 file-level samples" in printed.out
     assert "Created 25 granular samples" in printed.out and "Total 38 samples" in printed.out
     assert f"skipped bad line {qa_file}:16: not valid UTF-8" in printed.err
+
+
+def test_a_one_method_impl_is_kept_once_as_its_method(tmp_path: Path):
+    crate = tmp_path / "ledger"
+    (crate / "src").mkdir(parents=True)
+    (crate / "Cargo.toml").write_text('[package]\nname = "ledger"\nversion = "0.1.0"\n')
+    lib = "pub struct Entry {\n    cents: i64,\n}\n\nimpl Entry {\n    /// The amount in cents.\n    pub fn cents(&self) -> i64 {\n        self.cents\n    }\n}\n"
+    (crate / "src" / "lib.rs").write_text(lib)
+    config = _config(tmp_path, [{"type": "rust_repo", "path": str(crate)}])
+    assert build_dataset(config) == 0
+    out = tmp_path / "out" / "all.jsonl"
+    stats = json.loads(stats_path_for(out).read_text())
+    assert stats["samples"] == {"rust_repo": {"file": 1, "function": 1, "struct": 1}}
+    assert stats["duplicates_removed"] == 1
+    [method] = [r for r in _read(out) if r["text"].startswith("impl Entry {")]
+    assert method["text"] == lib[lib.index("impl Entry"):].rstrip("\n")
+    assert (method["kind"], method["name"], method["module"]) == ("function", "cents", "ledger")
+    assert (method["start_line"], method["end_line"]) == (6, 9)  # the doc comment and the method, not the impl
 
 
 def test_no_planted_secret_reaches_the_dataset(tmp_path: Path, rust_crate: Path):

@@ -149,6 +149,9 @@ def test_an_unfinished_run_points_at_its_checkpoints(trained_run, tmp_path, caps
     ({"adapter_config.json": "{not json"}, "is corrupt"),
     ({"adapter_model.safetensors": "garbage"}, "cannot be loaded"),
     ({"adapter_model.safetensors": None}, "no adapter weights"),
+    ({"adapter_config.json": "[1, 2]"}, "adapter_config.json is not a PEFT adapter config: it holds a JSON list"),
+    ({"adapter_config.json": '{"peft_type": "LORA", "r": 8, "target_modules": 42}'},
+     'adapter_config.json: "target_modules" must be a list of module names (or null), got 42'),
 ])
 def test_a_corrupt_adapter_is_a_clear_error(trained_run, tmp_path, capsys, damage, message):
     checkpoint = shutil.copytree(trained_run[1] / "checkpoint-4", tmp_path / "checkpoint-4")

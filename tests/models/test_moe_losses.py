@@ -93,3 +93,41 @@ def test_expert_token_counts_per_layer_come_from_the_chosen_experts():
                LayerRouting(logits, torch.tensor([[2], [2]]), torch.ones(2, 1)))
     assert expert_token_counts(routing).tolist() == [[1.0, 1.0, 0.0], [0.0, 0.0, 2.0]]
     assert expert_token_counts(routing, torch.tensor([[1, 0]])).tolist() == [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+
+
+def _trainable_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "mpt-upcycled"])
+def test_the_lm_loss_from_hidden_states_equals_the_full_logits_loss(family, mixtral_config, mpt_config, tokens, caplog):
+    # The trainer's loss never materialises the full logits; loss and gradients must not change.
+    import logging
+
+    from moetune.models import losses
+    from moetune.models.layout import innermost_model
+
+    make = mixtral_config if family == "mixtral" else lambda *o: mpt_config("moe.upcycle=true", *o)
+    config = make("lora.modules_to_save=[lm_head]", "training.label_smoothing_factor=0.1")
+    labels = tokens.clone()
+    labels[0, :5] = -100  # a prompt that carries no loss
+    batch = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens), "labels": labels}
+    chunked_model = build_model(config)
+    with caplog.at_level(logging.INFO, logger="moetune"):
+        chunked = compute_losses(chunked_model, batch, config)
+    assert getattr(innermost_model(chunked_model), losses._CHUNKED_LOSS_CHECKED) is True
+    assert "LM loss: chunked, from the final hidden states" in caplog.text
+    chunked.total.backward()
+
+    torch.manual_seed(0)
+    full_model = build_model(config)
+    setattr(innermost_model(full_model), losses._CHUNKED_LOSS_CHECKED, False)  # force the full-logits path
+    full = compute_losses(full_model, batch, config)
+    full.total.backward()
+
+    assert chunked.lm_loss_sum.item() == pytest.approx(full.lm_loss_sum.item(), rel=1e-5)
+    assert chunked.loss_tokens.item() == full.loss_tokens.item() == int((labels[:, 1:] != -100).sum())
+    grads, expected = _trainable_grads(chunked_model), _trainable_grads(full_model)
+    assert grads.keys() == expected.keys() and any("lm_head" in n for n in grads)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, expected[name], rtol=1e-4, atol=1e-6), name

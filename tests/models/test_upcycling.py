@@ -152,6 +152,22 @@ def test_generation_after_upcycling_uses_the_cache(mpt_config, tokens):
     assert torch.equal(cached, uncached)
 
 
+def test_forward_and_cached_generation_raise_no_future_warning(mpt_config, tokens):
+    import warnings
+
+    moe = upcycle_mpt(dense_mpt(mpt_config), MoeConfig(num_experts=4, top_k=2, expert_noise_std=0.05)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        full = moe(tokens, output_router_logits=True)
+        prefix = moe(tokens[:, :-1], use_cache=True)
+        assert prefix.cache.get_seq_length() == tokens.shape[1] - 1
+        step = moe(tokens[:, -1:], cache=prefix.cache, use_cache=True)
+        generated = moe.generate(tokens[:1, :5], max_new_tokens=3, do_sample=False)
+    # The cached step computes what the whole sequence does for its last token.
+    assert torch.allclose(step.logits[:, -1], full.logits[:, -1], atol=1e-5)
+    assert full.aux_loss is not None and generated.shape == (1, 8)
+
+
 def test_upcycle_checkpoint_writes_model_and_tokenizer(mpt_config, tokens, tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -209,9 +225,8 @@ def test_moetune_upcycle_command(mpt_config, tokens, tmp_path, monkeypatch, caps
 
     dense = dense_mpt(mpt_config)
     dense.save_pretrained(tmp_path / "dense")
-    monkeypatch.chdir(tmp_path)  # no config.yaml here: the moe defaults plus the flags
-    assert main(["upcycle", "--model", "dense", "--num-experts", "4", "--top-k", "2", "--output", "moe",
-                 "model.torch_dtype=float32"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["upcycle", "--model", "dense", "--num-experts", "4", "--top-k", "2", "--output", "moe"]) == 0
     saved = json.loads((tmp_path / "moe" / "config.json").read_text())
     assert (saved["model_type"], saved["num_local_experts"], saved["num_experts_per_tok"]) == ("mpt_moe", 4, 2)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
@@ -219,3 +234,43 @@ def test_moetune_upcycle_command(mpt_config, tokens, tmp_path, monkeypatch, caps
     assert main(["upcycle", "--model", "dense", "--top-k", "3", "--output", "moe2"]) == 2
     assert "moe.top_k must be 1 or 2, got 3." in capsys.readouterr().err
     assert not (tmp_path / "moe2").exists()
+
+
+def test_upcycle_reads_a_config_only_when_given_and_keeps_the_dense_dtype(mpt_config, tokens, tmp_path, monkeypatch):
+    from moetune.cli import main
+
+    dense = dense_mpt(mpt_config)
+    dense.save_pretrained(tmp_path / "dense")
+    monkeypatch.chdir(tmp_path)  # a config.yaml here, as at the repository root, must not be read
+    (tmp_path / "config.yaml").write_text("model:\n  torch_dtype: bfloat16\nmoe:\n  top_k: 1\n  auxiliary_loss_weight: 0.05\n")
+    assert main(["upcycle", "--model", "dense", "--num-experts", "4", "--output", "plain"]) == 0
+    saved = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert (saved["num_experts_per_tok"], saved["router_aux_loss_coef"], saved["dtype"]) == (2, 0.001, "float32")
+    upcycled = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    assert {p.dtype for p in upcycled.parameters()} == {torch.float32}
+    assert (upcycled(tokens).logits - dense(tokens).logits).abs().max().item() < 1e-5
+
+    assert main(["upcycle", "--config", "config.yaml", "--model", "dense", "--num-experts", "4", "--output", "configured"]) == 0
+    saved = json.loads((tmp_path / "configured" / "config.json").read_text())
+    assert (saved["num_experts_per_tok"], saved["router_aux_loss_coef"], saved["dtype"]) == (1, 0.05, "float32")
+
+    assert main(["upcycle", "--model", "dense", "--num-experts", "4", "--dtype", "bfloat16", "--output", "half"]) == 0
+    assert {t.dtype for t in load_file(tmp_path / "half" / "model.safetensors").values()} == {torch.bfloat16}
+
+
+def test_upcycle_at_the_repository_root_prints_no_deepspeed_notice(mpt_config, tokens, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    dense = dense_mpt(mpt_config)
+    dense.save_pretrained(tmp_path / "dense")
+    root = Path(__file__).resolve().parents[2]  # holds the production config.yaml (bfloat16)
+    result = subprocess.run([sys.executable, "-m", "moetune", "upcycle", "--model", str(tmp_path / "dense"),
+                             "--num-experts", "4", "--top-k", "2", "--output", str(tmp_path / "moe")],
+                            cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Setting accelerator" not in result.stderr + result.stdout
+    assert "(top-2, float32) written to" in result.stderr
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    assert (reloaded(tokens).logits - dense(tokens).logits).abs().max().item() < 1e-5

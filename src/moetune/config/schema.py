@@ -283,6 +283,10 @@ class TrainingConfig:
     load_best_model_at_end: bool = opt(False, "Finish with the best checkpoint by metric_for_best_model.")
     metric_for_best_model: Literal["eval_loss", "eval_perplexity"] = opt("eval_loss", "Metric that picks the best checkpoint (lower is better).")
     resume_from_checkpoint: str | None = opt(None, "A checkpoint folder, or `latest`, to resume from exactly.")
+    reset_lr_schedule: bool = opt(
+        False, "On resume, run the learning-rate schedule this config describes from the checkpoint's step instead of "
+        "the checkpoint's (optimizer moments are kept); e.g. to resume with a lower training.learning_rate."
+    )
     overwrite_output_dir: bool = opt(False, "Allow writing into an output_dir that holds another run's checkpoints.")
     dataloader_num_workers: int = opt(0, "DataLoader worker processes.")
     ddp_backend: Literal["nccl", "gloo", "mpi", "ccl", "hccl"] | None = opt(None, "torch.distributed backend; null = the launcher's default.")
@@ -338,7 +342,7 @@ class ValidationConfig:
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """Generation settings used by evaluation."""
+    """Generation settings used by evaluation and `moetune generate`."""
 
     do_sample: bool = opt(True, "Sample; false decodes greedily.")
     temperature: float = opt(0.2, "Sampling temperature.")
@@ -346,6 +350,9 @@ class InferenceConfig:
     top_p: float = opt(0.95, "Nucleus sampling mass.")
     repetition_penalty: float = opt(1.1, "Penalty on repeated tokens (1.0 = none).")
     max_new_tokens: int = opt(256, "Longest generated continuation.")
+    use_chat_template: bool = opt(
+        False, "`moetune generate` wraps each prompt as one user message in the tokenizer's chat template, when it has "
+        "one. Leave false for a model trained on plain text; evaluation always uses prompts as the data has them.")
 
     def __post_init__(self) -> None:
         check(self.temperature > 0, "inference.temperature", self.temperature, "greater than 0")

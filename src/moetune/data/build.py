@@ -32,6 +32,9 @@ from moetune.errors import UserError
 _CHUNK_HEADER_TOKENS = 32
 MAX_BAD_LINES_PRINTED = 20
 MAX_BAD_LINES_IN_STATS = 1000
+# How much of a file a sample kind spans; of two identical samples the narrower kind is kept (a
+# one-method impl is its method). Kinds not listed are single items.
+_KIND_BREADTH = {"file": 3, "module": 2, "impl": 1, "trait": 1}
 
 
 def stats_path_for(output_path: str | Path) -> Path:
@@ -152,6 +155,25 @@ class _DedupWriter:
     def __init__(self, out: IO[str], stats: dict):
         self.out, self.stats, self.seen = out, stats, set()
 
+    def write_file_samples(self, samples: list[tuple[bytes, str, str, int]], source: str) -> None:
+        """Write one file's samples; of identical ones, the sample of the narrowest kind (function over impl
+        over file) is kept, with its name and lines, in its own place.
+
+        Identical samples of different kinds come from one file (file chunks carry the path in their
+        header; a one-method impl and its method are found together), so across files the first
+        one written is kept.
+        """
+        kept: dict[bytes, int] = {}
+        for index, (digest, _, kind, _) in enumerate(samples):
+            best = kept.get(digest)
+            if best is None or _KIND_BREADTH.get(kind, 0) < _KIND_BREADTH.get(samples[best][2], 0):
+                kept[digest] = index
+        for index, (digest, line, kind, chars) in enumerate(samples):
+            if kept[digest] == index:
+                self.write(digest, line, source, kind, chars)
+            else:
+                self.stats["duplicates_removed"] += 1
+
     def write(self, digest: bytes, line: str, source: str, kind: str, chars: int) -> None:
         if digest in self.seen:
             self.stats["duplicates_removed"] += 1
@@ -190,8 +212,7 @@ def _add_rust_repo(source: RustRepoSourceConfig, config: Config, writer: _DedupW
             syntax_errors += result.syntax_error
             items_with_errors += result.items_with_errors
             redactions.update(result.redactions)
-            for digest, line, kind, chars in result.samples:
-                writer.write(digest, line, "rust_repo", kind, chars)
+            writer.write_file_samples(result.samples, "rust_repo")
         bar.close()
     stats["rust_files_found"] += len(walked.files)
     stats["rust_files_scanned"] += scanned

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from moetune.config.schema import Config
 from moetune.errors import UserError
-from moetune.eval.generate import generate_texts, rust_generation_prompt
+from moetune.eval.generate import generate_texts, prompt_token_budget, rust_generation_prompt
 from moetune.eval.load import load_base, load_eval_tokenizer, load_tuned, resolve_tuned_model
 from moetune.eval.qa_metrics import aggregate_scores, clean_prediction, exact_match, gold_answers, token_f1
 from moetune.eval.report import console_table, perplexity_section, write_report
@@ -97,10 +97,8 @@ def choose_samples(records: list[dict], max_samples: int | None, seed: int) -> l
 
 def _evaluate_model(model, name: str, tokenizer, samples, qa, rust, config: Config) -> ModelEval:
     batch = config.training.per_device_eval_batch_size
-    max_len = config.model.max_seq_length
-    score = score_records(model, tokenizer, samples, max_len, batch, desc=f"{name}: loss")
-    # Room for the answer inside the context the model was trained on, but never less than half of it.
-    max_prompt = max(max_len // 2, max_len - config.inference.max_new_tokens)
+    score = score_records(model, tokenizer, samples, config.model.max_seq_length, batch, desc=f"{name}: loss")
+    max_prompt = prompt_token_budget(config)
     seed = config.training.seed
     answers = generate_texts(model, tokenizer, [r["prompt"] for r in qa], config.inference, batch, max_prompt, seed,
                              desc=f"{name}: QA answers")

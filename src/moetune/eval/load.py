@@ -41,10 +41,7 @@ def resolve_tuned_model(config: Config, adapter_path: str | Path | None) -> Tune
         raise UserError(f"{given} {path} is not a directory. Train first (`moetune train`) or pass --adapter-path "
                         "with a run's output_dir, one of its checkpoint-<step> folders, or a merged model folder.")
     if (path / ADAPTER_CONFIG).is_file():
-        try:
-            json.loads((path / ADAPTER_CONFIG).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise UserError(f"{path / ADAPTER_CONFIG} is corrupt ({err}); evaluate another checkpoint.") from None
+        _check_adapter_config(path / ADAPTER_CONFIG)
         if not any((path / name).is_file() for name in ADAPTER_WEIGHTS):
             raise UserError(f"{path} has {ADAPTER_CONFIG} but no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}); "
                             "the save was interrupted. Evaluate another checkpoint.")
@@ -56,6 +53,42 @@ def resolve_tuned_model(config: Config, adapter_path: str | Path | None) -> Tune
             if checkpoints else "")
     raise UserError(f"{given} {path} holds neither a PEFT adapter ({ADAPTER_CONFIG}) nor a merged model "
                     f"(config.json + model*.safetensors).{hint}")
+
+
+def _check_adapter_config(file: Path) -> None:
+    """A UserError naming ``file`` unless PEFT can read it (valid JSON of the shape of a PEFT config)."""
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{file} is corrupt ({err}); evaluate another checkpoint.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{file} is not a PEFT adapter config: it holds a JSON {type(data).__name__}, not an object "
+                        "of settings; evaluate another checkpoint.")
+    for key, value in data.items():
+        if key in _NAME_LIST_FIELDS and not _is_names(value, allow_str=key in _NAME_OR_LIST_FIELDS):
+            raise UserError(f"{file}: \"{key}\" must be a list of module names (or null), got {json.dumps(value)}; "
+                            "evaluate another checkpoint.")
+        if key in _NUMBER_FIELDS and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise UserError(f"{file}: \"{key}\" must be a number, got {json.dumps(value)}; evaluate another checkpoint.")
+    from peft import PeftConfig
+
+    try:
+        PeftConfig.from_pretrained(str(file.parent))
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise UserError(f"{file} is not a valid PEFT adapter config ({_first_line(err)}); evaluate another "
+                        "checkpoint.") from None
+
+
+# PEFT reads these without checking their types and fails deep inside model loading on a wrong one.
+_NAME_OR_LIST_FIELDS = {"target_modules", "exclude_modules"}  # a str there is a regex
+_NAME_LIST_FIELDS = _NAME_OR_LIST_FIELDS | {"modules_to_save", "target_parameters"}
+_NUMBER_FIELDS = {"r", "lora_alpha", "lora_dropout"}
+
+
+def _is_names(value, allow_str: bool) -> bool:
+    if value is None or (allow_str and isinstance(value, str)):
+        return True
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def load_eval_tokenizer(config: Config, tuned: TunedModelPath):
@@ -110,7 +143,7 @@ def load_tuned(config: Config, tuned: TunedModelPath, tokenizer, base=None):
         warnings.simplefilter("always")
         try:
             model = PeftModel.from_pretrained(base, str(tuned.path), is_trainable=False)
-        except (ValueError, RuntimeError, KeyError, OSError, SafetensorError) as err:
+        except (ValueError, RuntimeError, KeyError, OSError, SafetensorError, TypeError, AttributeError) as err:
             raise UserError(f"The adapter in {tuned.path} cannot be loaded onto the base model of this config "
                             f"({_first_line(err)}). Was it trained with another model.* / lora.* config, or is the file "
                             "corrupt? Pass the run's own config with --config.") from None

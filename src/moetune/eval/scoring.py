@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from moetune.data.encode import IGNORE_INDEX, encode_records
 from moetune.data.packing import PaddingCollator
 from moetune.eval.routing_report import group_of
-from moetune.models.losses import causal_lm_loss
+from moetune.models.losses import forward_with_lm_loss
 from moetune.models.routing import capture_routing, expert_token_counts, family_of_model
 
 
@@ -67,8 +67,8 @@ def score_records(model, tokenizer, records: list[dict], max_seq_length: int, ba
     for group, batch in tqdm(batches, desc=desc, unit="batch", dynamic_ncols=True):
         batch = {k: v.to(device) for k, v in batch.items()}
         with capture_routing(model, family) as captured:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        loss = causal_lm_loss(out.logits, batch["labels"], reduction="sum")
+            _, loss = forward_with_lm_loss(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                                                   "use_cache": False}, batch["labels"])
         loss_sums[group] = loss_sums.get(group, 0.0) + float(loss)
         token_counts[group] = token_counts.get(group, 0) + int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         if captured.layers:

@@ -1,4 +1,4 @@
-"""Which attention and experts kernels to ask transformers for, with fallbacks that never crash."""
+"""Which attention, experts and loss kernels to use, with fallbacks that never crash."""
 
 from __future__ import annotations
 
@@ -13,6 +13,11 @@ logger = logging.getLogger(__name__)
 def flash_attention_available() -> bool:
     """flash-attn is importable and a CUDA GPU is present (it has no CPU kernel)."""
     return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+
+
+def fused_linear_cross_entropy_available() -> bool:
+    """Liger Kernel is importable and a CUDA GPU is present (its Triton kernels have no CPU path)."""
+    return importlib.util.find_spec("liger_kernel") is not None and torch.cuda.is_available()
 
 
 def resolve_attn_implementation(requested: str, supported: tuple[str, ...] | None = None) -> str:

@@ -17,6 +17,8 @@ in proportion to its share of the step's routed tokens.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,10 +26,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from moetune.errors import UserError
 from moetune.models.layout import innermost_model
 from moetune.models.routing import CapturedRouting, LayerRouting, capture_routing, family_of_model
 
 IGNORE_INDEX = -100
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -148,6 +153,91 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: 
                            reduction=reduction)
 
 
+def forward_with_lm_loss(model: torch.nn.Module, inputs: Mapping[str, Any], labels: torch.Tensor,
+                         label_smoothing: float = 0.0) -> tuple[Any, torch.Tensor]:
+    """The forward pass and its LM loss summed over the label tokens.
+
+    Where it gives the same loss, the model computes logits for its last position only and the loss
+    comes from the final hidden states a chunk of tokens at a time (:mod:`moetune.models.chunked_loss`),
+    so the (tokens, vocab) float32 logits and their gradient never exist: for a 151k vocabulary they are
+    the largest allocation of a LoRA step. Otherwise (no ``logits_to_keep``, a partitioned or unusual
+    lm_head) the full logits are used. The choice is made and logged once per model.
+    """
+    from moetune.models.chunked_loss import chunked_causal_lm_loss, logit_options
+
+    inner = innermost_model(model)
+    head = _chunkable_lm_head(inner)
+    if head is not None:
+        out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+        hidden = out.hidden_states[-1]
+        options = logit_options(inner.config)
+        if getattr(inner, _CHUNKED_LOSS_CHECKED, False) or _hidden_states_give_logits(inner, head, hidden, out.logits,
+                                                                                       options):
+            loss_sum, _ = chunked_causal_lm_loss(hidden, head, labels, label_smoothing=label_smoothing, **options)
+            return out, loss_sum
+    out = model(**inputs)
+    return out, causal_lm_loss(out.logits, labels, label_smoothing, reduction="sum")
+
+
+# Set on the innermost model: None = not decided yet, False = full logits, True = chunked (checked once).
+_CHUNKED_LOSS_CHECKED = "_moetune_chunked_lm_loss"
+
+
+def _chunkable_lm_head(inner: torch.nn.Module) -> torch.nn.Module | None:
+    """The model's lm_head when the chunked loss may apply to it (not ruled out earlier), else None."""
+    from moetune.models.chunked_loss import lm_head_weight_and_bias
+
+    decided = getattr(inner, _CHUNKED_LOSS_CHECKED, None)
+    if decided is False:
+        return None
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if decided:
+        return head
+    reason = None
+    if head is None or "logits_to_keep" not in inspect.signature(inner.forward).parameters:
+        reason = "the model computes its logits in one piece (no logits_to_keep)"
+    else:
+        try:
+            weight, _ = lm_head_weight_and_bias(head)
+        except UserError as err:
+            reason = str(err).split(";")[0]
+        else:
+            # ZeRO-3 and FSDP hold a shard of the weight outside the module's own forward.
+            if hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor":
+                reason = "lm_head's weight is partitioned (ZeRO-3 / FSDP)"
+    if reason is not None:
+        _decide_lm_loss(inner, False, reason)
+        return None
+    return head
+
+
+def _hidden_states_give_logits(inner, head, hidden: torch.Tensor, logits: torch.Tensor, options) -> bool:
+    """Whether the last hidden state, through lm_head, reproduces the model's own logits (checked on the
+    first batch): the families differ in what they return as hidden states and apply to logits."""
+    with torch.no_grad():
+        mine = head(hidden[:, -1:]).float()
+        if options["logit_scale"] is not None:
+            mine = mine * options["logit_scale"]
+        if options["softcap"] is not None:
+            mine = options["softcap"] * torch.tanh(mine / options["softcap"])
+        theirs = logits[:, -1:].float()
+        tolerance = 1e-4 if logits.dtype == torch.float32 else 2e-2
+        same = mine.shape == theirs.shape and bool(((mine - theirs).abs() <= tolerance * (1 + theirs.abs())).all())
+    _decide_lm_loss(inner, same, None if same else "the model's last hidden state does not reproduce its logits")
+    return same
+
+
+def _decide_lm_loss(inner, chunked: bool, reason: str | None) -> None:
+    from moetune.models.chunked_loss import lm_loss_implementation
+
+    setattr(inner, _CHUNKED_LOSS_CHECKED, chunked)
+    if chunked:
+        logger.info("LM loss: %s, from the final hidden states (never the full logits)",
+                    lm_loss_implementation(next(inner.parameters()).device))
+    else:
+        logger.info("LM loss: from the full logits (%s)", reason)
+
+
 def wants_router_logits(config) -> bool:
     """Whether a forward pass must capture the routing for this config (losses, expert monitoring, bias update)."""
     moe = config.moe
@@ -168,8 +258,8 @@ def compute_losses(model: torch.nn.Module, batch: Mapping[str, Any], config) -> 
     family = family_of_model(model) if wants_router_logits(config) else None
     capturing = capture_routing(model, family) if family is not None else contextlib.nullcontext(CapturedRouting())
     with capturing as captured:
-        out = model(**inputs, use_cache=False)
-    lm_loss_sum = causal_lm_loss(out.logits, labels, config.training.label_smoothing_factor, reduction="sum")
+        _, lm_loss_sum = forward_with_lm_loss(model, {**inputs, "use_cache": False}, labels,
+                                              config.training.label_smoothing_factor)
     loss_tokens, routed_tokens = step_token_counts(batch).to(lm_loss_sum.device).unbind()
     routing = captured.layers
     aux, z = router_losses(routing, family, innermost_model(model), batch, config, lm_loss_sum.new_zeros(()))

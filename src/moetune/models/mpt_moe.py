@@ -142,12 +142,16 @@ class MptMoeForCausalLM(MptForCausalLM):
         """The MoE blocks in forward order (native, or DeepSpeed after ``moe.backend: deepspeed``)."""
         return [block.ffn for block in self.transformer.blocks if hasattr(block.ffn, "router_logits_sink")]
 
-    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, inputs_embeds=None, labels=None,
-                use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
-                logits_to_keep=0, output_router_logits: bool | None = None, **kwargs) -> MoeCausalLMOutputWithPast:
+    def forward(self, input_ids=None, *, attention_mask=None, inputs_embeds=None, labels=None, use_cache=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None, logits_to_keep=0,
+                output_router_logits: bool | None = None, **kwargs) -> MoeCausalLMOutputWithPast:
         """MptForCausalLM.forward plus Mixtral's router outputs. As in Mixtral, ``loss`` includes
         ``router_aux_loss_coef * aux_loss`` (and ``router_z_loss_coef * z_loss``) when router logits
-        are requested; moetune's trainer uses :func:`moetune.models.losses.compute_losses` instead."""
+        are requested; moetune's trainer uses :func:`moetune.models.losses.compute_losses` instead.
+
+        The KV cache is passed through ``kwargs`` under the name the installed transformers uses
+        (``cache``; ``past_key_values`` before it was renamed): naming it here would pass the
+        deprecated name on every call, which MPT answers with a FutureWarning."""
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         sink: list[torch.Tensor] = []
@@ -155,10 +159,9 @@ class MptMoeForCausalLM(MptForCausalLM):
         for block in blocks:
             block.router_logits_sink = sink
         try:
-            out = super().forward(input_ids=input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
-                                  inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                                  output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                                  return_dict=True, logits_to_keep=logits_to_keep, **kwargs)
+            out = super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                  labels=labels, use_cache=use_cache, output_attentions=output_attentions,
+                                  output_hidden_states=output_hidden_states, return_dict=True, logits_to_keep=logits_to_keep, **kwargs)
         finally:
             for block in blocks:
                 block.router_logits_sink = None
@@ -172,9 +175,9 @@ class MptMoeForCausalLM(MptForCausalLM):
                 loss = loss + self.config.router_aux_loss_coef * aux_loss
                 if self.config.router_z_loss_coef > 0:
                     loss = loss + self.config.router_z_loss_coef * router_z_loss(router_logits, attention_mask)
-        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=out.logits,
-                                         past_key_values=out.past_key_values, hidden_states=out.hidden_states,
-                                         attentions=out.attentions, router_logits=router_logits)
+        # logits, the cache (under its version's field name), hidden states and attentions as MPT set them.
+        passed_on = {key: value for key, value in out.items() if key != "loss"}
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, router_logits=router_logits, **passed_on)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

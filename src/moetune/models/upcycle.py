@@ -102,9 +102,14 @@ def _expert_copy(weight: torch.Tensor, noise_std: float, generator: torch.Genera
     return copy
 
 
-def upcycle_checkpoint(config, model_dir: str, output_dir: str) -> int:
+def upcycle_checkpoint(config, model_dir: str, output_dir: str, dtype: str | None = None) -> int:
     """`moetune upcycle`: read a dense MPT from ``model_dir``, upcycle it per ``config.moe``, and write
-    config.json + safetensors (+ the tokenizer when ``model_dir`` has one) to ``output_dir``."""
+    config.json + safetensors (+ the tokenizer when ``model_dir`` has one) to ``output_dir``.
+
+    The weights keep the dense checkpoint's dtype unless ``dtype`` ("float32", "bfloat16",
+    "float16") says otherwise: ``model.torch_dtype`` is how training loads a model, and a float32
+    checkpoint silently rounded to bfloat16 here would no longer compute the dense model's logits.
+    """
     source = Path(model_dir)
     if not source.is_dir():
         raise UserError(f"--model {model_dir}: no such directory. Pass the folder of a dense MPT checkpoint "
@@ -121,9 +126,10 @@ def upcycle_checkpoint(config, model_dir: str, output_dir: str) -> int:
     if model_type != "mpt":
         raise UserError(f"--model {model_dir} is a {model_type!r} model; sparse upcycling takes a dense MPT "
                         "(model_type 'mpt').")
-    dtype = "auto" if config.model.torch_dtype == "auto" else getattr(torch, config.model.torch_dtype)
     try:
-        dense, info = MptForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True)
+        # "auto": the dtype config.json records, else that of the stored weights.
+        dense, info = MptForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype) if dtype else "auto",
+                                                     output_loading_info=True)
     except OSError as err:
         raise UserError(f"--model {model_dir}: the weights could not be read ({err}).") from None
     check_loading_info(info, model_dir)
@@ -135,5 +141,6 @@ def upcycle_checkpoint(config, model_dir: str, output_dir: str) -> int:
         AutoTokenizer.from_pretrained(source).save_pretrained(target)
     # The CLI configures no logging, so the one line a user of `moetune upcycle` should see is printed.
     print(f"upcycled {model.config.name_or_path or model_dir}: {len(model.moe_blocks())} MoE blocks x "
-          f"{config.moe.num_experts} experts (top-{config.moe.top_k}) written to {target}", file=sys.stderr)
+          f"{config.moe.num_experts} experts (top-{config.moe.top_k}, {str(model.dtype).removeprefix('torch.')}) "
+          f"written to {target}", file=sys.stderr)
     return 0

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from moetune.errors import UserError
+from moetune.train.output_dir import check_output_dir, folder_bytes, is_disk_full, no_space_failure
 
 STATE_FILE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -32,6 +34,7 @@ class TrainerState:
     best_metric: float | None = None
     best_checkpoint: str | None = None
     evals_without_improvement: int = 0
+    lr_schedule: dict | None = None  # what moetune.train.optim.schedule_summary said when the schedule was built
 
     def save(self, directory: Path) -> None:
         (directory / STATE_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
@@ -45,7 +48,7 @@ class TrainerState:
         except FileNotFoundError:
             raise UserError(f"{directory} is not a moetune checkpoint: it has no {STATE_FILE}.") from None
         except (json.JSONDecodeError, TypeError) as err:
-            raise UserError(f"{path} is corrupt ({err}); resume from an earlier checkpoint.") from None
+            raise UserError(f"{path} is corrupt ({err}).{earlier_checkpoint_hint(directory)}") from None
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -55,6 +58,17 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def earlier_checkpoint_hint(checkpoint: Path) -> str:
+    """A sentence offering the newest complete checkpoint before ``checkpoint`` in its run ("" if it is no checkpoint-N)."""
+    match = _CHECKPOINT.match(checkpoint.name)
+    if not match:
+        return ""
+    earlier = [p for p in list_checkpoints(checkpoint.parent) if int(p.name.split("-")[1]) < int(match.group(1))]
+    if not earlier:
+        return " No earlier checkpoint of this run is left: start the run again."
+    return f" Resume from {earlier[-1].name} instead, with training.resume_from_checkpoint={earlier[-1]}."
 
 
 def resolve_resume(spec: str | None, output_dir: str | Path) -> Path | None:
@@ -77,13 +91,18 @@ def resolve_resume(spec: str | None, output_dir: str | Path) -> Path | None:
 def prepare_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool) -> None:
     """Refuse to mix a new run into another run's folder unless resuming or overwrite is set.
 
-    With ``overwrite_output_dir`` the earlier run's checkpoints and metrics are removed, so the folder
-    describes one run; other files are left alone.
+    A folder holding anything moetune did not write is refused whatever the flags say
+    (:func:`~moetune.train.output_dir.check_output_dir`). With ``overwrite_output_dir`` the earlier
+    run's checkpoints and metrics are removed, so the folder describes one run. Partial saves of a
+    run that died are removed: they can be as large as a checkpoint. Call it holding the run's lock.
     """
     root = Path(output_dir)
+    check_output_dir(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for partial in root.glob(".partial-checkpoint-*"):
+        shutil.rmtree(partial, ignore_errors=True)
     checkpoints = list_checkpoints(root)
     if not checkpoints or resuming:
-        root.mkdir(parents=True, exist_ok=True)
         return
     if not overwrite:
         raise UserError(f"{root} already holds another run's checkpoints ({checkpoints[-1].name}, ...). Pick a new "
@@ -95,7 +114,11 @@ def prepare_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool) 
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState) -> Path:
-    """Save everything needed to resume into ``output_dir/checkpoint-<step>`` atomically."""
+    """Save everything needed to resume into ``output_dir/checkpoint-<step>`` atomically.
+
+    A full disk is a RunFailure saying how much room is needed; the partial save is removed and the
+    earlier checkpoints are left as they were.
+    """
     root = Path(output_dir)
     final = root / f"checkpoint-{state.global_step}"
     partial = root / f".partial-checkpoint-{state.global_step}"
@@ -103,9 +126,24 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState) ->
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
     kwargs = {"exclude_frozen_parameters": True} if _is_deepspeed(accelerator) else {}
-    accelerator.save_state(str(partial), **kwargs)
+    try:
+        accelerator.save_state(str(partial), **kwargs)
+        if accelerator.is_main_process:
+            state.save(partial)
+    except Exception as err:
+        earlier = list_checkpoints(root)
+        # Checkpoints of one run have one size; without an earlier one, what was written is a lower bound.
+        needed = folder_bytes(earlier[-1]) if earlier else folder_bytes(partial)
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        if not is_disk_full(err, root, needed):
+            raise
+        if earlier:
+            raise no_space_failure(root, needed, f"{final.name} ({earlier[-1].name} and the checkpoints before it are "
+                                   "intact)", "resume with training.resume_from_checkpoint=latest") from None
+        raise no_space_failure(root, needed, f"{final.name}, the run's first checkpoint", "start the run again",
+                               at_least=True) from None
     if accelerator.is_main_process:
-        state.save(partial)
         if final.exists():  # a resumed run passing a step it saved before
             shutil.rmtree(final)
         partial.rename(final)
@@ -115,13 +153,17 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState) ->
 
 def load_checkpoint(accelerator, checkpoint: Path) -> TrainerState:
     """Restore model, optimizer, scheduler and RNG states; return where the run stood."""
+    from safetensors import SafetensorError
+
     state = TrainerState.load(checkpoint)
     kwargs = {"load_module_strict": False} if _is_deepspeed(accelerator) else {}
     try:
         accelerator.load_state(str(checkpoint), **kwargs)
-    except (FileNotFoundError, KeyError, RuntimeError, ValueError) as err:
-        raise UserError(f"Cannot resume from {checkpoint}: {str(err).splitlines()[0]} (was it written by another "
-                        "model or config?).") from None
+    except UserError as err:  # the adapter, from the load hook
+        raise UserError(f"Cannot resume from {checkpoint}: {err}{earlier_checkpoint_hint(checkpoint)}") from None
+    except (FileNotFoundError, KeyError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
+        raise UserError(f"Cannot resume from {checkpoint}: {_first_line(err)} (was it written by another model or "
+                        f"config, or cut short?).{earlier_checkpoint_hint(checkpoint)}") from None
     return state
 
 
@@ -182,10 +224,14 @@ def load_trainable_weights(model, directory: Path) -> None:
 def _load_trainable_weights(model, directory: Path) -> None:
     from peft import PeftModel, set_peft_model_state_dict
     from peft.utils import load_peft_weights
+    from safetensors import SafetensorError
 
     if isinstance(model, PeftModel):
         try:
             weights = load_peft_weights(str(directory))
+        except SafetensorError as err:
+            adapter = directory / "adapter_model.safetensors"
+            raise UserError(f"{adapter} is truncated or corrupt ({_first_line(err)}).") from None
         except (FileNotFoundError, ValueError, OSError) as err:
             raise UserError(f"{directory} has no readable adapter ({err}).") from None
         result = set_peft_model_state_dict(model, weights)
@@ -198,13 +244,23 @@ def _load_trainable_weights(model, directory: Path) -> None:
     files = sorted(directory.glob("model*.safetensors"))
     if not files:
         raise UserError(f"{directory} has no model*.safetensors to resume the model weights from.")
-    state_dict = {k: v for f in files for k, v in load_file(str(f)).items()}
+    state_dict = {}
+    for file in files:
+        try:
+            state_dict.update(load_file(str(file)))
+        except SafetensorError as err:
+            raise UserError(f"{file} is truncated or corrupt ({_first_line(err)}).") from None
     result = model.load_state_dict(state_dict, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
         raise UserError(f"The weights in {directory} do not fit this model (missing {missing[:3]}, unexpected "
                         f"{result.unexpected_keys[:3]}).")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _is_deepspeed(accelerator) -> bool:

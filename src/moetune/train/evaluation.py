@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from moetune.models.losses import IGNORE_INDEX, causal_lm_loss
+from moetune.models.losses import IGNORE_INDEX, forward_with_lm_loss
 
 
 @torch.no_grad()
@@ -24,8 +24,8 @@ def evaluate_loss(model, loader, accelerator, max_batches: int | None = None) ->
             break
         labels = batch["labels"]
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs, use_cache=False).logits
-        loss_sum += causal_lm_loss(logits, labels, reduction="sum").double()
+        _, batch_loss = forward_with_lm_loss(model, {**inputs, "use_cache": False}, labels)
+        loss_sum += batch_loss.double()
         tokens += (labels[:, 1:] != IGNORE_INDEX).sum()
     loss_sum, tokens = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(tokens, "sum")
     if was_training:

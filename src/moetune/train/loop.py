@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from moetune.config import Config, save_config
+from moetune.config import Config
 from moetune.errors import OutOfMemory, UserError
 from moetune.models.losses import compute_losses, step_token_counts
 from moetune.models.routing import expert_token_counts
@@ -33,10 +33,19 @@ from moetune.train.checkpoint import (
 )
 from moetune.train.evaluation import evaluate_loss
 from moetune.train.expert_usage import summarize_usage, usage_heatmap, usage_scalars, usage_warnings
-from moetune.train.optim import build_optimizer, build_scheduler
+from moetune.train.optim import (
+    build_optimizer,
+    build_scheduler,
+    checkpoint_peak_lr,
+    describe_schedule,
+    restart_schedule,
+    schedule_differs,
+    schedule_summary,
+)
+from moetune.train.output_dir import check_output_dir, save_run_config
+from moetune.train.run_lock import RunLock
 from moetune.train.run_log import RunLog
 from moetune.train.setup import (
-    StopSignals,
     apply_legacy_deepspeed_moe,
     build_accelerator,
     build_training_inputs,
@@ -46,17 +55,29 @@ from moetune.train.setup import (
     save_final,
     total_optimizer_steps,
 )
+from moetune.train.signals import StopSignals
 
 
 def train(config: Config) -> int:
-    """Train as ``config`` says. Returns the process exit code (0, or 1 after a NaN/inf stop or a signal).
+    """Train as ``config`` says. Returns the process exit code: 0, 1 after a NaN/inf stop, 128 + the signal
+    number after SIGTERM / SIGINT in the loop (a signal before the loop raises StoppedBySignal).
 
-    With ``training.auto_find_batch_size`` an out-of-memory start is retried with half the per-device
-    batch and twice the accumulation, so the effective batch (and the tuned learning rate) stays the same.
+    The main process holds ``output_dir``'s lock for the whole run. With ``training.auto_find_batch_size``
+    an out-of-memory start is retried with half the per-device batch and twice the accumulation, so the
+    effective batch (and the tuned learning rate) stays the same.
     """
+    stop, run_lock = StopSignals(), RunLock(config.training.output_dir)
+    try:
+        return _train_retrying(config, stop, run_lock)
+    finally:
+        run_lock.release()
+        stop.restore()
+
+
+def _train_retrying(config: Config, stop: StopSignals, run_lock: RunLock) -> int:
     while True:
         try:
-            return _train_once(config)
+            return _train_once(config, stop, run_lock)
         except OutOfMemory:
             t = config.training
             if not t.auto_find_batch_size or t.per_device_train_batch_size == 1:
@@ -73,17 +94,20 @@ def train(config: Config) -> int:
                 torch.cuda.empty_cache()
 
 
-def _train_once(config: Config) -> int:
+def _train_once(config: Config, stop: StopSignals, run_lock: RunLock) -> int:
     config = apply_legacy_deepspeed_moe(config)
     t = config.training
+    stop.in_loop = False
     if not Path(config.data.output_path).is_file():  # before anything is created or downloaded
         raise UserError(f"data.output_path {config.data.output_path} does not exist; build it first with "
                         "`moetune data --config <this config>` (or python prepare_dataset.py).")
+    check_output_dir(t.output_dir)  # before anything is created or built
     accelerator = build_accelerator(config)
-    resume_from = resolve_resume(t.resume_from_checkpoint, t.output_dir)
+    resume_from = stop.resuming_from = resolve_resume(t.resume_from_checkpoint, t.output_dir)
     if accelerator.is_main_process:
+        run_lock.acquire()
         prepare_output_dir(t.output_dir, resuming=resume_from is not None, overwrite=t.overwrite_output_dir)
-        save_config(config, t.output_dir)
+        save_run_config(config, t.output_dir)
     accelerator.wait_for_everyone()
 
     tokenizer, model, train_loader, val_loader = build_training_inputs(config, accelerator)
@@ -97,14 +121,18 @@ def _train_once(config: Config) -> int:
         log_cpu_offload(accelerator)
     state = load_checkpoint(accelerator, resume_from) if resume_from else TrainerState()
     log = RunLog(accelerator, config, resumed_at_step=state.global_step if resume_from else None)
+    state.lr_schedule = _resumed_lr_schedule(state, scheduler, t, total_steps, log) if resume_from else \
+        schedule_summary(t, total_steps)
+    last_saved = resume_from  # the checkpoint to go back to when the loss diverges
     update_biases = router_bias_updater(accelerator.unwrap_model(model), config)  # None unless moe.router_bias_update_rate
     usage = None  # (MoE layers, experts) routed-token counts since the last log line
     window_log = _LogWindow(accelerator.device)  # sums since the last log line
-    bad_steps, stop = 0, StopSignals()
+    bad_steps = 0
     eval_every = t.eval_steps or max(1, total_steps // max(1, math.ceil(t.num_train_epochs)))
     progress = tqdm(total=total_steps, initial=state.global_step, desc="train", unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     model.train()
+    stop.in_loop = True  # from here a signal saves a checkpoint at the next step
     done = state.global_step >= total_steps
     try:
         while not done:
@@ -143,9 +171,7 @@ def _train_once(config: Config) -> int:
                     log.warn(f"step {state.global_step}: loss or gradient is NaN/inf; the update was skipped "
                              f"({bad_steps} in a row, limit advanced.max_bad_steps={config.advanced.max_bad_steps})")
                     if bad_steps >= config.advanced.max_bad_steps:
-                        path = save_checkpoint(accelerator, t.output_dir, state)
-                        log.warn(f"stopping at step {state.global_step} after {bad_steps} NaN/inf steps in a row; "
-                                 f"the last good weights are in {path}. Lower training.learning_rate or check the data.")
+                        log.warn(_diverged_message(state.global_step, bad_steps, last_saved))
                         return 1
                     continue
                 bad_steps = 0
@@ -169,12 +195,12 @@ def _train_once(config: Config) -> int:
                 stopping = stop.requested(accelerator)
                 # The best step is always saved when the run ends on the best model, so it can be loaded back.
                 if state.global_step % t.save_steps == 0 or stopping or (improved and t.load_best_model_at_end):
-                    path = save_checkpoint(accelerator, t.output_dir, state)
+                    path = last_saved = save_checkpoint(accelerator, t.output_dir, state)
                     if accelerator.is_main_process:
                         rotate_checkpoints(t.output_dir, t.save_total_limit, keep=state.best_checkpoint)
                     if stopping:
                         log.warn(f"{stop.name} received: saved {path}; resume with training.resume_from_checkpoint=latest")
-                        return 1
+                        return stop.exit_code
                 done = _early_stop(state, config) or state.global_step >= total_steps
                 if done:
                     break
@@ -182,9 +208,8 @@ def _train_once(config: Config) -> int:
                 state.epoch, state.batches_done_in_epoch = state.epoch + 1, 0
     except torch.OutOfMemoryError:
         raise OutOfMemory(out_of_memory_message(config)) from None
-    finally:  # also on a NaN stop, a signal or an error: flush the trackers, give the signals back
+    finally:  # also on a NaN stop, a signal or an error: flush the trackers
         progress.close()
-        stop.restore()
         log.close()
 
     if t.load_best_model_at_end and state.best_checkpoint:
@@ -294,6 +319,39 @@ def backward_share(accelerator, objective: torch.Tensor) -> None:
         accelerator.backward(objective, scale_wrt_gas=False)
     else:
         accelerator.backward(objective * accelerator.gradient_accumulation_steps)
+
+
+def _resumed_lr_schedule(state: TrainerState, scheduler, t, total_steps: int, log: RunLog) -> dict:
+    """The schedule a resumed run follows: the checkpoint's, with a warning when the config asks for another,
+    or the config's with ``training.reset_lr_schedule``. Returns what the next checkpoint records."""
+    current = schedule_summary(t, total_steps)
+    # Checkpoints of older versions recorded no schedule: their peak rate is in the scheduler's state.
+    saved = state.lr_schedule or {"learning_rate": checkpoint_peak_lr(scheduler)}
+    if t.reset_lr_schedule:
+        step = restart_schedule(scheduler, t)
+        log.warn(f"training.reset_lr_schedule: the learning-rate schedule is the config's ({describe_schedule(current)}) "
+                 f"from step {step}, no longer the checkpoint's ({describe_schedule(saved)}); optimizer moments kept")
+        return current
+    if schedule_differs(saved, current):
+        log.warn(f"the config's learning-rate schedule ({describe_schedule(current)}) differs from the checkpoint's "
+                 f"({describe_schedule(saved)}); resuming keeps the checkpoint's learning rate and position in the "
+                 "schedule. Add training.reset_lr_schedule=true to switch to the config's.")
+        return {**current, "learning_rate": saved["learning_rate"]}
+    return current
+
+
+def _diverged_message(step: int, bad_steps: int, last_saved: Path | None) -> str:
+    # Updates of NaN/inf steps are skipped, but a too-high rate can blow the weights up to huge finite
+    # values before the loss turns NaN: the weights now are not a safe point, the last save before is.
+    first_bad = step - bad_steps + 1
+    head = (f"stopping at step {step} after {bad_steps} NaN/inf steps in a row (the first at step {first_bad}); "
+            "nothing is saved now, the weights may have diverged before the loss did.")
+    if last_saved is None:
+        return (f"{head} No checkpoint was saved before step {first_bad}: start again with a lower "
+                "training.learning_rate, or check the data.")
+    return (f"{head} The last checkpoint saved before step {first_bad} is {last_saved}: resume from it with a lower "
+            f"rate, training.resume_from_checkpoint={last_saved} training.learning_rate=<lower> "
+            "training.reset_lr_schedule=true, or check the data.")
 
 
 def _epoch(state: TrainerState, batches_per_epoch: int) -> float:

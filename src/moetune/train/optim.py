@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 
 import torch
 from transformers.optimization import Adafactor, get_scheduler
@@ -80,3 +81,47 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, total
     name = {"linear": "linear", "constant": "constant_with_warmup",
             "cosine_with_restarts": "cosine_with_restarts"}[cfg.lr_scheduler_type]
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def schedule_summary(cfg: TrainingConfig, total_steps: int) -> dict:
+    """What defines the learning-rate schedule; a checkpoint records it, so a resume can tell when it changed."""
+    return {"learning_rate": cfg.learning_rate, "lr_scheduler_type": cfg.lr_scheduler_type,
+            "warmup_steps": warmup_steps(cfg, total_steps), "total_steps": total_steps,
+            "min_learning_rate": cfg.min_learning_rate}
+
+
+def describe_schedule(summary: dict) -> str:
+    parts = [f"learning_rate {summary['learning_rate']:g}"]
+    if "lr_scheduler_type" in summary:
+        parts.append(f"{summary['lr_scheduler_type']}, {summary['warmup_steps']} warmup steps, "
+                     f"{summary['total_steps']} steps, min_learning_rate {summary['min_learning_rate']:g}")
+    return ", ".join(parts)
+
+
+def schedule_differs(saved: dict, current: dict) -> bool:
+    """True when a key both summaries hold differs (older checkpoints record only the learning rate)."""
+    return any(not math.isclose(saved[k], current[k], rel_tol=1e-9) if isinstance(current[k], float) else saved[k] != current[k]
+               for k in current if k in saved)
+
+
+def restart_schedule(scheduler, cfg: TrainingConfig) -> int:
+    """Switch a resumed scheduler to the config's peak learning rate, at the step its schedule had reached.
+
+    Only the peak rate comes from the checkpoint (with the step): the schedule's shape (type, warmup,
+    length) was built from the config. The optimizer's moments are left as they are. Returns the step.
+    """
+    inner = getattr(scheduler, "scheduler", scheduler)  # Accelerate wraps the torch scheduler
+    inner.base_lrs = [cfg.learning_rate] * len(inner.base_lrs)
+    for group in inner.optimizer.param_groups:
+        group["initial_lr"] = cfg.learning_rate
+    # Re-take the step the schedule is at, so every group's lr (and get_last_lr) is the new schedule's.
+    inner.last_epoch -= 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": no update is involved
+        inner.step()
+    return inner.last_epoch
+
+
+def checkpoint_peak_lr(scheduler) -> float:
+    """The peak learning rate a loaded scheduler runs with (the checkpoint's, after a resume)."""
+    return getattr(scheduler, "scheduler", scheduler).base_lrs[0]

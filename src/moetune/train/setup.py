@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from moetune.config import Config, TrainingConfig
 from moetune.errors import ConfigError, UserError
 from moetune.train.checkpoint import weights_are_sharded
+from moetune.train.output_dir import final_files_or_no_space
 from moetune.train.run_log import logging_dir, tracker_names
 
 TOKENIZER_DIR = "tokenizer"
@@ -260,13 +260,17 @@ def save_final(accelerator, model, tokenizer, config: Config) -> None:
         state_dict = accelerator.get_state_dict(model) if weights_are_sharded(accelerator) else None
         if not accelerator.is_main_process:
             return
-        unwrapped.save_pretrained(t.output_dir, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(t.output_dir)
+        trainable_bytes = sum(p.numel() * p.element_size() for p in unwrapped.parameters() if p.requires_grad)
+        with final_files_or_no_space(Path(t.output_dir), trainable_bytes):
+            unwrapped.save_pretrained(t.output_dir, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(t.output_dir)
         if config.post_training.merge_and_save:
             merged_dir = Path(config.post_training.merged_output_dir or Path(t.output_dir) / "merged")
             merged = unwrapped.merge_and_unload() if hasattr(unwrapped, "merge_and_unload") else unwrapped
-            merged.save_pretrained(merged_dir, safe_serialization=True)
-            tokenizer.save_pretrained(merged_dir)
+            model_bytes = sum(p.numel() * p.element_size() for p in merged.parameters())
+            with final_files_or_no_space(merged_dir, model_bytes):
+                merged.save_pretrained(merged_dir, safe_serialization=True)
+                tokenizer.save_pretrained(merged_dir)
             print(f"merged model saved to {merged_dir}", file=sys.stderr)
 
 
@@ -279,38 +283,3 @@ def out_of_memory_message(config: Config) -> str:
             "model.max_seq_length; use ZeRO-3 (configs/accelerate/zero3.yaml) and, under DeepSpeed or FSDP, set "
             "advanced.use_cpu_offload=true; "
             "or load the base model in 4-bit (model.load_in_4bit=true). Resume with training.resume_from_checkpoint=latest.")
-
-
-class StopSignals:
-    """SIGTERM / SIGINT ask the loop to save a checkpoint and stop at the next optimizer step.
-
-    A second signal stops at once. Every process must agree on the step, so the flag is summed
-    across processes (one small all-reduce per step, only when there is more than one process).
-    """
-
-    def __init__(self):
-        self.name: str | None = None
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-
-    def _handle(self, signum, frame) -> None:
-        if self.name is not None:
-            raise KeyboardInterrupt
-        self.name = signal.Signals(signum).name
-
-    def requested(self, accelerator) -> bool:
-        flag = self.name is not None
-        if accelerator.num_processes > 1:
-            votes = accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum")
-            flag = votes.item() > 0
-            self.name = self.name or ("SIGTERM" if flag else None)
-        return flag
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
