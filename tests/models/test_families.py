@@ -260,3 +260,114 @@ def test_gpt_oss_runs_eager_attention_where_sdpa_is_asked_for(checkpoint, caplog
     assert model.config._attn_implementation == "eager"
     assert "model.attn_implementation=sdpa does not apply" in caplog.text
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith("sinks"))
+
+
+# ------------------------------------------------------------- aux-loss-free balancing, shared experts
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "glm4_moe"])
+def test_the_bias_update_evens_out_a_forced_imbalance(checkpoint, model_type):
+    from moetune.models.balance import update_router_biases
+
+    config = family_config(checkpoint(model_type), "lora.enabled=false", "moe.router_bias_update_rate=0.05")
+    model = build_model(config).eval()
+    spec = family_for_model_type(model_type)
+    router = [m for n, m in model.named_modules() if n.endswith(f"mlp.{spec.router_name}")][0]
+    with torch.no_grad():  # every token goes to expert 0
+        router.weight.mul_(20.0)
+        router.e_score_correction_bias.copy_(torch.tensor([2.0, 0.0, 0.0, 0.0]))
+    batch = {"input_ids": tokens(batch=4, length=16)}
+
+    def load() -> torch.Tensor:
+        with torch.no_grad():
+            counts = expert_token_counts(compute_losses(model, batch, config).routing)
+        return counts
+
+    before = load()
+    for _ in range(60):
+        update_router_biases(model, spec, load(), config.moe.router_bias_update_rate)
+    after = load()
+    assert before[0, 0] == 64 and after[0, 0] < 48  # every token took expert 0; now most do not
+    assert after.max() - after.min() < before.max() - before.min()
+    assert router.e_score_correction_bias[0] < 2.0
+
+
+def test_updated_biases_are_saved_with_the_adapter_and_reloaded(checkpoint, tmp_path):
+    from moetune.models.balance import update_router_biases
+
+    config = family_config(checkpoint("deepseek_v3"), "moe.router_bias_update_rate=0.01", "moe.freeze_router=true")
+    model = build_model(config)
+    spec = family_for_model_type("deepseek_v3")
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".mlp.gate." in n)  # weight stays frozen
+    update_router_biases(model, spec, torch.tensor([[10.0, 0.0, 0.0, 6.0]]), 0.01)
+    moved = {n: b.clone() for n, b in model.named_buffers() if n.endswith("modules_to_save.default.e_score_correction_bias")}
+    assert len(moved) == 1 and torch.allclose(next(iter(moved.values())), torch.tensor([0.29, -0.29, 0.21, -0.21]))
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(checkpoint("deepseek_v3")),
+                                         tmp_path / "adapter")
+    assert all(torch.equal(dict(reloaded.named_buffers())[n], b) for n, b in moved.items())
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_the_bias_update_is_refused_for_routers_without_a_bias(checkpoint, model_type):
+    with pytest.raises(ConfigError, match=rf"correction bias, which '{model_type}' models do not have"):
+        build_model(family_config(checkpoint(model_type), "moe.router_bias_update_rate=0.001"))
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "deepseek_v2"])
+def test_shared_experts_train_when_asked_and_are_saved_with_the_adapter(checkpoint, tmp_path, model_type):
+    shared = family_for_model_type(model_type).shared_experts
+    model = build_model(family_config(checkpoint(model_type), "moe.train_shared_experts=true"))
+    trained = [n for n in trainable(model) if is_shared_expert_parameter(n, shared)]
+    assert trained and all(".modules_to_save.default." in n for n in trained)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if is_expert_parameter(n))
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.5)
+    model.eval()
+    expected = model(tokens()).logits
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(checkpoint(model_type)), tmp_path / "adapter")
+    assert torch.equal(reloaded.eval()(tokens()).logits, expected)
+    full = build_model(family_config(checkpoint(model_type), "moe.train_shared_experts=true", "lora.enabled=false"))
+    params = dict(full.named_parameters())
+    assert all(params[n].requires_grad for n in params if is_shared_expert_parameter(n, shared))
+    assert not any(params[n].requires_grad for n in params if is_expert_parameter(n))
+
+
+# ------------------------------------------------------------------------ checkpoints as the hub ships them
+
+
+def test_gpt_oss_mxfp4_experts_are_loaded_dequantised_to_bf16(checkpoint, tmp_path, caplog):
+    from safetensors.torch import load_file, save_file
+
+    source = checkpoint("gpt_oss")
+    state = load_file(source / "model.safetensors")
+    lut = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+    expected = {}
+    generator = torch.Generator().manual_seed(0)
+    for key in [k for k in state if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, inner, outer = state.pop(key).shape  # stored (E, in, out); MXFP4 holds (E, out, in / 32, 16)
+        nibbles = torch.randint(0, 16, (experts, outer, inner // 32, 32), generator=generator, dtype=torch.uint8)
+        scales = torch.randint(125, 129, (experts, outer, inner // 32), generator=generator, dtype=torch.uint8)
+        state[f"{key}_blocks"] = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+        state[f"{key}_scales"] = scales
+        values = lut[nibbles.long()] * torch.exp2(scales.float() - 127)[..., None]
+        expected[key] = values.reshape(experts, outer, inner).transpose(1, 2)
+    folder = tmp_path / "gpt-oss-mxfp4"
+    folder.mkdir()
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                     "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING, logger="moetune"):
+        model = build_model(family_config(folder, "model.torch_dtype=bfloat16"))
+    assert "experts are MXFP4, which cannot be trained; loading them dequantised to bf16" in caplog.text
+    params = dict(model.named_parameters())
+    for key, values in expected.items():
+        loaded = params[f"base_model.model.{key}"]
+        assert loaded.dtype == torch.bfloat16 and not loaded.requires_grad
+        assert torch.equal(loaded.float(), values)  # FP4 x 2^k is exact in bf16
+    assert torch.isfinite(model(tokens()).logits).all()

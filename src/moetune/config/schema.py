@@ -125,8 +125,8 @@ class MoeConfig:
         "this much toward balanced load; saved with the adapter. Sigmoid routers only (deepseek_v3, glm4_moe); 0 = off."
     )
     train_shared_experts: bool = opt(
-        False, "Train the shared experts (Qwen2-MoE, DeepSeek, GLM) and save them with the adapter: LoRA on their "
-        "projections when lora.enabled (name them in lora.modules_to_save to train them in full), in full otherwise."
+        False, "Train the shared experts (Qwen2-MoE, DeepSeek, GLM) in full and save them with the adapter (as PEFT "
+        "modules_to_save when lora.enabled). Routed experts stay frozen."
     )
     monitor_expert_usage: bool = opt(True, "Count routed tokens per expert and layer during training.")
     log_expert_metrics: bool = opt(True, "Log expert usage and balance figures to the console and TensorBoard.")

@@ -5,8 +5,8 @@ Pretrained MoE (every family but upcycled MPT): LoRA on the family's attention p
 every routed and shared expert frozen, the router frozen unless ``moe.freeze_router`` is false, in
 which case PEFT's ``modules_to_save`` trains a copy of it and saves it in the adapter (plain
 ``requires_grad`` would train it but leave it out of the adapter file, so a reloaded adapter would
-route differently). ``moe.train_shared_experts`` trains the shared experts too: LoRA on their
-projections with LoRA, in full without. ``moe.router_bias_update_rate`` saves the router (with its
+route differently). ``moe.train_shared_experts`` trains the shared experts too, in full (with LoRA
+they are saved in the adapter as ``modules_to_save``). ``moe.router_bias_update_rate`` saves the router (with its
 correction bias) in the adapter even when the router's weight stays frozen.
 
 Upcycled MPT (the family reports ``experts_must_train``): the experts start identical, so they must
@@ -104,13 +104,10 @@ def _wrap_with_lora(model: nn.Module, config, family, save_router: bool, expert_
     routers = [block.router_path for block in find_moe_blocks(model, router_names)] if save_router else []
     modules_to_save = list(lora.modules_to_save) + routers
     if train_shared:
-        # LoRA on the shared experts' projections; a shared expert's scalar gate (Qwen2-MoE) is one
-        # output wide, so it trains in full instead.
-        shared_linears = [n for n in linear_module_names(model) if is_shared_expert_parameter(n + ".weight", shared)
-                          and not _excluded(n, lora.exclude_modules)]
-        gates = {n.rsplit(".", 1)[-1] for n in shared_linears if n.rsplit(".", 1)[-1] in shared}
-        targets = sorted(set(targets) | {n for n in shared_linears if n.rsplit(".", 1)[-1] not in gates})
-        modules_to_save += sorted(gates - set(modules_to_save))
+        # In full, saved with the adapter: given as LoRA targets, PEFT also matches DeepSeek's
+        # "mlp.shared_experts.down_proj" against the routed experts' fused "mlp.experts.down_proj".
+        modules_to_save += [f"{block.path}.{name}" for block in find_moe_blocks(model, router_names)
+                            for name in shared if hasattr(block.module, name)]
     if expert_mode == "full":
         # PEFT cannot wrap a ModuleList, so each expert is saved as its own module. The wrapper keeps
         # the frozen original beside the trained copy: full expert training costs one extra copy of the experts.
@@ -136,10 +133,10 @@ def _excluded(name: str, exclude: tuple[str, ...]) -> bool:
 def _check_experts(model: nn.Module, expert_mode: str, frozen_shared: tuple[str, ...]) -> None:
     # A guard, not a formality: PEFT rules (suffix matching of modules_to_save) could make an
     # expert trainable by accident, which on Mixtral-8x7B means ~45B trainable parameters.
-    trainable = [name for name, p in model.named_parameters() if p.requires_grad and "lora_" not in name]
-    routed = [name for name in trainable if is_expert_parameter(name)]
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    routed = [name for name in trainable if is_expert_parameter(name) and ("lora_" not in name or expert_mode != "lora")]
     shared = [name for name in trainable if is_shared_expert_parameter(name, frozen_shared)]
-    if expert_mode != "full" and routed:
+    if expert_mode == "frozen" and routed:
         raise RuntimeError(f"expert parameters are trainable although experts should be frozen: {routed[:3]}")
     if shared:
         raise RuntimeError(f"shared expert parameters are trainable although moe.train_shared_experts is false: "
