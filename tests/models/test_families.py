@@ -371,3 +371,11 @@ def test_gpt_oss_mxfp4_experts_are_loaded_dequantised_to_bf16(checkpoint, tmp_pa
         assert loaded.dtype == torch.bfloat16 and not loaded.requires_grad
         assert torch.equal(loaded.float(), values)  # FP4 x 2^k is exact in bf16
     assert torch.isfinite(model(tokens()).logits).all()
+
+
+def test_the_readme_lists_every_family_and_model_type():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Supported model families", 1)[1].split("\n## ", 1)[0]
+    for spec in all_families():
+        row = next(line for line in section.splitlines() if line.startswith(f"| `{spec.name}` |"))
+        assert all(model_type in row for model_type in spec.model_types), spec.name
