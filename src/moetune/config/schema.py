@@ -14,6 +14,10 @@ from typing import Any, Literal
 
 from moetune.errors import ConfigError
 
+# The registry's names, read without importing a family (torch): model.architecture's accepted
+# values and the README reference follow the families package.
+from moetune.models.families import FAMILY_NAMES
+
 
 def opt(default: Any, help: str, **kwargs: Any) -> Any:
     """A documented field with a default (a factory for mutable defaults)."""
@@ -44,8 +48,9 @@ class ModelConfig:
         "mistralai/Mixtral-8x7B-v0.1",
         "Hub id or local directory of the base model. With random_init it only names the run.",
     )
-    architecture: Literal["mixtral", "mpt"] | None = opt(
-        None, "Model family; null reads it from the model's config.json."
+    architecture: Literal[FAMILY_NAMES] | None = opt(
+        None, "Model family (see Supported model families); null detects it from the model_type in the model's "
+        "config.json."
     )
     torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = opt(
         "bfloat16", "Dtype the weights are loaded in."
@@ -109,9 +114,20 @@ class LoraConfig:
 class MoeConfig:
     """Mixture-of-Experts settings: router loss, expert monitoring, sparse upcycling."""
 
-    use_auxiliary_loss: bool = opt(True, "Add the router load-balancing (auxiliary) loss to the LM loss.")
-    auxiliary_loss_weight: float = opt(0.001, "Weight of the auxiliary loss (Mixtral's router_aux_loss_coef).")
+    use_auxiliary_loss: bool = opt(True, "Add the family's load-balancing (auxiliary) loss to the LM loss: the Switch "
+                                   "loss of Mixtral, Qwen-MoE, OLMoE, gpt-oss and MPT, DeepSeek's sequence-wise loss "
+                                   "for the deepseek family.")
+    auxiliary_loss_weight: float = opt(0.001, "Weight of the auxiliary loss (Mixtral's router_aux_loss_coef, "
+                                       "DeepSeek's aux_loss_alpha).")
     freeze_router: bool = opt(True, "Keep the router frozen; false trains it and saves it in the adapter.")
+    router_bias_update_rate: float = opt(
+        0.0, "Aux-loss-free balancing (DeepSeek-V3): after each step every expert's router correction bias moves by "
+        "this much toward balanced load; saved with the adapter. Sigmoid routers only (deepseek_v3, glm4_moe); 0 = off."
+    )
+    train_shared_experts: bool = opt(
+        False, "Train the shared experts (Qwen2-MoE, DeepSeek, GLM) in full and save them with the adapter (as PEFT "
+        "modules_to_save when lora.enabled). Routed experts stay frozen."
+    )
     monitor_expert_usage: bool = opt(True, "Count routed tokens per expert and layer during training.")
     log_expert_metrics: bool = opt(True, "Log expert usage and balance figures to the console and TensorBoard.")
     starving_expert_share: float = opt(
@@ -154,6 +170,7 @@ class MoeConfig:
             check(self.capacity_factor > 0, "moe.capacity_factor", self.capacity_factor, "greater than 0 or null")
         check(self.router_jitter >= 0, "moe.router_jitter", self.router_jitter, "0 or more")
         check(self.router_z_loss_weight >= 0, "moe.router_z_loss_weight", self.router_z_loss_weight, "0 or more")
+        check(self.router_bias_update_rate >= 0, "moe.router_bias_update_rate", self.router_bias_update_rate, "0 or more")
         check(self.expert_parallel_size >= 1, "moe.expert_parallel_size", self.expert_parallel_size, "a positive integer")
         if self.backend == "deepspeed":
             # DeepSpeed's gate would compute something else than the native mpt_moe model the run is saved as.
@@ -432,5 +449,5 @@ class Config:
                               "validation.validation_split is 0.")
         if self.model.random_init and self.model.architecture is None:
             raise ConfigError("model.architecture", "model.random_init builds a model from config, so it needs "
-                              "model.architecture (mixtral or mpt) and usually model.config_overrides "
+                              f"model.architecture ({' | '.join(FAMILY_NAMES)}) and usually model.config_overrides "
                               "(e.g. {num_hidden_layers: 2, hidden_size: 64}).")
