@@ -147,6 +147,16 @@ class MoeConfig:
     expert_training: Literal["full", "lora", "frozen"] = opt(
         "full", "How upcycled experts train: all weights, per-expert LoRA, or frozen."
     )
+    router_supervision_weight: float = opt(
+        0.0, "Weight of label-guided routing: a cross-entropy on every MoE layer's router logits toward the experts of "
+        "the sample's expert_label (moe.label_to_expert), over the tokens of labelled samples; unlabelled samples add "
+        "nothing. The router must train. 0 = off."
+    )
+    label_to_expert: Literal["auto"] | dict[str, tuple[int, ...]] = opt(
+        "auto", "Which experts each expert_label is routed to under moe.router_supervision_weight: auto gives the labels "
+        "seen in the training data, in sorted order, experts 0, 1, 2, ... in turn (label i -> expert i mod the number of "
+        "experts); or a map {label: [expert, ...]}, where labels not in it count as unlabelled."
+    )
     backend: Literal["native", "deepspeed"] = opt(
         "native", "MoE block of upcycled models in training: deepspeed splits the experts across ranks (needs a DeepSpeed "
         "launch, not ZeRO-3); runs save the native layout either way."
@@ -171,6 +181,13 @@ class MoeConfig:
         check(self.router_jitter >= 0, "moe.router_jitter", self.router_jitter, "0 or more")
         check(self.router_z_loss_weight >= 0, "moe.router_z_loss_weight", self.router_z_loss_weight, "0 or more")
         check(self.router_bias_update_rate >= 0, "moe.router_bias_update_rate", self.router_bias_update_rate, "0 or more")
+        check(self.router_supervision_weight >= 0, "moe.router_supervision_weight", self.router_supervision_weight,
+              "0 or more")
+        self._check_label_to_expert()
+        if self.router_supervision_weight > 0:
+            # A frozen router cannot learn the routing it is told: the loss would be logged and do nothing.
+            check(self.upcycle or not self.freeze_router, "moe.freeze_router", self.freeze_router,
+                  "false when moe.router_supervision_weight is above 0 (the router must train to follow the labels)")
         check(self.expert_parallel_size >= 1, "moe.expert_parallel_size", self.expert_parallel_size, "a positive integer")
         if self.backend == "deepspeed":
             # DeepSpeed's gate would compute something else than the native mpt_moe model the run is saved as.
@@ -178,6 +195,24 @@ class MoeConfig:
                   "expert output by the router probability; the native block gives the chosen expert weight 1)")
             check(self.router_jitter in (0.0, 0.01), "moe.router_jitter", self.router_jitter,
                   "0 or 0.01 with moe.backend: deepspeed (DeepSpeed's jitter has a fixed epsilon of 0.01)")
+
+    def _check_label_to_expert(self) -> None:
+        if not isinstance(self.label_to_expert, dict):
+            return
+        key = "moe.label_to_expert"
+        check(bool(self.label_to_expert), key, self.label_to_expert, "auto or a non-empty map {label: [expert, ...]}")
+        normalised = {}
+        for label, experts in self.label_to_expert.items():
+            experts = (experts,) if isinstance(experts, int) and not isinstance(experts, bool) else experts
+            check(isinstance(label, str) and bool(label), key, label, "a map whose keys are expert_label strings")
+            check(isinstance(experts, (list, tuple)) and bool(experts)
+                  and all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in experts),
+                  f"{key}.{label}", experts, "a non-empty list of expert indices (integers, 0 or more)")
+            if self.upcycle:
+                check(max(experts) < self.num_experts, f"{key}.{label}", list(experts),
+                      f"expert indices below moe.num_experts ({self.num_experts})")
+            normalised[label] = tuple(dict.fromkeys(experts))
+        object.__setattr__(self, "label_to_expert", normalised)
 
 
 # ---------------------------------------------------------------------------------------- data
