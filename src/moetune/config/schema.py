@@ -154,8 +154,8 @@ class MoeConfig:
     )
     label_to_expert: Literal["auto"] | dict[str, tuple[int, ...]] = opt(
         "auto", "Which experts each expert_label is routed to under moe.router_supervision_weight: auto gives the labels "
-        "seen in the training data, in sorted order, experts 0, 1, 2, ... in turn (label i -> expert i mod the number of "
-        "experts); or a map {label: [expert, ...]}, where labels not in it count as unlabelled."
+        "seen in the training data, most frequent first (ties by name), experts 0, 1, 2, ... in turn (label i -> expert "
+        "i mod the number of experts); or a map {label: [expert, ...]}, where labels not in it count as unlabelled."
     )
     backend: Literal["native", "deepspeed"] = opt(
         "native", "MoE block of upcycled models in training: deepspeed splits the experts across ranks (needs a DeepSpeed "

@@ -6,9 +6,10 @@ labelled sample adds ``-log sum_{e in experts(label)} p_e``, ``p`` being the rou
 its logits: the probability the router gives the label's experts, as one class. Tokens of
 unlabelled samples (label id ``NO_LABEL``, padding too) add nothing.
 
-Label ids come from the data layer (:mod:`moetune.data.expert_labels`): indices into the sorted
-vocabulary of labels. ``auto`` sends label i to expert ``i mod num_experts``; an explicit map's
-labels are numbered in sorted order, which is how its experts are looked up here.
+Label ids come from the data layer (:mod:`moetune.data.expert_labels`): indices into the
+vocabulary of labels. ``auto`` numbers the training data's labels most frequent first and sends label i
+to expert ``i mod num_experts``; an explicit map's labels are numbered in sorted order, which is how
+its experts are looked up here.
 """
 
 from __future__ import annotations
