@@ -144,8 +144,12 @@ class MoeConfig:
     capacity_factor: float | None = opt(None, "Expert capacity as a multiple of the even share; null = no token dropping.")
     router_jitter: float = opt(0.0, "Multiplicative jitter on router inputs while training (Switch Transformer).")
     router_z_loss_weight: float = opt(0.0, "Weight of the router z-loss (ST-MoE); 0 turns it off.")
-    expert_training: Literal["full", "lora", "frozen"] = opt(
-        "full", "How upcycled experts train: all weights, per-expert LoRA, or frozen."
+    expert_training: Literal["full", "lora", "frozen", "esft"] = opt(
+        "full", "How upcycled experts train: all weights, per-expert LoRA, or frozen. esft (any family): only the "
+        "experts moe.esft_experts selects train, everything else frozen (needs lora.enabled: false)."
+    )
+    esft_experts: str | None = opt(
+        None, "With expert_training: esft, the experts.json `moetune experts` wrote (the experts to train per MoE layer)."
     )
     backend: Literal["native", "deepspeed"] = opt(
         "native", "MoE block of upcycled models in training: deepspeed splits the experts across ranks (needs a DeepSpeed "
@@ -171,6 +175,9 @@ class MoeConfig:
         check(self.router_jitter >= 0, "moe.router_jitter", self.router_jitter, "0 or more")
         check(self.router_z_loss_weight >= 0, "moe.router_z_loss_weight", self.router_z_loss_weight, "0 or more")
         check(self.router_bias_update_rate >= 0, "moe.router_bias_update_rate", self.router_bias_update_rate, "0 or more")
+        if self.expert_training == "esft":
+            check(self.esft_experts is not None, "moe.esft_experts", self.esft_experts,
+                  "the experts.json of `moetune experts` when moe.expert_training is esft")
         check(self.expert_parallel_size >= 1, "moe.expert_parallel_size", self.expert_parallel_size, "a positive integer")
         if self.backend == "deepspeed":
             # DeepSpeed's gate would compute something else than the native mpt_moe model the run is saved as.
@@ -441,6 +448,9 @@ class Config:
         if self.moe.upcycle and self.model.architecture not in (None, "mpt"):
             raise ConfigError("moe.upcycle", f"moe.upcycle turns a dense MPT model into an MoE; model.architecture is "
                               f"{self.model.architecture!r}, which is already an MoE.")
+        if self.moe.expert_training == "esft" and (self.lora.enabled or self.moe.backend != "native"):
+            raise ConfigError("moe.expert_training", "moe.expert_training: esft trains the selected experts themselves "
+                              "and freezes everything else, so it takes lora.enabled: false and moe.backend: native.")
         if self.advanced.early_stopping_patience is not None and self.validation.validation_split == 0:
             raise ConfigError("advanced.early_stopping_patience", "advanced.early_stopping_patience needs a validation split; "
                               "validation.validation_split is 0.")
