@@ -232,11 +232,15 @@ def _load_model(config: Config, adapter_path: str | None, train_records: list[di
     from moetune.train.setup import TOKENIZER_DIR
 
     tokenizer_dir = Path(config.training.output_dir) / TOKENIZER_DIR
-    texts = None
-    if config.model.random_init and config.model.tokenizer is None and not (tokenizer_dir / "tokenizer.json").is_file():
-        # Trained as training would, and saved where the training run will find it, so both see one tokenizer.
-        texts = (r["text"] if "text" in r else r["prompt"] + r["completion"] for r in train_records)
-    tokenizer = load_or_train_tokenizer(config, texts, save_dir=tokenizer_dir if config.model.random_init else None)
+    if config.model.random_init and config.model.tokenizer is None:
+        if (tokenizer_dir / "tokenizer.json").is_file():  # the run's own
+            tokenizer = load_or_train_tokenizer(config, None, save_dir=tokenizer_dir)
+        else:
+            # Trained on the training split as the training run will: the same texts give the same tokenizer.
+            texts = (r["text"] if "text" in r else r["prompt"] + r["completion"] for r in train_records)
+            tokenizer = load_or_train_tokenizer(config, texts)
+    else:
+        tokenizer = load_or_train_tokenizer(config)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return load_base(config, tokenizer), tokenizer
