@@ -144,8 +144,12 @@ class MoeConfig:
     capacity_factor: float | None = opt(None, "Expert capacity as a multiple of the even share; null = no token dropping.")
     router_jitter: float = opt(0.0, "Multiplicative jitter on router inputs while training (Switch Transformer).")
     router_z_loss_weight: float = opt(0.0, "Weight of the router z-loss (ST-MoE); 0 turns it off.")
-    expert_training: Literal["full", "lora", "frozen"] = opt(
-        "full", "How upcycled experts train: all weights, per-expert LoRA, or frozen."
+    expert_training: Literal["full", "lora", "frozen", "esft"] = opt(
+        "full", "How upcycled experts train: all weights, per-expert LoRA, or frozen. esft (any family): only the "
+        "experts moe.esft_experts selects train, everything else frozen (needs lora.enabled: false)."
+    )
+    esft_experts: str | None = opt(
+        None, "With expert_training: esft, the experts.json `moetune experts` wrote (the experts to train per MoE layer)."
     )
     router_supervision_weight: float = opt(
         0.0, "Weight of label-guided routing: a cross-entropy on every MoE layer's router logits toward the experts of "
@@ -188,6 +192,9 @@ class MoeConfig:
             # A frozen router cannot learn the routing it is told: the loss would be logged and do nothing.
             check(self.upcycle or not self.freeze_router, "moe.freeze_router", self.freeze_router,
                   "false when moe.router_supervision_weight is above 0 (the router must train to follow the labels)")
+        if self.expert_training == "esft":
+            check(self.esft_experts is not None, "moe.esft_experts", self.esft_experts,
+                  "the experts.json of `moetune experts` when moe.expert_training is esft")
         check(self.expert_parallel_size >= 1, "moe.expert_parallel_size", self.expert_parallel_size, "a positive integer")
         if self.backend == "deepspeed":
             # DeepSpeed's gate would compute something else than the native mpt_moe model the run is saved as.
@@ -476,6 +483,9 @@ class Config:
         if self.moe.upcycle and self.model.architecture not in (None, "mpt"):
             raise ConfigError("moe.upcycle", f"moe.upcycle turns a dense MPT model into an MoE; model.architecture is "
                               f"{self.model.architecture!r}, which is already an MoE.")
+        if self.moe.expert_training == "esft" and (self.lora.enabled or self.moe.backend != "native"):
+            raise ConfigError("moe.expert_training", "moe.expert_training: esft trains the selected experts themselves "
+                              "and freezes everything else, so it takes lora.enabled: false and moe.backend: native.")
         if self.advanced.early_stopping_patience is not None and self.validation.validation_split == 0:
             raise ConfigError("advanced.early_stopping_patience", "advanced.early_stopping_patience needs a validation split; "
                               "validation.validation_split is 0.")
