@@ -24,9 +24,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `moetune` console script, `python -m moetune` and the root shims."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    return report_errors(lambda: args.run(args))
+
+
+def report_errors(work: Callable[[], int | None]) -> int:
+    """Run ``work`` and turn what it raises into the exit codes above, with one paragraph on stderr."""
     _configure_logging()
     try:
-        return args.run(args) or 0
+        return work() or 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -215,11 +215,23 @@ class DataConfig:
     chars_per_token: float = opt(
         3.0, "Characters per token assumed before a tokenizer exists (file-chunk sizes, token figures in the stats)."
     )
+    max_samples: int | None = opt(
+        None, "Use only the first n samples of the built dataset (before the validation split), e.g. for a quick "
+        "test run; null = all."
+    )
+    max_target_length: int | None = opt(
+        None, "Longest completion (answer) of a prompt/completion sample in tokens; a longer one keeps its first n "
+        "tokens and gets no end-of-sequence token, since it did not end there. null = no limit."
+    )
 
     def __post_init__(self) -> None:
         check(bool(self.output_path), "data.output_path", self.output_path, "a non-empty path")
         check(self.num_workers >= 0, "data.num_workers", self.num_workers, "0 or more")
         check(1.0 <= self.chars_per_token <= 16.0, "data.chars_per_token", self.chars_per_token, "in [1, 16]")
+        check(self.max_samples is None or self.max_samples >= 1, "data.max_samples", self.max_samples,
+              "a positive integer or null")
+        check(self.max_target_length is None or self.max_target_length >= 1, "data.max_target_length",
+              self.max_target_length, "a positive integer or null")
 
 
 # ------------------------------------------------------------------------------------ training
@@ -261,7 +273,14 @@ class TrainingConfig:
     seed: int = opt(42, "Seed for data order, initialisation and dropout.")
     logging_steps: int = opt(10, "Log every n optimizer steps.")
     eval_steps: int | None = opt(None, "Evaluate every n steps; null = once per epoch.")
-    save_steps: int = opt(500, "Save a checkpoint every n steps.")
+    save_strategy: Literal["steps", "epoch", "both"] = opt(
+        "steps", "When checkpoints are saved: every save_steps steps, at the end of every epoch, or both."
+    )
+    save_steps: int = opt(500, "Save a checkpoint every n steps (save_strategy steps or both).")
+    checkpoint_naming: Literal["step", "kind"] = opt(
+        "step", "Checkpoint folder names: `step` names every one checkpoint-<step>; `kind` names step saves "
+        "checkpoint-step-<step> and end-of-epoch saves checkpoint-epoch-<epoch> (counted from 1)."
+    )
     save_total_limit: int | None = opt(None, "Keep only the newest n checkpoints (never deleting the best); null = keep all.")
     load_best_model_at_end: bool = opt(False, "Finish with the best checkpoint by metric_for_best_model.")
     metric_for_best_model: Literal["eval_loss", "eval_perplexity"] = opt("eval_loss", "Metric that picks the best checkpoint (lower is better).")

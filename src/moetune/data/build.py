@@ -2,7 +2,9 @@
 
 Samples stream straight to a temporary file beside the output, exact duplicates are dropped by
 content hash on the way, and only a build that finishes renames the files into place, so a failed
-or interrupted build never leaves a half-written dataset where a good one was.
+or interrupted build never leaves a half-written dataset where a good one was. The stats file
+records what the build read (``build_inputs``), so :func:`build_dataset_unless_current` can tell
+a dataset that still matches its sources from a stale one.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import IO
 
 from tqdm import tqdm
 
+from moetune.config.loader import config_to_dict
 from moetune.config.schema import Config, QaJsonlSourceConfig, RustRepoSourceConfig
 from moetune.data.qa_jsonl import QaStats, read_qa_jsonl
 from moetune.data.records import content_digest, estimate_tokens, sample_chars, to_json_line
@@ -63,6 +66,7 @@ def build_dataset(config: Config) -> int:
     output = Path(data.output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
     stats = _new_stats(data.chars_per_token)
+    stats["build_inputs"] = build_inputs(config)  # before reading: a source changed meanwhile makes it stale
     started = time.perf_counter()
     _remove_stale_tmp_files(output)
     tmp_output, tmp_stats = (output.with_name(f"{prefix}{os.getpid()}") for prefix in _tmp_prefixes(output))
@@ -83,6 +87,53 @@ def build_dataset(config: Config) -> int:
         os.replace(tmp_stats, stats_path_for(output))
     _print_summary(stats, output, time.perf_counter() - started)
     return 0
+
+
+def build_inputs(config: Config) -> dict | None:
+    """What a build of ``data.output_path`` read and how, as plain JSON: the data settings and each source
+    file's size and modification time. None when that cannot be told cheaply: a rust_repo source (any file
+    under it may change) or a source file that is missing."""
+    files = []
+    for source in config.data.sources:
+        path = Path(source.path)
+        if not isinstance(source, QaJsonlSourceConfig) or not path.is_file():
+            return None
+        stat = path.stat()
+        files.append({"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    # Keys that only matter after the build (which samples are used, how they are tokenized) are left out.
+    settings = {key: value for key, value in config_to_dict(config.data).items()
+                if key not in ("output_path", "num_workers", "packing", "max_samples", "max_target_length")}
+    return json.loads(json.dumps({"files": files, "settings": settings}))
+
+
+def dataset_is_current(config: Config) -> bool:
+    """Whether ``data.output_path`` was built from ``data.sources`` as they are now, with these settings."""
+    inputs = build_inputs(config)
+    output = Path(config.data.output_path)
+    if inputs is None or not output.is_file():
+        return False
+    try:
+        stats = json.loads(stats_path_for(output).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(stats, dict) and stats.get("build_inputs") == inputs
+
+
+def build_dataset_unless_current(config: Config) -> int:
+    """:func:`build_dataset`, unless :func:`dataset_is_current`. Returns 0.
+
+    Several processes of one launch may call it at once: a lock beside the dataset lets the first
+    build while the others wait, and then find the dataset current.
+    """
+    from filelock import FileLock
+
+    output = Path(config.data.output_path)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(output.with_name(f".{output.name}.lock"))):
+        if dataset_is_current(config):
+            print(f"data: {output} is up to date with data.sources; not rebuilt", file=sys.stderr)
+            return 0
+        return build_dataset(config)
 
 
 def _tmp_prefixes(output: Path) -> list[str]:

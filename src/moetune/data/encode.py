@@ -3,6 +3,7 @@
 Each record becomes ``[bos] + tokens + [eos]``. Labels copy the ids except where no loss is
 wanted (-100): the prompt of a prompt/completion record, and the first token of every sample
 (in a packed row, that position would be predicted from the *previous* sample's last token).
+A completion longer than ``max_target_length`` keeps its first tokens and no eos (it did not end).
 A sample longer than ``max_seq_length`` is cut into consecutive windows, each a sample of its own.
 """
 
@@ -18,12 +19,13 @@ IGNORE_INDEX = -100
 _ENCODING_VERSION = "1"
 
 
-def encode_records(records: Sequence[dict[str, Any]], tokenizer, max_seq_length: int, cache_dir: str | Path | None = None):
+def encode_records(records: Sequence[dict[str, Any]], tokenizer, max_seq_length: int, cache_dir: str | Path | None = None,
+                   max_target_length: int | None = None):
     """A ``datasets.Dataset`` with columns ``input_ids``, ``labels`` and ``length`` (one row per window).
 
     With ``cache_dir`` the result is stored there under a key made of the records' content, the
-    tokenizer's vocabulary and ``max_seq_length``; an identical later call loads it instead of
-    tokenizing again.
+    tokenizer's vocabulary, ``max_seq_length`` and ``max_target_length``; an identical later call
+    loads it instead of tokenizing again.
     """
     from datasets import Dataset
 
@@ -36,15 +38,16 @@ def encode_records(records: Sequence[dict[str, Any]], tokenizer, max_seq_length:
     kwargs: dict[str, Any] = {}
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        key = _cache_key(columns, tokenizer, max_seq_length)
+        key = _cache_key(columns, tokenizer, max_seq_length, max_target_length)
         kwargs = {"cache_file_name": str(Path(cache_dir) / f"encoded-{key}.arrow"), "load_from_cache_file": True}
     return raw.map(
         _encode_batch, batched=True, batch_size=1000, remove_columns=list(columns),
-        fn_kwargs={"tokenizer": tokenizer, "max_len": max_seq_length}, desc="Tokenizing", **kwargs,
+        fn_kwargs={"tokenizer": tokenizer, "max_len": max_seq_length, "max_target": max_target_length},
+        desc="Tokenizing", **kwargs,
     )
 
 
-def _encode_batch(batch: dict[str, list], tokenizer, max_len: int) -> dict[str, list]:
+def _encode_batch(batch: dict[str, list], tokenizer, max_len: int, max_target: int | None = None) -> dict[str, list]:
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     n = len(batch["text"])
@@ -58,7 +61,8 @@ def _encode_batch(batch: dict[str, list], tokenizer, max_len: int) -> dict[str, 
     if paired:
         for i, (ids, n_prompt) in zip(paired, _paired_ids(tokenizer, [batch["prompt"][i] for i in paired],
                                                          [batch["completion"][i] for i in paired]), strict=True):
-            full = bos + ids + eos
+            cut = max_target is not None and len(ids) - n_prompt > max_target
+            full = bos + (ids[:n_prompt + max_target] if cut else ids + eos)
             encoded[i] = (full, [IGNORE_INDEX] * (len(bos) + n_prompt) + full[len(bos) + n_prompt:])
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
     for i in range(n):
@@ -97,9 +101,11 @@ def _paired_ids(tokenizer, prompts: list[str], completions: list[str]) -> list[t
     return pairs
 
 
-def _cache_key(columns: dict[str, list], tokenizer, max_seq_length: int) -> str:
+def _cache_key(columns: dict[str, list], tokenizer, max_seq_length: int, max_target_length: int | None) -> str:
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{_ENCODING_VERSION}|{max_seq_length}|{tokenizer.bos_token_id}|{tokenizer.eos_token_id}|".encode())
+    # An uncapped key is the one earlier versions made, so their caches stay valid.
+    cap = "" if max_target_length is None else f"target={max_target_length}|"
+    digest.update(f"{_ENCODING_VERSION}|{max_seq_length}|{tokenizer.bos_token_id}|{tokenizer.eos_token_id}|{cap}".encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     digest.update(backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode())
     for name in ("text", "prompt", "completion"):

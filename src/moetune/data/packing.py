@@ -178,7 +178,7 @@ def build_train_eval_datasets(config: Config, tokenizer, model=None, cache_dir: 
         if not records:
             datasets.append(None)
             continue
-        encoded = encode_records(records, tokenizer, max_len, cache_dir=cache)
+        encoded = encode_records(records, tokenizer, max_len, cache_dir=cache, max_target_length=config.data.max_target_length)
         lengths = encoded.data.column("length").to_pylist()  # plain ints: Column indexing is slow
         stats[f"{name}_samples"] = len(lengths)
         stats[f"{name}_tokens"] = sum(lengths)

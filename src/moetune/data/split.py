@@ -10,6 +10,7 @@ hash seed: the same dataset and seed give the same split on every machine.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Iterable
 from typing import Any
 
@@ -45,12 +46,14 @@ def split_records(records: Iterable[dict[str, Any]], validation_split: float, se
 
 
 def load_splits(config: Config) -> tuple[list[dict], list[dict]]:
-    """Read ``data.output_path`` and split it by ``validation.validation_split`` and ``training.seed``.
+    """Read ``data.output_path`` (its first ``data.max_samples`` records when set) and split it by
+    ``validation.validation_split`` and ``training.seed``.
 
     Returns (train_records, val_records): lists of the dataset's JSON objects (see
     :mod:`moetune.data.records` for their fields). Raises UserError when the dataset is missing.
     """
-    return split_records(read_records(config.data.output_path), config.validation.validation_split, config.training.seed)
+    records = itertools.islice(read_records(config.data.output_path), config.data.max_samples)
+    return split_records(records, config.validation.validation_split, config.training.seed)
 
 
 def _ranked(unit: str, seed: int) -> bytes:

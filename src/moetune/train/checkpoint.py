@@ -1,8 +1,10 @@
 """Checkpoints: atomic save, rotation that spares the best, exact resume, output_dir safety.
 
-A checkpoint folder holds the adapter in PEFT format (what `PeftModel.from_pretrained` reads) and
+A checkpoint folder holds the adapter in PEFT format (what `PeftModel.from_pretrained` reads), or
+the whole model (config.json + model.safetensors) when no adapter trains, the tokenizer files,
 Accelerate's state (optimizer, scheduler, RNG states of every process, DeepSpeed shards), plus
-``trainer_state.json`` (step, epoch, data position, best metric). It is written under a temporary
+``trainer_state.json`` (step, epoch, data position, best metric). So a checkpoint loads on its own:
+with ``AutoModelForCausalLM`` / ``AutoTokenizer`` (a full model), ``moetune eval --adapter-path``. It is written under a temporary
 name and renamed when complete, so a crash mid-save never leaves a broken checkpoint as the latest.
 """
 
@@ -11,16 +13,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from moetune.errors import UserError
-from moetune.train.output_dir import check_output_dir, folder_bytes, is_disk_full, no_space_failure
+from moetune.train.output_dir import (
+    CHECKPOINT_DIR,
+    PARTIAL_PREFIX,
+    check_output_dir,
+    checkpoint_dir_name,
+    folder_bytes,
+    is_disk_full,
+    no_space_failure,
+    step_in_checkpoint_name,
+)
 
 STATE_FILE = "trainer_state.json"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 @dataclass
@@ -52,20 +61,32 @@ class TrainerState:
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoint folders of a run, oldest first."""
+    """Complete checkpoint folders of a run, oldest first (by step; at one step an epoch's save last)."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
-    return [p for _, p in sorted(found)]
+    found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_DIR.match(p.name)]
+    return sorted(found, key=_checkpoint_order)
+
+
+def _checkpoint_order(path: Path) -> tuple[int, int, str]:
+    step = step_in_checkpoint_name(path.name)
+    if step is not None:
+        return step, 0, path.name
+    # checkpoint-epoch-<n> names its epoch; its step is in its state (-1 when unreadable: the oldest).
+    try:
+        step = int(json.loads((path / STATE_FILE).read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        step = -1
+    return step, 1, path.name
 
 
 def earlier_checkpoint_hint(checkpoint: Path) -> str:
-    """A sentence offering the newest complete checkpoint before ``checkpoint`` in its run ("" if it is no checkpoint-N)."""
-    match = _CHECKPOINT.match(checkpoint.name)
-    if not match:
+    """A sentence offering the newest complete checkpoint before ``checkpoint`` in its run ("" if it is no checkpoint folder)."""
+    if not CHECKPOINT_DIR.match(checkpoint.name):
         return ""
-    earlier = [p for p in list_checkpoints(checkpoint.parent) if int(p.name.split("-")[1]) < int(match.group(1))]
+    order = _checkpoint_order(checkpoint)
+    earlier = [p for p in list_checkpoints(checkpoint.parent) if _checkpoint_order(p)[:2] < order[:2]]
     if not earlier:
         return " No earlier checkpoint of this run is left: start the run again."
     return f" Resume from {earlier[-1].name} instead, with training.resume_from_checkpoint={earlier[-1]}."
@@ -99,7 +120,7 @@ def prepare_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool) 
     root = Path(output_dir)
     check_output_dir(root)
     root.mkdir(parents=True, exist_ok=True)
-    for partial in root.glob(".partial-checkpoint-*"):
+    for partial in root.glob(f"{PARTIAL_PREFIX}checkpoint-*"):
         shutil.rmtree(partial, ignore_errors=True)
     checkpoints = list_checkpoints(root)
     if not checkpoints or resuming:
@@ -113,15 +134,18 @@ def prepare_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool) 
     (root / "metrics.jsonl").unlink(missing_ok=True)
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState) -> Path:
-    """Save everything needed to resume into ``output_dir/checkpoint-<step>`` atomically.
+def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState, name: str | None = None,
+                    tokenizer=None) -> Path:
+    """Save everything needed to resume, and ``tokenizer``, into ``output_dir/name`` atomically.
 
+    ``name`` comes from :func:`~moetune.train.output_dir.checkpoint_dir_name` (default checkpoint-<step>).
     A full disk is a RunFailure saying how much room is needed; the partial save is removed and the
     earlier checkpoints are left as they were.
     """
     root = Path(output_dir)
-    final = root / f"checkpoint-{state.global_step}"
-    partial = root / f".partial-checkpoint-{state.global_step}"
+    name = name or checkpoint_dir_name("step", state.global_step)
+    final = root / name
+    partial = root / f"{PARTIAL_PREFIX}{name}"
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
@@ -129,6 +153,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState) ->
     try:
         accelerator.save_state(str(partial), **kwargs)
         if accelerator.is_main_process:
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(partial))
             state.save(partial)
     except Exception as err:
         earlier = list_checkpoints(root)

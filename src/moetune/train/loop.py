@@ -41,7 +41,7 @@ from moetune.train.optim import (
     schedule_differs,
     schedule_summary,
 )
-from moetune.train.output_dir import check_output_dir, save_run_config
+from moetune.train.output_dir import check_output_dir, checkpoint_dir_name, save_run_config
 from moetune.train.run_lock import RunLock
 from moetune.train.run_log import RunLog
 from moetune.train.setup import (
@@ -135,6 +135,8 @@ def _train_once(config: Config, stop: StopSignals, run_lock: RunLock) -> int:
     done = state.global_step >= total_steps
     try:
         while not done:
+            if state.batches_done_in_epoch >= len(train_loader):  # a checkpoint of an older version, saved at an epoch's end
+                state.epoch, state.batches_done_in_epoch = state.epoch + 1, 0
             train_loader.set_epoch(state.epoch)  # the seeded sampler reshuffles per epoch, the same on resume
             batches = accelerator.skip_first_batches(train_loader, state.batches_done_in_epoch)
             for window in accumulation_windows(batches, t.gradient_accumulation_steps):
@@ -151,6 +153,7 @@ def _train_once(config: Config, stop: StopSignals, run_lock: RunLock) -> int:
                         counts = expert_token_counts(parts.router_logits, top_k, batch.get("attention_mask"))
                         usage = counts if usage is None else usage + counts
                 state.batches_done_in_epoch += len(window)
+                epoch_ended = state.batches_done_in_epoch >= len(train_loader)
                 step_lr = scheduler.get_last_lr()[0]  # the rate this step uses (logged with it)
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
                 step_is_finite = window_log.step_is_finite(grad_norm)
@@ -187,19 +190,19 @@ def _train_once(config: Config, stop: StopSignals, run_lock: RunLock) -> int:
                                       f"perplexity {metrics['eval_perplexity']:.2f}" + (" (best)" if improved else ""))
 
                 stopping = stop.requested(accelerator)
+                if epoch_ended:  # before saving, so a checkpoint at an epoch's end resumes at the next one
+                    state.epoch, state.batches_done_in_epoch = state.epoch + 1, 0
                 # The best step is always saved when the run ends on the best model, so it can be loaded back.
-                if state.global_step % t.save_steps == 0 or stopping or (improved and t.load_best_model_at_end):
-                    path = last_saved = save_checkpoint(accelerator, t.output_dir, state)
+                for name in _checkpoints_due(t, state, epoch_ended, stopping or (improved and t.load_best_model_at_end)):
+                    path = last_saved = save_checkpoint(accelerator, t.output_dir, state, name, tokenizer)
                     if accelerator.is_main_process:
                         rotate_checkpoints(t.output_dir, t.save_total_limit, keep=state.best_checkpoint)
-                    if stopping:
-                        log.warn(f"{stop.name} received: saved {path}; resume with training.resume_from_checkpoint=latest")
-                        return stop.exit_code
+                if stopping:
+                    log.warn(f"{stop.name} received: saved {path}; resume with training.resume_from_checkpoint=latest")
+                    return stop.exit_code
                 done = _early_stop(state, config) or state.global_step >= total_steps
                 if done:
                     break
-            else:
-                state.epoch, state.batches_done_in_epoch = state.epoch + 1, 0
     except torch.OutOfMemoryError:
         raise OutOfMemory(out_of_memory_message(config)) from None
     finally:  # also on a NaN stop, a signal or an error: flush the trackers
@@ -378,11 +381,22 @@ def _track_best(state: TrainerState, metric: float, config: Config) -> bool:
     threshold = config.advanced.early_stopping_threshold
     if state.best_metric is None or metric < state.best_metric - threshold:
         state.best_metric = metric
-        state.best_checkpoint = f"checkpoint-{state.global_step}"  # saved at this step when it matters
+        # Saved at this step when it matters (load_best_model_at_end), under a step save's name.
+        state.best_checkpoint = checkpoint_dir_name(config.training.checkpoint_naming, state.global_step)
         state.evals_without_improvement = 0
         return True
     state.evals_without_improvement += 1
     return False
+
+
+def _checkpoints_due(t, state: TrainerState, epoch_ended: bool, must_save: bool) -> list[str]:
+    """Names of the checkpoints to save after this step (none, one, or a step's and an epoch's)."""
+    names = []
+    if must_save or (t.save_strategy in ("steps", "both") and state.global_step % t.save_steps == 0):
+        names.append(checkpoint_dir_name(t.checkpoint_naming, state.global_step))
+    if epoch_ended and t.save_strategy in ("epoch", "both"):
+        names.append(checkpoint_dir_name(t.checkpoint_naming, state.global_step, epoch=state.epoch))
+    return list(dict.fromkeys(names))  # with checkpoint_naming: step both are checkpoint-<step>
 
 
 def _early_stop(state: TrainerState, config: Config) -> bool:
