@@ -15,7 +15,8 @@ MFU (scripts/bench_train.py's 4 x N FLOP count), peak memory; 5 QLoRA 4-bit agai
 2-layer full-width Mixtral (peak memory, loss after 10 steps); 6 DeepSpeed ZeRO-2 through
 ``NUM_GPUS=1 bash train.sh`` for 10 steps; 7 expert LoRA and ESFT tokens/s (skipped: not in moetune yet).
 
-Each stage runs in a forked process of its own with a share of ``--budget`` (470 s), so a crash, a hang
+Run it as a script (a fresh interpreter): each stage runs in a process forked from one that has run no
+torch op, so no OpenMP or CUDA state crosses a fork. Each stage runs in a forked process of its own with a share of ``--budget`` (470 s), so a crash, a hang
 or an out-of-memory in one never stops the next. ``gpu_report.json`` and ``gpu_report.md`` are rewritten
 in ``--out`` before and after every stage, and every stage's output is appended to ``gpu_check.log``
 there, so a run cut short still leaves what it measured. A stage is FAILED with the first lines of its
