@@ -120,7 +120,7 @@ def test_legacy_layout_experts_frozen_and_router_saved(mixtral_config):
     assert routers == [f"base_model.model.model.layers.{i}.block_sparse_moe.gate.modules_to_save.default.weight"
                        for i in range(2)]
     assert {n.split(".")[-4] for n in names if "lora_" in n} == {"q_proj", "k_proj", "v_proj", "o_proj"}
-    assert model.peft_config["default"].modules_to_save == ["gate"]
+    assert model.peft_config["default"].modules_to_save == [f"model.layers.{i}.block_sparse_moe.gate" for i in range(2)]
     assert model(torch.randint(0, 128, (1, 5))).shape == (1, 5, 128)
 
 

@@ -66,7 +66,7 @@ def test_deepspeed_backend_without_deepspeed_says_how_to_install_it(mpt_config, 
 
 
 def test_deepspeed_backend_is_for_upcycled_models(mixtral_config):
-    with pytest.raises(UserError, match="Mixtral keeps its own blocks"):
+    with pytest.raises(UserError, match="mixtral keeps its own blocks"):
         build_model(mixtral_config("moe.backend=deepspeed"))
 
 

@@ -8,7 +8,8 @@ import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from moetune.models.factory import build_model
-from moetune.models.losses import compute_losses, expert_token_counts, load_balancing_loss, router_z_loss
+from moetune.models.losses import compute_losses, load_balancing_loss, router_z_loss
+from moetune.models.routing import LayerRouting, expert_token_counts
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -85,10 +86,13 @@ def test_aux_loss_gradient_reaches_the_router_with_gradient_checkpointing(mixtra
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_expert_token_counts_per_layer():
-    logits = (torch.tensor([[5.0, 1.0, 0.0], [0.0, 5.0, 1.0]]), torch.tensor([[0.0, 0.0, 9.0], [0.0, 0.0, 9.0]]))
-    counts = expert_token_counts(logits, top_k=1)
-    assert counts.tolist() == [[1.0, 1.0, 0.0], [0.0, 0.0, 2.0]]
+def test_expert_token_counts_per_layer_come_from_the_chosen_experts():
+    # The chosen experts, not the largest logits: a correction bias can pick another expert.
+    logits = torch.zeros(2, 3)
+    routing = (LayerRouting(logits, torch.tensor([[0], [1]]), torch.ones(2, 1)),
+               LayerRouting(logits, torch.tensor([[2], [2]]), torch.ones(2, 1)))
+    assert expert_token_counts(routing).tolist() == [[1.0, 1.0, 0.0], [0.0, 0.0, 2.0]]
+    assert expert_token_counts(routing, torch.tensor([[1, 0]])).tolist() == [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
 
 
 def _trainable_grads(model):

@@ -1,6 +1,6 @@
 """Run `moetune train` under `accelerate launch` and record, per rank, what the distributed checks need.
 
-Writes ``<output_dir>/probe-rank<i>.pt`` with the trainable parameters at the end, a hash of every
+Writes ``<output_dir>-probes/probe-rank<i>.pt`` (beside the run folder, which holds only moetune's files) with the trainable parameters at the end, a hash of every
 training row the rank saw, the expert counts it routed itself and the summed counts it logged.
 Used by test_distributed.py; not part of moetune.
 """
@@ -24,6 +24,12 @@ original_summarize = loop.summarize_usage
 original_save_final = loop.save_final
 
 
+
+def probe_path(output_dir, rank: int) -> Path:
+    folder = Path(f"{output_dir}-probes")
+    folder.mkdir(exist_ok=True)
+    return folder / f"probe-rank{rank}.pt"
+
 def compute_losses(model, batch, config):
     for row in batch["input_ids"]:
         seen_rows.append(hashlib.sha1(row.cpu().numpy().tobytes()).hexdigest())
@@ -45,7 +51,7 @@ def save_final(accelerator, model, tokenizer, config):
     params = {n: p.detach().cpu().clone() for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
     torch.save({"params": params, "rows": seen_rows, "local_counts": local_counts, "logged_counts": logged_counts,
                 "world_size": accelerator.num_processes},
-               Path(config.training.output_dir) / f"probe-rank{accelerator.process_index}.pt")
+               probe_path(config.training.output_dir, accelerator.process_index))
     original_save_final(accelerator, model, tokenizer, config)
 
 

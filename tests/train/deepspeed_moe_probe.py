@@ -1,6 +1,6 @@
 """Run `moetune train` under `accelerate launch` and record what the trained DeepSpeed-MoE model computes.
 
-Just before the final save, each rank writes ``<output_dir>/probe-rank<i>.pt``: the logits of the
+Just before the final save, each rank writes ``<output_dir>-probes/probe-rank<i>.pt`` (beside the run folder, which holds only moetune's files): the logits of the
 trained model (still in the DeepSpeed layout) on :data:`PROBE_IDS` (saved too), the trained weights
 of the experts this rank holds (numbered as DeepSpeed numbers them locally) and the optimizer's param
 groups as ZeRO got them. Used by test_deepspeed_moe_backend.py; not part of moetune.
@@ -20,6 +20,12 @@ PROBE_IDS = (torch.arange(2 * 24).reshape(2, 24) * 7) % 97 + 3  # any fixed ids 
 original_save_final = loop.save_final
 
 
+
+def probe_path(output_dir, rank: int) -> Path:
+    folder = Path(f"{output_dir}-probes")
+    folder.mkdir(exist_ok=True)
+    return folder / f"probe-rank{rank}.pt"
+
 def save_final(accelerator, model, tokenizer, config):
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
@@ -30,7 +36,7 @@ def save_final(accelerator, model, tokenizer, config):
                      for block in blocks]
     torch.save({"ids": PROBE_IDS, "logits": logits, "local_experts": local_experts, "ep_rank": blocks[0].ep_rank,
                 "optimizer_groups": [(g["name"], bool(g.get("moe")), g["weight_decay"]) for g in model.optimizer.param_groups]},
-               Path(config.training.output_dir) / f"probe-rank{accelerator.process_index}.pt")
+               probe_path(config.training.output_dir, accelerator.process_index))
     original_save_final(accelerator, model, tokenizer, config)
 
 

@@ -73,7 +73,7 @@ def reloaded_logits(out: Path, ids: torch.Tensor, *overrides: str) -> dict[str, 
 
 
 def probe(out: Path, rank: int = 0) -> dict:
-    return torch.load(out / f"probe-rank{rank}.pt")
+    return torch.load(Path(f"{out}-probes") / f"probe-rank{rank}.pt")
 
 
 @needs_deepspeed

@@ -21,7 +21,7 @@ def test_two_processes_stay_in_sync_share_the_data_and_sum_expert_usage(tiny_run
                str(PROBE), str(config), "training.max_steps=4", "training.eval_steps=2", "training.save_steps=2"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(out / f"probe-rank{i}.pt") for i in range(2)]
+    ranks = [torch.load(Path(f"{out}-probes") / f"probe-rank{i}.pt") for i in range(2)]
     assert all(r["world_size"] == 2 for r in ranks)
 
     # Parameters are identical on both ranks after training.

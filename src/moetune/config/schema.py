@@ -14,6 +14,10 @@ from typing import Any, Literal
 
 from moetune.errors import ConfigError
 
+# The registry's names, read without importing a family (torch): model.architecture's accepted
+# values and the README reference follow the families package.
+from moetune.models.families import FAMILY_NAMES
+
 
 def opt(default: Any, help: str, **kwargs: Any) -> Any:
     """A documented field with a default (a factory for mutable defaults)."""
@@ -44,8 +48,9 @@ class ModelConfig:
         "mistralai/Mixtral-8x7B-v0.1",
         "Hub id or local directory of the base model. With random_init it only names the run.",
     )
-    architecture: Literal["mixtral", "mpt"] | None = opt(
-        None, "Model family; null reads it from the model's config.json."
+    architecture: Literal[FAMILY_NAMES] | None = opt(
+        None, "Model family (see Supported model families); null detects it from the model_type in the model's "
+        "config.json."
     )
     torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = opt(
         "bfloat16", "Dtype the weights are loaded in."
@@ -109,9 +114,20 @@ class LoraConfig:
 class MoeConfig:
     """Mixture-of-Experts settings: router loss, expert monitoring, sparse upcycling."""
 
-    use_auxiliary_loss: bool = opt(True, "Add the router load-balancing (auxiliary) loss to the LM loss.")
-    auxiliary_loss_weight: float = opt(0.001, "Weight of the auxiliary loss (Mixtral's router_aux_loss_coef).")
+    use_auxiliary_loss: bool = opt(True, "Add the family's load-balancing (auxiliary) loss to the LM loss: the Switch "
+                                   "loss of Mixtral, Qwen-MoE, OLMoE, gpt-oss and MPT, DeepSeek's sequence-wise loss "
+                                   "for the deepseek family.")
+    auxiliary_loss_weight: float = opt(0.001, "Weight of the auxiliary loss (Mixtral's router_aux_loss_coef, "
+                                       "DeepSeek's aux_loss_alpha).")
     freeze_router: bool = opt(True, "Keep the router frozen; false trains it and saves it in the adapter.")
+    router_bias_update_rate: float = opt(
+        0.0, "Aux-loss-free balancing (DeepSeek-V3): after each step every expert's router correction bias moves by "
+        "this much toward balanced load; saved with the adapter. Sigmoid routers only (deepseek_v3, glm4_moe); 0 = off."
+    )
+    train_shared_experts: bool = opt(
+        False, "Train the shared experts (Qwen2-MoE, DeepSeek, GLM) in full and save them with the adapter (as PEFT "
+        "modules_to_save when lora.enabled). Routed experts stay frozen."
+    )
     monitor_expert_usage: bool = opt(True, "Count routed tokens per expert and layer during training.")
     log_expert_metrics: bool = opt(True, "Log expert usage and balance figures to the console and TensorBoard.")
     starving_expert_share: float = opt(
@@ -128,8 +144,12 @@ class MoeConfig:
     capacity_factor: float | None = opt(None, "Expert capacity as a multiple of the even share; null = no token dropping.")
     router_jitter: float = opt(0.0, "Multiplicative jitter on router inputs while training (Switch Transformer).")
     router_z_loss_weight: float = opt(0.0, "Weight of the router z-loss (ST-MoE); 0 turns it off.")
-    expert_training: Literal["full", "lora", "frozen"] = opt(
-        "full", "How upcycled experts train: all weights, per-expert LoRA, or frozen."
+    expert_training: Literal["full", "lora", "frozen", "esft"] = opt(
+        "full", "How upcycled experts train: all weights, per-expert LoRA, or frozen. esft (any family): only the "
+        "experts moe.esft_experts selects train, everything else frozen (needs lora.enabled: false)."
+    )
+    esft_experts: str | None = opt(
+        None, "With expert_training: esft, the experts.json `moetune experts` wrote (the experts to train per MoE layer)."
     )
     backend: Literal["native", "deepspeed"] = opt(
         "native", "MoE block of upcycled models in training: deepspeed splits the experts across ranks (needs a DeepSpeed "
@@ -154,6 +174,10 @@ class MoeConfig:
             check(self.capacity_factor > 0, "moe.capacity_factor", self.capacity_factor, "greater than 0 or null")
         check(self.router_jitter >= 0, "moe.router_jitter", self.router_jitter, "0 or more")
         check(self.router_z_loss_weight >= 0, "moe.router_z_loss_weight", self.router_z_loss_weight, "0 or more")
+        check(self.router_bias_update_rate >= 0, "moe.router_bias_update_rate", self.router_bias_update_rate, "0 or more")
+        if self.expert_training == "esft":
+            check(self.esft_experts is not None, "moe.esft_experts", self.esft_experts,
+                  "the experts.json of `moetune experts` when moe.expert_training is esft")
         check(self.expert_parallel_size >= 1, "moe.expert_parallel_size", self.expert_parallel_size, "a positive integer")
         if self.backend == "deepspeed":
             # DeepSpeed's gate would compute something else than the native mpt_moe model the run is saved as.
@@ -424,6 +448,9 @@ class Config:
         if self.moe.upcycle and self.model.architecture not in (None, "mpt"):
             raise ConfigError("moe.upcycle", f"moe.upcycle turns a dense MPT model into an MoE; model.architecture is "
                               f"{self.model.architecture!r}, which is already an MoE.")
+        if self.moe.expert_training == "esft" and (self.lora.enabled or self.moe.backend != "native"):
+            raise ConfigError("moe.expert_training", "moe.expert_training: esft trains the selected experts themselves "
+                              "and freezes everything else, so it takes lora.enabled: false and moe.backend: native.")
         if self.advanced.early_stopping_patience is not None and self.validation.validation_split == 0:
             raise ConfigError("advanced.early_stopping_patience", "advanced.early_stopping_patience needs a validation split; "
                               "validation.validation_split is 0.")
@@ -432,5 +459,5 @@ class Config:
                               "validation.validation_split is 0.")
         if self.model.random_init and self.model.architecture is None:
             raise ConfigError("model.architecture", "model.random_init builds a model from config, so it needs "
-                              "model.architecture (mixtral or mpt) and usually model.config_overrides "
+                              f"model.architecture ({' | '.join(FAMILY_NAMES)}) and usually model.config_overrides "
                               "(e.g. {num_hidden_layers: 2, hidden_size: 64}).")

@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 from moetune.data.encode import IGNORE_INDEX, encode_records
 from moetune.data.packing import PaddingCollator
 from moetune.eval.routing_report import group_of
-from moetune.models.losses import expert_token_counts, forward_with_lm_loss
-from moetune.train.setup import router_top_k
+from moetune.models.losses import forward_with_lm_loss
+from moetune.models.routing import capture_routing, expert_token_counts, family_of_model
 
 
 @dataclass
@@ -47,7 +47,8 @@ def score_records(model, tokenizer, records: list[dict], max_seq_length: int, ba
     """Loss, perplexity and routing counts of ``model`` on ``records`` (dataset records)."""
     model.eval()
     device = next(model.parameters()).device
-    top_k = router_top_k(model)
+    family = family_of_model(model)
+    top_k = 0
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = PaddingCollator(pad_id)
     # bos/eos/pad are in every sample alike: they say nothing about the group, only dilute its routing.
@@ -65,14 +66,15 @@ def score_records(model, tokenizer, records: list[dict], max_seq_length: int, ba
     routing: dict[str, torch.Tensor] = {}
     for group, batch in tqdm(batches, desc=desc, unit="batch", dynamic_ncols=True):
         batch = {k: v.to(device) for k, v in batch.items()}
-        kwargs = {"output_router_logits": True} if top_k else {}
-        out, loss = forward_with_lm_loss(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                                                 "use_cache": False, **kwargs}, batch["labels"])
+        with capture_routing(model, family) as captured:
+            _, loss = forward_with_lm_loss(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                                                   "use_cache": False}, batch["labels"])
         loss_sums[group] = loss_sums.get(group, 0.0) + float(loss)
         token_counts[group] = token_counts.get(group, 0) + int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        if top_k and getattr(out, "router_logits", None):
+        if captured.layers:
+            top_k = captured.layers[0].experts.shape[-1]
             counted = batch["attention_mask"].bool().cpu() & ~torch.isin(batch["input_ids"].cpu(), special_ids)
-            counts = expert_token_counts(out.router_logits, top_k, counted.to(device)).double().cpu()
+            counts = expert_token_counts(captured.layers, counted.to(device)).double().cpu()
             routing[group] = counts if group not in routing else routing[group] + counts
 
     tokens = sum(token_counts.values())

@@ -1,9 +1,10 @@
 """``build_model``: the model, lora and moe sections in, a model ready to train out.
 
-Steps, in order: pick the architecture (``model.architecture`` or the model's config.json),
-load the weights or build from config (``model.random_init``), quantise (QLoRA), upcycle (MPT),
-enable non-reentrant gradient checkpointing, decide what trains (:mod:`moetune.models.lora`), then
-swap in DeepSpeed MoE blocks (``moe.backend: deepspeed``).
+Steps, in order: pick the family (``model.architecture`` or the model's config.json, see
+:mod:`moetune.models.families`), load the weights or build from config (``model.random_init``),
+quantise (QLoRA), let the family finish the model (MPT upcycles), enable non-reentrant gradient
+checkpointing, decide what trains (:mod:`moetune.models.lora`), then swap in DeepSpeed MoE blocks
+(``moe.backend: deepspeed``).
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,26 +20,15 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moetune.errors import ConfigError, UserError
-from moetune.models.hf_config import apply_overrides, build_random_init_config, context_length
+from moetune.models.families import FAMILY_NAMES, family_for_model_type, get_family, known_model_types
+from moetune.models.families._spec import FamilySpec, Traits
+from moetune.models.hf_config import apply_overrides, build_random_init_config
 from moetune.models.kernels import fastest_experts_implementation, log_kernels, resolve_attn_implementation
 from moetune.models.lora import apply_training_plan
-from moetune.models.mpt_moe import MptMoeForCausalLM, check_loading_info
+from moetune.models.mpt_moe import check_loading_info
 from moetune.models.quant import prepare_quantized_for_training, quantization_config, wants_quantization
-from moetune.models.upcycle import upcycle_mpt
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """How one model family is built. ``model_types``: the config.json ``model_type`` values it takes."""
-
-    name: str
-    model_types: tuple[str, ...]
-    random_init_model_type: str
-    supports_attn_choice: bool
-    has_fused_experts: bool
-    build: Callable[[Any, Any], tuple[nn.Module, bool]]  # (config, tokenizer) -> (model, upcycled_now)
 
 
 def build_model(config, tokenizer=None) -> nn.Module:
@@ -53,10 +41,11 @@ def build_model(config, tokenizer=None) -> nn.Module:
     if wants_quantization(config.model) and not config.lora.enabled:
         raise UserError("model.load_in_4bit/load_in_8bit freeze the base weights in a quantised format, so only an "
                         "adapter can train: set lora.enabled: true.")
-    model, upcycled_now = _build_architecture(config, tokenizer)
+    family = resolve_family(config.model)
+    model, traits = _build_family(family, config, tokenizer)
     if config.training.gradient_checkpointing and not wants_quantization(config.model):
         enable_gradient_checkpointing(model)
-    model = apply_training_plan(model, config, upcycled_now=upcycled_now)
+    model = apply_training_plan(model, config, traits, family)
     if config.moe.backend == "deepspeed":
         from moetune.models.deepspeed_moe import convert_to_deepspeed_moe
 
@@ -71,22 +60,35 @@ def build_base_model(config, tokenizer=None) -> nn.Module:
     (with the same seed, so identical) exactly as for training. Load a saved adapter onto it with
     ``peft.PeftModel.from_pretrained(build_base_model(config), adapter_dir)``. It always has native
     MoE blocks: ``moe.backend: deepspeed`` runs also save in that layout."""
-    model, _ = _build_architecture(config, tokenizer)
+    model, _ = _build_family(resolve_family(config.model), config, tokenizer)
     return model
 
 
-def _build_architecture(config, tokenizer) -> tuple[nn.Module, bool]:
-    architecture = ARCHITECTURES[resolve_architecture(config.model)]
-    model, upcycled_now = architecture.build(config, tokenizer)
-    check_context_length(model, config.model.max_seq_length)
-    return model, upcycled_now
+def _build_family(family: FamilySpec, config, tokenizer) -> tuple[nn.Module, Traits]:
+    check_router_bias_update(family, config)
+    build = family.build or build_pretrained
+    model, traits = build(family, config, tokenizer)
+    check_context_length(model, config.model.max_seq_length, family.context_key)
+    return model, traits
 
 
-def check_context_length(model: nn.Module, max_seq_length: int) -> None:
+def check_router_bias_update(family: FamilySpec, config) -> None:
+    """``moe.router_bias_update_rate`` needs a router with a correction bias (DeepSeek-V3, GLM-4.5)."""
+    if config.moe.router_bias_update_rate <= 0:
+        return
+    model_type = (family.random_init_model_type if config.model.random_init
+                  else read_model_type(config.model.name, config.model.trust_remote_code))
+    if not family.has_correction_bias(model_type):
+        raise ConfigError("moe.router_bias_update_rate", f"moe.router_bias_update_rate moves a router's correction "
+                          f"bias, which {model_type!r} models do not have (sigmoid routers such as DeepSeek-V3's and "
+                          "GLM-4.5's do); set it to 0.")
+
+
+def check_context_length(model: nn.Module, max_seq_length: int, key: str = "max_position_embeddings") -> None:
     """Training rows of ``model.max_seq_length`` must fit the model's positions: MPT's ALiBi bias,
     for one, is built for ``max_seq_len`` positions and fails on longer rows mid-run."""
-    key, value = context_length(model.config) or (None, None)
-    if value is not None and value < max_seq_length:
+    value = getattr(model.config, key, None)
+    if isinstance(value, int) and value > 0 and value < max_seq_length:
         raise ConfigError("model.max_seq_length", f"model.max_seq_length ({max_seq_length}) is longer than the model's "
                           f"context ({key}: {value} in its config). Lower model.max_seq_length to at most {value}, "
                           f"or raise the model's {key} with model.config_overrides if it can attend that far.")
@@ -103,15 +105,21 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def resolve_architecture(model_config) -> str:
-    """``model.architecture``, or the registry key of the ``model_type`` in the model's config.json."""
+    """``model.architecture``, or the family whose model types include the one in the model's config.json."""
+    return resolve_family(model_config).name
+
+
+def resolve_family(model_config) -> FamilySpec:
+    """The family of ``model.architecture``, or of the ``model_type`` in the model's config.json."""
     if model_config.architecture is not None:
-        return model_config.architecture
+        return get_family(model_config.architecture)
     model_type = read_model_type(model_config.name, model_config.trust_remote_code)
-    for name, architecture in ARCHITECTURES.items():
-        if model_type in architecture.model_types:
-            return name
-    raise ConfigError("model.architecture", f"model.name {model_config.name!r} is a {model_type!r} model, which moetune "
-                      f"does not know; set model.architecture to one of {sorted(ARCHITECTURES)} if it has that shape.")
+    family = family_for_model_type(model_type)
+    if family is None:
+        raise ConfigError("model.architecture", f"model.name {model_config.name!r} is a {model_type!r} model, which "
+                          f"moetune does not know (it loads {', '.join(known_model_types())}); set model.architecture "
+                          f"to one of {list(FAMILY_NAMES)} if it has that shape.")
+    return family
 
 
 def read_model_type(name: str, trust_remote_code: bool = False) -> str:
@@ -129,20 +137,20 @@ def read_model_type(name: str, trust_remote_code: bool = False) -> str:
                         f"({_first_line(err)}). Set model.architecture, or fix the path.") from None
 
 
-def load_base_model(config, architecture: Architecture, tokenizer=None) -> nn.Module:
-    """The architecture's model from weights (model.name) or from config (model.random_init)."""
+def load_base_model(config, family: FamilySpec, tokenizer=None) -> nn.Module:
+    """The family's model from weights (model.name) or from config (model.random_init)."""
     spec = config.model
     dtype = resolve_dtype(spec.torch_dtype)
-    attn = resolve_attn_implementation(spec.attn_implementation, architecture.supports_attn_choice)
+    attn = resolve_attn_implementation(spec.attn_implementation, family.attention_kernels)
     kwargs: dict[str, Any] = {"attn_implementation": attn}
     experts = spec.experts_implementation or fastest_experts_implementation()
-    if architecture.has_fused_experts and experts:
+    if family.fused_experts and experts:
         kwargs["experts_implementation"] = experts
     elif spec.experts_implementation:
         logger.info("model.experts_implementation=%s does not apply: %s experts are separate modules",
-                    spec.experts_implementation, architecture.name)
+                    spec.experts_implementation, family.name)
     if spec.random_init:
-        hf_config = build_random_init_config(architecture.random_init_model_type, spec.config_overrides,
+        hf_config = build_random_init_config(family.random_init_model_type, spec.config_overrides,
                                              vocab_size=len(tokenizer) if tokenizer is not None else None,
                                              special_tokens=_special_token_ids(tokenizer))
         # Seeded and isolated from the global RNG: evaluation must rebuild the same random base the
@@ -152,23 +160,29 @@ def load_base_model(config, architecture: Architecture, tokenizer=None) -> nn.Mo
             model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32 if dtype == "auto" else dtype,
                                                      **kwargs)
     else:
-        model = _from_pretrained(spec, architecture, dtype, kwargs, tokenizer)
+        model = _from_pretrained(spec, family, dtype, kwargs, tokenizer)
         if wants_quantization(spec):
             model = prepare_quantized_for_training(model, config.training.gradient_checkpointing)
     log_kernels(model, attn, spec.experts_implementation)
     return model
 
 
-def _from_pretrained(spec, architecture: Architecture, dtype, kwargs: dict[str, Any], tokenizer) -> nn.Module:
+def _from_pretrained(spec, family: FamilySpec, dtype, kwargs: dict[str, Any], tokenizer) -> nn.Module:
     try:
         hf_config = AutoConfig.from_pretrained(spec.name, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"model.name {spec.name!r} could not be loaded ({_first_line(err)}).") from None
-    if hf_config.model_type not in architecture.model_types:
-        raise ConfigError("model.architecture", f"model.architecture is {architecture.name!r} but model.name "
+    if hf_config.model_type not in family.model_types:
+        raise ConfigError("model.architecture", f"model.architecture is {family.name!r} but model.name "
                           f"{spec.name!r} is a {hf_config.model_type!r} model.")
     apply_overrides(hf_config, spec.config_overrides)
     quant = quantization_config(spec, None if dtype == "auto" else dtype)
+    family_kwargs = family.pretrained_kwargs(hf_config) if family.pretrained_kwargs else {}
+    if quant is not None and "quantization_config" in family_kwargs:
+        raise UserError(f"model.name {spec.name!r} is already quantised ({family.name}); model.load_in_4bit/"
+                        "load_in_8bit cannot quantise it again. Set both to false.")
+    quant = family_kwargs.pop("quantization_config", quant)
+    kwargs = {**kwargs, **family_kwargs}
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             spec.name, config=hf_config, dtype=dtype, quantization_config=quant,
@@ -199,38 +213,25 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-# ---------------------------------------------------------------------------- the architectures
+# ------------------------------------------------------------------------------ building a family
 
 
-def build_mixtral(config, tokenizer=None) -> tuple[nn.Module, bool]:
-    """Mixtral (and MoE causal LMs of its shape): load as is; experts are frozen by the training plan."""
+def build_pretrained(family: FamilySpec, config, tokenizer=None) -> tuple[nn.Module, Traits]:
+    """The build of a pretrained MoE family: load as is; the training plan freezes the experts."""
     if config.moe.backend != "native":
-        raise ConfigError("moe.backend", "moe.backend: deepspeed swaps the MoE blocks of upcycled MPT models; "
-                          "Mixtral keeps its own blocks (use backend: native).")
-    model = load_base_model(config, ARCHITECTURES["mixtral"], tokenizer)
+        raise ConfigError("moe.backend", f"moe.backend: deepspeed swaps the MoE blocks of upcycled MPT models; "
+                          f"{family.name} keeps its own blocks (use backend: native).")
+    if config.moe.upcycle:
+        raise ConfigError("moe.upcycle", f"moe.upcycle turns a dense MPT model into an MoE; model.name is a "
+                          f"{family.name} model, which is already an MoE.")
+    model = load_base_model(config, family, tokenizer)
     # moetune's trainer weights the aux loss itself (compute_losses); keeping HF's coefficient equal
     # makes `out.loss` of a plain forward with labels agree with it.
-    model.config.router_aux_loss_coef = config.moe.auxiliary_loss_weight
+    if hasattr(model.config, "router_aux_loss_coef"):
+        model.config.router_aux_loss_coef = config.moe.auxiliary_loss_weight
     if hasattr(model, "router_aux_loss_coef"):
         model.router_aux_loss_coef = config.moe.auxiliary_loss_weight
-    return model, False
-
-
-def build_mpt(config, tokenizer=None) -> tuple[nn.Module, bool]:
-    """MPT: dense, already upcycled (model_type mpt_moe), or upcycled now when ``moe.upcycle``."""
-    if config.moe.upcycle and wants_quantization(config.model):
-        raise UserError("moe.upcycle copies dense FFN weights into experts, which cannot be done on 4/8-bit weights; "
-                        "upcycle first (`moetune upcycle`), then train the saved model.")
-    model = load_base_model(config, ARCHITECTURES["mpt"], tokenizer)
-    upcycled_now = False
-    if config.moe.upcycle and isinstance(model, MptMoeForCausalLM):
-        logger.info("model.name is already upcycled (mpt_moe); moe.upcycle has nothing left to do")
-    elif config.moe.upcycle:
-        # Seeded, so evaluation rebuilds exactly the base the adapter was trained on.
-        with whole_weights(model):
-            model = upcycle_mpt(model, config.moe, generator=torch.Generator().manual_seed(config.training.seed))
-        upcycled_now = True
-    return model, upcycled_now
+    return model, Traits()
 
 
 def whole_weights(model: nn.Module) -> contextlib.AbstractContextManager:
@@ -248,23 +249,3 @@ def whole_weights(model: nn.Module) -> contextlib.AbstractContextManager:
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-
-
-ARCHITECTURES: dict[str, Architecture] = {
-    "mixtral": Architecture(
-        name="mixtral",
-        model_types=("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe"),
-        random_init_model_type="mixtral",
-        supports_attn_choice=True,
-        has_fused_experts=True,
-        build=build_mixtral,
-    ),
-    "mpt": Architecture(
-        name="mpt",
-        model_types=("mpt", "mpt_moe"),
-        random_init_model_type="mpt",
-        supports_attn_choice=False,  # MPT's ALiBi attention has one (eager) kernel in transformers
-        has_fused_experts=False,
-        build=build_mpt,
-    ),
-}

@@ -20,22 +20,22 @@ def fused_linear_cross_entropy_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None and torch.cuda.is_available()
 
 
-def resolve_attn_implementation(requested: str, supports_choice: bool = True) -> str:
+def resolve_attn_implementation(requested: str, supported: tuple[str, ...] | None = None) -> str:
     """``requested`` when it can run here; flash_attention_2 falls back to sdpa with one warning.
 
-    ``supports_choice`` is False for models with a single attention kernel of their own (MPT's
-    ALiBi attention), which get "eager", the only value transformers accepts for them.
+    ``supported``: the kernels a family's attention has (None: all). MPT's ALiBi attention has one
+    (eager); gpt-oss's sinks have no sdpa kernel. A kernel the family lacks becomes "eager".
     """
-    if not supports_choice:
-        if requested != "eager":
-            logger.info("model.attn_implementation=%s does not apply: this model has one attention kernel (eager)",
-                        requested)
+    if supported is not None and requested not in supported:
+        logger.info("model.attn_implementation=%s does not apply: this model's attention runs %s; using eager",
+                    requested, " or ".join(supported))
         return "eager"
     if requested == "flash_attention_2" and not flash_attention_available():
         reason = "flash-attn is not installed" if importlib.util.find_spec("flash_attn") is None else "no CUDA GPU is present"
+        fallback = "sdpa" if supported is None or "sdpa" in supported else "eager"
         logger.warning("model.attn_implementation=flash_attention_2 is unavailable (%s; `pip install moetune[flash]` on "
-                       "a CUDA machine); using sdpa instead.", reason)
-        return "sdpa"
+                       "a CUDA machine); using %s instead.", reason, fallback)
+        return fallback
     return requested
 
 

@@ -49,42 +49,49 @@ class MoeBlockInfo:
         return f"{self.path}.{EXPERTS_NAME}"
 
 
-def find_moe_blocks(model: nn.Module) -> list[MoeBlockInfo]:
-    """Every MoE block of ``model`` in forward order (empty for a dense model)."""
+def find_moe_blocks(model: nn.Module, router_names: tuple[str, ...] = ROUTER_NAMES) -> list[MoeBlockInfo]:
+    """Every MoE block of ``model`` in forward order (empty for a dense model); ``router_names``:
+    what the router child may be called (a family's spec names its own)."""
     blocks = []
     for path, module in model.named_modules():
         children = dict(module.named_children())
         if EXPERTS_NAME not in children:
             continue
-        router = next((name for name in ROUTER_NAMES if name in children), None)
+        router = next((name for name in router_names if name in children), None)
         if router is not None:
             blocks.append(MoeBlockInfo(path=path, router_name=router, module=module))
     return blocks
 
 
-def router_module_names(model: nn.Module) -> list[str]:
+def router_module_names(model: nn.Module, router_names: tuple[str, ...] = ROUTER_NAMES) -> list[str]:
     """The distinct child names routers go by (e.g. ``["gate"]``), for PEFT's ``modules_to_save``."""
-    return sorted({block.router_name for block in find_moe_blocks(model)})
+    return sorted({block.router_name for block in find_moe_blocks(model, router_names)})
 
 
 def is_expert_parameter(name: str) -> bool:
-    """True for a parameter that belongs to an expert (fused or per-expert layout)."""
+    """True for a parameter that belongs to a routed expert (fused or per-expert layout)."""
     return f".{EXPERTS_NAME}." in f".{name}"
 
 
-def freeze_experts(model: nn.Module) -> int:
-    """Set requires_grad=False on every expert parameter; returns how many tensors were frozen."""
+def is_shared_expert_parameter(name: str, shared_names: tuple[str, ...]) -> bool:
+    """True for a parameter under one of the MoE block children ``shared_names`` (shared experts)."""
+    return any(f".{shared}." in f".{name}" for shared in shared_names)
+
+
+def freeze_experts(model: nn.Module, shared_names: tuple[str, ...] = ()) -> int:
+    """Set requires_grad=False on every routed expert parameter, and on the shared experts named
+    ``shared_names``; returns how many tensors were frozen."""
     frozen = 0
     for name, param in model.named_parameters():
-        if is_expert_parameter(name):
+        if is_expert_parameter(name) or is_shared_expert_parameter(name, shared_names):
             param.requires_grad_(False)
             frozen += 1
     return frozen
 
 
-def set_router_trainable(model: nn.Module, trainable: bool) -> None:
+def set_router_trainable(model: nn.Module, trainable: bool, router_names: tuple[str, ...] = ROUTER_NAMES) -> None:
     """Turn the gradient of every router weight on or off."""
-    for block in find_moe_blocks(model):
+    for block in find_moe_blocks(model, router_names):
         for param in getattr(block.module, block.router_name).parameters():
             param.requires_grad_(trainable)
 
@@ -95,10 +102,11 @@ def linear_module_names(model: nn.Module) -> list[str]:
 
 
 def resolve_target_modules(model: nn.Module, targets: tuple[str, ...], exclude: tuple[str, ...] = (),
-                           key: str = "lora.target_modules") -> list[str]:
+                           key: str = "lora.target_modules",
+                           aliases: dict[str, tuple[str, ...]] | None = None) -> list[str]:
     """Full dotted names of the Linears that get LoRA: ``targets`` matched by last name component
-    (falling back to :data:`ATTENTION_ALIASES`), minus names ending in an ``exclude`` entry
-    (PEFT's rule: ``o_proj`` or ``layers.0.self_attn.q_proj``).
+    (falling back to ``aliases``, a family's attention names, default :data:`ATTENTION_ALIASES`),
+    minus names ending in an ``exclude`` entry (PEFT's rule: ``o_proj`` or ``layers.0.self_attn.q_proj``).
 
     Matching is done here rather than left to PEFT so an unknown name is an error, not an adapter
     that silently trains nothing. Expert Linears only match when a target names them explicitly.
@@ -110,11 +118,12 @@ def resolve_target_modules(model: nn.Module, targets: tuple[str, ...], exclude: 
         if target in leaf_names:
             wanted.add(target)
             continue
-        alias = next((a for a in ATTENTION_ALIASES.get(target, ()) if a in leaf_names), None)
-        if alias is None:
+        # Every alias the model has: DeepSeek's "q_proj" is q_a_proj and q_b_proj together.
+        found = [a for a in (ATTENTION_ALIASES if aliases is None else aliases).get(target, ()) if a in leaf_names]
+        if not found:
             raise UserError(f"{key} names {target!r}, but this model has no Linear module of that name; its Linear "
                             f"modules are called {sorted(leaf_names)}.")
-        wanted.add(alias)
+        wanted.update(found)
     chosen = []
     for name in linears:
         parts = name.split(".")

@@ -1,13 +1,17 @@
-"""What trains: LoRA on attention, frozen or trainable experts and routers, all decided from config.
+"""What trains: LoRA on attention, frozen or trainable experts, shared experts and routers, all
+decided from config and the model's family (:mod:`moetune.models.families`).
 
-Pretrained MoE (Mixtral and the like): LoRA on attention only, every expert parameter frozen,
-the router frozen unless ``moe.freeze_router`` is false, in which case PEFT's ``modules_to_save``
-trains a copy of it and saves it in the adapter (plain ``requires_grad`` would train it but leave it
-out of the adapter file, so a reloaded adapter would route differently).
+Pretrained MoE (every family but upcycled MPT): LoRA on the family's attention projections only,
+every routed and shared expert frozen, the router frozen unless ``moe.freeze_router`` is false, in
+which case PEFT's ``modules_to_save`` trains a copy of it and saves it in the adapter (plain
+``requires_grad`` would train it but leave it out of the adapter file, so a reloaded adapter would
+route differently). ``moe.train_shared_experts`` trains the shared experts too, in full (with LoRA
+they are saved in the adapter as ``modules_to_save``). ``moe.router_bias_update_rate`` saves the router (with its
+correction bias) in the adapter even when the router's weight stays frozen.
 
-Upcycled MPT (``MptMoeForCausalLM``): the experts start identical, so they must train for the MoE
-to become more than the dense model (``moe.expert_training``: full | lora | frozen); a router
-created by upcycling always trains. See docs/upcycling.md.
+Upcycled MPT (the family reports ``experts_must_train``): the experts start identical, so they must
+train for the MoE to become more than the dense model (``moe.expert_training``: full | lora |
+frozen); a router created by upcycling (``router_is_new``) always trains. See docs/upcycling.md.
 """
 
 from __future__ import annotations
@@ -18,67 +22,100 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from moetune.errors import UserError
+from moetune.models.families._spec import Traits
 from moetune.models.layout import (
     EXPERTS_NAME,
+    ROUTER_NAMES,
     find_moe_blocks,
     freeze_experts,
     is_expert_parameter,
+    is_shared_expert_parameter,
     linear_module_names,
     resolve_target_modules,
-    router_module_names,
     set_router_trainable,
 )
-from moetune.models.mpt_moe import MptMoeForCausalLM
 
 logger = logging.getLogger(__name__)
 
 
-def router_trains(config, upcycled_now: bool) -> bool:
+def router_trains(config, router_is_new: bool) -> bool:
     """Whether the router trains: always for a router just created by upcycling, else ``not moe.freeze_router``."""
-    if upcycled_now:
+    if router_is_new:
         if config.moe.freeze_router:
             logger.info("moe.freeze_router ignored: the router was just created by upcycling and must learn to route")
         return True
     return not config.moe.freeze_router
 
 
-def apply_training_plan(model: nn.Module, config, upcycled_now: bool = False) -> nn.Module:
+def apply_training_plan(model: nn.Module, config, traits: Traits | None = None, family=None) -> nn.Module:
     """Freeze / wrap ``model`` as ``config.lora`` and ``config.moe`` say; returns the model to train
-    (a PeftModel when lora.enabled). Logs the trainable-parameter line."""
-    blocks = find_moe_blocks(model)
-    is_upcycled = isinstance(model, MptMoeForCausalLM)
-    train_router = bool(blocks) and router_trains(config, upcycled_now)
-    expert_mode = config.moe.expert_training if is_upcycled else "frozen"
+    (a PeftModel when lora.enabled). ``traits`` and ``family`` come from the family's build (a model
+    no family describes gets the defaults). Logs the trainable-parameter line."""
+    traits = traits or Traits()
+    if config.moe.expert_training == "esft":
+        from moetune.models.esft import apply_esft_plan
+
+        return apply_esft_plan(model, config, family)
+    router_names = (family.router_name,) if family is not None else ROUTER_NAMES
+    shared = family.shared_experts if family is not None else ()
+    blocks = find_moe_blocks(model, router_names)
+    train_router = bool(blocks) and router_trains(config, traits.router_is_new)
+    save_router = bool(blocks) and (train_router or config.moe.router_bias_update_rate > 0)
+    expert_mode = config.moe.expert_training if traits.experts_must_train else "frozen"
+    train_shared = config.moe.train_shared_experts and bool(shared)
     if expert_mode == "lora" and not config.lora.enabled:
         raise UserError("moe.expert_training is 'lora' but lora.enabled is false; enable LoRA or choose "
                         "moe.expert_training: full or frozen.")
     if config.lora.enabled:
-        model = _wrap_with_lora(model, config, train_router, expert_mode)
+        model = _wrap_with_lora(model, config, family, save_router, expert_mode, train_shared)
+        if save_router and not train_router:
+            set_router_trainable(model, False, router_names)  # saved for its bias only
     else:
         model.requires_grad_(True)
         if expert_mode == "frozen":
-            freeze_experts(model)
-        set_router_trainable(model, train_router)
-    _check_experts(model, expert_mode)
+            freeze_experts(model, () if train_shared else shared)
+        elif not train_shared:
+            freeze_experts_named(model, shared)
+        set_router_trainable(model, train_router, router_names)
+    _check_experts(model, expert_mode, () if train_shared else shared)
     log_trainable_parameters(model)
     return model
 
 
-def _wrap_with_lora(model: nn.Module, config, train_router: bool, expert_mode: str) -> nn.Module:
+def freeze_experts_named(model: nn.Module, shared: tuple[str, ...]) -> None:
+    """Freeze only the shared experts (the routed ones train)."""
+    for name, param in model.named_parameters():
+        if is_shared_expert_parameter(name, shared):
+            param.requires_grad_(False)
+
+
+def _wrap_with_lora(model: nn.Module, config, family, save_router: bool, expert_mode: str,
+                    train_shared: bool) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     lora = config.lora
-    targets = [name for name in resolve_target_modules(model, lora.target_modules, lora.exclude_modules)
-               if not is_expert_parameter(name + ".weight") or expert_mode == "lora"]
+    router_names = (family.router_name,) if family is not None else ROUTER_NAMES
+    shared = family.shared_experts if family is not None else ()
+    aliases = dict(family.attention) if family is not None and family.attention else None
+    targets = [name for name in resolve_target_modules(model, lora.target_modules, lora.exclude_modules, aliases=aliases)
+               if (not is_expert_parameter(name + ".weight") or expert_mode == "lora")
+               and not is_shared_expert_parameter(name + ".weight", shared)]
     if expert_mode == "lora":
         expert_linears = [name for name in linear_module_names(model) if is_expert_parameter(name + ".weight")]
-        targets = sorted(set(targets) | {n for n in expert_linears
-                                          if not any(n == ex or n.endswith(f".{ex}") for ex in lora.exclude_modules)})
-    modules_to_save = list(lora.modules_to_save) + (router_module_names(model) if train_router else [])
+        targets = sorted(set(targets) | {n for n in expert_linears if not _excluded(n, lora.exclude_modules)})
+    # Full paths: PEFT matches modules_to_save as name suffixes, and "gate" would also take Qwen2-MoE's
+    # shared_expert_gate.
+    routers = [block.router_path for block in find_moe_blocks(model, router_names)] if save_router else []
+    modules_to_save = list(lora.modules_to_save) + routers
+    if train_shared:
+        # In full, saved with the adapter: given as LoRA targets, PEFT also matches DeepSeek's
+        # "mlp.shared_experts.down_proj" against the routed experts' fused "mlp.experts.down_proj".
+        modules_to_save += [f"{block.path}.{name}" for block in find_moe_blocks(model, router_names)
+                            for name in shared if hasattr(block.module, name)]
     if expert_mode == "full":
         # PEFT cannot wrap a ModuleList, so each expert is saved as its own module. The wrapper keeps
         # the frozen original beside the trained copy: full expert training costs one extra copy of the experts.
-        num_experts = max(len(getattr(block.module, EXPERTS_NAME)) for block in find_moe_blocks(model))
+        num_experts = max(len(getattr(block.module, EXPERTS_NAME)) for block in find_moe_blocks(model, router_names))
         modules_to_save += [f"{EXPERTS_NAME}.{index}" for index in range(num_experts)]
     peft_config = LoraConfig(
         r=lora.r,
@@ -93,13 +130,21 @@ def _wrap_with_lora(model: nn.Module, config, train_router: bool, expert_mode: s
     return get_peft_model(model, peft_config)
 
 
-def _check_experts(model: nn.Module, expert_mode: str) -> None:
+def _excluded(name: str, exclude: tuple[str, ...]) -> bool:
+    return any(name == ex or name.endswith(f".{ex}") for ex in exclude)
+
+
+def _check_experts(model: nn.Module, expert_mode: str, frozen_shared: tuple[str, ...]) -> None:
     # A guard, not a formality: PEFT rules (suffix matching of modules_to_save) could make an
     # expert trainable by accident, which on Mixtral-8x7B means ~45B trainable parameters.
-    trainable_experts = [name for name, p in model.named_parameters() if p.requires_grad and is_expert_parameter(name)
-                         and "lora_" not in name]
-    if expert_mode != "full" and trainable_experts:
-        raise RuntimeError(f"expert parameters are trainable although experts should be frozen: {trainable_experts[:3]}")
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    routed = [name for name in trainable if is_expert_parameter(name) and ("lora_" not in name or expert_mode != "lora")]
+    shared = [name for name in trainable if is_shared_expert_parameter(name, frozen_shared)]
+    if expert_mode == "frozen" and routed:
+        raise RuntimeError(f"expert parameters are trainable although experts should be frozen: {routed[:3]}")
+    if shared:
+        raise RuntimeError(f"shared expert parameters are trainable although moe.train_shared_experts is false: "
+                           f"{shared[:3]}")
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

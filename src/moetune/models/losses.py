@@ -16,6 +16,7 @@ in proportion to its share of the step's routed tokens.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections.abc import Mapping
@@ -26,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from moetune.errors import UserError
-from moetune.models.layout import innermost_model, moe_shape
+from moetune.models.layout import innermost_model
+from moetune.models.routing import CapturedRouting, LayerRouting, capture_routing, family_of_model
 
 IGNORE_INDEX = -100
 
@@ -38,7 +40,8 @@ class LossParts:
     """One forward pass's losses. ``router_logits``: one (tokens, num_experts) tensor per MoE layer, or ().
 
     ``lm_loss_sum`` is summed over the ``loss_tokens`` label tokens; ``aux_loss`` and ``z_loss`` are this
-    micro-batch's values over its ``routed_tokens``; the weights are the config's.
+    micro-batch's values over its ``routed_tokens``; the weights are the config's. ``routing``: what
+    each MoE layer's router chose (:class:`~moetune.models.routing.LayerRouting`), for expert usage.
     """
 
     lm_loss_sum: torch.Tensor
@@ -49,6 +52,7 @@ class LossParts:
     router_logits: tuple[torch.Tensor, ...]
     aux_weight: float = 0.0
     z_weight: float = 0.0
+    routing: tuple[LayerRouting, ...] = ()
 
     @property
     def lm_loss(self) -> torch.Tensor:
@@ -238,60 +242,53 @@ def _decide_lm_loss(inner, chunked: bool, reason: str | None) -> None:
 
 
 def wants_router_logits(config) -> bool:
-    """Whether a forward pass must return router logits for this config (losses or expert monitoring)."""
+    """Whether a forward pass must capture the routing for this config (losses, expert monitoring, bias update)."""
     moe = config.moe
-    return moe.use_auxiliary_loss or moe.router_z_loss_weight > 0 or moe.monitor_expert_usage
+    return (moe.use_auxiliary_loss or moe.router_z_loss_weight > 0 or moe.monitor_expert_usage
+            or moe.router_bias_update_rate > 0)
 
 
 def compute_losses(model: torch.nn.Module, batch: Mapping[str, Any], config) -> LossParts:
     """Forward ``batch`` through ``model`` and split the loss into its parts.
 
     ``batch`` holds ``input_ids`` and optionally ``attention_mask``, ``position_ids`` and
-    ``labels`` (default: ``input_ids`` with padding set to -100). On a dense model (no router)
-    the aux and z losses are zero tensors and ``router_logits`` is empty.
+    ``labels`` (default: ``input_ids`` with padding set to -100). The routing is captured from the
+    router modules (:mod:`moetune.models.routing`); on a dense model (no router) the aux and z
+    losses are zero tensors and ``router_logits`` is empty.
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     labels = _labels(batch)
-    mask = batch.get("attention_mask")
-    want_logits = wants_router_logits(config) and _is_moe(model)
-    if want_logits:
-        inputs["output_router_logits"] = True
-    out, lm_loss_sum = forward_with_lm_loss(model, {**inputs, "use_cache": False}, labels,
-                                            config.training.label_smoothing_factor)
+    family = family_of_model(model) if wants_router_logits(config) else None
+    capturing = capture_routing(model, family) if family is not None else contextlib.nullcontext(CapturedRouting())
+    with capturing as captured:
+        _, lm_loss_sum = forward_with_lm_loss(model, {**inputs, "use_cache": False}, labels,
+                                              config.training.label_smoothing_factor)
     loss_tokens, routed_tokens = step_token_counts(batch).to(lm_loss_sum.device).unbind()
-    zero = lm_loss_sum.new_zeros(())
-    router_logits = tuple(getattr(out, "router_logits", None) or ()) if want_logits else ()
+    routing = captured.layers
+    aux, z = router_losses(routing, family, innermost_model(model), batch, config, lm_loss_sum.new_zeros(()))
+    return LossParts(lm_loss_sum=lm_loss_sum, loss_tokens=loss_tokens, aux_loss=aux, z_loss=z,
+                     routed_tokens=routed_tokens, router_logits=tuple(layer.logits for layer in routing),
+                     aux_weight=config.moe.auxiliary_loss_weight if config.moe.use_auxiliary_loss else 0.0,
+                     z_weight=config.moe.router_z_loss_weight, routing=routing)
+
+
+def router_losses(routing: tuple[LayerRouting, ...], family, model, batch: Mapping[str, Any], config,
+                  zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(aux loss, z loss) of one forward pass: the family's balance loss on the captured routing."""
+    if not routing:
+        return zero, zero
+    from moetune.models.balance import sequence_balance_loss, sequence_ids
+
+    mask = batch.get("attention_mask")
     # A 2-D 0/1 mask is a padding mask; packed batches may carry other shapes, which pool every token.
     token_mask = mask if mask is not None and mask.dim() == 2 else None
+    logits = tuple(layer.logits for layer in routing)
     aux = z = zero
-    if router_logits:
-        num_experts, top_k = moe_shape(innermost_model(model).config)
-        if config.moe.use_auxiliary_loss:
-            aux = load_balancing_loss(router_logits, num_experts, top_k, token_mask)
-        if config.moe.router_z_loss_weight > 0:
-            z = router_z_loss(router_logits, token_mask)
-    return LossParts(lm_loss_sum=lm_loss_sum, loss_tokens=loss_tokens, aux_loss=aux, z_loss=z,
-                     routed_tokens=routed_tokens, router_logits=router_logits,
-                     aux_weight=config.moe.auxiliary_loss_weight if config.moe.use_auxiliary_loss else 0.0,
-                     z_weight=config.moe.router_z_loss_weight)
-
-
-def expert_token_counts(router_logits: tuple[torch.Tensor, ...], top_k: int,
-                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Routed tokens per (layer, expert) as a (layers, num_experts) tensor, for expert-usage stats."""
-    counts = []
-    for layer in router_logits:
-        chosen = torch.topk(layer.detach().float(), top_k, dim=-1).indices
-        one_hot = F.one_hot(chosen, layer.shape[-1]).sum(dim=1).float()
-        if attention_mask is not None and attention_mask.dim() == 2:
-            one_hot = one_hot * attention_mask.reshape(-1, 1).float().to(one_hot.device)
-        counts.append(one_hot.sum(dim=0))
-    return torch.stack(counts) if counts else torch.zeros(0, 0)
-
-
-def _is_moe(model: torch.nn.Module) -> bool:
-    try:
-        moe_shape(innermost_model(model).config)
-    except UserError:
-        return False
-    return True
+    if config.moe.use_auxiliary_loss and family.balance_loss == "switch":
+        aux = load_balancing_loss(logits, routing[0].num_experts, routing[0].experts.shape[-1], token_mask)
+    elif config.moe.use_auxiliary_loss and family.balance_loss == "sequence":
+        sequences, weight = sequence_ids(tuple(batch["input_ids"].shape), batch.get("position_ids"), token_mask)
+        aux = sequence_balance_loss(routing, sequences, weight, family.uses_sigmoid(model.config.model_type))
+    if config.moe.router_z_loss_weight > 0:
+        z = router_z_loss(logits, token_mask)
+    return aux, z

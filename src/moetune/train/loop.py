@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from moetune.config import Config
 from moetune.errors import OutOfMemory, UserError
-from moetune.models.losses import compute_losses, expert_token_counts, step_token_counts
+from moetune.models.losses import compute_losses, step_token_counts
+from moetune.models.routing import expert_token_counts
 from moetune.train.checkpoint import (
     TrainerState,
     install_adapter_hooks,
@@ -50,7 +51,7 @@ from moetune.train.setup import (
     build_training_inputs,
     log_cpu_offload,
     out_of_memory_message,
-    router_top_k,
+    router_bias_updater,
     save_final,
     total_optimizer_steps,
 )
@@ -123,7 +124,7 @@ def _train_once(config: Config, stop: StopSignals, run_lock: RunLock) -> int:
     state.lr_schedule = _resumed_lr_schedule(state, scheduler, t, total_steps, log) if resume_from else \
         schedule_summary(t, total_steps)
     last_saved = resume_from  # the checkpoint to go back to when the loss diverges
-    top_k = router_top_k(accelerator.unwrap_model(model))
+    update_biases = router_bias_updater(accelerator.unwrap_model(model), config)  # None unless moe.router_bias_update_rate
     usage = None  # (MoE layers, experts) routed-token counts since the last log line
     window_log = _LogWindow(accelerator.device)  # sums since the last log line
     bad_steps = 0
@@ -143,15 +144,18 @@ def _train_once(config: Config, stop: StopSignals, run_lock: RunLock) -> int:
                 # The step's loss is a per-token mean over every micro-batch of every process, so the
                 # token counts are summed before the first backward (one small all-reduce per step).
                 step_tokens = accelerator.reduce(sum(step_token_counts(batch) for batch in window), "sum")
+                step_usage = None
                 for index, batch in enumerate(window):
                     last = index == len(window) - 1
                     with accumulating(accelerator, model, sync=last):
                         parts = compute_losses(model, batch, config)
                         backward_share(accelerator, parts.objective(step_tokens))
                     window_log.add(parts, batch)
-                    if parts.router_logits and config.moe.monitor_expert_usage:
-                        counts = expert_token_counts(parts.router_logits, top_k, batch.get("attention_mask"))
-                        usage = counts if usage is None else usage + counts
+                    if parts.routing and (config.moe.monitor_expert_usage or update_biases is not None):
+                        counts = expert_token_counts(parts.routing, batch.get("attention_mask"))
+                        step_usage = counts if step_usage is None else step_usage + counts
+                if step_usage is not None and config.moe.monitor_expert_usage:
+                    usage = step_usage if usage is None else usage + step_usage
                 state.batches_done_in_epoch += len(window)
                 epoch_ended = state.batches_done_in_epoch >= len(train_loader)
                 step_lr = scheduler.get_last_lr()[0]  # the rate this step uses (logged with it)
@@ -160,6 +164,8 @@ def _train_once(config: Config, stop: StopSignals, run_lock: RunLock) -> int:
                 if step_is_finite:
                     optimizer.step()
                     scheduler.step()
+                    if update_biases is not None and step_usage is not None:
+                        update_biases(accelerator.reduce(step_usage, "sum"))
                 optimizer.zero_grad(set_to_none=True)
                 state.global_step += 1
                 progress.update(1)

@@ -13,7 +13,7 @@ import torch
 
 from moetune.config import Config, TrainingConfig
 from moetune.errors import ConfigError, UserError
-from moetune.train.checkpoint import weights_are_sharded
+from moetune.train.checkpoint import save_trainable_weights, weights_are_sharded
 from moetune.train.output_dir import final_files_or_no_space
 from moetune.train.run_log import logging_dir, tracker_names
 
@@ -29,8 +29,8 @@ def build_accelerator(config: Config):
     precision = "bf16" if t.bf16 else "fp16" if t.fp16 else "no"
     handlers = [
         InitProcessGroupKwargs(timeout=timedelta(seconds=t.ddp_timeout), backend=t.ddp_backend),
-        # An upcycled model's experts can get no tokens in a step; DDP must not wait for their gradients.
-        DistributedDataParallelKwargs(find_unused_parameters=config.moe.upcycle),
+        # Where a family's experts can get no tokens in a step, DDP must not wait for their gradients.
+        DistributedDataParallelKwargs(find_unused_parameters=_experts_may_get_no_tokens(config)),
     ]
     # Without a GPU, plain and DDP runs need cpu=True (gloo); DeepSpeed brings its own CPU accelerator.
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
@@ -56,6 +56,12 @@ def build_accelerator(config: Config):
     if config.advanced.torch_compile:
         check_compile_launch(config, accelerator)
     return accelerator
+
+
+def _experts_may_get_no_tokens(config: Config) -> bool:
+    from moetune.models.factory import resolve_family
+
+    return resolve_family(config.model).experts_may_get_no_tokens
 
 
 def apply_cpu_offload(accelerator) -> None:
@@ -222,11 +228,17 @@ def _register_zero3_leaf_modules(accelerator, model) -> None:
                   file=sys.stderr)
 
 
-def router_top_k(model) -> int:
-    """Experts per token of the model's router (for expert-usage counts); 0 for a dense model."""
-    from moetune.models.layout import find_moe_blocks, moe_shape
+def router_bias_updater(model, config: Config):
+    """``update(step_counts)`` applying ``moe.router_bias_update_rate`` to ``model``'s correction
+    biases after a step, or None when the rate is 0 (the model's build checked that it has them)."""
+    rate = config.moe.router_bias_update_rate
+    if rate <= 0:
+        return None
+    from moetune.models.balance import update_router_biases
+    from moetune.models.routing import family_of_model
 
-    return moe_shape(model.config)[1] if find_moe_blocks(model) else 0
+    family = family_of_model(model)
+    return lambda counts: update_router_biases(model, family, counts, rate)
 
 
 def total_optimizer_steps(t: TrainingConfig, batches_per_epoch: int) -> int:
@@ -240,6 +252,7 @@ def save_final(accelerator, model, tokenizer, config: Config) -> None:
     """The final adapter (or model) and tokenizer into output_dir; the merged model when asked for.
     Always in the native layout (``moe.backend: deepspeed`` blocks are converted back)."""
     from moetune.models.deepspeed_moe import native_moe_layout
+    from moetune.models.esft import merge_esft
 
     t = config.training
     unwrapped = accelerator.unwrap_model(model)
@@ -250,11 +263,11 @@ def save_final(accelerator, model, tokenizer, config: Config) -> None:
             return
         trainable_bytes = sum(p.numel() * p.element_size() for p in unwrapped.parameters() if p.requires_grad)
         with final_files_or_no_space(Path(t.output_dir), trainable_bytes):
-            unwrapped.save_pretrained(t.output_dir, state_dict=state_dict, safe_serialization=True)
+            save_trainable_weights(unwrapped, t.output_dir, state_dict)
             tokenizer.save_pretrained(t.output_dir)
         if config.post_training.merge_and_save:
             merged_dir = Path(config.post_training.merged_output_dir or Path(t.output_dir) / "merged")
-            merged = unwrapped.merge_and_unload() if hasattr(unwrapped, "merge_and_unload") else unwrapped
+            merged = unwrapped.merge_and_unload() if hasattr(unwrapped, "merge_and_unload") else merge_esft(unwrapped)
             model_bytes = sum(p.numel() * p.element_size() for p in merged.parameters())
             with final_files_or_no_space(merged_dir, model_bytes):
                 merged.save_pretrained(merged_dir, safe_serialization=True)

@@ -1,0 +1,99 @@
+"""Keeping experts evenly loaded: each family's balance loss, and DeepSeek-V3's aux-loss-free bias update.
+
+* ``switch``: :func:`moetune.models.losses.load_balancing_loss`, what transformers computes for
+  Mixtral, Qwen-MoE, OLMoE and gpt-oss (pooled over layers; balanced routing gives top_k).
+* ``sequence``: :func:`sequence_balance_loss`, DeepSeek's per-sequence balance loss (DeepSeek-V2's
+  ``seq_aux`` loss, and eq. 17-20 of the DeepSeek-V3 report for sigmoid routers), summed over
+  MoE layers as DeepSeek adds it; balanced routing gives 1 per layer.
+* :func:`update_router_biases`: after each optimizer step, each expert's correction bias moves by
+  ``rate`` toward balanced load (DeepSeek-V3, section 2.1.2): down when the expert got more than
+  the mean load, up when it got less. The bias only changes which experts are chosen, never
+  their weights, so it balances without a gradient that competes with the LM loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moetune.models.routing import LayerRouting, router_modules
+
+
+def routing_scores(logits: torch.Tensor, sigmoid: bool) -> torch.Tensor:
+    """Per-token expert affinities summing to 1: a softmax, or sigmoids normalised (DeepSeek-V3 s')."""
+    logits = logits.float()
+    if not sigmoid:
+        return torch.softmax(logits, dim=-1)
+    scores = torch.sigmoid(logits)
+    return scores / scores.sum(dim=-1, keepdim=True)
+
+
+def sequence_ids(batch_shape: tuple[int, int], position_ids: torch.Tensor | None,
+                 attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence index per token, 0/1 weight per token), both flattened like the router's rows.
+
+    A sequence is a sample: a padded row (padding weighs 0), or, in a packed row, each run of
+    ``position_ids`` that starts at 0.
+    """
+    rows, length = batch_shape
+    if position_ids is not None:
+        starts = (position_ids.reshape(rows, length) == 0)
+        starts[:, 0] = True  # every row starts a sequence
+        ids = starts.reshape(-1).long().cumsum(0) - 1
+    else:
+        ids = torch.arange(rows, device=attention_mask.device if attention_mask is not None else None)
+        ids = ids.repeat_interleave(length)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        weight = attention_mask.reshape(-1).float()
+    else:
+        weight = torch.ones(rows * length, device=ids.device)
+    return ids, weight.to(ids.device)
+
+
+def sequence_balance_loss(routing: tuple[LayerRouting, ...], sequences: torch.Tensor, token_weight: torch.Tensor,
+                          sigmoid: bool) -> torch.Tensor:
+    """DeepSeek's sequence-wise balance loss, summed over layers.
+
+    Per layer and sequence of T tokens: ``sum_i f_i * P_i`` with ``f_i = E / (k T) * (tokens of the
+    sequence routed to expert i)`` and ``P_i`` the mean affinity of expert i over the sequence
+    (:func:`routing_scores`); the layer's loss is the mean over sequences. ``sequences`` and
+    ``token_weight`` come from :func:`sequence_ids`.
+    """
+    total = None
+    count = int(sequences.max().item()) + 1 if sequences.numel() else 0  # one host sync per forward
+    for layer in routing:
+        scores = routing_scores(layer.logits, sigmoid)
+        experts = layer.experts.long()
+        num_experts, top_k = scores.shape[-1], experts.shape[-1]
+        seq = sequences.to(scores.device)
+        weight = token_weight.to(scores.device)
+        tokens = torch.zeros(count, device=scores.device).index_add_(0, seq, weight)
+        chosen = torch.zeros(count, num_experts, device=scores.device)
+        chosen.index_put_((seq.repeat_interleave(top_k), experts.reshape(-1)),
+                          weight.repeat_interleave(top_k), accumulate=True)
+        affinity = torch.zeros(count, num_experts, device=scores.device).index_add_(0, seq, scores * weight[:, None])
+        present = tokens > 0
+        t = tokens[present, None]
+        f = num_experts / (top_k * t) * chosen[present]
+        p = affinity[present] / t
+        loss = (f * p).sum(dim=-1).mean()
+        total = loss if total is None else total + loss
+    return total if total is not None else torch.zeros(())
+
+
+@torch.no_grad()
+def update_router_biases(model: nn.Module, family, counts: torch.Tensor, rate: float) -> None:
+    """Move each MoE layer's correction bias by ``rate`` toward balanced load.
+
+    ``counts``: (layers, experts) tokens routed in the optimizer step, summed over every process
+    (so every rank applies the same update). A PEFT-wrapped router keeps the bias in both its
+    original and its trained copy; both move, so the saved adapter holds the updated bias.
+    """
+    from moetune.models.layout import innermost_model
+
+    routers = router_modules(innermost_model(model), family)
+    for router, load in zip(routers, counts, strict=True):
+        step = rate * torch.sign(load.mean() - load)
+        for name, buffer in router.named_buffers():
+            if name.rsplit(".", 1)[-1] == family.correction_bias:
+                buffer.add_(step.to(buffer.device, buffer.dtype))

@@ -1,0 +1,51 @@
+"""gpt-oss (OpenAI, gpt-oss-20b / 120b): a router with a bias, top-k on the logits then a softmax over
+the chosen ones, experts with biases stored transposed, attention with learned sinks.
+
+Hub checkpoints ship the experts in MXFP4. MXFP4 has no training kernels, so they are loaded
+dequantised to bf16 (transformers' ``Mxfp4Config(dequantize=True)``), and that is logged. The
+attention sinks (``self_attn.sinks``) are not Linears and stay frozen; transformers' sdpa kernel has
+no sinks, so ``sdpa`` runs as ``eager`` (or pick flash_attention_2 / flex_attention).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moetune.models.families._spec import FamilySpec, logger
+
+
+def mxfp4_dequantised(hf_config) -> dict[str, Any]:
+    """``quantization_config=Mxfp4Config(dequantize=True)`` for a checkpoint stored in MXFP4."""
+    quant = getattr(hf_config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if str(getattr(method, "value", method)) != "mxfp4":
+        return {}
+    from transformers import Mxfp4Config
+
+    logger.warning("gpt-oss: the checkpoint's experts are MXFP4, which cannot be trained; loading them "
+                   "dequantised to bf16 (about 4x their MXFP4 memory)")
+    return {"quantization_config": Mxfp4Config(dequantize=True)}
+
+
+SPEC = FamilySpec(
+    name="gpt_oss",
+    model_types=("gpt_oss",),
+    summary="gpt-oss-20b / 120b: MXFP4 experts dequantised to bf16, LoRA on q/k/v/o_proj, experts and sinks frozen, "
+            "Switch load-balancing loss (as transformers).",
+    tiny_configs={
+        "gpt_oss": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=64, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                        vocab_size=128, max_position_embeddings=128, sliding_window=16,
+                        layer_types=["sliding_attention", "full_attention"],
+                        rope_parameters={"rope_type": "default", "rope_theta": 150000.0}),
+    },
+    random_init_model_type="gpt_oss",
+    attention={},
+    router_name="router",
+    routing="logits with a bias, top-k, softmax over the chosen k",
+    expert_parameters=("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"),
+    expert_layout="fused 3-D, transposed (E, H, 2I) / (E, I, H), with biases",
+    attention_kernels=("eager", "flash_attention_2", "flex_attention"),
+    pretrained_kwargs=mxfp4_dequantised,
+    notes=("attention sinks (self_attn.sinks) stay frozen",),
+)

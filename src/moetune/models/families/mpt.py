@@ -1,0 +1,94 @@
+"""MPT (MosaicML): dense ``mpt``, and ``mpt_moe``, the model sparse upcycling makes of it
+(:mod:`moetune.models.mpt_moe`, :mod:`moetune.models.upcycle`).
+
+Attention is one fused ``attn.Wqkv`` and ``attn.out_proj`` (ALiBi, one eager kernel, no
+position_ids, so rows are padded, not packed). An upcycled model's experts start as copies of one
+FFN, so they must train (``moe.expert_training``); a router created by upcycling always trains.
+Every expert runs on every step, on an empty batch when no token chose it, so DDP needs no
+``find_unused_parameters``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moetune.errors import UserError
+from moetune.models.families._spec import FamilySpec, Traits, logger
+
+
+def build_mpt(spec: FamilySpec, config, tokenizer=None):
+    """Dense MPT, an already upcycled ``mpt_moe``, or one upcycled now when ``moe.upcycle``."""
+    from moetune.models.factory import load_base_model, whole_weights
+    from moetune.models.quant import wants_quantization
+    from moetune.models.upcycle import upcycle_mpt
+
+    if config.moe.upcycle and wants_quantization(config.model):
+        raise UserError("moe.upcycle copies dense FFN weights into experts, which cannot be done on 4/8-bit weights; "
+                        "upcycle first (`moetune upcycle`), then train the saved model.")
+    model = load_base_model(config, spec, tokenizer)
+    upcycled = model.config.model_type == "mpt_moe"
+    if config.moe.upcycle and upcycled:
+        logger.info("model.name is already upcycled (mpt_moe); moe.upcycle has nothing left to do")
+        return model, Traits(experts_must_train=True)
+    if config.moe.upcycle:
+        # Seeded, so evaluation rebuilds exactly the base the adapter was trained on.
+        with whole_weights(model):
+            model = upcycle_mpt(model, config.moe, generator=torch.Generator().manual_seed(config.training.seed))
+        return model, Traits(router_is_new=True, experts_must_train=True)
+    return model, Traits(experts_must_train=upcycled)
+
+
+def tap_moe_blocks(spec: FamilySpec, model):
+    """MPT-MoE blocks (native and DeepSpeed) report their router logits into ``router_logits_sink``;
+    the chosen experts follow the block's rule (softmax, top-k, renormalised)."""
+    from moetune.models.routing import record
+
+    blocks = model.moe_blocks() if hasattr(model, "moe_blocks") else []
+    top_k = getattr(model.config, "num_experts_per_tok", 0)
+    for layer, block in enumerate(blocks):
+        block.router_logits_sink = _Sink(layer, top_k, record)
+
+    def release() -> None:
+        for block in blocks:
+            block.router_logits_sink = None
+
+    return release
+
+
+class _Sink(list):
+    """A ``router_logits_sink`` that reports each logits tensor as the layer's routing."""
+
+    def __init__(self, layer: int, top_k: int, record):
+        super().__init__()
+        self.layer, self.top_k, self.record = layer, top_k, record
+
+    def append(self, logits: torch.Tensor) -> None:
+        # Without autograd: gradient checkpointing re-runs the block with no sink, and must save
+        # exactly the tensors the first pass saved. The losses differentiate through ``logits``.
+        with torch.no_grad():
+            weights, experts = torch.topk(torch.softmax(logits.float(), dim=-1), self.top_k, dim=-1)
+        self.record(self.layer, logits, weights / weights.sum(dim=-1, keepdim=True), experts)
+
+
+SPEC = FamilySpec(
+    name="mpt",
+    model_types=("mpt", "mpt_moe"),
+    summary="MPT dense, or sparse-upcycled to MoE (mpt_moe): LoRA on attn.Wqkv/out_proj; upcycled experts train "
+            "(moe.expert_training), a new router always trains; Switch load-balancing loss.",
+    tiny_configs={
+        "mpt": dict(n_layers=2, d_model=64, n_heads=4, vocab_size=128, max_seq_len=128),
+        "mpt_moe": dict(n_layers=2, d_model=64, n_heads=4, vocab_size=128, max_seq_len=128, num_local_experts=4,
+                        num_experts_per_tok=2),
+    },
+    random_init_model_type="mpt",
+    attention={"q_proj": ("Wqkv",), "k_proj": ("Wqkv",), "v_proj": ("Wqkv",), "o_proj": ("out_proj",)},
+    router_name="router",
+    expert_parameters=("up_proj", "down_proj"),
+    expert_layout="one module per expert: experts.N.up_proj / down_proj",
+    fused_experts=False,
+    context_key="max_seq_len",
+    accepts_position_ids=False,
+    attention_kernels=("eager",),
+    build=build_mpt,
+    tap_routers=tap_moe_blocks,
+)
