@@ -13,7 +13,7 @@ others transformers registers) at Mixtral-8x7B and Qwen3-30B-A3B layer shapes, 2
 batch 1, bf16, gradient checkpointing, attention LoRA: loss difference to eager, steady-state tokens/s,
 MFU (scripts/bench_train.py's 4 x N FLOP count), peak memory; 5 QLoRA 4-bit against bf16 LoRA on the
 2-layer full-width Mixtral (peak memory, loss after 10 steps); 6 DeepSpeed ZeRO-2 through
-``NUM_GPUS=1 bash train.sh`` for 10 steps; 7 expert LoRA and ESFT tokens/s (skipped: not in moetune yet).
+``NUM_GPUS=1 bash train.sh`` for 10 steps; 7 expert LoRA and ESFT tokens/s (skipped: not measured yet).
 
 Run it as a script (a fresh interpreter): each stage runs in a process forked from one that has run no
 torch op, so no OpenMP or CUDA state crosses a fork. Each stage runs in a forked process of its own with a share of ``--budget`` (470 s), so a crash, a hang
@@ -349,13 +349,13 @@ KERNEL_SHAPES_CPU = {
 }
 
 
-def gpt_oss_missing() -> str | None:
-    """Why the gpt-oss-20b shape cannot run, or None once moetune builds gpt_oss models."""
-    from moetune.models.factory import ARCHITECTURES
+def gpt_oss_missing() -> str:
+    """Why the gpt-oss-20b shape is not measured here."""
+    from moetune.models.families import FAMILY_NAMES
 
-    if "gpt_oss" in ARCHITECTURES:
-        return "moetune builds gpt_oss models, but this check has no gpt-oss-20b shape yet"
-    return f"moetune has no gpt_oss family yet (model.architecture accepts {', '.join(sorted(ARCHITECTURES))})"
+    if "gpt_oss" in FAMILY_NAMES:
+        return "moetune has a gpt_oss family, but this check does not build the gpt-oss-20b shape yet"
+    return f"moetune has no gpt_oss family yet (model.architecture accepts {', '.join(FAMILY_NAMES)})"
 
 
 def other_kernels() -> dict[str, str]:
@@ -508,8 +508,7 @@ def stage_deepspeed(ctx: Context) -> None:
 
 
 def stage_expert_training(ctx: Context) -> None:
-    raise Skip("expert LoRA and ESFT are not in moetune yet (its LoRA targets attention only); "
-               "this stage measures their tokens/s at the Mixtral shape once they are")
+    raise Skip("expert LoRA and ESFT (moe.expert_training: lora / esft) are not measured by this check yet")
 
 
 @dataclasses.dataclass(frozen=True)
