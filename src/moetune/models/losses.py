@@ -223,8 +223,11 @@ def _chunkable_lm_head(inner: torch.nn.Module) -> torch.nn.Module | None:
 def _hidden_states_give_logits(inner, head, hidden: torch.Tensor, logits: torch.Tensor, options) -> bool:
     """Whether the last hidden state, through lm_head, reproduces the model's own logits (checked on the
     first batch): the families differ in what they return as hidden states and apply to logits."""
+    from moetune.models.chunked_loss import lm_head_weight_and_bias
+
     with torch.no_grad():
-        mine = head(hidden[:, -1:]).float()
+        # Accelerate's mixed precision returns float32 hidden states from a model whose lm_head may be bf16.
+        mine = head(hidden[:, -1:].to(lm_head_weight_and_bias(head)[0].dtype)).float()
         if options["logit_scale"] is not None:
             mine = mine * options["logit_scale"]
         if options["softcap"] is not None:
