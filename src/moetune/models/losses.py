@@ -177,8 +177,9 @@ def forward_with_lm_loss(model: torch.nn.Module, inputs: Mapping[str, Any], labe
     inner = innermost_model(model)
     head = _chunkable_lm_head(inner)
     if head is not None:
-        out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
-        hidden = out.hidden_states[-1]
+        with _final_hidden_states(inner) as final:
+            out = model(**inputs, logits_to_keep=1)
+        hidden = final[0]
         options = logit_options(inner.config)
         if getattr(inner, _CHUNKED_LOSS_CHECKED, False) or _hidden_states_give_logits(inner, head, hidden, out.logits,
                                                                                        options):
@@ -186,6 +187,23 @@ def forward_with_lm_loss(model: torch.nn.Module, inputs: Mapping[str, Any], labe
             return out, loss_sum
     out = model(**inputs)
     return out, causal_lm_loss(out.logits, labels, label_smoothing, reduction="sum")
+
+
+@contextlib.contextmanager
+def _final_hidden_states(inner: torch.nn.Module):
+    """A one-slot list that holds the decoder's output hidden states (after the final norm) of the forward
+    run inside the ``with``. Taken from the decoder module itself rather than ``output_hidden_states``,
+    which would return every layer's states, each copied to float32 by accelerate's mixed precision."""
+    slot: list[torch.Tensor] = []
+
+    def keep(module, args, output):
+        slot.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    handle = inner.get_decoder().register_forward_hook(keep)
+    try:
+        yield slot
+    finally:
+        handle.remove()
 
 
 # Set on the innermost model: None = not decided yet, False = full logits, True = chunked (checked once).
@@ -203,7 +221,8 @@ def _chunkable_lm_head(inner: torch.nn.Module) -> torch.nn.Module | None:
     if decided:
         return head
     reason = None
-    if head is None or "logits_to_keep" not in inspect.signature(inner.forward).parameters:
+    if (head is None or "logits_to_keep" not in inspect.signature(inner.forward).parameters
+            or not hasattr(inner, "get_decoder")):
         reason = "the model computes its logits in one piece (no logits_to_keep)"
     else:
         try:
