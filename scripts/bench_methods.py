@@ -39,7 +39,7 @@ ARTEFACTS = ("adapter_model.safetensors", "esft_experts.safetensors", "model.saf
 def base_overrides(data: Path, out: Path, args) -> list[str]:
     shape = (f"{{num_hidden_layers: 2, hidden_size: {args.hidden}, intermediate_size: {2 * args.hidden}, "
              f"moe_intermediate_size: {args.hidden}, num_attention_heads: 4, num_key_value_heads: 2, "
-             f"head_dim: {args.hidden // 4}, num_experts: {args.experts}, num_experts_per_tok: 2, "
+             f"num_experts: {args.experts}, num_experts_per_tok: 2, "
              "max_position_embeddings: 512}")
     return ["model.architecture=qwen_moe", f"model.config_overrides={shape}", f"data.output_path={data}",
             f"training.output_dir={out}", f"training.max_steps={args.steps}", "training.eval_steps=1000000",
