@@ -121,3 +121,50 @@ def test_train_logs_losses_and_expert_usage_and_eval_writes_the_report(workspace
     else:
         assert set(report["routing"]) == {"base", "tuned"}
         assert (report_dir / report["routing"]["tuned"]["heatmap"]).is_file()
+
+
+# ------------------------------------------------------------------- aux-loss-free balancing, end to end
+
+
+def test_bias_updates_follow_the_logged_load_are_saved_in_the_adapter_and_used_by_eval(workspace):
+    from safetensors.torch import load_file
+
+    from moetune.config import load_config
+    from moetune.eval.load import load_base, load_eval_tokenizer, load_tuned, resolve_tuned_model
+
+    root, data, tokenizer = workspace
+    # One group of experts: with two groups of two, top-2 always takes a whole group, and the
+    # pairwise-equal loads can cancel out over a few steps.
+    checkpoint = save_hub_checkpoint(root / "deepseek_v3-bias", "deepseek_v3", tokenizer, n_group=1, topk_group=1)
+    config_path, out = write_run_config(root, checkpoint, data, "deepseek_v3-bias")
+    rate = 0.01
+    overrides = [f"moe.router_bias_update_rate={rate}", "moe.freeze_router=true", "moe.use_auxiliary_loss=false"]
+    assert main(["train", "--config", str(config_path), *overrides]) == 0
+
+    # DeepSeek-V3's rule, replayed from the logged load of each step (one batch per step): every
+    # expert's bias moved by `rate` up when it took less than the mean share, down when more.
+    usage = torch.tensor([r["expert_usage"] for r in read_metrics(out) if "loss" in r])  # (steps, layers, experts)
+    expected = rate * torch.sign(usage.mean(-1, keepdim=True) - usage).sum(0)
+    saved = {k: v for k, v in load_file(out / "adapter_model.safetensors").items() if k.endswith("e_score_correction_bias")}
+    assert len(saved) == 1 and expected.abs().sum() > 0  # one MoE layer (the first is dense), and it moved
+    [(key, bias)] = saved.items()
+    assert torch.allclose(bias, expected[0], atol=1e-6)
+    # The router rides in the adapter for its bias; its weight stays frozen, the checkpoint's own.
+    router_weight = load_file(out / "adapter_model.safetensors")["base_model.model.model.layers.1.mlp.gate.weight"]
+    assert torch.equal(router_weight, load_file(checkpoint / "model.safetensors")["model.layers.1.mlp.gate.weight"])
+
+    config = load_config(config_path, overrides)
+    tuned_path = resolve_tuned_model(config, None)
+    eval_tokenizer = load_eval_tokenizer(config, tuned_path)
+    tuned = load_tuned(config, tuned_path, eval_tokenizer, base=load_base(config, eval_tokenizer)).eval()
+    buffers = [b for n, b in tuned.named_buffers() if n.endswith("modules_to_save.default.e_score_correction_bias")]
+    assert len(buffers) == 1 and torch.equal(buffers[0], bias)
+    ids = torch.tensor([eval_tokenizer("fn main() { let amount = refund(capture); }")["input_ids"]])
+    with torch.no_grad():
+        with_bias = tuned(ids).logits
+        buffers[0].zero_()  # the checkpoint's own bias: the routing, and so the logits, differ
+        assert not torch.allclose(tuned(ids).logits, with_bias)
+    report_dir = root / "eval-deepseek_v3-bias"
+    assert main(["eval", "--config", str(config_path), "--output-dir", str(report_dir), "--max-samples", "4",
+                 *EVAL_OVERRIDES, *overrides]) == 0
+    assert json.loads((report_dir / "report.json").read_text())["routing"]["tuned"]
