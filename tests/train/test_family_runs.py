@@ -168,3 +168,63 @@ def test_bias_updates_follow_the_logged_load_are_saved_in_the_adapter_and_used_b
     assert main(["eval", "--config", str(config_path), "--output-dir", str(report_dir), "--max-samples", "4",
                  *EVAL_OVERRIDES, *overrides]) == 0
     assert json.loads((report_dir / "report.json").read_text())["routing"]["tuned"]
+
+
+# ---------------------------------------------------------------- Mixtral in the per-expert hub layout
+
+
+def per_expert_keys(keys) -> set[str]:
+    return {k for k in keys if ".block_sparse_moe.experts." in k and k.endswith((".w1.weight", ".w2.weight", ".w3.weight"))}
+
+
+def test_a_per_expert_bf16_sharded_mixtral_loads_exactly_and_merges_back_in_that_layout(workspace):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from moetune.config import load_config
+    from moetune.models.factory import build_base_model
+
+    root, data, tokenizer = workspace
+    folder = root / "mixtral-hub"
+    values = dict(family_for_model_type("mixtral").tiny_configs["mixtral"], vocab_size=len(tokenizer),
+                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    fused = AutoModelForCausalLM.from_config(AutoConfig.for_model("mixtral", **values)).to(torch.bfloat16).eval()
+    fused.save_pretrained(folder, max_shard_size="200KB")
+    tokenizer.save_pretrained(folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    hub = {k: v for shard in sorted(set(index.values())) for k, v in load_file(folder / shard).items()}
+    assert len(set(index.values())) > 1 and len(per_expert_keys(hub)) == 2 * 4 * 3  # layers x experts x w1/w2/w3
+    assert not any("gate_up_proj" in k or k.endswith("experts.down_proj") for k in hub)
+    assert all(t.dtype == torch.bfloat16 for t in hub.values())
+
+    config_path, out = write_run_config(root, folder, data, "mixtral-hub")
+    overrides = ["model.torch_dtype=bfloat16", "training.max_steps=2", "training.eval_steps=1000",
+                 "post_training.merge_and_save=true"]
+    config = load_config(config_path, overrides)
+    ids = torch.tensor([tokenizer("fn main() { let amount = refund(capture); }")["input_ids"]])
+    loaded = build_base_model(config, tokenizer).eval()
+    # The reference: the same weights saved in transformers' fused layout, loaded in bf16 with the
+    # kernels moetune chose, so any difference would come from the per-expert conversion.
+    fused.save_pretrained(root / "mixtral-fused", save_original_format=False)
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in load_file(root / "mixtral-fused" / "model.safetensors"))
+    reference = AutoModelForCausalLM.from_pretrained(
+        root / "mixtral-fused", dtype=torch.bfloat16, attn_implementation=loaded.config._attn_implementation,
+        experts_implementation=loaded.config._experts_implementation).eval()
+    with torch.no_grad():
+        assert (loaded(ids).logits - reference(ids).logits).abs().max().item() == 0.0
+
+    assert main(["train", "--config", str(config_path), *overrides]) == 0
+    merged_files = sorted((out / "merged").glob("model*.safetensors"))
+    merged = {k: v for f in merged_files for k, v in load_file(f).items()}
+    assert per_expert_keys(merged) == per_expert_keys(hub)
+    assert not any("gate_up_proj" in k or k.endswith("experts.down_proj") for k in merged)
+    # The experts were frozen: each one is written back bit for bit; attention carries the merged LoRA.
+    assert all(torch.equal(merged[k], hub[k]) for k in per_expert_keys(hub))
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], hub["model.layers.0.self_attn.q_proj.weight"])
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), out).eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits.float(), tuned(ids).logits.float(), atol=0.02)
+        assert reloaded.dtype == torch.bfloat16
