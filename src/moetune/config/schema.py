@@ -144,8 +144,22 @@ class MoeConfig:
     capacity_factor: float | None = opt(None, "Expert capacity as a multiple of the even share; null = no token dropping.")
     router_jitter: float = opt(0.0, "Multiplicative jitter on router inputs while training (Switch Transformer).")
     router_z_loss_weight: float = opt(0.0, "Weight of the router z-loss (ST-MoE); 0 turns it off.")
-    expert_training: Literal["full", "lora", "frozen"] = opt(
-        "full", "How upcycled experts train: all weights, per-expert LoRA, or frozen."
+    expert_training: Literal["full", "lora", "frozen", "esft"] = opt(
+        "full", "How upcycled experts train: all weights, per-expert LoRA, or frozen. esft (any family): only the "
+        "experts moe.esft_experts selects train, everything else frozen (needs lora.enabled: false)."
+    )
+    esft_experts: str | None = opt(
+        None, "With expert_training: esft, the experts.json `moetune experts` wrote (the experts to train per MoE layer)."
+    )
+    router_supervision_weight: float = opt(
+        0.0, "Weight of label-guided routing: a cross-entropy on every MoE layer's router logits toward the experts of "
+        "the sample's expert_label (moe.label_to_expert), over the tokens of labelled samples; unlabelled samples add "
+        "nothing. The router must train. 0 = off."
+    )
+    label_to_expert: Literal["auto"] | dict[str, tuple[int, ...]] = opt(
+        "auto", "Which experts each expert_label is routed to under moe.router_supervision_weight: auto gives the labels "
+        "seen in the training data, most frequent first (ties by name), experts 0, 1, 2, ... in turn (label i -> expert "
+        "i mod the number of experts); or a map {label: [expert, ...]}, where labels not in it count as unlabelled."
     )
     backend: Literal["native", "deepspeed"] = opt(
         "native", "MoE block of upcycled models in training: deepspeed splits the experts across ranks (needs a DeepSpeed "
@@ -171,6 +185,16 @@ class MoeConfig:
         check(self.router_jitter >= 0, "moe.router_jitter", self.router_jitter, "0 or more")
         check(self.router_z_loss_weight >= 0, "moe.router_z_loss_weight", self.router_z_loss_weight, "0 or more")
         check(self.router_bias_update_rate >= 0, "moe.router_bias_update_rate", self.router_bias_update_rate, "0 or more")
+        check(self.router_supervision_weight >= 0, "moe.router_supervision_weight", self.router_supervision_weight,
+              "0 or more")
+        self._check_label_to_expert()
+        if self.router_supervision_weight > 0:
+            # A frozen router cannot learn the routing it is told: the loss would be logged and do nothing.
+            check(self.upcycle or not self.freeze_router, "moe.freeze_router", self.freeze_router,
+                  "false when moe.router_supervision_weight is above 0 (the router must train to follow the labels)")
+        if self.expert_training == "esft":
+            check(self.esft_experts is not None, "moe.esft_experts", self.esft_experts,
+                  "the experts.json of `moetune experts` when moe.expert_training is esft")
         check(self.expert_parallel_size >= 1, "moe.expert_parallel_size", self.expert_parallel_size, "a positive integer")
         if self.backend == "deepspeed":
             # DeepSpeed's gate would compute something else than the native mpt_moe model the run is saved as.
@@ -178,6 +202,24 @@ class MoeConfig:
                   "expert output by the router probability; the native block gives the chosen expert weight 1)")
             check(self.router_jitter in (0.0, 0.01), "moe.router_jitter", self.router_jitter,
                   "0 or 0.01 with moe.backend: deepspeed (DeepSpeed's jitter has a fixed epsilon of 0.01)")
+
+    def _check_label_to_expert(self) -> None:
+        if not isinstance(self.label_to_expert, dict):
+            return
+        key = "moe.label_to_expert"
+        check(bool(self.label_to_expert), key, self.label_to_expert, "auto or a non-empty map {label: [expert, ...]}")
+        normalised = {}
+        for label, experts in self.label_to_expert.items():
+            experts = (experts,) if isinstance(experts, int) and not isinstance(experts, bool) else experts
+            check(isinstance(label, str) and bool(label), key, label, "a map whose keys are expert_label strings")
+            check(isinstance(experts, (list, tuple)) and bool(experts)
+                  and all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in experts),
+                  f"{key}.{label}", experts, "a non-empty list of expert indices (integers, 0 or more)")
+            if self.upcycle:
+                check(max(experts) < self.num_experts, f"{key}.{label}", list(experts),
+                      f"expert indices below moe.num_experts ({self.num_experts})")
+            normalised[label] = tuple(dict.fromkeys(experts))
+        object.__setattr__(self, "label_to_expert", normalised)
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -441,6 +483,9 @@ class Config:
         if self.moe.upcycle and self.model.architecture not in (None, "mpt"):
             raise ConfigError("moe.upcycle", f"moe.upcycle turns a dense MPT model into an MoE; model.architecture is "
                               f"{self.model.architecture!r}, which is already an MoE.")
+        if self.moe.expert_training == "esft" and (self.lora.enabled or self.moe.backend != "native"):
+            raise ConfigError("moe.expert_training", "moe.expert_training: esft trains the selected experts themselves "
+                              "and freezes everything else, so it takes lora.enabled: false and moe.backend: native.")
         if self.advanced.early_stopping_patience is not None and self.validation.validation_split == 0:
             raise ConfigError("advanced.early_stopping_patience", "advanced.early_stopping_patience needs a validation split; "
                               "validation.validation_split is 0.")
