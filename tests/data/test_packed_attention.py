@@ -37,6 +37,8 @@ def test_logits_of_packed_samples_equal_logits_of_each_sample_alone(attn_impleme
     assert len(rows) == 2 and all(len(row) > 1 for row in rows)  # two rows of several samples each
 
     class Encoded:  # the slice of the datasets.Dataset interface PackedDataset uses
+        column_names = list(encoded)
+
         def __getitem__(self, indices):
             return {k: [v[i] for i in indices] for k, v in encoded.items()}
 
