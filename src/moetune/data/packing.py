@@ -6,7 +6,8 @@ Packing concatenates samples into rows of at most ``model.max_seq_length`` token
 causal mask for sdpa and eager attention, so no token attends across a sample boundary; for
 flash_attention_2 the batch is flattened into one row, which the varlen kernels split the same
 way (what ``DataCollatorWithFlattening`` does). Models whose forward takes no ``position_ids``
-(MPT: ALiBi) cannot be packed this way and fall back to padding.
+(MPT: ALiBi) cannot be packed this way and fall back to padding; the trainer says which from the
+model's family (``accepts_position_ids``), so this module needs nothing from the models.
 
 Call the model with ``use_cache=False`` (or ``model.config.use_cache = False``): when a KV cache
 object exists, transformers 5.x skips the packed-sequence detection and samples attend to each
@@ -16,7 +17,6 @@ other (found while writing tests/data/test_packed_attention.py).
 from __future__ import annotations
 
 import bisect
-import inspect
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,7 +31,6 @@ from moetune.data.encode import IGNORE_INDEX, encode_records
 from moetune.data.expert_labels import NO_LABEL, label_ids_of, label_vocabulary
 from moetune.data.split import load_splits
 from moetune.errors import UserError
-from moetune.models.layout import innermost_model
 
 
 def plan_packed_rows(lengths: Sequence[int], max_len: int) -> list[list[int]]:
@@ -171,14 +170,15 @@ class TrainingData:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def build_train_eval_datasets(config: Config, tokenizer, model=None, cache_dir: str | Path | None = None) -> TrainingData:
+def build_train_eval_datasets(config: Config, tokenizer, cache_dir: str | Path | None = None, *,
+                              accepts_position_ids: bool = True) -> TrainingData:
     """Read, split, tokenize (cached) and pack or pad the dataset for training.
 
     Contract for the trainer: iterate ``DataLoader(data.train, collate_fn=data.collator, ...)`` and
     call ``model(**batch, use_cache=False)``; a batch holds ``input_ids``, ``labels`` (-100 = no loss)
     and either ``position_ids`` (packed: never add an attention_mask, it would disable the
     per-sample masking) or ``attention_mask`` (padded). Labels are not shifted: the model shifts them. ``data.eval`` is None when validation.validation_split is 0.
-    Pass ``model`` so packing falls back to padding for a model that takes no position_ids.
+    ``accepts_position_ids`` False (the model family's fact): padding even when data.packing is on.
     ``stats`` holds sample, token and row counts and ``packing_efficiency`` (real tokens / slots).
     ``cache_dir`` defaults to ``<dataset folder>/.cache``.
     """
@@ -186,10 +186,10 @@ def build_train_eval_datasets(config: Config, tokenizer, model=None, cache_dir: 
     if config.validation.max_eval_samples is not None:
         val_records = val_records[:config.validation.max_eval_samples]
     max_len = config.model.max_seq_length
-    packed = config.data.packing and (model is None or accepts_position_ids(model))
+    packed = config.data.packing and accepts_position_ids
     if config.data.packing and not packed:
-        print(f"data.packing: {type(innermost_model(model)).__name__} takes no position_ids, so samples cannot be packed without "
-              "attending across them; padding instead.", file=sys.stderr)
+        print("data.packing: this model family takes no position_ids, so samples cannot be packed without attending "
+              "across them; padding instead.", file=sys.stderr)
     cache = Path(cache_dir) if cache_dir is not None else Path(config.data.output_path).parent / ".cache"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stats: dict[str, Any] = {"train_records": len(train_records), "eval_records": len(val_records)}
@@ -221,13 +221,15 @@ def build_train_eval_datasets(config: Config, tokenizer, model=None, cache_dir: 
     return TrainingData(datasets[0], datasets[1], collator, packed, stats)
 
 
-def build_dataloaders(config: Config, tokenizer, model=None) -> tuple[DataLoader, DataLoader | None, TrainingData]:
+def build_dataloaders(config: Config, tokenizer, *,
+                      accepts_position_ids: bool = True) -> tuple[DataLoader, DataLoader | None, TrainingData]:
     """(train_loader, eval_loader or None, TrainingData) with the training.* batch sizes.
 
     The train loader shuffles with a generator seeded by training.seed; wrap both loaders in
-    ``accelerator.prepare`` to shard them across processes.
+    ``accelerator.prepare`` to shard them across processes. ``accepts_position_ids``: see
+    :func:`build_train_eval_datasets`.
     """
-    data = build_train_eval_datasets(config, tokenizer, model)
+    data = build_train_eval_datasets(config, tokenizer, accepts_position_ids=accepts_position_ids)
     training = config.training
     generator = torch.Generator().manual_seed(training.seed)
     train = DataLoader(data.train, batch_size=training.per_device_train_batch_size, shuffle=True, generator=generator,
@@ -251,11 +253,6 @@ def _supervised_labels(config: Config, train_records: list[dict]) -> tuple[str, 
                         f"of {config.data.output_path} carries {named}, so the routing would be supervised by nothing; "
                         "add labelled samples (qa_jsonl lines with expert_label) or set moe.router_supervision_weight: 0.")
     return vocabulary
-
-
-def accepts_position_ids(model) -> bool:
-    """True when the model's forward takes ``position_ids`` (needed for packed rows)."""
-    return "position_ids" in inspect.signature(innermost_model(model).forward).parameters
 
 
 def _raise_empty_train(config: Config) -> None:
