@@ -12,9 +12,11 @@ data), the quickstart's task (the sample Rust crate and QA file in data/, built 
   token selection ratio, then only those train (``moe.expert_training: esft``, no LoRA);
 * ``full-experts``: attention LoRA plus every routed expert in full (``moe.expert_training: full``).
 
-With random weights and a tokenizer trained here, the embeddings and lm_head must learn in every
-plan (``lora.modules_to_save``, trained in full for ESFT too), so the figures compare what each plan
-adds on top of them. Each plan trains in a fresh process; for each the table gives the final eval
+A random model routes at random and its embeddings know nothing of the tokenizer trained here, so
+first a base is made the way a pretrained one would be: the random model trains ``--base-steps``
+steps (attention LoRA, router, embeddings and lm_head) and is merged. Every plan then starts from
+that base with the embeddings frozen, as it would from a hub model. Each plan trains in a fresh
+process; for each the table gives the final eval
 loss, trainable parameters (moetune's own count), the size of the run's final artefact on disk
 (adapter or selected experts), useful tokens/s (loss-bearing tokens per second between the first and
 the last logged step) and the process's peak resident memory.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import resource
 import subprocess
@@ -36,15 +39,27 @@ PLANS = ("attention-lora", "expert-lora", "esft-gate", "esft-token", "full-exper
 ARTEFACTS = ("adapter_model.safetensors", "esft_experts.safetensors", "model.safetensors")
 
 
-def base_overrides(data: Path, out: Path, args) -> list[str]:
+def common_overrides(root: Path, out: Path, steps: int) -> list[str]:
+    return ["model.architecture=qwen_moe", f"data.output_path={root / 'data.jsonl'}", f"training.output_dir={out}",
+            f"training.max_steps={steps}", "training.eval_steps=1000000", "training.save_steps=1000000",
+            "training.logging_steps=5", "training.warmup_ratio=0.1", "training.seed=0", "logging.tensorboard=false"]
+
+
+def base_model_overrides(root: Path, args) -> list[str]:
+    """The random model trained into a base: quickstart's plan (embeddings, router, attention LoRA), merged."""
     shape = (f"{{num_hidden_layers: 2, hidden_size: {args.hidden}, intermediate_size: {2 * args.hidden}, "
              f"moe_intermediate_size: {args.hidden}, num_attention_heads: 4, num_key_value_heads: 2, "
-             f"num_experts: {args.experts}, num_experts_per_tok: 2, "
-             "max_position_embeddings: 512}")
-    return ["model.architecture=qwen_moe", f"model.config_overrides={shape}", f"data.output_path={data}",
-            f"training.output_dir={out}", f"training.max_steps={args.steps}", "training.eval_steps=1000000",
-            "training.save_steps=1000000", "training.logging_steps=5", "training.warmup_ratio=0.1",
-            "training.seed=0", "logging.tensorboard=false", "moe.freeze_router=true"]
+             f"num_experts: {args.experts}, num_experts_per_tok: 2, max_position_embeddings: 512}}")
+    return [*common_overrides(root, root / "base", args.base_steps), f"model.config_overrides={shape}",
+            "post_training.merge_and_save=true"]
+
+
+def plan_base_overrides(root: Path, out: Path, args) -> list[str]:
+    """Every plan starts from the merged base, as from a pretrained model: embeddings and router frozen."""
+    merged = root / "base" / "merged"
+    return [*common_overrides(root, out, args.steps), f"model.name={merged}", "model.random_init=false",
+            f"model.tokenizer={merged}", "model.config_overrides={}", "lora.modules_to_save=[]",
+            "moe.freeze_router=true"]
 
 
 def plan_overrides(plan: str, experts_json: Path) -> list[str]:
@@ -62,8 +77,13 @@ def run_plan(plan: str, args) -> dict:
     from moetune.config import load_config
     from moetune.train.loop import train
 
-    out = Path(args.root) / plan
-    common = base_overrides(Path(args.root) / "data.jsonl", out, args)
+    logging.basicConfig(level=logging.INFO, format="moetune: %(message)s")  # the trainable-parameters line
+    root = Path(args.root)
+    if plan == "base":
+        train(load_config(ROOT / "configs/quickstart.yaml", base_model_overrides(root, args)))
+        return {}
+    out = root / plan
+    common = plan_base_overrides(root, out, args)
     if plan.startswith("esft"):
         method = plan.split("-")[1]
         experts_json = Path(args.root) / f"experts-{method}.json"
@@ -91,7 +111,8 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--plans", default=",".join(PLANS), help=f"comma-separated subset of {', '.join(PLANS)}")
-    parser.add_argument("--child", choices=PLANS, help=argparse.SUPPRESS)
+    parser.add_argument("--base-steps", type=int, default=150, help="steps that train the random model into the base")
+    parser.add_argument("--child", choices=("base", *PLANS), help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -104,10 +125,14 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "moetune", "data", "--config", str(ROOT / "configs/quickstart.yaml"),
                         f"data.output_path={data}"], check=True, capture_output=True, cwd=ROOT)
         results = {}
-        for plan in plans:
+        for plan in ("base", *plans):
             child = subprocess.run([sys.executable, __file__, "--child", plan, "--root", root, "--steps", str(args.steps),
-                                    "--experts", str(args.experts), "--hidden", str(args.hidden)],
-                                   capture_output=True, text=True, cwd=ROOT)
+                                    "--base-steps", str(args.base_steps), "--experts", str(args.experts),
+                                    "--hidden", str(args.hidden)], capture_output=True, text=True, cwd=ROOT)
+            if plan == "base" and child.returncode != 0:
+                raise SystemExit(f"training the base model failed:\n{child.stderr[-2000:]}")
+            if plan == "base":
+                continue
             if child.returncode != 0:
                 print(f"  {plan}: failed\n{child.stderr[-2000:]}", file=sys.stderr)
                 continue
@@ -115,8 +140,8 @@ def main() -> None:
             counts = re.search(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+)", child.stderr)
             result["trainable"] = int(counts[1].replace(",", "")) if counts else None
             results[plan] = result
-    print(f"\nQwen3-MoE shape, hidden {args.hidden}, 2 layers, {args.experts} experts (top-2), {args.steps} steps, "
-          "quickstart data (sample crate + QA)")
+    print(f"\nQwen3-MoE shape, hidden {args.hidden}, 2 layers, {args.experts} experts (top-2), base trained "
+          f"{args.base_steps} steps, then {args.steps} steps per plan, quickstart data (sample crate + QA)")
     print(f"  {'plan':15s} {'eval loss':>9s} {'trainable':>11s} {'artefact':>10s} {'tokens/s':>9s} {'peak RSS':>9s}")
     for plan, r in results.items():
         trainable = f"{r['trainable']:,}" if r["trainable"] is not None else "?"
