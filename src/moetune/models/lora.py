@@ -19,6 +19,7 @@ router created by upcycling (``router_is_new``) always trains. See docs/upcyclin
 from __future__ import annotations
 
 import logging
+import warnings
 
 from torch import nn
 from transformers import PreTrainedModel
@@ -124,7 +125,11 @@ def _wrap_with_lora(model: nn.Module, config, family, save_router: bool, expert_
         # A custom nn.Module (no generation API) gets a plain PeftModel.
         task_type="CAUSAL_LM" if isinstance(model, PreTrainedModel) else None,
     )
-    return get_peft_model(model, peft_config)
+    with warnings.catch_warnings():
+        # PEFT checks rank_pattern / alpha_pattern against target modules only and calls the expert
+        # parameters' keys unmatched; they do set those parameters' rank and alpha.
+        warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
+        return get_peft_model(model, peft_config)
 
 
 def _check_experts(model: nn.Module, expert_mode: str, frozen_shared: tuple[str, ...], blocks, family) -> None:
