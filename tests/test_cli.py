@@ -11,7 +11,7 @@ from moetune.cli import main
 from moetune.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-VERBS = ["data", "train", "eval", "generate", "sweep", "upcycle", "validate", "print-config"]
+VERBS = ["data", "train", "eval", "generate", "experts", "sweep", "upcycle", "validate", "print-config"]
 
 
 def run(*args, cwd=ROOT):

@@ -102,6 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", metavar="FILE", help="Write one JSON line per prompt here.")
     gen.add_argument("--compare-base", action="store_true",
                      help="Generate with the base model too (the adapter switched off) and record both completions.")
+    ex = verb("experts", "score the experts on training samples and select those ESFT trains",
+              "Run the frozen model (or --adapter-path's) over training samples and score every expert of\n"
+              "every MoE layer (average gate score, token selection ratio; overall and per data group).\n"
+              "Write the selection and every score to --output, a layer x expert heatmap beside it (.png),\n"
+              "and print how many experts each layer got. Train them with moe.expert_training=esft.",
+              _run_experts)
+    ex.add_argument("--adapter-path", metavar="DIR", help="Score a fine-tuned adapter or merged model instead of the base.")
+    ex.add_argument("--method", choices=("gate", "token"), default="gate",
+                    help="Score that selects: average gate score (default) or token selection ratio.")
+    ex.add_argument("--threshold", type=float, metavar="P",
+                    help="Cumulative score share to reach per layer (default 0.1 for gate, 0.2 for token).")
+    ex.add_argument("--max-samples", type=int, metavar="N", help="Score at most N training samples (a seeded choice).")
+    ex.add_argument("--output", default="experts.json", metavar="FILE", help="experts.json to write (default: ./experts.json).")
     sw = verb("sweep", "run a grid of configs, skipping finished runs, and rank them",
               "Run every combination (grid) or paired list of config values in sweep.yaml, each in its\n"
               "own output_dir; finished runs are skipped, half-finished ones resume.",
@@ -177,6 +190,13 @@ def _run_generate(args: argparse.Namespace) -> int | None:
     generate = _library("moetune.eval.prompting", "generate_from_prompts")
     return generate(config, adapter_path=args.adapter_path, prompt=args.prompt, prompts_file=args.prompts,
                     interactive=args.interactive, output=args.output, compare_base=args.compare_base)
+
+
+def _run_experts(args: argparse.Namespace) -> int | None:
+    config = _load(args)
+    select = _library("moetune.eval.expert_selection", "run_expert_selection")
+    return select(config, adapter_path=args.adapter_path, method=args.method, threshold=args.threshold,
+                  max_samples=args.max_samples, output=args.output)
 
 
 def _run_sweep(args: argparse.Namespace) -> int | None:

@@ -148,15 +148,19 @@ class MoeConfig:
     capacity_factor: float | None = opt(None, "Expert capacity as a multiple of the even share; null = no token dropping.")
     router_jitter: float = opt(0.0, "Multiplicative jitter on router inputs while training (Switch Transformer).")
     router_z_loss_weight: float = opt(0.0, "Weight of the router z-loss (ST-MoE); 0 turns it off.")
-    expert_training: Literal["full", "lora", "frozen"] | None = opt(
+    expert_training: Literal["full", "lora", "frozen", "esft"] | None = opt(
         None, "How the routed experts train: full (every expert weight; with lora.enabled a trained copy of the experts "
         "is saved with the adapter, so they take twice their memory), lora (LoRA per expert with moe.expert_lora_r / "
         "moe.expert_lora_alpha: on the fused 3-D expert parameters through PEFT target_parameters, or on each "
-        "expert's Linears), or frozen. null: frozen for pretrained models, full for upcycled MPT."
+        "expert's Linears), frozen, or esft: only the experts moe.esft_experts selects train, everything else frozen "
+        "(needs lora.enabled: false). null: frozen for pretrained models, full for upcycled MPT."
     )
     expert_lora_r: int | None = opt(None, "LoRA rank of each routed expert with moe.expert_training: lora; null = lora.r.")
     expert_lora_alpha: float | None = opt(
         None, "LoRA alpha of the routed experts with moe.expert_training: lora; null = lora.lora_alpha."
+    )
+    esft_experts: str | None = opt(
+        None, "With expert_training: esft, the experts.json `moetune experts` wrote (the experts to train per MoE layer)."
     )
     backend: Literal["native", "deepspeed"] = opt(
         "native", "MoE block of upcycled models in training: deepspeed splits the experts across ranks (needs a DeepSpeed "
@@ -186,6 +190,9 @@ class MoeConfig:
             check(self.expert_lora_r >= 1, "moe.expert_lora_r", self.expert_lora_r, "a positive integer or null")
         if self.expert_lora_alpha is not None:
             check(self.expert_lora_alpha > 0, "moe.expert_lora_alpha", self.expert_lora_alpha, "greater than 0 or null")
+        if self.expert_training == "esft":
+            check(self.esft_experts is not None, "moe.esft_experts", self.esft_experts,
+                  "the experts.json of `moetune experts` when moe.expert_training is esft")
         check(self.expert_parallel_size >= 1, "moe.expert_parallel_size", self.expert_parallel_size, "a positive integer")
         if self.backend == "deepspeed":
             # DeepSpeed's gate would compute something else than the native mpt_moe model the run is saved as.
@@ -456,6 +463,9 @@ class Config:
         if self.moe.upcycle and self.model.architecture not in (None, "mpt"):
             raise ConfigError("moe.upcycle", f"moe.upcycle turns a dense MPT model into an MoE; model.architecture is "
                               f"{self.model.architecture!r}, which is already an MoE.")
+        if self.moe.expert_training == "esft" and (self.lora.enabled or self.moe.backend != "native"):
+            raise ConfigError("moe.expert_training", "moe.expert_training: esft trains the selected experts themselves "
+                              "and freezes everything else, so it takes lora.enabled: false and moe.backend: native.")
         if self.advanced.early_stopping_patience is not None and self.validation.validation_split == 0:
             raise ConfigError("advanced.early_stopping_patience", "advanced.early_stopping_patience needs a validation split; "
                               "validation.validation_split is 0.")

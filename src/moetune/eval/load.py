@@ -27,10 +27,11 @@ RUN_TOKENIZER_DIR = "tokenizer"  # where a run keeps its tokenizer (moetune.trai
 
 @dataclass(frozen=True)
 class TunedModelPath:
-    """A folder holding a fine-tuned model: a PEFT ``adapter`` or a ``merged`` full model."""
+    """A folder holding a fine-tuned model: a PEFT ``adapter``, a ``merged`` full model, or the ``esft``
+    experts (:mod:`moetune.models.esft`)."""
 
     path: Path
-    kind: Literal["adapter", "merged"]
+    kind: Literal["adapter", "merged", "esft"]
 
 
 def resolve_tuned_model(config: Config, adapter_path: str | Path | None) -> TunedModelPath:
@@ -46,6 +47,10 @@ def resolve_tuned_model(config: Config, adapter_path: str | Path | None) -> Tune
             raise UserError(f"{path} has {ADAPTER_CONFIG} but no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}); "
                             "the save was interrupted. Evaluate another checkpoint.")
         return TunedModelPath(path, "adapter")
+    from moetune.models.esft import is_esft_folder
+
+    if is_esft_folder(path):
+        return TunedModelPath(path, "esft")
     if (path / "config.json").is_file() and (any(path.glob("model*.safetensors")) or any(path.glob("pytorch_model*.bin"))):
         return TunedModelPath(path, "merged")
     checkpoints = list_checkpoints(path)
@@ -133,6 +138,10 @@ def load_tuned(config: Config, tuned: TunedModelPath, tokenizer, base=None):
     """
     if tuned.kind == "merged":
         return _load_merged(config, tuned.path, tokenizer)
+    if tuned.kind == "esft":  # the selected experts written into the base: a whole model, like a merged one
+        from moetune.models.esft import load_esft_artefact
+
+        return _to_device(load_esft_artefact(base if base is not None else load_base(config, tokenizer), tuned.path)).eval()
     from peft import PeftModel
     from safetensors import SafetensorError
 

@@ -59,6 +59,10 @@ def apply_training_plan(model: nn.Module, config, traits: Traits | None = None, 
     (a PeftModel when lora.enabled). ``traits`` and ``family`` come from the family's build (a model
     no family describes gets the defaults). Logs the trainable-parameter line."""
     traits = traits or Traits()
+    if config.moe.expert_training == "esft":
+        from moetune.models.esft import apply_esft_plan
+
+        return apply_esft_plan(model, config, family)
     router_names = (family.router_name,) if family is not None else ROUTER_NAMES
     shared = family.shared_experts if family is not None else ()
     blocks = find_moe_blocks(model, router_names)

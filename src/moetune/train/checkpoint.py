@@ -224,7 +224,7 @@ def install_adapter_hooks(accelerator) -> None:
             with native_moe_layout(unwrapped):
                 state_dict = accelerator.get_state_dict(model) if weights_are_sharded(accelerator) else None
                 if accelerator.is_main_process:
-                    unwrapped.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+                    save_trainable_weights(unwrapped, output_dir, state_dict)
         weights.clear()
 
     def load_hook(models, input_dir):
@@ -233,6 +233,16 @@ def install_adapter_hooks(accelerator) -> None:
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_trainable_weights(model, directory, state_dict=None) -> None:
+    """What a checkpoint holds of the model: the adapter, the selected experts (ESFT) or the whole model."""
+    from moetune.models.esft import save_esft, selection_of
+
+    if selection_of(model) is not None:
+        save_esft(model, directory)
+    else:
+        model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
 
 
 def load_trainable_weights(model, directory: Path) -> None:
@@ -252,6 +262,11 @@ def _load_trainable_weights(model, directory: Path) -> None:
     from peft.utils import load_peft_weights
     from safetensors import SafetensorError
 
+    from moetune.models.esft import load_esft, selection_of
+
+    if selection_of(model) is not None:
+        load_esft(model, directory)
+        return
     if isinstance(model, PeftModel):
         try:
             weights = load_peft_weights(str(directory))

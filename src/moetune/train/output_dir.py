@@ -39,6 +39,7 @@ _OWN_ENTRY = re.compile(rf"""^(
     config\.yaml | config\.yaml\.tmp | metrics\.jsonl | metrics\.jsonl\.tmp | runs | tokenizer | merged | eval
   | {_CHECKPOINT_NAME} | \.partial-{_CHECKPOINT_NAME}
   | adapter_model\.safetensors | adapter_model\.bin | adapter_config\.json | README\.md
+  | esft_experts\.json | esft_experts\.safetensors
   | tokenizer\.json | tokenizer_config\.json | special_tokens_map\.json | added_tokens\.json | chat_template\.jinja
   | vocab\.json | merges\.txt | tokenizer\.model
   | config\.json | generation_config\.json | model(-\d+-of-\d+)?\.safetensors | model\.safetensors\.index\.json

@@ -13,7 +13,7 @@ import torch
 
 from moetune.config import Config, TrainingConfig
 from moetune.errors import ConfigError, UserError
-from moetune.train.checkpoint import weights_are_sharded
+from moetune.train.checkpoint import save_trainable_weights, weights_are_sharded
 from moetune.train.output_dir import final_files_or_no_space
 from moetune.train.run_log import logging_dir, tracker_names
 
@@ -252,6 +252,7 @@ def save_final(accelerator, model, tokenizer, config: Config) -> None:
     """The final adapter (or model) and tokenizer into output_dir; the merged model when asked for.
     Always in the native layout (``moe.backend: deepspeed`` blocks are converted back)."""
     from moetune.models.deepspeed_moe import native_moe_layout
+    from moetune.models.esft import merge_esft
 
     t = config.training
     unwrapped = accelerator.unwrap_model(model)
@@ -262,11 +263,11 @@ def save_final(accelerator, model, tokenizer, config: Config) -> None:
             return
         trainable_bytes = sum(p.numel() * p.element_size() for p in unwrapped.parameters() if p.requires_grad)
         with final_files_or_no_space(Path(t.output_dir), trainable_bytes):
-            unwrapped.save_pretrained(t.output_dir, state_dict=state_dict, safe_serialization=True)
+            save_trainable_weights(unwrapped, t.output_dir, state_dict)
             tokenizer.save_pretrained(t.output_dir)
         if config.post_training.merge_and_save:
             merged_dir = Path(config.post_training.merged_output_dir or Path(t.output_dir) / "merged")
-            merged = unwrapped.merge_and_unload() if hasattr(unwrapped, "merge_and_unload") else unwrapped
+            merged = unwrapped.merge_and_unload() if hasattr(unwrapped, "merge_and_unload") else merge_esft(unwrapped)
             model_bytes = sum(p.numel() * p.element_size() for p in merged.parameters())
             with final_files_or_no_space(merged_dir, model_bytes):
                 merged.save_pretrained(merged_dir, safe_serialization=True)
