@@ -215,3 +215,23 @@ def test_expert_lora_with_dropout_is_refused_before_peft_sees_it(checkpoint):
     with pytest.raises(UserError, match=r"LoRA on expert parameters \(model.layers.0.mlp.experts.gate_up_proj, \.\.\.\) "
                                         r"cannot be combined with dropout .* set lora.lora_dropout: 0 \(it is 0.05\)"):
         build_model(expert_lora_config(checkpoint("qwen3_moe"), "lora.lora_dropout=0.05"))
+
+
+@pytest.mark.parametrize(("model_type", "overrides"), [
+    ("qwen3_moe", ("moe.expert_training=lora", f"moe.expert_lora_r={EXPERT_R}")),
+    ("deepseek_v2", ("moe.expert_training=full", "moe.train_shared_experts=true", "moe.shared_expert_training=lora")),
+], ids=["qwen3_moe-lora", "deepseek_v2-full-shared-lora"])
+def test_a_checkpoint_loads_back_into_a_rebuilt_model_for_resuming(checkpoint, tmp_path, model_type, overrides):
+    from moetune.train.checkpoint import load_trainable_weights
+
+    config = config_for(checkpoint(model_type), *overrides)
+    model = build_model(config)
+    perturb_trainable(model, scale=0.05)
+    model.eval()
+    with torch.no_grad():
+        expected = model(tokens()).logits
+    model.save_pretrained(tmp_path / "checkpoint-3")
+    resumed = build_model(config)
+    load_trainable_weights(resumed, tmp_path / "checkpoint-3")
+    with torch.no_grad():
+        assert torch.equal(resumed.eval()(tokens()).logits, expected)
