@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from moetune.config import load_config
 from moetune.data.encode import IGNORE_INDEX, encode_records
 from moetune.data.packing import (
     PackedCollator,
     PaddingCollator,
-    accepts_position_ids,
     build_dataloaders,
     build_train_eval_datasets,
     plan_packed_rows,
@@ -102,11 +99,5 @@ def test_trainer_entry_point_packs_rows_and_reports_efficiency(tmp_path: Path):
 def test_packing_switch_and_models_without_position_ids_fall_back_to_padding(tmp_path: Path, capsys):
     unpacked = build_train_eval_datasets(_config(tmp_path, "data.packing=false"), _tokenizer())
     assert not unpacked.packed and len(unpacked.train) == 32 and isinstance(unpacked.collator, PaddingCollator)
-
-    class NoPositions(torch.nn.Module):
-        def forward(self, input_ids, attention_mask=None, labels=None):
-            return input_ids
-
-    assert not accepts_position_ids(NoPositions())
-    fallback = build_train_eval_datasets(_config(tmp_path), _tokenizer(), model=NoPositions())
+    fallback = build_train_eval_datasets(_config(tmp_path), _tokenizer(), accepts_position_ids=False)
     assert not fallback.packed and "padding instead" in capsys.readouterr().err

@@ -4,6 +4,7 @@ routers, five steps that lower the loss, and merging."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -15,7 +16,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import moetune.models.mpt_moe  # noqa: F401  (registers mpt_moe with the Auto classes)
 from moetune.config import load_config
-from moetune.data.packing import accepts_position_ids
 from moetune.errors import ConfigError
 from moetune.models.factory import build_model, resolve_architecture
 from moetune.models.families import FAMILY_NAMES, all_families, family_for_model_type
@@ -98,7 +98,9 @@ def test_the_family_is_detected_from_config_json(checkpoint, family, model_type)
     spec = family_for_model_type(model_type)
     hf_config = AutoConfig.from_pretrained(checkpoint(model_type))
     assert isinstance(getattr(hf_config, spec.context_key), int)
-    assert accepts_position_ids(tiny_model(model_type)) == spec.accepts_position_ids
+    forward = inspect.signature(tiny_model(model_type).forward).parameters
+    assert ("position_ids" in forward) == spec.accepts_position_ids  # the data stage packs on this fact
+    assert spec.context_length(hf_config) == getattr(hf_config, spec.context_key)
 
 
 def test_an_unknown_model_type_names_what_moetune_loads(tmp_path):

@@ -7,6 +7,7 @@ Errors carry file:line (or the override that caused them) and never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import sys
@@ -225,6 +226,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         options = [a for a in args if a is not _NONE]
         if all(dataclasses.is_dataclass(a) for a in options):
             return _build_source(value, key)
+        for option in options[1:]:  # e.g. `auto` or a mapping: the first shape that fits
+            with contextlib.suppress(ConfigError):
+                return _coerce(option, value, key)
         try:
             return _coerce(options[0], value, key)
         except ConfigError as err:

@@ -162,6 +162,16 @@ class MoeConfig:
     esft_experts: str | None = opt(
         None, "With expert_training: esft, the experts.json `moetune experts` wrote (the experts to train per MoE layer)."
     )
+    router_supervision_weight: float = opt(
+        0.0, "Weight of label-guided routing: a cross-entropy on every MoE layer's router logits toward the experts of "
+        "the sample's expert_label (moe.label_to_expert), over the tokens of labelled samples; unlabelled samples add "
+        "nothing. The router must train. 0 = off."
+    )
+    label_to_expert: Literal["auto"] | dict[str, tuple[int, ...]] = opt(
+        "auto", "Which experts each expert_label is routed to under moe.router_supervision_weight: auto gives the labels "
+        "seen in the training data, most frequent first (ties by name), experts 0, 1, 2, ... in turn (label i -> expert "
+        "i mod the number of experts); or a map {label: [expert, ...]}, where labels not in it count as unlabelled."
+    )
     backend: Literal["native", "deepspeed"] = opt(
         "native", "MoE block of upcycled models in training: deepspeed splits the experts across ranks (needs a DeepSpeed "
         "launch, not ZeRO-3); runs save the native layout either way."
@@ -190,6 +200,13 @@ class MoeConfig:
             check(self.expert_lora_r >= 1, "moe.expert_lora_r", self.expert_lora_r, "a positive integer or null")
         if self.expert_lora_alpha is not None:
             check(self.expert_lora_alpha > 0, "moe.expert_lora_alpha", self.expert_lora_alpha, "greater than 0 or null")
+        check(self.router_supervision_weight >= 0, "moe.router_supervision_weight", self.router_supervision_weight,
+              "0 or more")
+        self._check_label_to_expert()
+        if self.router_supervision_weight > 0:
+            # A frozen router cannot learn the routing it is told: the loss would be logged and do nothing.
+            check(self.upcycle or not self.freeze_router, "moe.freeze_router", self.freeze_router,
+                  "false when moe.router_supervision_weight is above 0 (the router must train to follow the labels)")
         if self.expert_training == "esft":
             check(self.esft_experts is not None, "moe.esft_experts", self.esft_experts,
                   "the experts.json of `moetune experts` when moe.expert_training is esft")
@@ -200,6 +217,24 @@ class MoeConfig:
                   "expert output by the router probability; the native block gives the chosen expert weight 1)")
             check(self.router_jitter in (0.0, 0.01), "moe.router_jitter", self.router_jitter,
                   "0 or 0.01 with moe.backend: deepspeed (DeepSpeed's jitter has a fixed epsilon of 0.01)")
+
+    def _check_label_to_expert(self) -> None:
+        if not isinstance(self.label_to_expert, dict):
+            return
+        key = "moe.label_to_expert"
+        check(bool(self.label_to_expert), key, self.label_to_expert, "auto or a non-empty map {label: [expert, ...]}")
+        normalised = {}
+        for label, experts in self.label_to_expert.items():
+            experts = (experts,) if isinstance(experts, int) and not isinstance(experts, bool) else experts
+            check(isinstance(label, str) and bool(label), key, label, "a map whose keys are expert_label strings")
+            check(isinstance(experts, (list, tuple)) and bool(experts)
+                  and all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in experts),
+                  f"{key}.{label}", experts, "a non-empty list of expert indices (integers, 0 or more)")
+            if self.upcycle:
+                check(max(experts) < self.num_experts, f"{key}.{label}", list(experts),
+                      f"expert indices below moe.num_experts ({self.num_experts})")
+            normalised[label] = tuple(dict.fromkeys(experts))
+        object.__setattr__(self, "label_to_expert", normalised)
 
 
 # ---------------------------------------------------------------------------------------- data

@@ -20,8 +20,11 @@ _ENCODING_VERSION = "1"
 
 
 def encode_records(records: Sequence[dict[str, Any]], tokenizer, max_seq_length: int, cache_dir: str | Path | None = None,
-                   max_target_length: int | None = None):
+                   max_target_length: int | None = None, label_ids: Sequence[int] | None = None):
     """A ``datasets.Dataset`` with columns ``input_ids``, ``labels`` and ``length`` (one row per window).
+
+    With ``label_ids`` (one per record, :mod:`moetune.data.expert_labels`) it also has ``expert_label_id``:
+    every window of a record carries the record's id.
 
     With ``cache_dir`` the result is stored there under a key made of the records' content, the
     tokenizer's vocabulary, ``max_seq_length`` and ``max_target_length``; an identical later call
@@ -34,6 +37,8 @@ def encode_records(records: Sequence[dict[str, Any]], tokenizer, max_seq_length:
         columns["text"].append(record.get("text"))
         columns["prompt"].append(record.get("prompt"))
         columns["completion"].append(record.get("completion"))
+    if label_ids is not None:
+        columns["expert_label_id"] = list(label_ids)
     raw = Dataset.from_dict(columns)
     kwargs: dict[str, Any] = {}
     if cache_dir is not None:
@@ -65,6 +70,9 @@ def _encode_batch(batch: dict[str, list], tokenizer, max_len: int, max_target: i
             full = bos + (ids[:n_prompt + max_target] if cut else ids + eos)
             encoded[i] = (full, [IGNORE_INDEX] * (len(bos) + n_prompt) + full[len(bos) + n_prompt:])
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
+    label_ids = batch.get("expert_label_id")
+    if label_ids is not None:
+        out["expert_label_id"] = []
     for i in range(n):
         ids, labels = encoded[i]
         for start in range(0, len(ids), max_len):
@@ -75,6 +83,8 @@ def _encode_batch(batch: dict[str, list], tokenizer, max_len: int, max_target: i
             out["input_ids"].append(ids[start:start + max_len])
             out["labels"].append(window_labels)
             out["length"].append(len(window_labels))
+            if label_ids is not None:
+                out["expert_label_id"].append(label_ids[i])
     return out
 
 
@@ -111,4 +121,6 @@ def _cache_key(columns: dict[str, list], tokenizer, max_seq_length: int, max_tar
     for name in ("text", "prompt", "completion"):
         for value in columns[name]:
             digest.update(b"\x00" if value is None else value.encode("utf-8", "surrogatepass") + b"\x01")
+    if "expert_label_id" in columns:  # absent from the key otherwise, so caches without label ids stay valid
+        digest.update(b"labels|" + ",".join(map(str, columns["expert_label_id"])).encode())
     return digest.hexdigest()

@@ -6,7 +6,8 @@ Packing concatenates samples into rows of at most ``model.max_seq_length`` token
 causal mask for sdpa and eager attention, so no token attends across a sample boundary; for
 flash_attention_2 the batch is flattened into one row, which the varlen kernels split the same
 way (what ``DataCollatorWithFlattening`` does). Models whose forward takes no ``position_ids``
-(MPT: ALiBi) cannot be packed this way and fall back to padding.
+(MPT: ALiBi) cannot be packed this way and fall back to padding; the trainer says which from the
+model's family (``accepts_position_ids``), so this module needs nothing from the models.
 
 Call the model with ``use_cache=False`` (or ``model.config.use_cache = False``): when a KV cache
 object exists, transformers 5.x skips the packed-sequence detection and samples attend to each
@@ -16,7 +17,6 @@ other (found while writing tests/data/test_packed_attention.py).
 from __future__ import annotations
 
 import bisect
-import inspect
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,9 +28,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from moetune.config.schema import Config
 from moetune.data.encode import IGNORE_INDEX, encode_records
+from moetune.data.expert_labels import NO_LABEL, label_ids_of, label_vocabulary
 from moetune.data.split import load_splits
 from moetune.errors import UserError
-from moetune.models.layout import innermost_model
 
 
 def plan_packed_rows(lengths: Sequence[int], max_len: int) -> list[list[int]]:
@@ -65,10 +65,15 @@ def plan_packed_rows(lengths: Sequence[int], max_len: int) -> list[list[int]]:
 
 
 class PackedDataset(Dataset):
-    """Rows of several samples: ``input_ids``, ``labels`` and restarting ``position_ids`` (lists of ints)."""
+    """Rows of several samples: ``input_ids``, ``labels`` and restarting ``position_ids`` (lists of ints).
+
+    When the samples carry an ``expert_label_id``, rows also hold ``expert_label_ids``: each token gets
+    its own sample's id, so a row packing several samples keeps their labels apart.
+    """
 
     def __init__(self, encoded, rows: list[list[int]]):
         self.encoded, self.rows = encoded, rows
+        self.labelled = "expert_label_id" in encoded.column_names
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -80,6 +85,9 @@ class PackedDataset(Dataset):
             row["input_ids"].extend(ids)
             row["labels"].extend(labels)
             row["position_ids"].extend(range(len(ids)))
+        if self.labelled:
+            row["expert_label_ids"] = [label for ids, label in zip(samples["input_ids"], samples["expert_label_id"],
+                                                                   strict=True) for _ in ids]
         return row
 
 
@@ -88,13 +96,17 @@ class SampleDataset(Dataset):
 
     def __init__(self, encoded):
         self.encoded = encoded
+        self.labelled = "expert_label_id" in encoded.column_names
 
     def __len__(self) -> int:
         return len(self.encoded)
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         sample = self.encoded[index]
-        return {"input_ids": sample["input_ids"], "labels": sample["labels"]}
+        row = {"input_ids": sample["input_ids"], "labels": sample["labels"]}
+        if self.labelled:
+            row["expert_label_ids"] = [sample["expert_label_id"]] * len(sample["input_ids"])
+        return row
 
 
 @dataclass
@@ -110,7 +122,7 @@ class PackedCollator:
     flatten: bool = False
 
     def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        keys = ("input_ids", "labels", "position_ids")
+        keys = ("input_ids", "labels", "position_ids") + (("expert_label_ids",) if "expert_label_ids" in rows[0] else ())
         if self.flatten:
             return {k: torch.tensor([[v for row in rows for v in row[k]]], dtype=torch.long) for k in keys}
         width = max(len(row["input_ids"]) for row in rows)
@@ -120,6 +132,8 @@ class PackedCollator:
             batch["input_ids"].append(row["input_ids"] + [self.pad_token_id] * pad)
             batch["labels"].append(row["labels"] + [IGNORE_INDEX] * pad)
             batch["position_ids"].append(row["position_ids"] + list(range(pad)))
+            if "expert_label_ids" in batch:
+                batch["expert_label_ids"].append(row["expert_label_ids"] + [NO_LABEL] * pad)
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
 
 
@@ -131,13 +145,18 @@ class PaddingCollator:
 
     def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         width = max(len(row["input_ids"]) for row in rows)
-        ids, labels, mask = [], [], []
+        ids, labels, mask, label_ids = [], [], [], []
         for row in rows:
             pad = width - len(row["input_ids"])
             ids.append(row["input_ids"] + [self.pad_token_id] * pad)
             labels.append(row["labels"] + [IGNORE_INDEX] * pad)
             mask.append([1] * len(row["input_ids"]) + [0] * pad)
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+            if "expert_label_ids" in row:
+                label_ids.append(row["expert_label_ids"] + [NO_LABEL] * pad)
+        batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+        if label_ids:
+            batch["expert_label_ids"] = torch.tensor(label_ids)
+        return batch
 
 
 @dataclass
@@ -151,14 +170,15 @@ class TrainingData:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def build_train_eval_datasets(config: Config, tokenizer, model=None, cache_dir: str | Path | None = None) -> TrainingData:
+def build_train_eval_datasets(config: Config, tokenizer, cache_dir: str | Path | None = None, *,
+                              accepts_position_ids: bool = True) -> TrainingData:
     """Read, split, tokenize (cached) and pack or pad the dataset for training.
 
     Contract for the trainer: iterate ``DataLoader(data.train, collate_fn=data.collator, ...)`` and
     call ``model(**batch, use_cache=False)``; a batch holds ``input_ids``, ``labels`` (-100 = no loss)
     and either ``position_ids`` (packed: never add an attention_mask, it would disable the
     per-sample masking) or ``attention_mask`` (padded). Labels are not shifted: the model shifts them. ``data.eval`` is None when validation.validation_split is 0.
-    Pass ``model`` so packing falls back to padding for a model that takes no position_ids.
+    ``accepts_position_ids`` False (the model family's fact): padding even when data.packing is on.
     ``stats`` holds sample, token and row counts and ``packing_efficiency`` (real tokens / slots).
     ``cache_dir`` defaults to ``<dataset folder>/.cache``.
     """
@@ -166,19 +186,23 @@ def build_train_eval_datasets(config: Config, tokenizer, model=None, cache_dir: 
     if config.validation.max_eval_samples is not None:
         val_records = val_records[:config.validation.max_eval_samples]
     max_len = config.model.max_seq_length
-    packed = config.data.packing and (model is None or accepts_position_ids(model))
+    packed = config.data.packing and accepts_position_ids
     if config.data.packing and not packed:
-        print(f"data.packing: {type(innermost_model(model)).__name__} takes no position_ids, so samples cannot be packed without "
-              "attending across them; padding instead.", file=sys.stderr)
+        print("data.packing: this model family takes no position_ids, so samples cannot be packed without attending "
+              "across them; padding instead.", file=sys.stderr)
     cache = Path(cache_dir) if cache_dir is not None else Path(config.data.output_path).parent / ".cache"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stats: dict[str, Any] = {"train_records": len(train_records), "eval_records": len(val_records)}
     datasets = []
+    vocabulary = _supervised_labels(config, train_records)
     for name, records in (("train", train_records), ("eval", val_records)):
         if not records:
             datasets.append(None)
             continue
-        encoded = encode_records(records, tokenizer, max_len, cache_dir=cache, max_target_length=config.data.max_target_length)
+        # Only the training batches carry label ids: the routing supervision is a training loss.
+        label_ids = label_ids_of(records, vocabulary) if vocabulary and name == "train" else None
+        encoded = encode_records(records, tokenizer, max_len, cache_dir=cache, max_target_length=config.data.max_target_length,
+                                 label_ids=label_ids)
         lengths = encoded.data.column("length").to_pylist()  # plain ints: Column indexing is slow
         stats[f"{name}_samples"] = len(lengths)
         stats[f"{name}_tokens"] = sum(lengths)
@@ -197,13 +221,15 @@ def build_train_eval_datasets(config: Config, tokenizer, model=None, cache_dir: 
     return TrainingData(datasets[0], datasets[1], collator, packed, stats)
 
 
-def build_dataloaders(config: Config, tokenizer, model=None) -> tuple[DataLoader, DataLoader | None, TrainingData]:
+def build_dataloaders(config: Config, tokenizer, *,
+                      accepts_position_ids: bool = True) -> tuple[DataLoader, DataLoader | None, TrainingData]:
     """(train_loader, eval_loader or None, TrainingData) with the training.* batch sizes.
 
     The train loader shuffles with a generator seeded by training.seed; wrap both loaders in
-    ``accelerator.prepare`` to shard them across processes.
+    ``accelerator.prepare`` to shard them across processes. ``accepts_position_ids``: see
+    :func:`build_train_eval_datasets`.
     """
-    data = build_train_eval_datasets(config, tokenizer, model)
+    data = build_train_eval_datasets(config, tokenizer, accepts_position_ids=accepts_position_ids)
     training = config.training
     generator = torch.Generator().manual_seed(training.seed)
     train = DataLoader(data.train, batch_size=training.per_device_train_batch_size, shuffle=True, generator=generator,
@@ -215,9 +241,18 @@ def build_dataloaders(config: Config, tokenizer, model=None) -> tuple[DataLoader
     return train, evaluation, data
 
 
-def accepts_position_ids(model) -> bool:
-    """True when the model's forward takes ``position_ids`` (needed for packed rows)."""
-    return "position_ids" in inspect.signature(innermost_model(model).forward).parameters
+def _supervised_labels(config: Config, train_records: list[dict]) -> tuple[str, ...]:
+    """The label vocabulary of label-guided routing; () when it is off. No labelled sample is bad input."""
+    if config.moe.router_supervision_weight <= 0:
+        return ()
+    vocabulary = label_vocabulary(train_records, config.moe.label_to_expert)
+    if not any(label in vocabulary for label in (r.get("expert_label") for r in train_records)):
+        named = ("none of the labels moe.label_to_expert names (" + ", ".join(vocabulary) + ")"
+                 if isinstance(config.moe.label_to_expert, dict) else "an expert_label")
+        raise UserError(f"moe.router_supervision_weight is {config.moe.router_supervision_weight} but no training sample "
+                        f"of {config.data.output_path} carries {named}, so the routing would be supervised by nothing; "
+                        "add labelled samples (qa_jsonl lines with expert_label) or set moe.router_supervision_weight: 0.")
+    return vocabulary
 
 
 def _raise_empty_train(config: Config) -> None:

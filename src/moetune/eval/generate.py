@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moetune.config.schema import InferenceConfig
-from moetune.models.hf_config import context_length
+from moetune.models.routing import family_of_model
 
 # Items whose body sits between braces after a `keyword name` signature.
 _BODY_KEYWORDS = {"function": "fn", "struct": "struct", "enum": "enum", "trait": "trait", "module": "mod"}
@@ -104,7 +104,7 @@ def generate_completions(model, tokenizer, prompts: list[str], inference: Infere
     Each prompt is encoded as in training (bos + tokens, no eos), or, with ``chat_template``, as one
     user message in the tokenizer's chat template (which places its own special tokens), and keeps
     its last ``max_prompt_tokens`` tokens. Prompt and continuation together stay within the model's
-    context (its config's context length): a model with learned or ALiBi positions fails past it.
+    context (the length its family's context key gives): a model with learned or ALiBi positions fails past it.
     Sampling is seeded with ``seed``, so the base and the tuned model draw from the same random
     stream. ``streamer`` (a transformers ``TextStreamer``) receives the tokens as they come; it
     takes one prompt at a time. ``desc`` None shows no progress bar.
@@ -118,7 +118,8 @@ def generate_completions(model, tokenizer, prompts: list[str], inference: Infere
     kwargs = generation_kwargs(inference, tokenizer)
     if streamer is not None:
         kwargs["streamer"] = streamer
-    _, context = context_length(model.config) or (None, None)
+    family = family_of_model(model)
+    context = family.context_length(model.config) if family is not None else None
     if context is not None:
         max_prompt_tokens = min(max_prompt_tokens, context - 1)
     encoded = [ids[-max_prompt_tokens:] for ids in encode_prompts(tokenizer, prompts, chat_template)]

@@ -21,19 +21,6 @@ from moetune.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 
-# Where a config states its context length: most models, then MPT.
-CONTEXT_KEYS = ("max_position_embeddings", "max_seq_len")
-
-
-def context_length(hf_config) -> tuple[str, int] | None:
-    """(key, value) of the most positions the model config allows, when it states it."""
-    for key in CONTEXT_KEYS:
-        value = getattr(hf_config, key, None)
-        if isinstance(value, int) and value > 0:
-            return key, value
-    return None
-
-
 def config_keys(config_class: type[PreTrainedConfig]) -> set[str]:
     """Every key the config class accepts: its dataclass fields and its aliases (``attribute_map``)."""
     keys = {f.name for f in dataclasses.fields(config_class)} if dataclasses.is_dataclass(config_class) else set()

@@ -4,14 +4,15 @@
 Hugging Face's ``out.loss`` already contains ``router_aux_loss_coef * aux_loss`` when router
 logits are requested, so adding moetune's weighted aux loss to it would count the aux loss twice
 (with a weight the user never set). For one micro-batch the total is exactly
-``lm_loss + moe.auxiliary_loss_weight * aux_loss + moe.router_z_loss_weight * z_loss``.
+``lm_loss + moe.auxiliary_loss_weight * aux_loss + moe.router_z_loss_weight * z_loss``
+(``+ moe.router_supervision_weight * router_supervision_loss`` with label-guided routing).
 
 An optimizer step is a per-token mean over *all* of its micro-batches on every process, not a mean
 of per-micro-batch means (which would weigh a 20-token QA answer like a 400-token one). So the LM
 loss is kept as a sum with its token count, and :meth:`LossParts.objective` divides it by the label
 tokens of the whole step (:func:`step_token_counts`, summed over the window and the processes). The
-aux and z losses are per-routed-token statistics of a micro-batch; each micro-batch contributes them
-in proportion to its share of the step's routed tokens.
+aux, z and router-supervision losses are per-token statistics of a micro-batch; each micro-batch
+contributes them in proportion to its share of the step's routed tokens.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from moetune.models.layout import innermost_model
 from moetune.models.routing import CapturedRouting, LayerRouting, capture_routing, family_of_model
 
 IGNORE_INDEX = -100
+# Batch entries the loss reads and the model's forward must not receive.
+LOSS_ONLY_KEYS = ("labels", "expert_label_ids")
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +45,8 @@ class LossParts:
     ``lm_loss_sum`` is summed over the ``loss_tokens`` label tokens; ``aux_loss`` and ``z_loss`` are this
     micro-batch's values over its ``routed_tokens``; the weights are the config's. ``routing``: what
     each MoE layer's router chose (:class:`~moetune.models.routing.LayerRouting`), for expert usage.
+    ``router_supervision_loss``: label-guided routing's cross-entropy over this micro-batch's labelled
+    tokens (:mod:`moetune.models.router_supervision`), None when it is off.
     """
 
     lm_loss_sum: torch.Tensor
@@ -53,6 +58,8 @@ class LossParts:
     aux_weight: float = 0.0
     z_weight: float = 0.0
     routing: tuple[LayerRouting, ...] = ()
+    router_supervision_loss: torch.Tensor | None = None
+    supervision_weight: float = 0.0
 
     @property
     def lm_loss(self) -> torch.Tensor:
@@ -76,6 +83,8 @@ class LossParts:
         if self.aux_weight or self.z_weight:
             share = self.routed_tokens / routed_tokens
             total = total + share * (self.aux_weight * self.aux_loss + self.z_weight * self.z_loss)
+        if self.supervision_weight and self.router_supervision_loss is not None:
+            total = total + self.routed_tokens / routed_tokens * self.supervision_weight * self.router_supervision_loss
         return total
 
 
@@ -168,8 +177,9 @@ def forward_with_lm_loss(model: torch.nn.Module, inputs: Mapping[str, Any], labe
     inner = innermost_model(model)
     head = _chunkable_lm_head(inner)
     if head is not None:
-        out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
-        hidden = out.hidden_states[-1]
+        with _final_hidden_states(inner) as final:
+            out = model(**inputs, logits_to_keep=1)
+        hidden = final[0]
         options = logit_options(inner.config)
         if getattr(inner, _CHUNKED_LOSS_CHECKED, False) or _hidden_states_give_logits(inner, head, hidden, out.logits,
                                                                                        options):
@@ -177,6 +187,23 @@ def forward_with_lm_loss(model: torch.nn.Module, inputs: Mapping[str, Any], labe
             return out, loss_sum
     out = model(**inputs)
     return out, causal_lm_loss(out.logits, labels, label_smoothing, reduction="sum")
+
+
+@contextlib.contextmanager
+def _final_hidden_states(inner: torch.nn.Module):
+    """A one-slot list that holds the decoder's output hidden states (after the final norm) of the forward
+    run inside the ``with``. Taken from the decoder module itself rather than ``output_hidden_states``,
+    which would return every layer's states, each copied to float32 by accelerate's mixed precision."""
+    slot: list[torch.Tensor] = []
+
+    def keep(module, args, output):
+        slot.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    handle = inner.get_decoder().register_forward_hook(keep)
+    try:
+        yield slot
+    finally:
+        handle.remove()
 
 
 # Set on the innermost model: None = not decided yet, False = full logits, True = chunked (checked once).
@@ -194,7 +221,8 @@ def _chunkable_lm_head(inner: torch.nn.Module) -> torch.nn.Module | None:
     if decided:
         return head
     reason = None
-    if head is None or "logits_to_keep" not in inspect.signature(inner.forward).parameters:
+    if (head is None or "logits_to_keep" not in inspect.signature(inner.forward).parameters
+            or not hasattr(inner, "get_decoder")):
         reason = "the model computes its logits in one piece (no logits_to_keep)"
     else:
         try:
@@ -214,8 +242,11 @@ def _chunkable_lm_head(inner: torch.nn.Module) -> torch.nn.Module | None:
 def _hidden_states_give_logits(inner, head, hidden: torch.Tensor, logits: torch.Tensor, options) -> bool:
     """Whether the last hidden state, through lm_head, reproduces the model's own logits (checked on the
     first batch): the families differ in what they return as hidden states and apply to logits."""
+    from moetune.models.chunked_loss import lm_head_weight_and_bias
+
     with torch.no_grad():
-        mine = head(hidden[:, -1:]).float()
+        # Accelerate's mixed precision returns float32 hidden states from a model whose lm_head may be bf16.
+        mine = head(hidden[:, -1:].to(lm_head_weight_and_bias(head)[0].dtype)).float()
         if options["logit_scale"] is not None:
             mine = mine * options["logit_scale"]
         if options["softcap"] is not None:
@@ -242,7 +273,7 @@ def wants_router_logits(config) -> bool:
     """Whether a forward pass must capture the routing for this config (losses, expert monitoring, bias update)."""
     moe = config.moe
     return (moe.use_auxiliary_loss or moe.router_z_loss_weight > 0 or moe.monitor_expert_usage
-            or moe.router_bias_update_rate > 0)
+            or moe.router_bias_update_rate > 0 or moe.router_supervision_weight > 0)
 
 
 def compute_losses(model: torch.nn.Module, batch: Mapping[str, Any], config) -> LossParts:
@@ -253,7 +284,7 @@ def compute_losses(model: torch.nn.Module, batch: Mapping[str, Any], config) -> 
     router modules (:mod:`moetune.models.routing`); on a dense model (no router) the aux and z
     losses are zero tensors and ``router_logits`` is empty.
     """
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in LOSS_ONLY_KEYS}
     labels = _labels(batch)
     family = family_of_model(model) if wants_router_logits(config) else None
     capturing = capture_routing(model, family) if family is not None else contextlib.nullcontext(CapturedRouting())
@@ -263,10 +294,17 @@ def compute_losses(model: torch.nn.Module, batch: Mapping[str, Any], config) -> 
     loss_tokens, routed_tokens = step_token_counts(batch).to(lm_loss_sum.device).unbind()
     routing = captured.layers
     aux, z = router_losses(routing, family, innermost_model(model), batch, config, lm_loss_sum.new_zeros(()))
+    supervision = None
+    if config.moe.router_supervision_weight > 0 and routing and "expert_label_ids" in batch:
+        from moetune.models.router_supervision import router_supervision_loss
+
+        supervision = router_supervision_loss(tuple(layer.logits for layer in routing), batch["expert_label_ids"],
+                                              config.moe.label_to_expert)
     return LossParts(lm_loss_sum=lm_loss_sum, loss_tokens=loss_tokens, aux_loss=aux, z_loss=z,
                      routed_tokens=routed_tokens, router_logits=tuple(layer.logits for layer in routing),
                      aux_weight=config.moe.auxiliary_loss_weight if config.moe.use_auxiliary_loss else 0.0,
-                     z_weight=config.moe.router_z_loss_weight, routing=routing)
+                     z_weight=config.moe.router_z_loss_weight, routing=routing, router_supervision_loss=supervision,
+                     supervision_weight=config.moe.router_supervision_weight if supervision is not None else 0.0)
 
 
 def router_losses(routing: tuple[LayerRouting, ...], family, model, batch: Mapping[str, Any], config,

@@ -225,26 +225,31 @@ def _train_once(config: Config, stop: StopSignals, run_lock: RunLock) -> int:
 class _LogWindow:
     """Loss sums and token counts between log lines, kept on the device (no host sync per micro-batch).
 
-    The logged ``lm_loss`` is a per-token mean over the whole window and every process, ``aux_loss``
-    and ``z_loss`` are routed-token-weighted means, and ``loss`` combines them with the config's weights.
+    The logged ``lm_loss`` is a per-token mean over the whole window and every process, ``aux_loss``,
+    ``z_loss`` (and ``router_supervision_loss`` when label-guided routing is on) are routed-token-weighted
+    means, and ``loss`` combines them with the config's weights.
     """
 
-    # Columns of ``sums``: summed LM loss, label tokens, aux x routed tokens, z x routed tokens, routed tokens.
-    LM_SUM, LOSS_TOKENS, AUX_SUM, Z_SUM, ROUTED = range(5)
+    # Columns of ``sums``: summed LM loss, label tokens, aux x routed tokens, z x routed tokens, routed tokens,
+    # router supervision x routed tokens.
+    LM_SUM, LOSS_TOKENS, AUX_SUM, Z_SUM, ROUTED, SUPERVISION_SUM = range(6)
 
     def __init__(self, device):
-        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(6, dtype=torch.float64, device=device)
         self.samples = torch.zeros((), dtype=torch.float64, device=device)
         self.started = self.loop_started = time.perf_counter()
         self.step_total = torch.zeros((), dtype=torch.float64, device=device)
-        self.aux_weight = self.z_weight = 0.0
+        self.aux_weight = self.z_weight = self.supervision_weight = 0.0
 
     def add(self, parts, batch) -> None:
         routed = parts.routed_tokens.detach()
+        supervision = parts.router_supervision_loss
+        supervision = supervision.detach() if supervision is not None else torch.zeros_like(routed)
         self.sums += torch.stack([parts.lm_loss_sum.detach(), parts.loss_tokens.detach(), parts.aux_loss.detach() * routed,
-                                  parts.z_loss.detach() * routed, routed]).double()
+                                  parts.z_loss.detach() * routed, routed, supervision * routed]).double()
         self.step_total += parts.total.detach().double()
         self.aux_weight, self.z_weight = parts.aux_weight, parts.z_weight
+        self.supervision_weight = parts.supervision_weight or self.supervision_weight
         # A packed row holds several samples; each starts where position_ids restart at 0.
         starts = batch["position_ids"] == 0 if "position_ids" in batch else None
         self.samples += starts.sum() if starts is not None else batch["input_ids"].shape[0]
@@ -263,10 +268,12 @@ class _LogWindow:
         seconds = max(time.perf_counter() - self.started, 1e-9)
         tokens, routed = sums[self.LOSS_TOKENS], max(sums[self.ROUTED], 1.0)
         lm_loss, aux_loss, z_loss = sums[self.LM_SUM] / max(tokens, 1.0), sums[self.AUX_SUM] / routed, sums[self.Z_SUM] / routed
+        supervision = sums[self.SUPERVISION_SUM] / routed
         record = {
             "step": state.global_step, "epoch": _epoch(state, batches_per_epoch),
-            "loss": lm_loss + self.aux_weight * aux_loss + self.z_weight * z_loss, "lm_loss": lm_loss,
-            "aux_loss": aux_loss, "z_loss": z_loss, "lr": lr,
+            "loss": lm_loss + self.aux_weight * aux_loss + self.z_weight * z_loss + self.supervision_weight * supervision,
+            "lm_loss": lm_loss, "aux_loss": aux_loss, "z_loss": z_loss,
+            **({"router_supervision_loss": supervision} if self.supervision_weight else {}), "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_second": tokens / seconds, "samples_per_second": samples / seconds,
         }

@@ -183,7 +183,7 @@ def build_training_inputs(config: Config, accelerator):
     from moetune.data.packing import build_dataloaders
     from moetune.data.split import load_splits
     from moetune.data.tokenizer import load_or_train_tokenizer
-    from moetune.models.factory import build_model
+    from moetune.models.factory import build_model, resolve_family
 
     tokenizer_dir = Path(config.training.output_dir) / TOKENIZER_DIR
     with accelerator.main_process_first():
@@ -202,7 +202,8 @@ def build_training_inputs(config: Config, accelerator):
 
         compile_decoder_layers(model)
     with accelerator.main_process_first():
-        train_loader, val_loader, data = build_dataloaders(config, tokenizer, model)
+        train_loader, val_loader, data = build_dataloaders(
+            config, tokenizer, accepts_position_ids=resolve_family(config.model).accepts_position_ids)
     if accelerator.is_main_process:
         s = data.stats
         efficiency = f", packing efficiency {s['train_packing_efficiency']:.1%}" if data.packed else ""

@@ -89,6 +89,11 @@ class FamilySpec:
     notes: tuple[str, ...] = field(default_factory=tuple)
     """Further facts for the README (e.g. attention sinks stay frozen)."""
 
+    def context_length(self, hf_config) -> int | None:
+        """The most positions ``hf_config`` (a model of this family) allows, when it states them."""
+        value = getattr(hf_config, self.context_key, None)
+        return value if isinstance(value, int) and value > 0 else None
+
     def uses_sigmoid(self, model_type: str) -> bool:
         """Whether ``model_type``'s router scores are sigmoids."""
         return model_type in self.sigmoid_model_types

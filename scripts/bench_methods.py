@@ -1,0 +1,128 @@
+"""Five ways to fine-tune one MoE, side by side: what each trains, costs and reaches.
+
+    python scripts/bench_methods.py [--steps 60] [--experts 16] [--hidden 64] [--plans attention-lora,...]
+
+One tiny Qwen3-MoE shape (random init, 2 layers, ``--experts`` experts, top-2, a BPE trained on the
+data), the quickstart's task (the sample Rust crate and QA file in data/, built once with
+``moetune data``), the same steps, learning rate and seed, five plans:
+
+* ``attention-lora``: LoRA on q/k/v/o, experts frozen (the default for pretrained models);
+* ``expert-lora``: LoRA on the routed experts' fused weights as well (``moe.expert_training: lora``);
+* ``esft-gate`` / ``esft-token``: ``moetune experts`` selects experts by average gate score or by
+  token selection ratio, then only those train (``moe.expert_training: esft``, no LoRA);
+* ``full-experts``: attention LoRA plus every routed expert in full (``moe.expert_training: full``).
+
+With random weights and a tokenizer trained here, the embeddings and lm_head must learn in every
+plan (``lora.modules_to_save``, trained in full for ESFT too), so the figures compare what each plan
+adds on top of them. Each plan trains in a fresh process; for each the table gives the final eval
+loss, trainable parameters (moetune's own count), the size of the run's final artefact on disk
+(adapter or selected experts), useful tokens/s (loss-bearing tokens per second between the first and
+the last logged step) and the process's peak resident memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PLANS = ("attention-lora", "expert-lora", "esft-gate", "esft-token", "full-experts")
+ARTEFACTS = ("adapter_model.safetensors", "esft_experts.safetensors", "model.safetensors")
+
+
+def base_overrides(data: Path, out: Path, args) -> list[str]:
+    shape = (f"{{num_hidden_layers: 2, hidden_size: {args.hidden}, intermediate_size: {2 * args.hidden}, "
+             f"moe_intermediate_size: {args.hidden}, num_attention_heads: 4, num_key_value_heads: 2, "
+             f"num_experts: {args.experts}, num_experts_per_tok: 2, "
+             "max_position_embeddings: 512}")
+    return ["model.architecture=qwen_moe", f"model.config_overrides={shape}", f"data.output_path={data}",
+            f"training.output_dir={out}", f"training.max_steps={args.steps}", "training.eval_steps=1000000",
+            "training.save_steps=1000000", "training.logging_steps=5", "training.warmup_ratio=0.1",
+            "training.seed=0", "logging.tensorboard=false", "moe.freeze_router=true"]
+
+
+def plan_overrides(plan: str, experts_json: Path) -> list[str]:
+    if plan == "attention-lora":
+        return []
+    if plan == "expert-lora":
+        return ["moe.expert_training=lora"]
+    if plan == "full-experts":
+        return ["moe.expert_training=full"]
+    return ["lora.enabled=false", "moe.expert_training=esft", f"moe.esft_experts={experts_json}"]
+
+
+def run_plan(plan: str, args) -> dict:
+    """Train one plan in this process; what the table needs, as a dict."""
+    from moetune.config import load_config
+    from moetune.train.loop import train
+
+    out = Path(args.root) / plan
+    common = base_overrides(Path(args.root) / "data.jsonl", out, args)
+    if plan.startswith("esft"):
+        method = plan.split("-")[1]
+        experts_json = Path(args.root) / f"experts-{method}.json"
+        select = subprocess.run([sys.executable, "-m", "moetune", "experts", "--config", str(ROOT / "configs/quickstart.yaml"),
+                                 "--method", method, "--output", str(experts_json), *common], capture_output=True, text=True)
+        if select.returncode != 0:
+            raise SystemExit(f"{plan}: moetune experts failed:\n{select.stderr[-2000:]}")
+    else:
+        experts_json = Path()
+    config = load_config(ROOT / "configs/quickstart.yaml", [*common, *plan_overrides(plan, experts_json)])
+    train(config)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "tokens_seen" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    first, last = logged[0], logged[-1]
+    return {"eval_loss": evals[-1]["eval_loss"],
+            "tokens_per_second": (last["tokens_seen"] - first["tokens_seen"]) / (last["elapsed_seconds"] - first["elapsed_seconds"]),
+            "artefact_bytes": sum((out / name).stat().st_size for name in ARTEFACTS if (out / name).is_file()),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--experts", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--plans", default=",".join(PLANS), help=f"comma-separated subset of {', '.join(PLANS)}")
+    parser.add_argument("--child", choices=PLANS, help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(run_plan(args.child, args)))
+        return
+
+    plans = [p for p in args.plans.split(",") if p]
+    with tempfile.TemporaryDirectory() as root:
+        data = Path(root) / "data.jsonl"
+        subprocess.run([sys.executable, "-m", "moetune", "data", "--config", str(ROOT / "configs/quickstart.yaml"),
+                        f"data.output_path={data}"], check=True, capture_output=True, cwd=ROOT)
+        results = {}
+        for plan in plans:
+            child = subprocess.run([sys.executable, __file__, "--child", plan, "--root", root, "--steps", str(args.steps),
+                                    "--experts", str(args.experts), "--hidden", str(args.hidden)],
+                                   capture_output=True, text=True, cwd=ROOT)
+            if child.returncode != 0:
+                print(f"  {plan}: failed\n{child.stderr[-2000:]}", file=sys.stderr)
+                continue
+            result = json.loads(child.stdout.split("RESULT ", 1)[1])
+            counts = re.search(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+)", child.stderr)
+            result["trainable"] = int(counts[1].replace(",", "")) if counts else None
+            results[plan] = result
+    print(f"\nQwen3-MoE shape, hidden {args.hidden}, 2 layers, {args.experts} experts (top-2), {args.steps} steps, "
+          "quickstart data (sample crate + QA)")
+    print(f"  {'plan':15s} {'eval loss':>9s} {'trainable':>11s} {'artefact':>10s} {'tokens/s':>9s} {'peak RSS':>9s}")
+    for plan, r in results.items():
+        trainable = f"{r['trainable']:,}" if r["trainable"] is not None else "?"
+        print(f"  {plan:15s} {r['eval_loss']:9.4f} {trainable:>11s} {r['artefact_bytes'] / 2**20:8.2f} MB "
+              f"{r['tokens_per_second']:9,.0f} {r['peak_rss_mib']:7,.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
