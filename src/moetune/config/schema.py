@@ -125,8 +125,12 @@ class MoeConfig:
         "this much toward balanced load; saved with the adapter. Sigmoid routers only (deepseek_v3, glm4_moe); 0 = off."
     )
     train_shared_experts: bool = opt(
-        False, "Train the shared experts (Qwen2-MoE, DeepSeek, GLM) in full and save them with the adapter (as PEFT "
-        "modules_to_save when lora.enabled). Routed experts stay frozen."
+        False, "Train the shared experts (Qwen2-MoE, DeepSeek, GLM) and save them with the adapter, as "
+        "moe.shared_expert_training says. Routed experts follow moe.expert_training."
+    )
+    shared_expert_training: Literal["full", "lora"] = opt(
+        "full", "How moe.train_shared_experts trains them: full (PEFT modules_to_save when lora.enabled) or lora "
+        "(LoRA with lora.r / lora.lora_alpha on their Linears; needs lora.enabled)."
     )
     monitor_expert_usage: bool = opt(True, "Count routed tokens per expert and layer during training.")
     log_expert_metrics: bool = opt(True, "Log expert usage and balance figures to the console and TensorBoard.")
@@ -144,9 +148,16 @@ class MoeConfig:
     capacity_factor: float | None = opt(None, "Expert capacity as a multiple of the even share; null = no token dropping.")
     router_jitter: float = opt(0.0, "Multiplicative jitter on router inputs while training (Switch Transformer).")
     router_z_loss_weight: float = opt(0.0, "Weight of the router z-loss (ST-MoE); 0 turns it off.")
-    expert_training: Literal["full", "lora", "frozen", "esft"] = opt(
-        "full", "How upcycled experts train: all weights, per-expert LoRA, or frozen. esft (any family): only the "
-        "experts moe.esft_experts selects train, everything else frozen (needs lora.enabled: false)."
+    expert_training: Literal["full", "lora", "frozen", "esft"] | None = opt(
+        None, "How the routed experts train: full (every expert weight; with lora.enabled a trained copy of the experts "
+        "is saved with the adapter, so they take twice their memory), lora (LoRA per expert with moe.expert_lora_r / "
+        "moe.expert_lora_alpha: on the fused 3-D expert parameters through PEFT target_parameters, or on each "
+        "expert's Linears), frozen, or esft: only the experts moe.esft_experts selects train, everything else frozen "
+        "(needs lora.enabled: false). null: frozen for pretrained models, full for upcycled MPT."
+    )
+    expert_lora_r: int | None = opt(None, "LoRA rank of each routed expert with moe.expert_training: lora; null = lora.r.")
+    expert_lora_alpha: float | None = opt(
+        None, "LoRA alpha of the routed experts with moe.expert_training: lora; null = lora.lora_alpha."
     )
     esft_experts: str | None = opt(
         None, "With expert_training: esft, the experts.json `moetune experts` wrote (the experts to train per MoE layer)."
@@ -185,6 +196,10 @@ class MoeConfig:
         check(self.router_jitter >= 0, "moe.router_jitter", self.router_jitter, "0 or more")
         check(self.router_z_loss_weight >= 0, "moe.router_z_loss_weight", self.router_z_loss_weight, "0 or more")
         check(self.router_bias_update_rate >= 0, "moe.router_bias_update_rate", self.router_bias_update_rate, "0 or more")
+        if self.expert_lora_r is not None:
+            check(self.expert_lora_r >= 1, "moe.expert_lora_r", self.expert_lora_r, "a positive integer or null")
+        if self.expert_lora_alpha is not None:
+            check(self.expert_lora_alpha > 0, "moe.expert_lora_alpha", self.expert_lora_alpha, "greater than 0 or null")
         check(self.router_supervision_weight >= 0, "moe.router_supervision_weight", self.router_supervision_weight,
               "0 or more")
         self._check_label_to_expert()

@@ -1,36 +1,43 @@
 """What trains: LoRA on attention, frozen or trainable experts, shared experts and routers, all
 decided from config and the model's family (:mod:`moetune.models.families`).
 
-Pretrained MoE (every family but upcycled MPT): LoRA on the family's attention projections only,
-every routed and shared expert frozen, the router frozen unless ``moe.freeze_router`` is false, in
-which case PEFT's ``modules_to_save`` trains a copy of it and saves it in the adapter (plain
-``requires_grad`` would train it but leave it out of the adapter file, so a reloaded adapter would
-route differently). ``moe.train_shared_experts`` trains the shared experts too, in full (with LoRA
-they are saved in the adapter as ``modules_to_save``). ``moe.router_bias_update_rate`` saves the router (with its
+Pretrained MoE (every family but upcycled MPT), by default: LoRA on the family's attention
+projections only, every routed and shared expert frozen, the router frozen unless
+``moe.freeze_router`` is false, in which case PEFT's ``modules_to_save`` trains a copy of it and
+saves it in the adapter (plain ``requires_grad`` would train it but leave it out of the adapter file,
+so a reloaded adapter would route differently). ``moe.expert_training`` (lora | full) trains the
+routed experts as well, ``moe.train_shared_experts`` the shared experts
+(``moe.shared_expert_training``: full | lora); what that adds to the PEFT config is decided in
+:mod:`moetune.models.expert_lora`. ``moe.router_bias_update_rate`` saves the router (with its
 correction bias) in the adapter even when the router's weight stays frozen.
 
 Upcycled MPT (the family reports ``experts_must_train``): the experts start identical, so they must
-train for the MoE to become more than the dense model (``moe.expert_training``: full | lora |
-frozen); a router created by upcycling (``router_is_new``) always trains. See docs/upcycling.md.
+train for the MoE to become more than the dense model (``moe.expert_training`` defaults to full); a
+router created by upcycling (``router_is_new``) always trains. See docs/upcycling.md.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 
 from torch import nn
 from transformers import PreTrainedModel
 
 from moetune.errors import UserError
+from moetune.models.expert_lora import (
+    format_trainable_parts,
+    no_expert_match_message,
+    plan_expert_adapters,
+    trainable_parts,
+)
 from moetune.models.families._spec import Traits
 from moetune.models.layout import (
-    EXPERTS_NAME,
     ROUTER_NAMES,
     find_moe_blocks,
     freeze_experts,
     is_expert_parameter,
     is_shared_expert_parameter,
-    linear_module_names,
     resolve_target_modules,
     set_router_trainable,
 )
@@ -61,11 +68,14 @@ def apply_training_plan(model: nn.Module, config, traits: Traits | None = None, 
     blocks = find_moe_blocks(model, router_names)
     train_router = bool(blocks) and router_trains(config, traits.router_is_new)
     save_router = bool(blocks) and (train_router or config.moe.router_bias_update_rate > 0)
-    expert_mode = config.moe.expert_training if traits.experts_must_train else "frozen"
+    expert_mode = config.moe.expert_training or ("full" if traits.experts_must_train else "frozen")
     train_shared = config.moe.train_shared_experts and bool(shared)
     if expert_mode == "lora" and not config.lora.enabled:
         raise UserError("moe.expert_training is 'lora' but lora.enabled is false; enable LoRA or choose "
                         "moe.expert_training: full or frozen.")
+    if train_shared and config.moe.shared_expert_training == "lora" and not config.lora.enabled:
+        raise UserError("moe.shared_expert_training is 'lora' but lora.enabled is false; enable LoRA or choose "
+                        "moe.shared_expert_training: full.")
     if config.lora.enabled:
         model = _wrap_with_lora(model, config, family, save_router, expert_mode, train_shared)
         if save_router and not train_router:
@@ -77,8 +87,9 @@ def apply_training_plan(model: nn.Module, config, traits: Traits | None = None, 
         elif not train_shared:
             freeze_experts_named(model, shared)
         set_router_trainable(model, train_router, router_names)
-    _check_experts(model, expert_mode, () if train_shared else shared)
+    _check_experts(model, expert_mode, () if train_shared else shared, blocks, family)
     log_trainable_parameters(model)
+    logger.info(format_trainable_parts(trainable_parts(model, find_moe_blocks(model, router_names), shared)))
     return model
 
 
@@ -97,49 +108,43 @@ def _wrap_with_lora(model: nn.Module, config, family, save_router: bool, expert_
     router_names = (family.router_name,) if family is not None else ROUTER_NAMES
     shared = family.shared_experts if family is not None else ()
     aliases = dict(family.attention) if family is not None and family.attention else None
+    blocks = find_moe_blocks(model, router_names)
     targets = [name for name in resolve_target_modules(model, lora.target_modules, lora.exclude_modules, aliases=aliases)
-               if (not is_expert_parameter(name + ".weight") or expert_mode == "lora")
-               and not is_shared_expert_parameter(name + ".weight", shared)]
-    if expert_mode == "lora":
-        expert_linears = [name for name in linear_module_names(model) if is_expert_parameter(name + ".weight")]
-        targets = sorted(set(targets) | {n for n in expert_linears if not _excluded(n, lora.exclude_modules)})
+               if not is_expert_parameter(name + ".weight") and not is_shared_expert_parameter(name + ".weight", shared)]
+    experts = plan_expert_adapters(model, config, family, blocks, expert_mode, train_shared)
     # Full paths: PEFT matches modules_to_save as name suffixes, and "gate" would also take Qwen2-MoE's
     # shared_expert_gate.
-    routers = [block.router_path for block in find_moe_blocks(model, router_names)] if save_router else []
-    modules_to_save = list(lora.modules_to_save) + routers
-    if train_shared:
-        # In full, saved with the adapter: given as LoRA targets, PEFT also matches DeepSeek's
-        # "mlp.shared_experts.down_proj" against the routed experts' fused "mlp.experts.down_proj".
-        modules_to_save += [f"{block.path}.{name}" for block in find_moe_blocks(model, router_names)
-                            for name in shared if hasattr(block.module, name)]
-    if expert_mode == "full":
-        # PEFT cannot wrap a ModuleList, so each expert is saved as its own module. The wrapper keeps
-        # the frozen original beside the trained copy: full expert training costs one extra copy of the experts.
-        num_experts = max(len(getattr(block.module, EXPERTS_NAME)) for block in find_moe_blocks(model, router_names))
-        modules_to_save += [f"{EXPERTS_NAME}.{index}" for index in range(num_experts)]
+    routers = [block.router_path for block in blocks] if save_router else []
+    modules_to_save = list(lora.modules_to_save) + routers + experts.modules_to_save
     peft_config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.lora_alpha,
         lora_dropout=lora.lora_dropout,
         bias=lora.bias,
-        target_modules=targets,
+        target_modules=sorted(set(targets) | set(experts.target_modules)),
+        target_parameters=experts.target_parameters or None,
+        rank_pattern=experts.rank_pattern,
+        alpha_pattern=experts.alpha_pattern,
         modules_to_save=modules_to_save or None,
         # A custom nn.Module (no generation API) gets a plain PeftModel.
         task_type="CAUSAL_LM" if isinstance(model, PreTrainedModel) else None,
     )
-    return get_peft_model(model, peft_config)
+    with warnings.catch_warnings():
+        # PEFT checks rank_pattern / alpha_pattern against target modules only and calls the expert
+        # parameters' keys unmatched; they do set those parameters' rank and alpha.
+        warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
+        return get_peft_model(model, peft_config)
 
 
-def _excluded(name: str, exclude: tuple[str, ...]) -> bool:
-    return any(name == ex or name.endswith(f".{ex}") for ex in exclude)
-
-
-def _check_experts(model: nn.Module, expert_mode: str, frozen_shared: tuple[str, ...]) -> None:
+def _check_experts(model: nn.Module, expert_mode: str, frozen_shared: tuple[str, ...], blocks, family) -> None:
     # A guard, not a formality: PEFT rules (suffix matching of modules_to_save) could make an
     # expert trainable by accident, which on Mixtral-8x7B means ~45B trainable parameters.
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     routed = [name for name in trainable if is_expert_parameter(name) and ("lora_" not in name or expert_mode != "lora")]
     shared = [name for name in trainable if is_shared_expert_parameter(name, frozen_shared)]
+    if expert_mode != "frozen" and not any(is_expert_parameter(name) for name in trainable):
+        # Never a run that trains nothing it was asked to train.
+        raise UserError(no_expert_match_message(blocks, family, ()))
     if expert_mode == "frozen" and routed:
         raise RuntimeError(f"expert parameters are trainable although experts should be frozen: {routed[:3]}")
     if shared:

@@ -24,7 +24,7 @@ class Traits:
 
     ``router_is_new``: the router was just created (upcycling) and must train whatever
     ``moe.freeze_router`` says. ``experts_must_train``: the experts are copies of one FFN (an
-    upcycled model), so ``moe.expert_training`` decides how they train; otherwise they stay frozen.
+    upcycled model), so ``moe.expert_training`` defaults to full; otherwise it defaults to frozen.
     """
 
     router_is_new: bool = False
@@ -55,7 +55,8 @@ class FamilySpec:
     routing: str = "softmax over all experts, top-k, renormalised"
     """The routing rule, in words (README)."""
     expert_parameters: tuple[str, ...] = ("gate_up_proj", "down_proj")
-    """Parameter (fused layout) or Linear (per-expert layout) names under ``<block>.experts``."""
+    """Parameter (fused layout) or Linear (per-expert layout) names under ``<block>.experts``: what
+    ``moe.expert_training`` trains (LoRA goes on the 3-D weights among them, full takes them all)."""
     expert_layout: str = "fused 3-D (E, 2I, H) / (E, H, I)"
     """How the experts are stored, in words (README)."""
     fused_experts: bool = True

@@ -1,0 +1,237 @@
+"""Routed and shared experts that train (moe.expert_training: lora | full, moe.shared_expert_training)
+on every family with fused experts: where LoRA lands and with what rank, merging, exact reloads,
+the trainable-parameter split, and the errors that stand in for a run that would train nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+from peft import PeftModel
+from peft.tuners.lora.layer import ParamWrapper
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from moetune.config import load_config
+from moetune.errors import UserError
+from moetune.models.factory import build_base_model, build_model
+from moetune.models.families import all_families, family_for_model_type
+from moetune.models.layout import is_expert_parameter, is_shared_expert_parameter
+from moetune.models.lora import apply_training_plan
+
+FUSED = [t for spec in all_families() if spec.fused_experts for t in spec.tiny_configs]
+EXPERT_R, EXPERT_ALPHA, R, ALPHA = 2, 8.0, 4, 32.0
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """``checkpoint(model_type)`` -> folder of a tiny random checkpoint (save_pretrained)."""
+    root = tmp_path_factory.mktemp("expert_lora")
+    made = {}
+
+    def make(model_type: str):
+        if model_type not in made:
+            spec = family_for_model_type(model_type)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **spec.tiny_configs[model_type]))
+            made[model_type] = root / model_type
+            model.save_pretrained(made[model_type])
+        return made[model_type]
+
+    return make
+
+
+def config_for(path, *overrides: str):
+    return load_config(None, [f"model.name={path}", "model.torch_dtype=float32", "model.max_seq_length=64",
+                              f"lora.r={R}", f"lora.lora_alpha={ALPHA}", "lora.lora_dropout=0.0", *overrides])
+
+
+def expert_lora_config(path, *overrides: str):
+    return config_for(path, "moe.expert_training=lora", f"moe.expert_lora_r={EXPERT_R}",
+                      f"moe.expert_lora_alpha={EXPERT_ALPHA}", *overrides)
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def perturb_trainable(model, scale: float = 0.1) -> None:
+    """Stands in for training: move every trainable tensor (LoRA B starts at zero)."""
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def param_wrappers(model) -> dict[str, ParamWrapper]:
+    """Every fused expert LoRA, by the parameter it adapts (``model.layers.0.mlp.experts.down_proj``)."""
+    return {f"{name.replace('base_model.model.', '', 1).replace('.base_layer', '')}.{m.parameter_name}": m
+            for name, m in model.named_modules() if isinstance(m, ParamWrapper) and ".experts" in name}
+
+
+@pytest.mark.parametrize("model_type", FUSED)
+def test_expert_lora_lands_on_every_fused_expert_parameter_with_rank_r_per_expert(checkpoint, model_type):
+    spec = family_for_model_type(model_type)
+    model = build_model(expert_lora_config(checkpoint(model_type)))
+    wrappers = param_wrappers(model)
+    base = AutoModelForCausalLM.from_pretrained(checkpoint(model_type))
+    expected = {n for n, p in base.named_parameters() if is_expert_parameter(n) and p.dim() == 3
+                and n.rsplit(".", 1)[-1] in spec.expert_parameters}
+    assert set(wrappers) == expected and len(expected) >= 2
+    for name, wrapper in wrappers.items():
+        experts, *_ = dict(base.named_parameters())[name].shape
+        assert wrapper.num_experts == experts == 4
+        lora_a, lora_b = wrapper.lora_A["default"].weight, wrapper.lora_B["default"].weight
+        assert lora_a.shape == (EXPERT_R * experts, wrapper.in_features)
+        assert lora_b.shape == (wrapper.out_features, EXPERT_R * experts)
+        assert wrapper.scaling["default"] == EXPERT_ALPHA / EXPERT_R
+        with torch.no_grad():  # expert e's update is B[:, e::E] @ A[e*r:(e+1)*r], laid out as the parameter
+            lora_b.normal_()
+            delta = wrapper.get_delta_weight("default")
+            assert delta.shape == dict(base.named_parameters())[name].shape
+            for e in range(experts):
+                update = EXPERT_ALPHA / EXPERT_R * lora_b[:, e::experts] @ lora_a[e * EXPERT_R:(e + 1) * EXPERT_R]
+                transposed = model_type == "gpt_oss"  # gpt-oss stores its experts (E, in, out)
+                assert torch.allclose(delta[e], update.T if transposed else update, atol=1e-6)
+    attention = [m for n, m in model.named_modules() if n.endswith("o_proj") and hasattr(m, "scaling")]
+    assert attention and all(m.scaling["default"] == ALPHA / R and m.r["default"] == R for m in attention)
+    trainable_experts = [n for n, p in model.named_parameters() if p.requires_grad and is_expert_parameter(n)]
+    assert trainable_experts and all(".lora_A." in n or ".lora_B." in n for n in trainable_experts)
+
+
+@pytest.mark.parametrize("model_type", FUSED)
+def test_expert_lora_merges_with_its_deltas_and_reloads_exactly(checkpoint, tmp_path, model_type):
+    config = expert_lora_config(checkpoint(model_type))
+    model = build_model(config)
+    perturb_trainable(model)
+    model.eval()
+    with torch.no_grad():
+        expected = model(tokens()).logits
+        with model.disable_adapter():
+            base_logits = model(tokens()).logits
+    model.save_pretrained(tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert any(".experts." in k and "lora_A" in k for k in saved)
+    reloaded = PeftModel.from_pretrained(build_base_model(config), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(tokens()).logits, expected)
+        merged = model.merge_and_unload()
+        merged_logits = merged(tokens()).logits
+    assert torch.allclose(merged_logits, expected, atol=1e-5)
+    assert not torch.allclose(merged_logits, base_logits, atol=1e-3)
+    merged_experts = {n: p for n, p in merged.named_parameters() if is_expert_parameter(n) and p.dim() == 3}
+    base_experts = dict(build_base_model(config).named_parameters())
+    # The expert deltas are in the merged expert weights (biases are not adapted), not only the attention's.
+    assert merged_experts and all(not torch.equal(p, base_experts[n]) for n, p in merged_experts.items())
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_full_experts_train_every_expert_weight_and_reload_exactly(checkpoint, tmp_path, model_type):
+    spec = family_for_model_type(model_type)
+    config = config_for(checkpoint(model_type), "moe.expert_training=full")
+    model = build_model(config)
+    trained = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad and is_expert_parameter(n)}
+    assert trained == set(spec.expert_parameters)  # weights and, on gpt-oss, biases
+    assert all(".modules_to_save.default." in n for n, p in model.named_parameters()
+               if p.requires_grad and is_expert_parameter(n))
+    assert not any(p.requires_grad for n, p in model.named_parameters() if f".mlp.{spec.router_name}." in n)
+    perturb_trainable(model, scale=0.05)
+    model.eval()
+    with torch.no_grad():
+        expected = model(tokens()).logits
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(build_base_model(config), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(tokens()).logits, expected)
+        assert torch.allclose(model.merge_and_unload()(tokens()).logits, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "deepseek_v3", "glm4_moe"])
+def test_shared_experts_take_lora_without_touching_the_routed_experts(checkpoint, tmp_path, model_type):
+    shared = family_for_model_type(model_type).shared_experts
+    config = config_for(checkpoint(model_type), "moe.train_shared_experts=true", "moe.shared_expert_training=lora")
+    model = build_model(config)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    shared_lora = [n for n in names if is_shared_expert_parameter(n, shared)]
+    assert shared_lora and all(".lora_A." in n or ".lora_B." in n for n in shared_lora)
+    # down_proj / gate_proj / up_proj of the shared experts only: PEFT's v4 name conversion would
+    # otherwise move them onto the routed experts' fused tensors.
+    assert {n.split(".")[-4] for n in shared_lora} >= {"gate_proj", "up_proj", "down_proj"}
+    assert not any(is_expert_parameter(n) for n in names)
+    perturb_trainable(model)
+    model.eval()
+    with torch.no_grad():
+        expected = model(tokens()).logits
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(build_base_model(config), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(tokens()).logits, expected)
+        assert torch.allclose(model.merge_and_unload()(tokens()).logits, expected, atol=1e-5)
+
+
+def test_the_trainable_line_splits_attention_router_experts_and_shared_experts(checkpoint, caplog):
+    with caplog.at_level(logging.INFO, logger="moetune"):
+        build_model(expert_lora_config(checkpoint("qwen2_moe"), "moe.freeze_router=false", "moe.train_shared_experts=true"))
+    hidden, inter, shared_inter, experts, layers = 64, 32, 64, 4, 2
+    q, kv = 4 * 16, 2 * 16  # qwen2_moe tiny: 4 heads, 2 kv heads, head_dim 16
+    attention = layers * R * ((hidden + q) + 2 * (hidden + kv) + (q + hidden))
+    routed = layers * EXPERT_R * experts * ((hidden + 2 * inter) + (inter + hidden))
+    shared = layers * (3 * hidden * shared_inter + hidden)  # in full: gate/up/down_proj (no bias) + gate (H -> 1)
+    router = layers * experts * hidden
+    assert (f"trainable by part: attention {attention:,} | router {router:,} | experts {routed:,} | "
+            f"shared experts {shared:,} | other 0") in caplog.text
+
+
+def test_expert_training_stays_frozen_by_default_for_pretrained_models(checkpoint):
+    model = build_model(config_for(checkpoint("qwen3_moe")))
+    assert not any(p.requires_grad for n, p in model.named_parameters() if is_expert_parameter(n))
+
+
+def test_expert_lora_that_matches_no_expert_parameter_is_an_error_naming_the_experts(checkpoint):
+    config = config_for(checkpoint("qwen3_moe"), "moe.expert_training=lora", "lora.exclude_modules=[gate_up_proj, down_proj]")
+    with pytest.raises(UserError, match=r"no expert parameter matched: the qwen_moe family names "
+                                        r"\['gate_up_proj', 'down_proj'\] and lora.exclude_modules is "
+                                        r"\['gate_up_proj', 'down_proj'\], while this model's experts "
+                                        r"\(model.layers.0.mlp.experts, one of 2 MoE blocks\) hold "
+                                        r"\['gate_up_proj \(4, 64, 64\)', 'down_proj \(4, 64, 32\)'\]"):
+        build_model(config)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_a_family_whose_expert_names_match_nothing_cannot_train_nothing(checkpoint, mode):
+    config = config_for(checkpoint("qwen3_moe"), f"moe.expert_training={mode}")
+    family = dataclasses.replace(family_for_model_type("qwen3_moe"), expert_parameters=("w1", "w2"))
+    with pytest.raises(UserError, match=r"no expert parameter matched: the qwen_moe family names \['w1', 'w2'\], "
+                                        r"while this model's experts \(model.layers.0.mlp.experts, one of 2 MoE "
+                                        r"blocks\) hold \['gate_up_proj \(4, 64, 64\)', 'down_proj \(4, 64, 32\)'\]"):
+        apply_training_plan(build_base_model(config), config, family=family)
+
+
+def test_expert_lora_with_dropout_is_refused_before_peft_sees_it(checkpoint):
+    with pytest.raises(UserError, match=r"LoRA on expert parameters \(model.layers.0.mlp.experts.gate_up_proj, \.\.\.\) "
+                                        r"cannot be combined with dropout .* set lora.lora_dropout: 0 \(it is 0.05\)"):
+        build_model(expert_lora_config(checkpoint("qwen3_moe"), "lora.lora_dropout=0.05"))
+
+
+@pytest.mark.parametrize(("model_type", "overrides"), [
+    ("qwen3_moe", ("moe.expert_training=lora", f"moe.expert_lora_r={EXPERT_R}")),
+    ("deepseek_v2", ("moe.expert_training=full", "moe.train_shared_experts=true", "moe.shared_expert_training=lora")),
+], ids=["qwen3_moe-lora", "deepseek_v2-full-shared-lora"])
+def test_a_checkpoint_loads_back_into_a_rebuilt_model_for_resuming(checkpoint, tmp_path, model_type, overrides):
+    from moetune.train.checkpoint import load_trainable_weights
+
+    config = config_for(checkpoint(model_type), *overrides)
+    model = build_model(config)
+    perturb_trainable(model, scale=0.05)
+    model.eval()
+    with torch.no_grad():
+        expected = model(tokens()).logits
+    model.save_pretrained(tmp_path / "checkpoint-3")
+    resumed = build_model(config)
+    load_trainable_weights(resumed, tmp_path / "checkpoint-3")
+    with torch.no_grad():
+        assert torch.equal(resumed.eval()(tokens()).logits, expected)
