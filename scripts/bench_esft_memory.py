@@ -25,15 +25,9 @@ import subprocess
 import sys
 import time
 
+from bench_memory import rss_kib  # the same peak-memory reading as the LM-loss benchmark
+
 PLANS = ("full", "esft")
-
-
-def rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def measure(plan: str, args) -> dict:
