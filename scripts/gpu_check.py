@@ -284,6 +284,8 @@ def stage_packed_rows(ctx: Context) -> None:
                            max_position_embeddings=2 * row, initializer_range=0.1)
 
     class Encoded:  # the slice of the datasets.Dataset interface PackedDataset uses
+        column_names = ["input_ids", "labels"]
+
         def __getitem__(self, indices):
             return {"input_ids": [samples[i] for i in indices], "labels": [samples[i] for i in indices]}
 

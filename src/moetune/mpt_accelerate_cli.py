@@ -46,7 +46,7 @@ FLAGS: dict[str, tuple[str, type, object, str]] = {
 DATA_FILE_DEFAULT = "nq_annotated_moe.jsonl"
 
 # How the trainer trained, unless --config says otherwise: every weight trains, checkpoints by kind, all kept.
-TRAINER_WAY = ["lora.enabled=false", "moe.expert_training=full", "training.save_strategy=both",
+TRAINER_WAY = ["lora.enabled=false", "training.save_strategy=both",
                "training.checkpoint_naming=kind", "training.save_total_limit=null"]
 
 
@@ -92,6 +92,8 @@ def flag_overrides(args: argparse.Namespace, deepspeed_json: str | Path | None) 
     convert = bool(args.convert_to_moe)
     if trainer_defaults or convert:
         put("moe.upcycle", convert, "--convert_to_moe")
+    if trainer_defaults:  # upcycled experts train in full, as in that trainer; a dense model has none to train
+        put("moe.expert_training", "full" if convert else "frozen", "--convert_to_moe")
     if convert:
         block = _moe_block(deepspeed_json)
         for key, value in {**(DEFAULT_MOE if trainer_defaults else {}), **block}.items():

@@ -100,7 +100,9 @@ def test_zero2_run_trains_saves_native_files_that_reload_exactly_and_resumes(tin
         assert {f"base_model.model.transformer.blocks.{i}.ffn.{name}.weight" for i in (0, 1)
                 for name in ("router", "experts.3.up_proj", "experts.0.down_proj")} <= adapter.keys()
         adapter_config = json.loads((folder / "adapter_config.json").read_text())
-        assert set(adapter_config["modules_to_save"]) == {"wte", "router", "experts.0", "experts.1", "experts.2", "experts.3"}
+        assert set(adapter_config["modules_to_save"]) == {"wte", "transformer.blocks.0.ffn.router",
+                                                          "transformer.blocks.1.ffn.router", "experts.0", "experts.1",
+                                                          "experts.2", "experts.3"}
     assert (out / "checkpoint-4" / "pytorch_model" / "layer_1_expert_3_mp_rank_00_model_states.pt").is_file()
 
     # What the trained DeepSpeed model computed, the native reloads compute (run config, then backend native).
