@@ -445,7 +445,7 @@ class AdvancedConfig:
     use_cpu_offload: bool = opt(False, "Offload optimizer state (ZeRO-1/2/3) and parameters (ZeRO-3, FSDP) to CPU "
                                 "memory. Needs a DeepSpeed or FSDP launch; refused in a plain or DDP run.")
     torch_compile: bool = opt(False, "Compile each decoder layer with torch.compile (regional compilation). Not "
-                              "with ZeRO-3 or moe.backend: deepspeed. On CPU it is slower (docs/benchmarks.md).")
+                              "with ZeRO-3 or moe.backend: deepspeed. About a minute of compiling first (docs/benchmarks.md).")
     early_stopping_patience: int | None = opt(None, "Stop after this many evaluations without improvement; null = off.")
     early_stopping_threshold: float = opt(0.0, "Smallest improvement of the metric that counts.")
     max_bad_steps: int = opt(10, "Consecutive NaN/inf-loss steps tolerated (each skipped) before saving and stopping.")
