@@ -13,7 +13,7 @@ others transformers registers) at Mixtral-8x7B and Qwen3-30B-A3B layer shapes, 2
 batch 1, bf16, gradient checkpointing, attention LoRA: loss difference to eager, steady-state tokens/s,
 MFU (scripts/bench_train.py's 4 x N FLOP count), peak memory; 5 QLoRA 4-bit against bf16 LoRA on the
 2-layer full-width Mixtral (peak memory, loss after 10 steps); 6 DeepSpeed ZeRO-2 through
-``NUM_GPUS=1 bash train.sh`` for 10 steps; 7 expert LoRA and ESFT tokens/s (skipped: not measured yet).
+``NUM_GPUS=1 bash train.sh`` for 10 steps; 7 expert LoRA and ESFT tokens/s beside attention LoRA at the Mixtral shape.
 
 Run it as a script (a fresh interpreter): each stage runs in a process forked from one that has run no
 torch op, so no OpenMP or CUDA state crosses a fork. Each stage runs in a forked process of its own with a share of ``--budget`` (470 s), so a crash, a hang
@@ -56,6 +56,7 @@ import importlib
 import json
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -510,7 +511,34 @@ def stage_deepspeed(ctx: Context) -> None:
 
 
 def stage_expert_training(ctx: Context) -> None:
-    raise Skip("expert LoRA and ESFT (moe.expert_training: lora / esft) are not measured by this check yet")
+    """Tokens/s and peak memory of the plans that train experts, beside attention LoRA, at the Mixtral shape."""
+    from bench_train import PRESETS, bench_variants
+
+    shape, sizes = (("mixtral-8x7b (tiny)", KERNEL_SHAPES_CPU["mixtral-8x7b (tiny)"]) if ctx.cpu
+                    else ("mixtral-8x7b", PRESETS["mixtral-8x7b"]))
+    steps, samples = (2, 16) if ctx.cpu else (12, 600)
+    optimizer = [] if ctx.cpu else ["training.optim=adamw_torch_fused"]
+    root = ctx.work / "expert_training"
+    root.mkdir(parents=True)
+    # ESFT's speed does not depend on which experts are chosen: two of the eight per layer, as a task might pick.
+    selection = root / "experts.json"
+    selection.write_text(json.dumps({"selected": [[0, 1], [0, 1]]}))
+    plans = {"attention LoRA": (None, optimizer),
+             "expert LoRA": (None, [*optimizer, "moe.expert_training=lora"]),
+             "ESFT (2 experts per layer)": (None, [*optimizer, "lora.enabled=false", "moe.expert_training=esft",
+                                                   f"moe.esft_experts={selection}"])}
+    ctx.put("setup", {"shape": shape, "layers": 2, "steps": steps, "precision": "fp32" if ctx.cpu else "bf16"})
+    args = SimpleNamespace(layers=2, samples=samples, steps=steps, **sizes)
+    args.intermediate = args.intermediate or 2 * args.hidden
+    for plan, variant in plans.items():
+        with ctx.variant(shape, plan) as entry:
+            folder = root / re.sub(r"\W+", "-", plan).strip("-").lower()
+            folder.mkdir()
+            [result] = bench_variants(args, folder, {plan: variant}, logging_steps=1)
+            entry.update(result)
+    ctx.save()
+    ctx.summary = ", ".join(f"{k} {v['tokens_per_second']:,.0f} tok/s" if "tokens_per_second" in v else f"{k} {v['status']}"
+                            for k, v in ctx.results[shape].items())
 
 
 @dataclasses.dataclass(frozen=True)
