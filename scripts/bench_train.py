@@ -77,6 +77,9 @@ PRESETS = {
     # as a Mixtral-family model: the same routed-experts computation, softmax top-k routing.
     "qwen3-30b-a3b": {"hidden": 2048, "intermediate": 768, "heads": 32, "kv_heads": 4, "head_dim": 128, "experts": 128,
                       "top_k": 8, "vocab": 32000, "seq": 4096, "batch": 1, "bf16": True},
+    # gpt-oss-20b as itself (the gpt_oss family: router bias, expert biases, attention sinks, eager attention).
+    "gpt-oss-20b": {"architecture": "gpt_oss", "hidden": 2880, "intermediate": 2880, "heads": 64, "kv_heads": 8,
+                    "head_dim": 64, "experts": 32, "top_k": 4, "vocab": 32000, "seq": 4096, "batch": 1, "bf16": True},
 }
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM
 
@@ -85,10 +88,11 @@ def config_yaml(data: Path, out: Path, args, experts_kernel: str | None = None, 
     precision = "bfloat16" if args.bf16 else "float32"
     kernel = f"\n  experts_implementation: {experts_kernel}" if experts_kernel else ""
     head_dim = f", head_dim: {args.head_dim}" if args.head_dim else ""
+    architecture = getattr(args, "architecture", "mixtral")  # presets other than Mixtral-shaped ones name theirs
     return f"""
 model:
-  name: bench-mixtral
-  architecture: mixtral
+  name: bench-{architecture}
+  architecture: {architecture}
   random_init: true
   torch_dtype: {precision}
   attn_implementation: sdpa
