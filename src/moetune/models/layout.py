@@ -63,11 +63,6 @@ def find_moe_blocks(model: nn.Module, router_names: tuple[str, ...] = ROUTER_NAM
     return blocks
 
 
-def router_module_names(model: nn.Module, router_names: tuple[str, ...] = ROUTER_NAMES) -> list[str]:
-    """The distinct child names routers go by (e.g. ``["gate"]``), for PEFT's ``modules_to_save``."""
-    return sorted({block.router_name for block in find_moe_blocks(model, router_names)})
-
-
 def is_expert_parameter(name: str) -> bool:
     """True for a parameter that belongs to a routed expert (fused or per-expert layout)."""
     return f".{EXPERTS_NAME}." in f".{name}"
@@ -134,17 +129,6 @@ def resolve_target_modules(model: nn.Module, targets: tuple[str, ...], exclude: 
     if not chosen:
         raise UserError(f"{key} {list(targets)} with lora.exclude_modules {list(exclude)} leaves no module to adapt.")
     return chosen
-
-
-def moe_shape(model_config) -> tuple[int, int]:
-    """(num_experts, top_k) from a Hugging Face config, whatever the family calls them."""
-    experts = next((getattr(model_config, k) for k in ("num_local_experts", "num_experts", "moe_num_experts")
-                    if getattr(model_config, k, None)), None)
-    top_k = getattr(model_config, "num_experts_per_tok", None) or getattr(model_config, "moe_top_k", None)
-    if experts is None or top_k is None:
-        raise UserError(f"The model config ({type(model_config).__name__}) does not say how many experts it has "
-                        "and how many each token uses; this is not an MoE model moetune knows.")
-    return int(experts), int(top_k)
 
 
 def innermost_model(model: nn.Module) -> nn.Module:
