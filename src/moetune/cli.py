@@ -181,7 +181,7 @@ def _run_train(args: argparse.Namespace) -> int | None:
 
 def _run_eval(args: argparse.Namespace) -> int | None:
     config = _load(args)
-    evaluate = _library("moetune.eval.evaluate", "evaluate")
+    evaluate = _library("moetune.eval.compare_models", "evaluate")
     return evaluate(config, adapter_path=args.adapter_path, max_samples=args.max_samples, output_dir=args.output_dir)
 
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from moetune.errors import UserError
 from moetune.models.factory import build_model
 from moetune.models.layout import find_moe_blocks, is_expert_parameter
-from moetune.models.lora import apply_training_plan
+from moetune.models.training_plan import apply_training_plan
 
 
 def trainable(model: nn.Module) -> list[str]:

@@ -19,7 +19,7 @@ from moetune.errors import UserError
 from moetune.models.factory import build_base_model, build_model
 from moetune.models.families import all_families, family_for_model_type
 from moetune.models.layout import is_expert_parameter, is_shared_expert_parameter
-from moetune.models.lora import apply_training_plan
+from moetune.models.training_plan import apply_training_plan
 
 FUSED = [t for spec in all_families() if spec.fused_experts for t in spec.tiny_configs]
 EXPERT_R, EXPERT_ALPHA, R, ALPHA = 2, 8.0, 4, 32.0

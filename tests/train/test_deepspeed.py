@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from moetune.config import load_config
 from moetune.models.factory import build_model
-from moetune.models.lora import count_parameters
+from moetune.models.training_plan import count_parameters
 
 from .conftest import read_metrics
 

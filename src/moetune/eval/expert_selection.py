@@ -185,7 +185,7 @@ def run_expert_selection(config: Config, adapter_path: str | None = None, method
                          output: str = "experts.json") -> int:
     """`moetune experts`: score the experts on training samples, write experts.json and its PNG."""
     from moetune.data.split import load_splits
-    from moetune.eval.evaluate import choose_samples
+    from moetune.eval.compare_models import choose_samples
     from moetune.models.esft import expert_blocks
 
     if method not in METHODS:

@@ -71,7 +71,7 @@ def apply_esft_plan(model: nn.Module, config, family=None) -> nn.Module:
     """Freeze ``model`` but the experts ``moe.esft_experts`` selects; returns ``model``."""
     selection = read_selection(config.moe.esft_experts)
     install_selection(model, selection, family, key="moe.esft_experts")
-    from moetune.models.lora import log_trainable_parameters
+    from moetune.models.training_plan import log_trainable_parameters
 
     log_trainable_parameters(model)
     return model

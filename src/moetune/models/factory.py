@@ -3,7 +3,7 @@
 Steps, in order: pick the family (``model.architecture`` or the model's config.json, see
 :mod:`moetune.models.families`), load the weights or build from config (``model.random_init``),
 quantise (QLoRA), let the family finish the model (MPT upcycles), enable non-reentrant gradient
-checkpointing, decide what trains (:mod:`moetune.models.lora`), then swap in DeepSpeed MoE blocks
+checkpointing, decide what trains (:mod:`moetune.models.training_plan`), then swap in DeepSpeed MoE blocks
 (``moe.backend: deepspeed``).
 """
 
@@ -24,9 +24,9 @@ from moetune.models.families import FAMILY_NAMES, family_for_model_type, get_fam
 from moetune.models.families._spec import FamilySpec, Traits
 from moetune.models.hf_config import apply_overrides, build_random_init_config
 from moetune.models.kernels import fastest_experts_implementation, log_kernels, resolve_attn_implementation
-from moetune.models.lora import apply_training_plan
 from moetune.models.mpt_moe import check_loading_info
 from moetune.models.quant import prepare_quantized_for_training, quantization_config, wants_quantization
+from moetune.models.training_plan import apply_training_plan
 
 logger = logging.getLogger(__name__)
 

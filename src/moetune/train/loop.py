@@ -31,7 +31,6 @@ from moetune.train.checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
 )
-from moetune.train.evaluation import evaluate_loss
 from moetune.train.expert_usage import summarize_usage, usage_heatmap, usage_scalars, usage_warnings
 from moetune.train.optim import (
     build_optimizer,
@@ -56,6 +55,7 @@ from moetune.train.setup import (
     total_optimizer_steps,
 )
 from moetune.train.signals import StopSignals
+from moetune.train.validation_loss import evaluate_loss
 
 
 def train(config: Config) -> int:
