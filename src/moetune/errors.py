@@ -38,3 +38,17 @@ class StoppedBySignal(KeyboardInterrupt):
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), to quote in a one-paragraph error."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def yaml_problem(err: BaseException) -> str:
+    """What a YAML parser error says is wrong and where (its first line alone names neither line nor column)."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return first_line(err)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"

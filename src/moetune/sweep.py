@@ -20,6 +20,7 @@ their metrics.jsonl, and one PNG overlays their eval-loss curves.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import difflib
 import itertools
 import json
@@ -34,7 +35,7 @@ from typing import Any
 import yaml
 
 from moetune.config import Config, load_config
-from moetune.errors import UserError
+from moetune.errors import UserError, yaml_problem
 
 SWEEP_KEYS = ("grid", "paired")
 # Keys a sweep may not set: the sweep owns each run's folder and its resume decision.
@@ -67,7 +68,7 @@ def load_sweep(path: str | Path) -> list[dict[str, Any]]:
     try:
         spec = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML ({str(err).splitlines()[0]}).") from None
+        raise UserError(f"{path} is not valid YAML ({yaml_problem(err)}).") from None
     if not isinstance(spec, dict) or not spec:
         raise UserError(f"{path} must be a mapping with `grid` and/or `paired`, each {{section.key: [values]}}.")
     for key in spec:
@@ -187,8 +188,8 @@ def run_sweep(config_path: str | Path, sweep_path: str | Path, overrides: list[s
             continue
         config = run.config
         if status == "resume":
-            config = load_config(config_path, [*overrides, *run.overrides, f"training.output_dir={json.dumps(str(run.output_dir))}",
-                                               "training.resume_from_checkpoint=latest"])
+            config = dataclasses.replace(config, training=dataclasses.replace(config.training,
+                                                                              resume_from_checkpoint="latest"))
         else:
             # A run that died before its first checkpoint starts over; its old log lines would mix in.
             (run.output_dir / "metrics.jsonl").unlink(missing_ok=True)

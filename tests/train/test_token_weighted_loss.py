@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from moetune.cli import main
-from moetune.models.losses import IGNORE_INDEX, LossParts, step_token_counts
+from moetune.data.encode import IGNORE_INDEX
+from moetune.models.losses import LossParts, step_token_counts
 
 from .conftest import WORDS, read_metrics
 

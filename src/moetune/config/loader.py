@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from moetune.config.schema import SOURCE_TYPES, Config
-from moetune.errors import ConfigError, UserError
+from moetune.errors import ConfigError, UserError, yaml_problem
 
 _NONE = type(None)
 _SCALARS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -57,7 +57,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         _check_expansion(yaml.compose(value, Loader=yaml.SafeLoader), f"Override {text!r}", with_lines=False)
         return key, yaml.safe_load(value)
     except yaml.YAMLError as err:
-        raise UserError(f"Override {text!r}: the value is not valid YAML ({_first_line(err)}).") from None
+        raise UserError(f"Override {text!r}: the value is not valid YAML ({yaml_problem(err)}).") from None
     except RecursionError:
         raise UserError(f"Override {text!r}: the value is nested too deeply.") from None
 
@@ -106,7 +106,7 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     except UnicodeDecodeError:
         raise UserError(f"Config file {str(path)!r} is not UTF-8 text.") from None
     except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML: {_first_line(err)}") from None
+        raise UserError(f"{path}: not valid YAML: {yaml_problem(err)}") from None
     except RecursionError:
         raise UserError(f"{path}: the YAML is nested too deeply to be a config.") from None
     if raw is None:
@@ -354,6 +354,3 @@ def _locate(key: str, where: dict[str, str], path: str | Path | None) -> str:
         return inside[0]
     return str(path) if path is not None else "config"
 
-
-def _first_line(err: Exception) -> str:
-    return " ".join(str(err).split())

@@ -30,6 +30,7 @@ from moetune.config.schema import Config
 from moetune.data.encode import IGNORE_INDEX, encode_records
 from moetune.data.expert_labels import NO_LABEL, label_ids_of, label_vocabulary
 from moetune.data.split import load_splits
+from moetune.data.tokenizer import pad_token_id
 from moetune.errors import UserError
 
 
@@ -191,7 +192,7 @@ def build_train_eval_datasets(config: Config, tokenizer, cache_dir: str | Path |
         print("data.packing: this model family takes no position_ids, so samples cannot be packed without attending "
               "across them; padding instead.", file=sys.stderr)
     cache = Path(cache_dir) if cache_dir is not None else Path(config.data.output_path).parent / ".cache"
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     stats: dict[str, Any] = {"train_records": len(train_records), "eval_records": len(val_records)}
     datasets = []
     vocabulary = _supervised_labels(config, train_records)

@@ -69,9 +69,22 @@ def _from_pretrained(name: str, trust_remote_code: bool = False):
         raise UserError(f"model.tokenizer / model.name: cannot load a tokenizer from {name!r} ({err}). Give a local "
                         "folder or a hub id reachable from this machine, or set model.random_init: true to train one "
                         "on the data.") from None
+    return with_pad_token(tokenizer)
+
+
+def with_pad_token(tokenizer):
+    """``tokenizer`` with a pad token: its own, else its end-of-sequence token (causal LMs often ship none).
+
+    Padded positions carry no loss and no attention, so which token pads does not change any result.
+    """
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id batches are padded with (see :func:`with_pad_token`)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _capped(texts: Iterable[str], max_chars: int) -> Iterator[str]:

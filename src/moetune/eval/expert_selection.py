@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moetune.config.schema import Config
+from moetune.data.tokenizer import pad_token_id, with_pad_token
 from moetune.errors import UserError
 
 METHODS = ("gate", "token")
@@ -77,7 +78,7 @@ def score_experts(model, tokenizer, records: list[dict], max_seq_length: int, ba
     model.eval()
     device = next(model.parameters()).device
     family = family_of_model(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     collate = PaddingCollator(pad_id)
     special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
     groups: dict[str, list[dict]] = {}
@@ -241,8 +242,7 @@ def _load_model(config: Config, adapter_path: str | None, train_records: list[di
             tokenizer = load_or_train_tokenizer(config, texts)
     else:
         tokenizer = load_or_train_tokenizer(config)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = with_pad_token(tokenizer)
     return load_base(config, tokenizer), tokenizer
 
 

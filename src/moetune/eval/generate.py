@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moetune.config.schema import InferenceConfig
+from moetune.data.tokenizer import pad_token_id
 from moetune.models.routing import family_of_model
 
 # Items whose body sits between braces after a `keyword name` signature.
@@ -69,7 +70,7 @@ def generation_kwargs(inference: InferenceConfig, tokenizer) -> dict:
     """``model.generate`` keyword arguments for the inference section (sampling knobs only when sampling)."""
     kwargs = {"max_new_tokens": inference.max_new_tokens, "do_sample": inference.do_sample,
               "repetition_penalty": inference.repetition_penalty, "use_cache": True,
-              "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+              "pad_token_id": pad_token_id(tokenizer),
               "eos_token_id": tokenizer.eos_token_id}
     if inference.do_sample:
         kwargs.update(temperature=inference.temperature, top_k=inference.top_k, top_p=inference.top_p)

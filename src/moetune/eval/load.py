@@ -16,7 +16,8 @@ from typing import Literal
 import torch
 
 from moetune.config.schema import Config
-from moetune.errors import UserError
+from moetune.data.tokenizer import with_pad_token
+from moetune.errors import UserError, first_line
 from moetune.train.checkpoint import list_checkpoints
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -80,7 +81,7 @@ def _check_adapter_config(file: Path) -> None:
     try:
         PeftConfig.from_pretrained(str(file.parent))
     except (TypeError, ValueError, KeyError, AttributeError) as err:
-        raise UserError(f"{file} is not a valid PEFT adapter config ({_first_line(err)}); evaluate another "
+        raise UserError(f"{file} is not a valid PEFT adapter config ({first_line(err)}); evaluate another "
                         "checkpoint.") from None
 
 
@@ -118,8 +119,7 @@ def load_eval_tokenizer(config: Config, tuned: TunedModelPath):
         trained_on_data = config.model.random_init and config.model.tokenizer is None
         run_tokenizer = Path(config.training.output_dir) / RUN_TOKENIZER_DIR
         tokenizer = load_or_train_tokenizer(config, None, save_dir=run_tokenizer if trained_on_data else None)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = with_pad_token(tokenizer)
     return tokenizer
 
 
@@ -154,7 +154,7 @@ def load_tuned(config: Config, tuned: TunedModelPath, tokenizer, base=None):
             model = PeftModel.from_pretrained(base, str(tuned.path), is_trainable=False)
         except (ValueError, RuntimeError, KeyError, OSError, SafetensorError, TypeError, AttributeError) as err:
             raise UserError(f"The adapter in {tuned.path} cannot be loaded onto the base model of this config "
-                            f"({_first_line(err)}). Was it trained with another model.* / lora.* config, or is the file "
+                            f"({first_line(err)}). Was it trained with another model.* / lora.* config, or is the file "
                             "corrupt? Pass the run's own config with --config.") from None
     missing = [w for w in caught if "missing adapter keys" in str(w.message)]
     if missing:
@@ -176,7 +176,7 @@ def _load_merged(config: Config, path: Path, tokenizer):
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(config.model.torch_dtype),
                                                      trust_remote_code=config.model.trust_remote_code)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
-        raise UserError(f"The merged model in {path} cannot be loaded ({_first_line(err)}).") from None
+        raise UserError(f"The merged model in {path} cannot be loaded ({first_line(err)}).") from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise UserError(f"The merged model in {path} has {model.get_input_embeddings().num_embeddings} token embeddings "
                         f"but its tokenizer has {len(tokenizer)} tokens; it was saved with another tokenizer.")
@@ -189,7 +189,3 @@ def _to_device(model):
         model = model.to("cuda")
     return model
 
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -8,16 +8,16 @@ loss is the mean over label tokens, weighted by tokens as in the trainer's evalu
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from moetune.data.encode import IGNORE_INDEX, encode_records
+from moetune.data.encode import encode_records
 from moetune.data.packing import PaddingCollator
+from moetune.data.tokenizer import pad_token_id
 from moetune.eval.routing_report import group_of
-from moetune.models.losses import forward_with_lm_loss
+from moetune.models.losses import forward_with_lm_loss, mean_loss_and_perplexity, scored_token_count
 from moetune.models.routing import capture_routing, expert_token_counts, family_of_model
 
 
@@ -36,11 +36,6 @@ class ScoreResult:
         return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens, "per_group": self.per_group}
 
 
-def perplexity_of(loss: float) -> float:
-    """exp(loss), capped so a diverged model reports a huge number instead of overflowing."""
-    return math.exp(min(loss, 50.0))
-
-
 @torch.no_grad()
 def score_records(model, tokenizer, records: list[dict], max_seq_length: int, batch_size: int,
                   desc: str = "loss") -> ScoreResult:
@@ -49,7 +44,7 @@ def score_records(model, tokenizer, records: list[dict], max_seq_length: int, ba
     device = next(model.parameters()).device
     family = family_of_model(model)
     top_k = 0
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     collate = PaddingCollator(pad_id)
     # bos/eos/pad are in every sample alike: they say nothing about the group, only dilute its routing.
     special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
@@ -70,7 +65,7 @@ def score_records(model, tokenizer, records: list[dict], max_seq_length: int, ba
             _, loss = forward_with_lm_loss(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                                                    "use_cache": False}, batch["labels"])
         loss_sums[group] = loss_sums.get(group, 0.0) + float(loss)
-        token_counts[group] = token_counts.get(group, 0) + int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        token_counts[group] = token_counts.get(group, 0) + int(scored_token_count(batch["labels"]))
         if captured.layers:
             top_k = captured.layers[0].experts.shape[-1]
             counted = batch["attention_mask"].bool().cpu() & ~torch.isin(batch["input_ids"].cpu(), special_ids)
@@ -78,9 +73,10 @@ def score_records(model, tokenizer, records: list[dict], max_seq_length: int, ba
             routing[group] = counts if group not in routing else routing[group] + counts
 
     tokens = sum(token_counts.values())
-    mean = sum(loss_sums.values()) / max(tokens, 1)
-    per_group = {g: {"loss": loss_sums[g] / max(token_counts[g], 1), "tokens": token_counts[g]} for g in sorted(loss_sums)}
-    return ScoreResult(mean, perplexity_of(mean), tokens, per_group, routing, top_k)
+    mean, perplexity = mean_loss_and_perplexity(sum(loss_sums.values()), tokens)
+    per_group = {g: {"loss": mean_loss_and_perplexity(loss_sums[g], token_counts[g])[0], "tokens": token_counts[g]}
+                 for g in sorted(loss_sums)}
+    return ScoreResult(mean, perplexity, tokens, per_group, routing, top_k)
 
 
 def _by_group(records: list[dict]) -> dict[str, list[dict]]:

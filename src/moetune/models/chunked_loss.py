@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetune.data.encode import IGNORE_INDEX
 from moetune.errors import UserError
 from moetune.models.kernels import fused_linear_cross_entropy_available
-from moetune.models.losses import IGNORE_INDEX
 
 CHUNKED = "chunked"
 LIGER = "liger_fused_linear_cross_entropy"

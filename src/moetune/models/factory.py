@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from moetune.errors import ConfigError, UserError
+from moetune.errors import ConfigError, UserError, first_line
 from moetune.models.families import FAMILY_NAMES, family_for_model_type, get_family, known_model_types
 from moetune.models.families._spec import FamilySpec, Traits
 from moetune.models.hf_config import apply_overrides, build_random_init_config
@@ -134,7 +134,7 @@ def read_model_type(name: str, trust_remote_code: bool = False) -> str:
         return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).model_type
     except (OSError, ValueError) as err:
         raise UserError(f"model.name {name!r} is neither a folder with a config.json nor a reachable hub model "
-                        f"({_first_line(err)}). Set model.architecture, or fix the path.") from None
+                        f"({first_line(err)}). Set model.architecture, or fix the path.") from None
 
 
 def load_base_model(config, family: FamilySpec, tokenizer=None) -> nn.Module:
@@ -171,7 +171,7 @@ def _from_pretrained(spec, family: FamilySpec, dtype, kwargs: dict[str, Any], to
     try:
         hf_config = AutoConfig.from_pretrained(spec.name, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise UserError(f"model.name {spec.name!r} could not be loaded ({_first_line(err)}).") from None
+        raise UserError(f"model.name {spec.name!r} could not be loaded ({first_line(err)}).") from None
     if hf_config.model_type not in family.model_types:
         raise ConfigError("model.architecture", f"model.architecture is {family.name!r} but model.name "
                           f"{spec.name!r} is a {hf_config.model_type!r} model.")
@@ -188,7 +188,7 @@ def _from_pretrained(spec, family: FamilySpec, dtype, kwargs: dict[str, Any], to
             spec.name, config=hf_config, dtype=dtype, quantization_config=quant,
             trust_remote_code=spec.trust_remote_code, output_loading_info=True, **kwargs)
     except OSError as err:
-        raise UserError(f"model.name {spec.name!r}: the weights could not be read ({_first_line(err)}).") from None
+        raise UserError(f"model.name {spec.name!r}: the weights could not be read ({first_line(err)}).") from None
     check_loading_info(info, spec.name)
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
         logger.info("resizing the embedding from %d to the tokenizer's %d tokens",
@@ -207,10 +207,6 @@ def _special_token_ids(tokenizer) -> dict[str, int | None]:
         return {}
     return {name: getattr(tokenizer, name, None) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
 
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 # ------------------------------------------------------------------------------ building a family

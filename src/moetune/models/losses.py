@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,11 +28,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from moetune.data.encode import IGNORE_INDEX
 from moetune.errors import UserError
 from moetune.models.layout import innermost_model
 from moetune.models.routing import CapturedRouting, LayerRouting, capture_routing, family_of_model
 
-IGNORE_INDEX = -100
 # Batch entries the loss reads and the model's forward must not receive.
 LOSS_ONLY_KEYS = ("labels", "expert_label_ids")
 
@@ -88,6 +89,18 @@ class LossParts:
         return total
 
 
+def scored_token_count(labels: torch.Tensor) -> torch.Tensor:
+    """How many tokens the shifted next-token loss scores: labels after the first position that are not -100."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def mean_loss_and_perplexity(loss_sum: float, tokens: float) -> tuple[float, float]:
+    """The per-token mean of a summed loss, and exp of it capped at exp(50), so a diverged model reports a
+    huge perplexity instead of overflowing."""
+    loss = loss_sum / max(tokens, 1)
+    return loss, math.exp(min(loss, 50.0))
+
+
 def step_token_counts(batch: Mapping[str, Any]) -> torch.Tensor:
     """(label tokens, routed tokens) of one batch, as counted by :func:`compute_losses`, without a forward pass.
 
@@ -96,7 +109,7 @@ def step_token_counts(batch: Mapping[str, Any]) -> torch.Tensor:
     """
     labels = _labels(batch)
     mask = batch.get("attention_mask")
-    loss_tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
+    loss_tokens = scored_token_count(labels)
     routed = mask.sum() if mask is not None and mask.dim() == 2 else torch.tensor(labels.numel(), device=labels.device)
     return torch.stack([loss_tokens, routed.to(loss_tokens.device)]).float()
 

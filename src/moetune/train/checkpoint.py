@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from moetune.errors import UserError
+from moetune.errors import UserError, first_line
 from moetune.train.output_dir import (
     CHECKPOINT_DIR,
     PARTIAL_PREFIX,
@@ -188,7 +188,7 @@ def load_checkpoint(accelerator, checkpoint: Path) -> TrainerState:
     except UserError as err:  # the adapter, from the load hook
         raise UserError(f"Cannot resume from {checkpoint}: {err}{earlier_checkpoint_hint(checkpoint)}") from None
     except (FileNotFoundError, KeyError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
-        raise UserError(f"Cannot resume from {checkpoint}: {_first_line(err)} (was it written by another model or "
+        raise UserError(f"Cannot resume from {checkpoint}: {first_line(err)} (was it written by another model or "
                         f"config, or cut short?).{earlier_checkpoint_hint(checkpoint)}") from None
     return state
 
@@ -272,7 +272,7 @@ def _load_trainable_weights(model, directory: Path) -> None:
             weights = load_peft_weights(str(directory))
         except SafetensorError as err:
             adapter = directory / "adapter_model.safetensors"
-            raise UserError(f"{adapter} is truncated or corrupt ({_first_line(err)}).") from None
+            raise UserError(f"{adapter} is truncated or corrupt ({first_line(err)}).") from None
         except (FileNotFoundError, ValueError, OSError) as err:
             raise UserError(f"{directory} has no readable adapter ({err}).") from None
         result = set_peft_model_state_dict(model, weights)
@@ -290,7 +290,7 @@ def _load_trainable_weights(model, directory: Path) -> None:
         try:
             state_dict.update(load_file(str(file)))
         except SafetensorError as err:
-            raise UserError(f"{file} is truncated or corrupt ({_first_line(err)}).") from None
+            raise UserError(f"{file} is truncated or corrupt ({first_line(err)}).") from None
     result = model.load_state_dict(state_dict, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in result.missing_keys if k not in tied]
@@ -298,10 +298,6 @@ def _load_trainable_weights(model, directory: Path) -> None:
         raise UserError(f"The weights in {directory} do not fit this model (missing {missing[:3]}, unexpected "
                         f"{result.unexpected_keys[:3]}).")
 
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _is_deepspeed(accelerator) -> bool:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from moetune.models.losses import IGNORE_INDEX, forward_with_lm_loss
+from moetune.models.losses import forward_with_lm_loss, mean_loss_and_perplexity, scored_token_count
 
 
 @torch.no_grad()
@@ -26,9 +24,9 @@ def evaluate_loss(model, loader, accelerator, max_batches: int | None = None) ->
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         _, batch_loss = forward_with_lm_loss(model, {**inputs, "use_cache": False}, labels)
         loss_sum += batch_loss.double()
-        tokens += (labels[:, 1:] != IGNORE_INDEX).sum()
+        tokens += scored_token_count(labels)
     loss_sum, tokens = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(tokens, "sum")
     if was_training:
         model.train()
-    loss = (loss_sum / tokens.clamp_min(1)).item()
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": int(tokens.item())}
+    loss, perplexity = mean_loss_and_perplexity(loss_sum.item(), tokens.item())
+    return {"eval_loss": loss, "eval_perplexity": perplexity, "eval_tokens": int(tokens.item())}
