@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import moetune.data.build as build_module
+import moetune.data.sources.qa_jsonl as qa_jsonl_source
 from moetune.config import load_config
 from moetune.data.build import build_dataset, stats_path_for
 from moetune.errors import UserError
@@ -203,13 +204,14 @@ def test_temporary_files_of_a_killed_build_are_removed_by_the_next_one(tmp_path:
 
 def test_sigterm_during_a_build_exits_143_and_leaves_no_temporary_file(tmp_path: Path, qa_file: Path, monkeypatch):
     config = _config(tmp_path, [{"type": "qa_jsonl", "path": str(qa_file)}])
-    real_add = build_module._add_qa_jsonl
+    real_add = qa_jsonl_source.SOURCE.add_samples
 
     def add_then_get_terminated(*args):
         real_add(*args)  # the temporary dataset now holds samples
         os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(build_module, "_add_qa_jsonl", add_then_get_terminated)
+    monkeypatch.setattr(qa_jsonl_source, "SOURCE", dataclasses.replace(qa_jsonl_source.SOURCE,
+                                                                       add_samples=add_then_get_terminated))
     previous = signal.getsignal(signal.SIGTERM)
 
     with pytest.raises(SystemExit) as exit_info:

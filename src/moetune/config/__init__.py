@@ -11,14 +11,13 @@ from moetune.config.schema import (
     ModelConfig,
     MoeConfig,
     PostTrainingConfig,
-    QaJsonlSourceConfig,
-    RustRepoSourceConfig,
+    SourceConfig,
     TrainingConfig,
     ValidationConfig,
 )
 
 __all__ = [
     "AdvancedConfig", "Config", "DataConfig", "InferenceConfig", "LoggingConfig", "LoraConfig", "ModelConfig",
-    "MoeConfig", "PostTrainingConfig", "QaJsonlSourceConfig", "RustRepoSourceConfig", "TrainingConfig",
+    "MoeConfig", "PostTrainingConfig", "SourceConfig", "TrainingConfig",
     "ValidationConfig", "config_to_dict", "dump_config", "load_config", "parse_override", "save_config",
 ]

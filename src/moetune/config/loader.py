@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from moetune.config.schema import SOURCE_TYPES, Config
+from moetune.config.schema import SOURCE_TYPES, Config, SourceConfig
 from moetune.errors import ConfigError, UserError, yaml_problem
 
 _NONE = type(None)
@@ -219,13 +219,13 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if tp is SourceConfig:
+        return _build_source(value, key)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and _NONE in args:
             return None
         options = [a for a in args if a is not _NONE]
-        if all(dataclasses.is_dataclass(a) for a in options):
-            return _build_source(value, key)
         for option in options[1:]:  # e.g. `auto` or a mapping: the first shape that fits
             with contextlib.suppress(ConfigError):
                 return _coerce(option, value, key)
@@ -277,10 +277,12 @@ def _coerce_scalar(tp: type, value: Any, key: str) -> Any:
 
 
 def _build_source(value: Any, key: str) -> Any:
+    """One ``data.sources`` entry, built with the config class of the kind its ``type`` names: SOURCE_TYPES
+    imports the module that the registry, moetune.plugins.SOURCE_MODULES, names for it."""
     if not isinstance(value, dict) or "type" not in value:
         raise ConfigError(key, f"{key} must be a mapping with a `type` ({' or '.join(SOURCE_TYPES)}), got {value!r}.")
     kind = value["type"]
-    if kind not in SOURCE_TYPES:
+    if not isinstance(kind, str) or kind not in SOURCE_TYPES:
         close = difflib.get_close_matches(str(kind), list(SOURCE_TYPES), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"{key}.type", f"{key}.type must be one of {', '.join(SOURCE_TYPES)}; got {kind!r}.{hint}")

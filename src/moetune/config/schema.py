@@ -9,14 +9,17 @@ existing config reads as its author expects.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
+from moetune import plugins
 from moetune.errors import ConfigError
 
 # The registry's names, read without importing a family (torch): model.architecture's accepted
-# values and the README reference follow the families package.
-from moetune.models.families import FAMILY_NAMES
+# values and the README reference follow the registry.
+from moetune.plugins import FAMILY_NAMES
 
 
 def opt(default: Any, help: str, **kwargs: Any) -> Any:
@@ -240,41 +243,42 @@ class MoeConfig:
 # ---------------------------------------------------------------------------------------- data
 
 
-@dataclass(frozen=True)
-class RustRepoSourceConfig:
-    """A Rust repository walked into file-level and per-item samples."""
+class SourceConfig(Protocol):
+    """One entry of ``data.sources``: the config class of a source kind (a frozen dataclass of that kind's
+    module, e.g. ``moetune.data.sources.rust_repo.RustRepoSourceConfig``). The loader picks the class by
+    the entry's ``type`` from the registry, :data:`moetune.plugins.SOURCE_MODULES`."""
 
-    path: str = required("Root of the repository (relative paths resolve against the current directory).")
-    type: Literal["rust_repo"] = opt("rust_repo", "Source kind.")
-    file_level: bool = opt(True, "Emit whole-file samples, split at item boundaries to fit model.max_seq_length.")
-    granular: bool = opt(True, "Emit one sample per item (function, struct, enum, trait, impl, ...).")
-    instructions: bool = opt(False, "Emit instruction samples: the doc comment as the request, the item as the answer.")
-    max_file_bytes: int = opt(1_000_000, "Skip files larger than this. Chunking is linear in the file's size, but a file is "
-                              "parsed whole: tree-sitter's syntax tree alone takes about 25 times the file's size in "
-                              "memory (a worker peaks near 90 times), so raise it with the memory of every worker in mind.")
-    exclude: tuple[str, ...] = opt((), "Extra gitignore-style patterns to skip.")
-
-    def __post_init__(self) -> None:
-        check(bool(self.path), "data.sources[].path", self.path, "a non-empty path")
-        check(self.max_file_bytes > 0, "data.sources[].max_file_bytes", self.max_file_bytes, "greater than 0")
+    type: str
+    path: str
 
 
-@dataclass(frozen=True)
-class QaJsonlSourceConfig:
-    """Question/answer JSONL lines: {"question", "answer", "expert_label"}."""
+def source_config_class(kind: str) -> type:
+    """The config class of the source kind registered as ``kind``; KeyError when none is.
 
-    path: str = required("JSONL file (relative paths resolve against the current directory).")
-    type: Literal["qa_jsonl"] = opt("qa_jsonl", "Source kind.")
-    prompt_template: str = opt("Question: {question}\nAnswer:", "Prompt built from each line; loss is on the answer only.")
-
-    def __post_init__(self) -> None:
-        check(bool(self.path), "data.sources[].path", self.path, "a non-empty path")
-        check("{question}" in self.prompt_template, "data.sources[].prompt_template", self.prompt_template,
-              "a template containing {question}")
+    The kind's module is imported now, not when the config layer is: the registry names its module
+    by path, so the config layer never imports the data stage.
+    """
+    return importlib.import_module(plugins.SOURCE_MODULES[kind]).SOURCE.config_class
 
 
-SOURCE_TYPES: dict[str, type] = {"rust_repo": RustRepoSourceConfig, "qa_jsonl": QaJsonlSourceConfig}
-SourceConfig = RustRepoSourceConfig | QaJsonlSourceConfig
+class _SourceConfigClasses(Mapping[str, type]):
+    """Registered kind -> its config class, read from the registry at each use (a kind's module is
+    imported when its class is asked for)."""
+
+    def __getitem__(self, kind: str) -> type:
+        return source_config_class(kind)
+
+    def __contains__(self, kind: object) -> bool:
+        return kind in plugins.SOURCE_MODULES  # without importing the kind's module
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(plugins.SOURCE_MODULES))
+
+    def __len__(self) -> int:
+        return len(plugins.SOURCE_MODULES)
+
+
+SOURCE_TYPES: Mapping[str, type] = _SourceConfigClasses()
 
 
 @dataclass(frozen=True)
@@ -282,7 +286,9 @@ class DataConfig:
     """Where the training data comes from and where the built dataset goes."""
 
     output_path: str = opt("data/all_data.jsonl", "Built dataset (JSONL); <stem>.stats.json is written beside it.")
-    sources: tuple[SourceConfig, ...] = opt((), "Sources, each {type: rust_repo | qa_jsonl, path: ..., ...}.")
+    sources: tuple[SourceConfig, ...] = opt(
+        (), f"Sources, each {{type: {' | '.join(plugins.SOURCE_MODULES)}, path: ..., ...}}."
+    )
     strict: bool = opt(False, "Stop at the first bad input line (exit 2) instead of counting and reporting it.")
     packing: bool = opt(True, "Pack samples into full sequences (no padding, attention kept within each sample).")
     num_workers: int = opt(0, "Processes for parsing source files; 0 = one per CPU core.")

@@ -4,7 +4,8 @@ Samples stream straight to a temporary file beside the output, exact duplicates 
 content hash on the way, and only a build that finishes renames the files into place, so a failed
 or interrupted build never leaves a half-written dataset where a good one was. The stats file
 records what the build read (``build_inputs``), so :func:`build_dataset_unless_current` can tell
-a dataset that still matches its sources from a stale one.
+a dataset that still matches its sources from a stale one. How each source kind reads its samples
+and what it counts are its module's (:mod:`moetune.data.sources`); nothing here depends on a kind.
 """
 
 from __future__ import annotations
@@ -15,29 +16,16 @@ import signal
 import sys
 import threading
 import time
-from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from tqdm import tqdm
-
 from moetune.config.loader import config_to_dict
-from moetune.config.schema import Config, QaJsonlSourceConfig, RustRepoSourceConfig
-from moetune.data.qa_jsonl import QaStats, read_qa_jsonl
-from moetune.data.records import content_digest, estimate_tokens, sample_chars, to_json_line
-from moetune.data.rust_repo import RustSampleOptions, rust_file_results
-from moetune.data.walk import walk_rust_repo
+from moetune.config.schema import Config
+from moetune.data.records import estimate_tokens
+from moetune.data.sources import SourceKind, registered_kinds, source_kind
 from moetune.errors import UserError
-
-# Tokens kept free in a file-level chunk for its header line and the end-of-sequence token.
-_CHUNK_HEADER_TOKENS = 32
-MAX_BAD_LINES_PRINTED = 20
-MAX_BAD_LINES_IN_STATS = 1000
-# How much of a file a sample kind spans; of two identical samples the narrower kind is kept (a
-# one-method impl is its method). Kinds not listed are single items.
-_KIND_BREADTH = {"file": 3, "module": 2, "impl": 1, "trait": 1}
 
 
 def stats_path_for(output_path: str | Path) -> Path:
@@ -57,15 +45,11 @@ def build_dataset(config: Config) -> int:
         raise UserError("data.sources is empty: add at least one source, e.g. "
                         "{type: rust_repo, path: ./my-crate} or {type: qa_jsonl, path: data/sample_qa.jsonl}.")
     for i, source in enumerate(data.sources):
-        if isinstance(source, RustRepoSourceConfig) and not Path(source.path).is_dir():
-            raise UserError(f"data.sources[{i}].path: {source.path} is not a directory (rust_repo needs the root of a "
-                            f"Rust repository; relative paths resolve against {Path.cwd()}).")
-        if isinstance(source, QaJsonlSourceConfig) and not Path(source.path).is_file():
-            raise UserError(f"data.sources[{i}].path: {source.path} is not a file (qa_jsonl needs a JSONL file; "
-                            f"relative paths resolve against {Path.cwd()}).")
+        _check_path(source_kind(source.type), source.path, f"data.sources[{i}].path")
     output = Path(data.output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
-    stats = _new_stats(data.chars_per_token)
+    kinds = registered_kinds()
+    stats = _new_stats(data.chars_per_token, kinds)
     stats["build_inputs"] = build_inputs(config)  # before reading: a source changed meanwhile makes it stale
     started = time.perf_counter()
     _remove_stale_tmp_files(output)
@@ -74,32 +58,33 @@ def build_dataset(config: Config) -> int:
         with tmp_output.open("w", encoding="utf-8", newline="\n") as out:
             writer = _DedupWriter(out, stats)
             for source in data.sources:
-                if isinstance(source, RustRepoSourceConfig):
-                    _add_rust_repo(source, config, writer, stats)
-                else:
-                    _add_qa_jsonl(source, data.strict, writer, stats)
+                source_kind(source.type).add_samples(source, config, writer, stats)
         stats["estimated_tokens"] = estimate_tokens(stats["characters"], data.chars_per_token)
-        stats["samples"] = {source: dict(sorted(kinds.items())) for source, kinds in stats["samples"].items()}
+        stats["samples"] = {source: dict(sorted(counts.items())) for source, counts in stats["samples"].items()}
         if stats["samples_total"] == 0:
-            raise UserError("The build produced no samples: " + _skipped_text(stats) + ". Check data.sources.")
+            read = dict.fromkeys(source_kind(source.type).describe_empty(stats) for source in data.sources)
+            raise UserError(f"The build produced no samples: {'; '.join(read)}. Check data.sources.")
         tmp_stats.write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         os.replace(tmp_output, output)
         os.replace(tmp_stats, stats_path_for(output))
-    _print_summary(stats, output, time.perf_counter() - started)
+    _print_summary(stats, kinds, output, time.perf_counter() - started)
     return 0
 
 
 def build_inputs(config: Config) -> dict | None:
     """What a build of ``data.output_path`` read and how, as plain JSON: the data settings and each source
-    file's size and modification time. None when that cannot be told cheaply: a rust_repo source (any file
-    under it may change) or a source file that is missing."""
+    file's size and modification time. None when that cannot be told cheaply: a source whose kind cannot
+    list its input files (a rust_repo: any file under it may change) or a source file that is missing."""
     files = []
     for source in config.data.sources:
-        path = Path(source.path)
-        if not isinstance(source, QaJsonlSourceConfig) or not path.is_file():
+        list_files = source_kind(source.type).input_files
+        if list_files is None:
             return None
-        stat = path.stat()
-        files.append({"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+        for path in list_files(source):
+            if not path.is_file():
+                return None
+            stat = path.stat()
+            files.append({"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
     # Keys that only matter after the build (which samples are used, how they are tokenized) are left out.
     settings = {key: value for key, value in config_to_dict(config.data).items()
                 if key not in ("output_path", "num_workers", "packing", "max_samples", "max_target_length")}
@@ -206,9 +191,11 @@ class _DedupWriter:
     def __init__(self, out: IO[str], stats: dict):
         self.out, self.stats, self.seen = out, stats, set()
 
-    def write_file_samples(self, samples: list[tuple[bytes, str, str, int]], source: str) -> None:
-        """Write one file's samples; of identical ones, the sample of the narrowest kind (function over impl
-        over file) is kept, with its name and lines, in its own place.
+    def write_file_samples(self, samples: list[tuple[bytes, str, str, int]], source: str,
+                           breadth: Mapping[str, int]) -> None:
+        """Write one file's ``(digest, line, kind, chars)`` samples; of identical ones, the sample whose kind has
+        the smallest ``breadth`` (function over impl over file; 0 when not listed) is kept, with its name and
+        lines, in its own place.
 
         Identical samples of different kinds come from one file (file chunks carry the path in their
         header; a one-method impl and its method are found together), so across files the first
@@ -217,7 +204,7 @@ class _DedupWriter:
         kept: dict[bytes, int] = {}
         for index, (digest, _, kind, _) in enumerate(samples):
             best = kept.get(digest)
-            if best is None or _KIND_BREADTH.get(kind, 0) < _KIND_BREADTH.get(samples[best][2], 0):
+            if best is None or breadth.get(kind, 0) < breadth.get(samples[best][2], 0):
                 kept[digest] = index
         for index, (digest, line, kind, chars) in enumerate(samples):
             if kept[digest] == index:
@@ -226,6 +213,7 @@ class _DedupWriter:
                 self.stats["duplicates_removed"] += 1
 
     def write(self, digest: bytes, line: str, source: str, kind: str, chars: int) -> None:
+        """Write one sample unless one with the same content hash was written."""
         if digest in self.seen:
             self.stats["duplicates_removed"] += 1
             return
@@ -237,103 +225,28 @@ class _DedupWriter:
         self.stats["characters"] += chars
 
 
-def _add_rust_repo(source: RustRepoSourceConfig, config: Config, writer: _DedupWriter, stats: dict) -> None:
-    root = Path(source.path)
-    walked = walk_rust_repo(root, source.max_file_bytes, source.exclude)
-    skipped = Counter(walked.skipped)
-    redactions: Counter = Counter()
-    budget_tokens = max(config.model.max_seq_length - _CHUNK_HEADER_TOKENS, 16)
-    options = RustSampleOptions(
-        repo=root.resolve().name, file_level=source.file_level, granular=source.granular,
-        instructions=source.instructions, chunk_budget_chars=int(budget_tokens * config.data.chars_per_token),
-        max_file_bytes=source.max_file_bytes,
-    )
-    scanned = scanned_bytes = syntax_errors = items_with_errors = 0
-    with rust_file_results(walked.files, options, config.data.num_workers) as results:
-        bar = tqdm(results, total=len(walked.files), unit="file", desc=f"rust_repo {options.repo}",
-                   disable=len(walked.files) < 200, file=sys.stderr)
-        for file, result in zip(walked.files, bar, strict=True):
-            if result.skip_reason:
-                skipped[result.skip_reason] += 1
-                if result.error:
-                    print(f"skipped {root / file.path}: {result.error}", file=sys.stderr)
-                continue
-            scanned += 1
-            scanned_bytes += file.size
-            syntax_errors += result.syntax_error
-            items_with_errors += result.items_with_errors
-            redactions.update(result.redactions)
-            writer.write_file_samples(result.samples, "rust_repo")
-        bar.close()
-    stats["rust_files_found"] += len(walked.files)
-    stats["rust_files_scanned"] += scanned
-    stats["rust_bytes_scanned"] += scanned_bytes
-    stats["files_skipped"] = dict(sorted((Counter(stats["files_skipped"]) + skipped).items()))
-    stats["files_with_syntax_errors"] += syntax_errors
-    stats["items_with_syntax_errors"] += items_with_errors
-    stats["redactions"] = dict(sorted((Counter(stats["redactions"]) + redactions).items()))
-    stats["sources"].append({"type": "rust_repo", "path": source.path, "rust_files_found": len(walked.files),
-                             "rust_files_scanned": scanned, "rust_bytes_scanned": scanned_bytes, "files_skipped": dict(sorted(skipped.items())),
-                             "redactions": dict(sorted(redactions.items()))})
+def _check_path(kind: SourceKind, path: str, key: str) -> None:
+    exists = Path(path).is_dir() if kind.path_is == "directory" else Path(path).is_file()
+    if not exists:
+        raise UserError(f"{key}: {path} is not a {kind.path_is} ({kind.name} needs {kind.path_holds}; "
+                        f"relative paths resolve against {Path.cwd()}).")
 
 
-def _add_qa_jsonl(source: QaJsonlSourceConfig, strict: bool, writer: _DedupWriter, stats: dict) -> None:
-    qa = QaStats()
-    for record in read_qa_jsonl(source.path, source.prompt_template, strict, qa):
-        writer.write(content_digest(record), to_json_line(record), "qa_jsonl", "qa", sample_chars(record))
-    stats["qa_lines_read"] += qa.lines_read
-    stats["bad_lines"] += len(qa.bad_lines)
-    room = MAX_BAD_LINES_IN_STATS - len(stats["bad_line_details"])
-    stats["bad_line_details"].extend(qa.bad_lines[:max(room, 0)])
-    stats["qa_missing_expert_label"] += qa.missing_expert_label
-    stats["expert_labels"] = dict(sorted((Counter(stats["expert_labels"]) + qa.expert_labels).items()))
-    stats["sources"].append({"type": "qa_jsonl", "path": source.path, "lines_read": qa.lines_read,
-                             "blank_lines": qa.blank_lines, "bad_lines": len(qa.bad_lines),
-                             "missing_expert_label": qa.missing_expert_label})
-    for where in qa.bad_lines[:MAX_BAD_LINES_PRINTED]:
-        print(f"skipped bad line {where}", file=sys.stderr)
-    if len(qa.bad_lines) > MAX_BAD_LINES_PRINTED:
-        print(f"... and {len(qa.bad_lines) - MAX_BAD_LINES_PRINTED} more bad lines in {source.path} "
-              "(listed in the stats file)", file=sys.stderr)
+def _new_stats(chars_per_token: float, kinds: list[SourceKind]) -> dict:
+    """The stats at zero: the build's own counters, then every registered kind's, then the sources read."""
+    stats = {"samples_total": 0, "samples": {}, "duplicates_removed": 0, "characters": 0, "estimated_tokens": 0,
+             "chars_per_token": chars_per_token}
+    for kind in kinds:
+        stats.update(kind.new_stats())
+    stats.setdefault("redactions", {})  # shared by the kinds that redact secrets; the summary totals it
+    stats["sources"] = []
+    return stats
 
 
-def _new_stats(chars_per_token: float) -> dict:
-    return {
-        "samples_total": 0, "samples": {}, "duplicates_removed": 0, "characters": 0, "estimated_tokens": 0,
-        "chars_per_token": chars_per_token, "rust_files_found": 0, "rust_files_scanned": 0, "rust_bytes_scanned": 0, "files_skipped": {},
-        "files_with_syntax_errors": 0, "items_with_syntax_errors": 0, "redactions": {},
-        "qa_lines_read": 0, "bad_lines": 0, "bad_line_details": [], "qa_missing_expert_label": 0,
-        "expert_labels": {}, "sources": [],
-    }
-
-
-def _skipped_text(stats: dict) -> str:
-    return f"{stats['rust_files_found']:,} Rust files found, {_skip_breakdown(stats['files_skipped'])}"
-
-
-def _skip_breakdown(skipped: dict) -> str:
-    if not skipped:
-        return "none skipped"
-    reasons = ", ".join(f"{n:,} {reason}" for reason, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
-    return f"skipped {sum(skipped.values()):,}: {reasons}"
-
-
-def _print_summary(stats: dict, output: Path, seconds: float) -> None:
-    rust = stats["samples"].get("rust_repo", {})
-    granular = sum(n for kind, n in rust.items() if kind not in ("file", "instruction"))
-    lines = []
-    if stats["rust_files_found"] or stats["files_skipped"]:
-        lines.append(f"Found {stats['rust_files_scanned']:,} Rust files ({_skip_breakdown(stats['files_skipped'])})")
-        lines.append(f"Created {rust.get('file', 0):,} file-level samples")
-        lines.append(f"Created {granular:,} granular samples "
-                     f"({', '.join(f'{n:,} {k}' for k, n in sorted(rust.items()) if k not in ('file', 'instruction'))})")
-        if rust.get("instruction"):
-            lines.append(f"Created {rust['instruction']:,} instruction samples")
-    if stats["qa_lines_read"]:
-        qa = stats["samples"].get("qa_jsonl", {}).get("qa", 0)
-        lines.append(f"Created {qa:,} QA samples ({stats['bad_lines']:,} bad lines skipped, "
-                     f"{stats['qa_missing_expert_label']:,} without expert_label)")
-    lines.append(f"Removed {stats['duplicates_removed']:,} exact duplicates; redacted {sum(stats['redactions'].values()):,} secrets")
+def _print_summary(stats: dict, kinds: list[SourceKind], output: Path, seconds: float) -> None:
+    lines = [line for kind in kinds for line in kind.summary_lines(stats)]
+    lines.append(f"Removed {stats['duplicates_removed']:,} exact duplicates; "
+                 f"redacted {sum(stats['redactions'].values()):,} secrets")
     lines.append(f"Total {stats['samples_total']:,} samples, {stats['characters']:,} characters, "
                  f"~{stats['estimated_tokens']:,} tokens (at {stats['chars_per_token']:g} chars/token) "
                  f"-> {output} in {seconds:.1f}s")

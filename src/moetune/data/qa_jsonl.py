@@ -1,4 +1,5 @@
-"""The `qa_jsonl` source: ``{"question", "answer", "expert_label"}`` lines -> prompt/completion samples.
+"""Reading the `qa_jsonl` source kind (:mod:`moetune.data.sources.qa_jsonl`): ``{"question", "answer",
+"expert_label"}`` lines -> prompt/completion samples.
 
 Bad lines never crash the build and are never dropped silently: each one is reported with
 ``file:line`` and the reason, and counted. With ``data.strict`` the first bad line stops the

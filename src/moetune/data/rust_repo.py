@@ -1,4 +1,5 @@
-"""The `rust_repo` source: one Rust repository -> file-level, per-item and instruction samples.
+"""Samples of the `rust_repo` source kind (:mod:`moetune.data.sources.rust_repo`): each walked Rust
+file -> file-level, per-item and instruction samples.
 
 The walk (main process) lists the files; each file is then read, checked, scrubbed of secrets,
 parsed and turned into samples by a pool of worker processes (tree-sitter parsing is CPU-bound and

@@ -1,8 +1,10 @@
 """Train/validation split of the built dataset, by source unit, deterministic in the seed.
 
-All samples cut from one Rust source file (its file-level chunks, items and instruction samples)
-land on the same side, so validation never scores code the model trained on. A QA sample's unit
-is its prompt (the question), so a question repeated with another label cannot leak either.
+Each source kind names the unit of its records (:attr:`SourceKind.split_unit`): all samples cut from
+one Rust source file (its file-level chunks, items and instruction samples) land on the same side,
+so validation never scores code the model trained on; a QA sample's unit is its prompt (the
+question), so a question repeated with another label cannot leak either. A record of a kind that is
+not registered is a unit by its text.
 The assignment depends only on the seed and the units' names, never on file order or Python's
 hash seed: the same dataset and seed give the same split on every machine.
 """
@@ -16,15 +18,13 @@ from typing import Any
 
 from moetune.config.schema import Config
 from moetune.data.records import read_records
+from moetune.data.sources import record_kind, unit_by_text
 
 
 def split_unit(record: dict[str, Any]) -> str:
     """The name of the unit a record belongs to; a unit is never divided between train and validation."""
-    if record.get("source") == "rust_repo":
-        return f"rust_repo:{record.get('repo', '')}/{record.get('path', '')}"
-    if "prompt" in record and record.get("source") == "qa_jsonl":
-        return "qa_jsonl:" + record["prompt"]
-    return "text:" + record.get("text", record.get("prompt", ""))
+    kind = record_kind(record)
+    return kind.split_unit(record) if kind is not None else unit_by_text(record)
 
 
 def split_records(records: Iterable[dict[str, Any]], validation_split: float, seed: int) -> tuple[list[dict], list[dict]]:

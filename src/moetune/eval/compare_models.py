@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moetune.config.schema import Config
+from moetune.data.sources import Evaluation, record_kind
 from moetune.errors import UserError
 from moetune.eval.generate import generate_texts, prompt_token_budget, rust_generation_prompt
 from moetune.eval.load import load_base, load_eval_tokenizer, load_tuned, resolve_tuned_model
@@ -49,8 +50,8 @@ def evaluate(config: Config, adapter_path: str | None = None, max_samples: int |
     tokenizer = load_eval_tokenizer(config, tuned_path)
     validation = validation_records(config)
     samples = choose_samples(validation, max_samples, config.training.seed)
-    qa = [r for r in samples if r.get("source") == "qa_jsonl" and "prompt" in r and "completion" in r]
-    rust = [(r, *pair) for r in samples if (pair := rust_generation_prompt(r)) is not None]
+    qa = [r for r in samples if _evaluated_as(r) == "answer" and "prompt" in r and "completion" in r]
+    rust = [(r, *pair) for r in samples if _evaluated_as(r) == "body" and (pair := rust_generation_prompt(r)) is not None]
     _say(f"eval: {len(samples)} of {len(validation)} validation samples ({len(qa)} QA, {len(rust)} Rust items "
          f"to generate from); fine-tuned {tuned_path.kind}: {tuned_path.path}")
 
@@ -85,6 +86,12 @@ def validation_records(config: Config) -> list[dict]:
         raise UserError(f"The validation split of {config.data.output_path} is empty (validation.validation_split = "
                         f"{config.validation.validation_split}); evaluation needs held-out samples.")
     return validation
+
+
+def _evaluated_as(record: dict) -> Evaluation:
+    """What the record's source kind says eval does with it beyond its loss; loss only for a kind not registered."""
+    kind = record_kind(record)
+    return kind.evaluation if kind is not None else "loss"
 
 
 def choose_samples(records: list[dict], max_samples: int | None, seed: int) -> list[dict]:

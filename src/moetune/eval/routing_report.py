@@ -1,10 +1,11 @@
 """Do the experts specialise? Routed-token shares per sample group, and how much the group tells.
 
-A group is a QA sample's ``expert_label`` or a Rust sample's ``kind`` (see :func:`group_of`). For
-each group and layer the report holds the share of its routed tokens (top-k assignments) that
-each expert receives. One number sums it up: the mutual information between the group and the
-chosen expert, per layer, in bits, divided by the entropy of the group. That ratio is 0 when every
-group is routed the same way and 1 when the expert alone tells which group a token came from.
+A group is what the sample's source kind says (see :func:`group_of`): a QA sample's ``expert_label``,
+a Rust sample's ``kind``. For each group and layer the report holds the share of its routed tokens
+(top-k assignments) that each expert receives. One number sums it up: the mutual information
+between the group and the chosen expert, per layer, in bits, divided by the entropy of the group.
+That ratio is 0 when every group is routed the same way and 1 when the expert alone tells which
+group a token came from.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from pathlib import Path
 
 import torch
 
+from moetune.data.sources import group_by_kind, record_kind
+
 
 def group_of(record: dict) -> str:
-    """The routing group of a dataset record: ``label:<expert_label>`` for QA, ``kind:<kind>`` otherwise."""
-    if record.get("source") == "qa_jsonl":
-        return f"label:{record.get('expert_label') or 'none'}"
-    return f"kind:{record.get('kind', 'unknown')}"
+    """The routing group of a dataset record, as its source kind says: ``label:<expert_label>`` for QA,
+    ``kind:<kind>`` for Rust and for a record of a kind that is not registered."""
+    kind = record_kind(record)
+    return kind.routing_group(record) if kind is not None else group_by_kind(record)
 
 
 def mutual_information_bits(joint_counts: torch.Tensor) -> float:

@@ -1,23 +1,24 @@
 """The model families: one module per family, each exporting one :class:`FamilySpec` as ``SPEC``.
 
-The registry is the set of public modules in this package: adding a family means adding a module
-(and its test), nothing else. :data:`FAMILY_NAMES` is read from the module files without importing
-them, so the config layer can validate ``model.architecture`` without importing torch; the specs
-themselves are imported on first use.
+The registry is :data:`moetune.plugins.FAMILY_MODULES` (name -> module): adding a family means adding
+its module (and its test) and one line there. :data:`FAMILY_NAMES` comes from that table without
+importing any family, so the config layer can validate ``model.architecture`` without importing
+torch; the specs themselves are imported on first use.
 """
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from functools import cache
 from typing import TYPE_CHECKING
+
+from moetune import plugins
+from moetune.plugins import FAMILY_NAMES
 
 if TYPE_CHECKING:
     from moetune.models.families._spec import FamilySpec
 
-FAMILY_NAMES: tuple[str, ...] = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__)
-                                             if not m.name.startswith("_")))
+__all__ = ["FAMILY_NAMES", "all_families", "family_for_model_type", "get_family", "known_model_types"]
 
 
 def get_family(name: str) -> FamilySpec:
@@ -44,7 +45,8 @@ def known_model_types() -> list[str]:
 def _load(name: str) -> FamilySpec:
     if name not in FAMILY_NAMES:
         raise KeyError(name)
-    spec = importlib.import_module(f"{__name__}.{name}").SPEC
-    if spec.name != name:  # the module name is the registry key; a copied module must be renamed in both
-        raise RuntimeError(f"moetune.models.families.{name} exports a spec named {spec.name!r}")
+    module = plugins.FAMILY_MODULES[name]
+    spec = importlib.import_module(module).SPEC
+    if spec.name != name:  # the registry key is the spec's name; a copied module must be renamed in both
+        raise RuntimeError(f"{module} exports a spec named {spec.name!r}, registered as {name!r}")
     return spec

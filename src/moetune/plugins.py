@@ -1,0 +1,42 @@
+"""The short-name registries: which module implements each data source kind and each model family.
+
+Each table maps the name a config uses (``data.sources[].type``, ``model.architecture``) to the
+dotted path of the module that implements it. The modules are imported with
+:func:`importlib.import_module` when a name is first used, never here, so any stage can read the
+names (the config layer checks them) without importing the stages that implement them: this
+module imports nothing from moetune and sits below every stage.
+
+Adding a source kind: write a module that exports a
+:class:`moetune.data.sources.SourceKind` as ``SOURCE`` (its config class, how it reads samples,
+its stats and summary, how its records are split, grouped and evaluated; see
+``moetune/data/sources/qa_jsonl.py``), and add its name and module path to :data:`SOURCE_MODULES`.
+The module may live outside moetune; it must import nothing heavy (torch, tree-sitter,
+transformers) at module level, since ``moetune validate`` imports it to build the config.
+
+Adding a model family: write ``moetune/models/families/<name>.py`` exporting a
+:class:`moetune.models.families._spec.FamilySpec` as ``SPEC`` and add it to :data:`FAMILY_MODULES`.
+
+In both tables the key must equal the name the module's description carries; the loaders check it.
+"""
+
+from __future__ import annotations
+
+SOURCE_MODULES: dict[str, str] = {
+    "rust_repo": "moetune.data.sources.rust_repo",
+    "qa_jsonl": "moetune.data.sources.qa_jsonl",
+}
+"""``data.sources[].type`` -> the module exporting that kind's ``SOURCE``. The order is the order of
+kinds in error messages, the config reference, the stats file and the build summary."""
+
+FAMILY_MODULES: dict[str, str] = {
+    "deepseek": "moetune.models.families.deepseek",
+    "gpt_oss": "moetune.models.families.gpt_oss",
+    "mixtral": "moetune.models.families.mixtral",
+    "mpt": "moetune.models.families.mpt",
+    "olmoe": "moetune.models.families.olmoe",
+    "qwen_moe": "moetune.models.families.qwen_moe",
+}
+"""``model.architecture`` -> the module exporting that family's ``SPEC``."""
+
+FAMILY_NAMES: tuple[str, ...] = tuple(sorted(FAMILY_MODULES))
+"""The accepted values of ``model.architecture``, in name order."""
