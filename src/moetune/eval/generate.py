@@ -33,7 +33,7 @@ def rust_generation_prompt(record: dict) -> tuple[str, str] | None:
     """
     keyword = _BODY_KEYWORDS.get(record.get("kind", ""))
     text, name = record.get("text"), record.get("name")
-    if record.get("source") != "rust_repo" or keyword is None or not text or not name:
+    if keyword is None or not text or not name:
         return None
     signature = re.search(rf"\b{keyword}\s+{re.escape(name)}\b", text)
     if signature is None:
