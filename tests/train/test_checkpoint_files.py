@@ -3,7 +3,8 @@
 import pytest
 
 from moetune.errors import UserError
-from moetune.train.checkpoint import TrainerState, list_checkpoints, prepare_output_dir, resolve_resume, rotate_checkpoints
+from moetune.run_folder import list_checkpoints
+from moetune.train.checkpoint import TrainerState, prepare_output_dir, resolve_resume, rotate_checkpoints
 
 
 def make_checkpoints(root, steps):
