@@ -58,9 +58,10 @@ def train(config: Config) -> int:
     """Train as ``config`` says. Returns the process exit code: 0, 1 after a NaN/inf stop, 128 + the signal
     number after SIGTERM / SIGINT in the loop (a signal before the loop raises StoppedBySignal).
 
-    The main process holds ``output_dir``'s lock for the whole run. With ``training.auto_find_batch_size``
-    an out-of-memory start is retried with half the per-device batch and twice the accumulation, so the
-    effective batch (and the tuned learning rate) stays the same.
+    The main process holds ``output_dir``'s lock for the whole run. Running out of memory is an
+    OutOfMemory naming the remedies; with ``training.auto_find_batch_size`` the attempt is retried with
+    half the per-device batch and twice the accumulation, so the effective batch (and the tuned
+    learning rate) stays the same, once what the attempt wrote is removed (:mod:`moetune.train.out_of_memory`).
     """
     stop, run_lock = StopSignals(), RunLock(config.training.output_dir)
     try:
