@@ -1,5 +1,6 @@
 """The command line: verbs, exit codes, error paragraphs, and the root shims."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,30 @@ def test_shim_reports_a_bad_override_with_exit_2():
     result = run("train_moe.py", "--config", "config.yaml", "lora.r=-1")
     assert result.returncode == 2
     assert "lora.r must be a positive integer, got -1." in result.stderr
+
+
+LOG_LINES = """
+import logging
+from moetune.cli import _configure_logging
+
+_configure_logging()
+logging.getLogger("moetune.models").info("info line")
+logging.getLogger("moetune.models").warning("warning line")
+deepspeed = logging.getLogger("DeepSpeed")
+deepspeed.addHandler(logging.StreamHandler())
+deepspeed.setLevel(logging.INFO)
+deepspeed.info("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
+"""
+
+
+@pytest.mark.parametrize("env, lines", [
+    ({}, ["moetune: info line", "moetune: warning line"]),
+    ({"RANK": "1"}, ["moetune: warning line"]),
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, ["moetune: info line", "moetune: warning line", "Setting accelerator to CPU"]),
+])
+def test_log_lines_come_from_the_main_process_and_the_deepspeed_cpu_notice_only_under_deepspeed(env, lines):
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "ACCELERATE_USE_DEEPSPEED")}
+    result = subprocess.run([sys.executable, "-c", LOG_LINES], capture_output=True, text=True, timeout=120,
+                            env={**base, "PYTHONPATH": os.pathsep.join(sys.path), **env})
+    assert result.returncode == 0, result.stderr
+    assert [line.split(". If")[0] for line in result.stderr.splitlines()] == lines

@@ -10,7 +10,7 @@ import pytest
 
 from moetune.cli import main
 from moetune.errors import UserError
-from moetune.sweep import load_sweep, plan_runs, run_name
+from moetune.sweep import load_sweep, plan_runs, run_name, run_status
 
 from .train.conftest import read_metrics, write_tiny_run
 
@@ -152,6 +152,18 @@ def test_finished_runs_are_skipped_and_a_half_finished_one_resumes(finished_swee
     steps = [r["step"] for r in read_metrics(half) if "loss" in r]
     assert steps == list(range(1, 9))  # steps 5-8 retrained after checkpoint-4, none twice
     assert _best_eval_loss(half) == pytest.approx(before, rel=1e-4)  # resume is exact
+
+
+def test_run_status_is_done_for_every_kind_of_final_save(tmp_path):
+    assert run_status(tmp_path / "never started") == "new"
+    for kind, final in (("lora", ["adapter_config.json"]), ("full", ["config.json", "model.safetensors"]),
+                        ("esft", ["esft_experts.json", "esft_experts.safetensors"])):
+        run = tmp_path / kind
+        (run / "checkpoint-4").mkdir(parents=True)
+        assert run_status(run) == "resume", kind
+        for name in final:
+            (run / name).write_text("{}")
+        assert run_status(run) == "done", kind
 
 
 @pytest.mark.parametrize("path", SHIPPED_SWEEPS, ids=lambda p: p.name)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -232,8 +231,10 @@ def _configure_logging() -> None:
     handler.setFormatter(logging.Formatter("moetune: %(message)s"))
     logger.addHandler(handler)
     logger.propagate = False
-    # Launchers set RANK on every process; the others only speak up for warnings.
-    logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+    # Only the main process of a launch says what it does; the others speak up for warnings. Asked per
+    # line: accelerate's state knows the process once a verb has built it.
+    logger.setLevel(logging.INFO)
+    handler.addFilter(_from_main_process_or_a_warning)
     # bitsandbytes warns on every import on CPUs with AVX512-BF16 that an optional kernel package is
     # missing; it changes nothing for training and buries moetune's own lines.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -242,12 +243,20 @@ def _configure_logging() -> None:
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     # accelerate imports DeepSpeed, when installed, to recognise its engine whenever a model is unwrapped
     # or saved, and DeepSpeed's import announces that it found no GPU. Only a DeepSpeed run needs to hear it.
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
-        logging.getLogger("DeepSpeed").addFilter(_not_the_cpu_accelerator_notice)
+    logging.getLogger("DeepSpeed").addFilter(_not_the_cpu_accelerator_notice)
+
+
+def _from_main_process_or_a_warning(record: logging.LogRecord) -> bool:
+    from moetune.train.accelerator import is_main_process
+
+    return record.levelno >= logging.WARNING or is_main_process()
 
 
 def _not_the_cpu_accelerator_notice(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("Setting accelerator to CPU")
+    # Under DeepSpeed the import happens while accelerate builds its state, so the launch says which run this is.
+    from moetune.train.accelerator import is_deepspeed_launch
+
+    return is_deepspeed_launch() or not record.getMessage().startswith("Setting accelerator to CPU")
 
 
 def _library(module: str, name: str) -> Callable:

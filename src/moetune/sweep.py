@@ -25,7 +25,6 @@ import difflib
 import itertools
 import json
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -36,6 +35,8 @@ import yaml
 
 from moetune.config import Config, load_config
 from moetune.errors import UserError, yaml_problem
+from moetune.run_folder import METRICS_FILE, has_final_weights, list_checkpoints
+from moetune.train.accelerator import is_main_process
 
 SWEEP_KEYS = ("grid", "paired")
 # Keys a sweep may not set: the sweep owns each run's folder and its resume decision.
@@ -155,12 +156,9 @@ def plan_runs(config_path: str | Path, sweep_path: str | Path, overrides: list[s
 
 def run_status(output_dir: str | Path) -> str:
     """``done`` (final adapter or model saved), ``resume`` (checkpoints only) or ``new``."""
-    from moetune.train.checkpoint import list_checkpoints
-
-    out = Path(output_dir)
-    if (out / "adapter_config.json").is_file() or any(out.glob("model*.safetensors")):
+    if has_final_weights(output_dir):
         return "done"
-    return "resume" if list_checkpoints(out) else "new"
+    return "resume" if list_checkpoints(output_dir) else "new"
 
 
 def run_sweep(config_path: str | Path, sweep_path: str | Path, overrides: list[str] | tuple[str, ...] = (),
@@ -192,7 +190,7 @@ def run_sweep(config_path: str | Path, sweep_path: str | Path, overrides: list[s
                                                                               resume_from_checkpoint="latest"))
         else:
             # A run that died before its first checkpoint starts over; its old log lines would mix in.
-            (run.output_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (run.output_dir / METRICS_FILE).unlink(missing_ok=True)
         _say(f"sweep: [{i}/{len(runs)}] {run.name}")
         try:
             code = train(config)
@@ -201,7 +199,7 @@ def run_sweep(config_path: str | Path, sweep_path: str | Path, overrides: list[s
             code = 2
         if code != 0:
             failed.append(run.name)
-    if _is_main_process():
+    if is_main_process():
         rows = [read_run_results(run) for run in runs]
         stem = Path(sweep_path).stem
         paths = write_results(rank_results(rows), list(runs[0].values), runs[0].output_dir.parent, stem)
@@ -216,7 +214,7 @@ def run_sweep(config_path: str | Path, sweep_path: str | Path, overrides: list[s
 
 def read_eval_losses(output_dir: str | Path) -> list[tuple[int, float]]:
     """(step, eval_loss) pairs from a run's metrics.jsonl, in step order (empty when none)."""
-    path = Path(output_dir) / "metrics.jsonl"
+    path = Path(output_dir) / METRICS_FILE
     if not path.is_file():
         return []
     points = {}
@@ -295,10 +293,6 @@ def plot_eval_curves(runs: list[SweepRun], path: str | Path) -> Path:
     return path
 
 
-def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
 def _say(text: str) -> None:
-    if _is_main_process():
+    if is_main_process():
         print(text, file=sys.stderr)

@@ -222,7 +222,7 @@ def test_expert_lora_with_dropout_is_refused_before_peft_sees_it(checkpoint):
     ("deepseek_v2", ("moe.expert_training=full", "moe.train_shared_experts=true", "moe.shared_expert_training=lora")),
 ], ids=["qwen3_moe-lora", "deepseek_v2-full-shared-lora"])
 def test_a_checkpoint_loads_back_into_a_rebuilt_model_for_resuming(checkpoint, tmp_path, model_type, overrides):
-    from moetune.train.checkpoint import load_trainable_weights
+    from moetune.models.trainable_weights import load_trainable_weights
 
     config = config_for(checkpoint(model_type), *overrides)
     model = build_model(config)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from moetune.cli import main
 from moetune.config import load_config
 from moetune.errors import ConfigError, UserError
-from moetune.train.setup import check_deepspeed_moe_launch
+from moetune.train.accelerator import check_deepspeed_moe_launch
 
 from .conftest import read_metrics, write_dataset
 

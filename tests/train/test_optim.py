@@ -1,5 +1,10 @@
 """Optimizer groups and learning-rate schedules."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -22,6 +27,25 @@ def test_biases_and_norms_get_no_weight_decay():
     assert decay["weight_decay"] == 0.01 and decay["params"] == [model.proj.weight]
     assert no_decay["weight_decay"] == 0.0
     assert {id(p) for p in no_decay["params"]} == {id(model.proj.bias), id(model.norm.weight), id(model.norm.bias)}
+
+
+def test_a_model_without_deepspeed_moe_blocks_keeps_its_groups_and_deepspeed_stays_unimported():
+    # In a fresh process: other tests import DeepSpeed.
+    script = textwrap.dedent("""
+        import sys
+        import torch
+        from moetune.config import TrainingConfig
+        from moetune.train.optim import build_optimizer, decay_groups, split_expert_parallel_groups
+
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        groups = decay_groups(model, 0.1)
+        assert split_expert_parallel_groups(groups, model) is groups
+        assert len(build_optimizer(model, TrainingConfig()).param_groups) == 2
+        assert "deepspeed" not in sys.modules, "deepspeed was imported"
+        """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize("name", ["adamw_torch", "adamw_torch_fused", "adafactor", "sgd"])

@@ -18,12 +18,10 @@ import torch
 from moetune.config.schema import Config
 from moetune.data.tokenizer import with_pad_token
 from moetune.errors import UserError, first_line
-from moetune.train.checkpoint import list_checkpoints
+from moetune.run_folder import ADAPTER_CONFIG, FULL_MODEL_WEIGHTS, TOKENIZER_DIR, latest_checkpoint
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-RUN_TOKENIZER_DIR = "tokenizer"  # where a run keeps its tokenizer (moetune.train.setup.TOKENIZER_DIR)
 
 
 @dataclass(frozen=True)
@@ -52,11 +50,10 @@ def resolve_tuned_model(config: Config, adapter_path: str | Path | None) -> Tune
 
     if is_esft_folder(path):
         return TunedModelPath(path, "esft")
-    if (path / "config.json").is_file() and (any(path.glob("model*.safetensors")) or any(path.glob("pytorch_model*.bin"))):
+    if (path / "config.json").is_file() and (any(path.glob(FULL_MODEL_WEIGHTS)) or any(path.glob("pytorch_model*.bin"))):
         return TunedModelPath(path, "merged")
-    checkpoints = list_checkpoints(path)
-    hint = (f" It holds checkpoints; the run has not finished: pass --adapter-path {checkpoints[-1]}."
-            if checkpoints else "")
+    latest = latest_checkpoint(path)
+    hint = f" It holds checkpoints; the run has not finished: pass --adapter-path {latest}." if latest else ""
     raise UserError(f"{given} {path} holds neither a PEFT adapter ({ADAPTER_CONFIG}) nor a merged model "
                     f"(config.json + model*.safetensors).{hint}")
 
@@ -108,7 +105,7 @@ def load_eval_tokenizer(config: Config, tuned: TunedModelPath):
 
     from moetune.data.tokenizer import load_or_train_tokenizer
 
-    for folder in (tuned.path, tuned.path.parent / RUN_TOKENIZER_DIR):
+    for folder in (tuned.path, tuned.path.parent / TOKENIZER_DIR):
         if any((folder / name).is_file() for name in TOKENIZER_FILES):
             try:
                 tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=config.model.trust_remote_code)
@@ -117,7 +114,7 @@ def load_eval_tokenizer(config: Config, tuned: TunedModelPath):
             break
     else:
         trained_on_data = config.model.random_init and config.model.tokenizer is None
-        run_tokenizer = Path(config.training.output_dir) / RUN_TOKENIZER_DIR
+        run_tokenizer = Path(config.training.output_dir) / TOKENIZER_DIR
         tokenizer = load_or_train_tokenizer(config, None, save_dir=run_tokenizer if trained_on_data else None)
     tokenizer = with_pad_token(tokenizer)
     return tokenizer
@@ -145,7 +142,7 @@ def load_tuned(config: Config, tuned: TunedModelPath, tokenizer, base=None):
     from peft import PeftModel
     from safetensors import SafetensorError
 
-    from moetune.train.checkpoint import load_trainable_weights
+    from moetune.models.trainable_weights import load_trainable_weights
 
     base = base if base is not None else load_base(config, tokenizer)
     with warnings.catch_warnings(record=True) as caught:
@@ -160,7 +157,7 @@ def load_tuned(config: Config, tuned: TunedModelPath, tokenizer, base=None):
     if missing:
         raise UserError(f"The adapter in {tuned.path} does not fit the base model of this config: "
                         f"{str(missing[0].message).splitlines()[0][:300]}")
-    # PEFT ignores adapter weights that match no module; loading again through the trainer's loader
+    # PEFT ignores adapter weights that match no module; loading again through the checkpoint loader
     # turns such leftovers (an adapter for another model shape) into a clear error.
     load_trainable_weights(model, tuned.path)
     return _to_device(model).eval()

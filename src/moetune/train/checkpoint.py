@@ -10,6 +10,7 @@ name and renamed when complete, so a crash mid-save never leaves a broken checkp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pickle
@@ -18,18 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moetune.errors import UserError, first_line
-from moetune.train.output_dir import (
+from moetune.models.trainable_weights import load_trainable_weights, save_trainable_weights
+from moetune.run_folder import (
     CHECKPOINT_DIR,
+    METRICS_FILE,
     PARTIAL_PREFIX,
-    check_output_dir,
+    STATE_FILE,
     checkpoint_dir_name,
-    folder_bytes,
-    is_disk_full,
-    no_space_failure,
-    step_in_checkpoint_name,
+    checkpoint_order,
+    latest_checkpoint,
+    list_checkpoints,
 )
-
-STATE_FILE = "trainer_state.json"
+from moetune.train.output_dir import check_output_dir, folder_bytes, is_disk_full, no_space_failure
 
 
 @dataclass
@@ -60,33 +61,12 @@ class TrainerState:
             raise UserError(f"{path} is corrupt ({err}).{earlier_checkpoint_hint(directory)}") from None
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoint folders of a run, oldest first (by step; at one step an epoch's save last)."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_DIR.match(p.name)]
-    return sorted(found, key=_checkpoint_order)
-
-
-def _checkpoint_order(path: Path) -> tuple[int, int, str]:
-    step = step_in_checkpoint_name(path.name)
-    if step is not None:
-        return step, 0, path.name
-    # checkpoint-epoch-<n> names its epoch; its step is in its state (-1 when unreadable: the oldest).
-    try:
-        step = int(json.loads((path / STATE_FILE).read_text())["global_step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        step = -1
-    return step, 1, path.name
-
-
 def earlier_checkpoint_hint(checkpoint: Path) -> str:
     """A sentence offering the newest complete checkpoint before ``checkpoint`` in its run ("" if it is no checkpoint folder)."""
     if not CHECKPOINT_DIR.match(checkpoint.name):
         return ""
-    order = _checkpoint_order(checkpoint)
-    earlier = [p for p in list_checkpoints(checkpoint.parent) if _checkpoint_order(p)[:2] < order[:2]]
+    order = checkpoint_order(checkpoint)
+    earlier = [p for p in list_checkpoints(checkpoint.parent) if checkpoint_order(p)[:2] < order[:2]]
     if not earlier:
         return " No earlier checkpoint of this run is left: start the run again."
     return f" Resume from {earlier[-1].name} instead, with training.resume_from_checkpoint={earlier[-1]}."
@@ -97,11 +77,11 @@ def resolve_resume(spec: str | None, output_dir: str | Path) -> Path | None:
     if spec is None:
         return None
     if spec == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        if not checkpoints:
+        latest = latest_checkpoint(output_dir)
+        if latest is None:
             raise UserError(f"training.resume_from_checkpoint is 'latest' but {output_dir} holds no checkpoint-<step> "
                             "folder; start without resume_from_checkpoint.")
-        return checkpoints[-1]
+        return latest
     path = Path(spec)
     if not path.is_dir():
         raise UserError(f"training.resume_from_checkpoint: {spec} is not a directory.")
@@ -131,14 +111,14 @@ def prepare_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool) 
                         "with training.overwrite_output_dir=true.")
     for path in checkpoints:
         shutil.rmtree(path)
-    (root / "metrics.jsonl").unlink(missing_ok=True)
+    (root / METRICS_FILE).unlink(missing_ok=True)
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState, name: str | None = None,
                     tokenizer=None) -> Path:
     """Save everything needed to resume, and ``tokenizer``, into ``output_dir/name`` atomically.
 
-    ``name`` comes from :func:`~moetune.train.output_dir.checkpoint_dir_name` (default checkpoint-<step>).
+    ``name`` comes from :func:`~moetune.run_folder.checkpoint_dir_name` (default checkpoint-<step>).
     A full disk is a RunFailure saying how much room is needed; the partial save is removed and the
     earlier checkpoints are left as they were.
     """
@@ -215,16 +195,9 @@ def install_adapter_hooks(accelerator) -> None:
     ``moe.backend: deepspeed`` (the engine's own files keep DeepSpeed's names, for resuming).
     """
 
-    from moetune.models.deepspeed_moe import native_moe_layout
-
     def save_hook(models, weights, output_dir):
         for model in models:
-            unwrapped = accelerator.unwrap_model(model)
-            # Gathering sharded weights (ZeRO-3, FSDP) or expert-parallel experts is collective: every rank calls it.
-            with native_moe_layout(unwrapped):
-                state_dict = accelerator.get_state_dict(model) if weights_are_sharded(accelerator) else None
-                if accelerator.is_main_process:
-                    save_trainable_weights(unwrapped, output_dir, state_dict)
+            save_trainable_files(accelerator, model, output_dir)
         weights.clear()
 
     def load_hook(models, input_dir):
@@ -235,69 +208,29 @@ def install_adapter_hooks(accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_trainable_weights(model, directory, state_dict=None) -> None:
-    """What a checkpoint holds of the model: the adapter, the selected experts (ESFT) or the whole model."""
-    from moetune.models.esft import save_esft, selection_of
+def save_trainable_files(accelerator, model, directory, tokenizer=None, room=None, then=None) -> None:
+    """Write what ``model`` trains (:func:`~moetune.models.trainable_weights.save_trainable_weights`) and
+    ``tokenizer`` into ``directory``, in the native MoE layout, from the main process.
 
-    if selection_of(model) is not None:
-        save_esft(model, directory)
-    else:
-        model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
-
-
-def load_trainable_weights(model, directory: Path) -> None:
-    """Load what ``save_pretrained`` wrote: the adapter of a PeftModel, else the full model's weights.
-
-    The files are in the native MoE layout, so a model with DeepSpeed MoE blocks takes them through
-    :func:`~moetune.models.deepspeed_moe.native_moe_layout` (collective under expert parallelism).
+    Every rank calls it: gathering sharded weights (ZeRO-3, FSDP) or expert-parallel experts is
+    collective. ``room(directory, bytes_needed)``, when given, is the context the files are written in
+    (what a full disk becomes); ``then(unwrapped_model)`` runs on the main process afterwards, still
+    in the native layout.
     """
     from moetune.models.deepspeed_moe import native_moe_layout
 
-    with native_moe_layout(model):
-        _load_trainable_weights(model, directory)
-
-
-def _load_trainable_weights(model, directory: Path) -> None:
-    from peft import PeftModel, set_peft_model_state_dict
-    from peft.utils import load_peft_weights
-    from safetensors import SafetensorError
-
-    from moetune.models.esft import load_esft, selection_of
-
-    if selection_of(model) is not None:
-        load_esft(model, directory)
-        return
-    if isinstance(model, PeftModel):
-        try:
-            weights = load_peft_weights(str(directory))
-        except SafetensorError as err:
-            adapter = directory / "adapter_model.safetensors"
-            raise UserError(f"{adapter} is truncated or corrupt ({first_line(err)}).") from None
-        except (FileNotFoundError, ValueError, OSError) as err:
-            raise UserError(f"{directory} has no readable adapter ({err}).") from None
-        result = set_peft_model_state_dict(model, weights)
-        if result.unexpected_keys:
-            raise UserError(f"The adapter in {directory} does not fit this model: unexpected weights "
-                            f"{result.unexpected_keys[:3]}... (trained with another lora/moe config?).")
-        return
-    from safetensors.torch import load_file
-
-    files = sorted(directory.glob("model*.safetensors"))
-    if not files:
-        raise UserError(f"{directory} has no model*.safetensors to resume the model weights from.")
-    state_dict = {}
-    for file in files:
-        try:
-            state_dict.update(load_file(str(file)))
-        except SafetensorError as err:
-            raise UserError(f"{file} is truncated or corrupt ({first_line(err)}).") from None
-    result = model.load_state_dict(state_dict, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
-        raise UserError(f"The weights in {directory} do not fit this model (missing {missing[:3]}, unexpected "
-                        f"{result.unexpected_keys[:3]}).")
-
+    unwrapped = accelerator.unwrap_model(model)
+    with native_moe_layout(unwrapped):
+        state_dict = accelerator.get_state_dict(model) if weights_are_sharded(accelerator) else None
+        if not accelerator.is_main_process:
+            return
+        needed = sum(p.numel() * p.element_size() for p in unwrapped.parameters() if p.requires_grad) if room else 0
+        with room(Path(directory), needed) if room else contextlib.nullcontext():
+            save_trainable_weights(unwrapped, directory, state_dict)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(directory)
+        if then is not None:
+            then(unwrapped)
 
 
 def _is_deepspeed(accelerator) -> bool:

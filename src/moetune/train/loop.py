@@ -7,7 +7,6 @@ log, eval, save) -> final save. Variants are config values and explicit ifs, not
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import math
 import sys
@@ -21,17 +20,21 @@ from moetune.config import Config
 from moetune.errors import OutOfMemory, UserError
 from moetune.models.losses import compute_losses, step_token_counts
 from moetune.models.routing import expert_token_counts
+from moetune.models.trainable_weights import load_trainable_weights
+from moetune.run_folder import checkpoint_dir_name
+from moetune.train.accelerator import build_accelerator, log_cpu_offload
 from moetune.train.checkpoint import (
     TrainerState,
     install_adapter_hooks,
     load_checkpoint,
-    load_trainable_weights,
     prepare_output_dir,
     resolve_resume,
     rotate_checkpoints,
     save_checkpoint,
 )
 from moetune.train.expert_usage import summarize_usage, usage_heatmap, usage_scalars, usage_warnings
+from moetune.train.final_save import save_final
+from moetune.train.inputs import build_training_inputs
 from moetune.train.optim import (
     build_optimizer,
     build_scheduler,
@@ -40,20 +43,13 @@ from moetune.train.optim import (
     restart_schedule,
     schedule_differs,
     schedule_summary,
-)
-from moetune.train.output_dir import check_output_dir, checkpoint_dir_name, save_run_config
-from moetune.train.run_lock import RunLock
-from moetune.train.run_log import RunLog
-from moetune.train.setup import (
-    apply_legacy_deepspeed_moe,
-    build_accelerator,
-    build_training_inputs,
-    log_cpu_offload,
-    out_of_memory_message,
-    router_bias_updater,
-    save_final,
     total_optimizer_steps,
 )
+from moetune.train.out_of_memory import AttemptFiles, halved_batch, out_of_memory_message
+from moetune.train.output_dir import check_output_dir, save_run_config
+from moetune.train.run_lock import RunLock
+from moetune.train.run_log import RunLog
+from moetune.train.setup import apply_legacy_deepspeed_moe
 from moetune.train.signals import StopSignals
 from moetune.train.validation_loss import evaluate_loss
 
@@ -62,9 +58,10 @@ def train(config: Config) -> int:
     """Train as ``config`` says. Returns the process exit code: 0, 1 after a NaN/inf stop, 128 + the signal
     number after SIGTERM / SIGINT in the loop (a signal before the loop raises StoppedBySignal).
 
-    The main process holds ``output_dir``'s lock for the whole run. With ``training.auto_find_batch_size``
-    an out-of-memory start is retried with half the per-device batch and twice the accumulation, so the
-    effective batch (and the tuned learning rate) stays the same.
+    The main process holds ``output_dir``'s lock for the whole run. Running out of memory is an
+    OutOfMemory naming the remedies; with ``training.auto_find_batch_size`` the attempt is retried with
+    half the per-device batch and twice the accumulation, so the effective batch (and the tuned
+    learning rate) stays the same, once what the attempt wrote is removed (:mod:`moetune.train.out_of_memory`).
     """
     stop, run_lock = StopSignals(), RunLock(config.training.output_dir)
     try:
@@ -75,26 +72,28 @@ def train(config: Config) -> int:
 
 
 def _train_retrying(config: Config, stop: StopSignals, run_lock: RunLock) -> int:
+    # An out-of-memory error anywhere (model build, prepare, a step, an evaluation, a save) is one
+    # failed attempt; the retry starts, or resumes, from what the folder held before the first.
+    files = AttemptFiles(config.training.output_dir)
     while True:
         try:
-            return _train_once(config, stop, run_lock)
-        except OutOfMemory:
-            t = config.training
-            if not t.auto_find_batch_size or t.per_device_train_batch_size == 1:
-                raise
-            smaller = dataclasses.replace(t, per_device_train_batch_size=t.per_device_train_batch_size // 2,
-                                          gradient_accumulation_steps=t.gradient_accumulation_steps * 2,
-                                          overwrite_output_dir=True)  # only this run's failed attempt is there
-            print(f"moetune: out of memory at per_device_train_batch_size={t.per_device_train_batch_size}; retrying "
-                  f"with {smaller.per_device_train_batch_size} x {smaller.gradient_accumulation_steps} accumulation",
-                  file=sys.stderr)
-            config = dataclasses.replace(config, training=smaller)
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            return _train_once(config, stop, run_lock, files)
+        except torch.OutOfMemoryError:
+            smaller = halved_batch(config)
+            if smaller is None:
+                raise OutOfMemory(out_of_memory_message(config)) from None
+        # Out of the except block, so the failed attempt's frames (and its model) can be freed.
+        t, files.failed = config.training, True
+        print(f"moetune: out of memory at per_device_train_batch_size={t.per_device_train_batch_size}; retrying "
+              f"with {smaller.training.per_device_train_batch_size} x {smaller.training.gradient_accumulation_steps} "
+              "accumulation", file=sys.stderr)
+        config = smaller
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
-def _train_once(config: Config, stop: StopSignals, run_lock: RunLock) -> int:
+def _train_once(config: Config, stop: StopSignals, run_lock: RunLock, files: AttemptFiles) -> int:
     config = apply_legacy_deepspeed_moe(config)
     t = config.training
     stop.in_loop = False
@@ -102,7 +101,12 @@ def _train_once(config: Config, stop: StopSignals, run_lock: RunLock) -> int:
         raise UserError(f"data.output_path {config.data.output_path} does not exist; build it first with "
                         "`moetune data --config <this config>` (or python prepare_dataset.py).")
     check_output_dir(t.output_dir)  # before anything is created or built
+    files.record()
     accelerator = build_accelerator(config)
+    if files.failed:  # only what the attempt that ran out of memory wrote
+        if accelerator.is_main_process:
+            files.remove_added()
+        accelerator.wait_for_everyone()
     resume_from = stop.resuming_from = resolve_resume(t.resume_from_checkpoint, t.output_dir)
     if accelerator.is_main_process:
         run_lock.acquire()
@@ -124,7 +128,7 @@ def _train_once(config: Config, stop: StopSignals, run_lock: RunLock) -> int:
     state.lr_schedule = _resumed_lr_schedule(state, scheduler, t, total_steps, log) if resume_from else \
         schedule_summary(t, total_steps)
     last_saved = resume_from  # the checkpoint to go back to when the loss diverges
-    update_biases = router_bias_updater(accelerator.unwrap_model(model), config)  # None unless moe.router_bias_update_rate
+    update_biases = _router_bias_updater(accelerator.unwrap_model(model), config)  # None unless moe.router_bias_update_rate
     usage = None  # (MoE layers, experts) routed-token counts since the last log line
     window_log = _LogWindow(accelerator.device)  # sums since the last log line
     bad_steps = 0
@@ -209,8 +213,6 @@ def _train_once(config: Config, stop: StopSignals, run_lock: RunLock) -> int:
                 done = _early_stop(state, config) or state.global_step >= total_steps
                 if done:
                     break
-    except torch.OutOfMemoryError:
-        raise OutOfMemory(out_of_memory_message(config)) from None
     finally:  # also on a NaN stop, a signal or an error: flush the trackers
         progress.close()
         log.close()
@@ -371,6 +373,19 @@ def _epoch(state: TrainerState, batches_per_epoch: int) -> float:
 def _console_line(record: dict) -> str:
     return (f"step {record['step']}: loss {record['loss']:.4f} (lm {record['lm_loss']:.4f}, aux {record['aux_loss']:.4f})"
             f", lr {record['lr']:.2e}, grad_norm {record['grad_norm'] or 0:.3f}, {record['tokens_per_second']:.0f} tok/s")
+
+
+def _router_bias_updater(model, config: Config):
+    """``update(step_counts)`` applying ``moe.router_bias_update_rate`` to ``model``'s correction
+    biases after a step, or None when the rate is 0 (the model's build checked that it has them)."""
+    rate = config.moe.router_bias_update_rate
+    if rate <= 0:
+        return None
+    from moetune.models.balance import update_router_biases
+    from moetune.models.routing import family_of_model
+
+    family = family_of_model(model)
+    return lambda counts: update_router_biases(model, family, counts, rate)
 
 
 def _add_expert_usage(record: dict, counts: torch.Tensor, config: Config, log: RunLog, step: int) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 
 import torch
@@ -29,14 +28,18 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def split_expert_parallel_groups(groups: list[dict]) -> list[dict]:
-    """Move DeepSpeed MoE expert parameters (``moe.backend: deepspeed``) into their own groups.
+def split_expert_parallel_groups(groups: list[dict], model: torch.nn.Module) -> list[dict]:
+    """Move the expert parameters of ``model``'s DeepSpeed MoE blocks (``moe.backend: deepspeed``) into
+    their own groups.
 
     ZeRO requires them there (groups marked ``moe``, one per expert-parallel group name): it reduces
     their gradients over the expert-data-parallel group only. Each new group keeps the weight decay
-    of the group it came from; groups left empty are dropped. Other models pass through unchanged.
+    of the group it came from; groups left empty are dropped. The groups of a model without such
+    blocks pass through unchanged, and DeepSpeed is not imported for it.
     """
-    if "deepspeed" not in sys.modules:  # no DeepSpeed MoE block exists unless deepspeed was imported
+    from moetune.models.deepspeed_moe import DeepSpeedMoeFeedForward  # imports DeepSpeed only to build one
+
+    if not any(isinstance(module, DeepSpeedMoeFeedForward) for module in model.modules()):
         return groups
     from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 
@@ -47,7 +50,7 @@ def split_expert_parallel_groups(groups: list[dict]) -> list[dict]:
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
     """The optimizer named by ``training.optim`` over the model's trainable parameters."""
-    groups = split_expert_parallel_groups(decay_groups(model, cfg.weight_decay))
+    groups = split_expert_parallel_groups(decay_groups(model, cfg.weight_decay), model)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if cfg.optim in ("adamw_torch", "adamw_torch_fused"):
         on_gpu = all(p.is_cuda for g in groups for p in g["params"])
@@ -65,6 +68,13 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.
             raise UserError("training.optim: adamw_8bit needs bitsandbytes: pip install 'moetune[quant]'.") from None
         return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon)
     raise AssertionError(f"unhandled optimizer {cfg.optim}")  # the config's Literal makes this unreachable
+
+
+def total_optimizer_steps(t: TrainingConfig, batches_per_epoch: int) -> int:
+    """Optimizer steps of the run: max_steps, or epochs x ceil(batches / accumulation)."""
+    if t.max_steps > 0:
+        return t.max_steps
+    return max(1, math.ceil(t.num_train_epochs * math.ceil(batches_per_epoch / t.gradient_accumulation_steps)))
 
 
 def warmup_steps(cfg: TrainingConfig, total_steps: int) -> int:

@@ -4,9 +4,8 @@ A run folder holds only what moetune writes there. moetune refuses ``/``, the ho
 folder holding a file it did not write (a project folder, a home folder's dotfiles, a user's own
 config.yaml or README.md), even with ``training.overwrite_output_dir``: nothing a user wrote is ever
 overwritten. A folder moetune claimed carries ``RUN_FILE``; folders of earlier versions are
-recognised by their metrics.jsonl or checkpoint folders. The names of checkpoint folders are
-defined here and nowhere else (:func:`checkpoint_dir_name`, :data:`CHECKPOINT_DIR`). Nothing here imports torch, so
-``moetune validate`` runs the same checks at once.
+recognised by their metrics.jsonl or checkpoint folders (the names of a run folder's entries are
+:mod:`moetune.run_folder`'s). Nothing here imports torch, so ``moetune validate`` runs the same checks at once.
 """
 
 from __future__ import annotations
@@ -22,22 +21,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moetune.errors import RunFailure, UserError
+from moetune.run_folder import CHECKPOINT_NAME, PARTIAL_PREFIX
 
 if TYPE_CHECKING:
     from moetune.config import Config
 
 LOCK_FILE = ".moetune.lock"
 RUN_FILE = ".moetune-run.json"  # written when a run claims the folder; names the run holding the lock
-PARTIAL_PREFIX = ".partial-"  # a checkpoint being written, renamed to its name when complete
-
-# checkpoint-<step> (training.checkpoint_naming: step), checkpoint-step-<step> / checkpoint-epoch-<epoch> (kind).
-_CHECKPOINT_NAME = r"checkpoint-(?:(step|epoch)-)?(\d+)"
-CHECKPOINT_DIR = re.compile(f"^{_CHECKPOINT_NAME}$")
 
 # Everything a run (and `moetune eval` with its default output folder) writes into output_dir.
 _OWN_ENTRY = re.compile(rf"""^(
     config\.yaml | config\.yaml\.tmp | metrics\.jsonl | metrics\.jsonl\.tmp | runs | tokenizer | merged | eval
-  | {_CHECKPOINT_NAME} | \.partial-{_CHECKPOINT_NAME}
+  | {CHECKPOINT_NAME} | {re.escape(PARTIAL_PREFIX)}{CHECKPOINT_NAME}
   | adapter_model\.safetensors | adapter_model\.bin | adapter_config\.json | README\.md
   | esft_experts\.json | esft_experts\.safetensors
   | tokenizer\.json | tokenizer_config\.json | special_tokens_map\.json | added_tokens\.json | chat_template\.jinja
@@ -45,24 +40,7 @@ _OWN_ENTRY = re.compile(rf"""^(
   | config\.json | generation_config\.json | model(-\d+-of-\d+)?\.safetensors | model\.safetensors\.index\.json
   | \.moetune\.lock | \.moetune-run\.json
 )$""", re.VERBOSE)
-_RUN_EVIDENCE = re.compile(f"^(metrics\\.jsonl|{_CHECKPOINT_NAME}|\\.partial-{_CHECKPOINT_NAME})$")
-
-
-def checkpoint_dir_name(naming: str, step: int, epoch: int | None = None) -> str:
-    """The folder name of a checkpoint saved at ``step``; ``epoch`` (counted from 1) for an end-of-epoch save.
-
-    ``naming`` is ``training.checkpoint_naming``: ``step`` gives checkpoint-<step> for every save,
-    ``kind`` gives checkpoint-epoch-<epoch> for end-of-epoch saves and checkpoint-step-<step> for the others.
-    """
-    if naming == "step":
-        return f"checkpoint-{step}"
-    return f"checkpoint-epoch-{epoch}" if epoch is not None else f"checkpoint-step-{step}"
-
-
-def step_in_checkpoint_name(name: str) -> int | None:
-    """The step a checkpoint folder's name states (None for checkpoint-epoch-<n> and for other names)."""
-    match = CHECKPOINT_DIR.match(name)
-    return int(match.group(2)) if match and match.group(1) != "epoch" else None
+_RUN_EVIDENCE = re.compile(f"^(metrics\\.jsonl|{CHECKPOINT_NAME}|{re.escape(PARTIAL_PREFIX)}{CHECKPOINT_NAME})$")
 
 
 def check_output_dir(output_dir: str | Path) -> None:
@@ -106,6 +84,11 @@ def foreign_entries(root: Path) -> list[str]:
     if not claimed:  # a moetune name in a folder no run claimed (config.yaml, README.md) is the user's
         return [n for n in names if n != LOCK_FILE]
     return [n for n in names if not _OWN_ENTRY.match(n)]
+
+
+def is_own_entry(name: str) -> bool:
+    """Whether an entry of that name in a run folder is one moetune writes (the lock and run record included)."""
+    return _OWN_ENTRY.match(name) is not None
 
 
 def is_disk_full(err: BaseException, directory: Path, needed_bytes: int) -> bool:

@@ -1,0 +1,66 @@
+"""What the training loop starts from: the tokenizer, the model and the dataloaders."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from moetune.config import Config
+from moetune.run_folder import TOKENIZER_DIR
+
+
+def build_training_inputs(config: Config, accelerator):
+    """(tokenizer, model, train_loader, val_loader): tokenizer trained or loaded, model built, data packed.
+
+    The main process goes first so a tokenizer trained on the data and the tokenized-data cache are
+    built once and the other processes read them.
+    """
+    from transformers import AutoTokenizer
+
+    from moetune.data.packing import build_dataloaders
+    from moetune.data.split import load_splits
+    from moetune.data.tokenizer import load_or_train_tokenizer
+    from moetune.models.factory import build_model, resolve_family
+
+    tokenizer_dir = Path(config.training.output_dir) / TOKENIZER_DIR
+    with accelerator.main_process_first():
+        if accelerator.is_main_process:
+            texts = None
+            if config.model.random_init and config.model.tokenizer is None and not (tokenizer_dir / "tokenizer.json").is_file():
+                train_records, _ = load_splits(config)
+                texts = (r["text"] if "text" in r else r["prompt"] + r["completion"] for r in train_records)
+            tokenizer = load_or_train_tokenizer(config, texts, save_dir=tokenizer_dir)
+        else:  # what the main process just saved (output_dir is on a filesystem every node sees)
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    model = build_model(config, tokenizer)
+    _register_zero3_leaf_modules(accelerator, model)
+    if config.advanced.torch_compile:
+        from moetune.models.kernels import compile_decoder_layers
+
+        compile_decoder_layers(model)
+    with accelerator.main_process_first():
+        train_loader, val_loader, data = build_dataloaders(
+            config, tokenizer, accepts_position_ids=resolve_family(config.model).accepts_position_ids)
+    if accelerator.is_main_process:
+        s = data.stats
+        efficiency = f", packing efficiency {s['train_packing_efficiency']:.1%}" if data.packed else ""
+        print(f"data: {s['train_samples']:,} training samples ({s['train_tokens']:,} tokens) in {s['train_rows']:,} rows"
+              f"{efficiency}; {s.get('eval_samples', 0):,} validation samples", file=sys.stderr)
+    return tokenizer, model, train_loader, val_loader
+
+
+def _register_zero3_leaf_modules(accelerator, model) -> None:
+    """ZeRO-3 must gather an MoE block's experts as one unit, or ranks routing differently hang."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        return
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from moetune.models.layout import find_moe_blocks
+
+    classes = sorted({type(block.module) for block in find_moe_blocks(model)}, key=lambda c: c.__name__)
+    if classes:
+        set_z3_leaf_modules(model, classes)
+        if accelerator.is_main_process:
+            print(f"ZeRO-3: MoE blocks gathered whole as leaf modules: {', '.join(c.__name__ for c in classes)}",
+                  file=sys.stderr)
