@@ -14,11 +14,12 @@ from moetune.config.schema import (
     QaJsonlSourceConfig,
     RustRepoSourceConfig,
     TrainingConfig,
+    UpcyclingConfig,
     ValidationConfig,
 )
 
 __all__ = [
     "AdvancedConfig", "Config", "DataConfig", "InferenceConfig", "LoggingConfig", "LoraConfig", "ModelConfig",
     "MoeConfig", "PostTrainingConfig", "QaJsonlSourceConfig", "RustRepoSourceConfig", "TrainingConfig",
-    "ValidationConfig", "config_to_dict", "dump_config", "load_config", "parse_override", "save_config",
+    "UpcyclingConfig", "ValidationConfig", "config_to_dict", "dump_config", "load_config", "parse_override", "save_config",
 ]
