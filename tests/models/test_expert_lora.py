@@ -175,7 +175,8 @@ def test_shared_experts_take_lora_without_touching_the_routed_experts(checkpoint
 
 def test_the_trainable_line_splits_attention_router_experts_and_shared_experts(checkpoint, caplog):
     with caplog.at_level(logging.INFO, logger="moetune"):
-        build_model(expert_lora_config(checkpoint("qwen2_moe"), "moe.freeze_router=false", "moe.train_shared_experts=true"), seed=42)
+        build_model(expert_lora_config(checkpoint("qwen2_moe"), "moe.freeze_router=false", "moe.train_shared_experts=true"),
+                    seed=42)
     hidden, inter, shared_inter, experts, layers = 64, 32, 64, 4, 2
     q, kv = 4 * 16, 2 * 16  # qwen2_moe tiny: 4 heads, 2 kv heads, head_dim 16
     attention = layers * R * ((hidden + q) + 2 * (hidden + kv) + (q + hidden))

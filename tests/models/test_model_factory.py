@@ -12,7 +12,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import MixtralForCausalLM, MptForCausalLM, PreTrainedTokenizerFast
 
 from moetune.errors import ConfigError, UserError
-from moetune.models.factory import build_model, resolve_architecture
+from moetune.models.dtypes import resolve_dtype
+from moetune.models.factory import build_base_model, build_model, resolve_architecture
 
 
 def tiny_tokenizer(size: int) -> PreTrainedTokenizerFast:
@@ -118,7 +119,8 @@ def test_loaded_model_is_resized_to_a_larger_tokenizer(mixtral_config, mpt_confi
 def test_aux_loss_weight_is_the_model_coefficient(mixtral_config, mpt_config):
     model = build_model(mixtral_config("moe.auxiliary_loss_weight=0.02", "lora.enabled=false"), seed=42)
     assert model.config.router_aux_loss_coef == 0.02 == model.router_aux_loss_coef
-    upcycled = build_model(mpt_config("moe.upcycling.enabled=true", "moe.auxiliary_loss_weight=0.03", "lora.enabled=false"), seed=42)
+    upcycled = build_model(mpt_config("moe.upcycling.enabled=true", "moe.auxiliary_loss_weight=0.03", "lora.enabled=false"),
+                           seed=42)
     assert upcycled.config.router_aux_loss_coef == 0.03
 
 
@@ -129,3 +131,28 @@ def test_training_rows_longer_than_the_model_context_are_a_config_error(mixtral_
     with pytest.raises(ConfigError, match=rf"model.max_seq_length \(129\) is longer than the model's context "
                                           rf"\({key}: 128 in its config\)"):
         build_model(build("model.max_seq_length=129"), seed=42)
+
+
+def test_the_seed_and_checkpointing_are_the_callers_not_the_training_sections(mpt_config, mixtral_config, tokens):
+    upcycled = ("moe.upcycling.enabled=true", "moe.upcycling.expert_noise_std=0.01")
+    one = build_base_model(mpt_config(*upcycled, "training.seed=1"), seed=5).state_dict()
+    two = build_base_model(mpt_config(*upcycled, "training.seed=2"), seed=5).state_dict()
+    other = build_base_model(mpt_config(*upcycled, "training.seed=1"), seed=6).state_dict()
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    router = "transformer.blocks.0.ffn.router.weight"  # random init, the new router and the expert noise follow the seed
+    assert not torch.equal(one[router], other[router])
+    assert not torch.equal(one["transformer.blocks.0.ffn.experts.1.up_proj.weight"],
+                           other["transformer.blocks.0.ffn.experts.1.up_proj.weight"])
+
+    def checkpointing(model) -> bool:
+        return model.base_model.model.model.gradient_checkpointing
+
+    assert not checkpointing(build_model(mixtral_config("training.gradient_checkpointing=true"), seed=0))
+    assert checkpointing(build_model(mixtral_config(), seed=0, gradient_checkpointing=True))
+    with pytest.raises(TypeError, match="seed"):
+        build_model(mixtral_config())  # no default seed that could silently differ from the run's
+
+
+def test_one_reading_of_dtype_names():
+    assert resolve_dtype("bfloat16") is torch.bfloat16 and resolve_dtype("float32") is torch.float32
+    assert resolve_dtype("auto") == "auto"

@@ -20,6 +20,11 @@ from moetune.models.mpt_moe import MoeFeedForward, MptMoeForCausalLM
 from moetune.models.upcycle import moe_layer_indices, upcycle_checkpoint, upcycle_mpt
 
 
+def upcycling(**values) -> MoeConfig:
+    """The moe section with these moe.upcycling values."""
+    return MoeConfig(upcycling=UpcyclingConfig(**values))
+
+
 def dense_mpt(mpt_config) -> MptForCausalLM:
     return build_model(mpt_config("lora.enabled=false"), seed=42).eval()
 
@@ -27,8 +32,7 @@ def dense_mpt(mpt_config) -> MptForCausalLM:
 @pytest.mark.parametrize("top_k, every", [(1, 1), (2, 1), (2, 2)])
 def test_upcycled_model_computes_the_dense_logits(mpt_config, tokens, top_k, every):
     dense = dense_mpt(mpt_config)
-    upcycling = UpcyclingConfig(num_experts=4, top_k=top_k, every_n_blocks=every)
-    moe = upcycle_mpt(dense, MoeConfig(upcycling=upcycling)).eval()
+    moe = upcycle_mpt(dense, upcycling(num_experts=4, top_k=top_k, every_n_blocks=every)).eval()
     assert [i for i, b in enumerate(moe.transformer.blocks) if isinstance(b.ffn, MoeFeedForward)] == \
         moe_layer_indices(2, every)
     out = moe(tokens, output_router_logits=True)
@@ -38,7 +42,7 @@ def test_upcycled_model_computes_the_dense_logits(mpt_config, tokens, top_k, eve
 
 
 def test_expert_noise_breaks_the_symmetry_and_the_router_has_its_init_std(mpt_config):
-    moe = upcycle_mpt(dense_mpt(mpt_config), MoeConfig(num_experts=4, expert_noise_std=0.01, router_init_std=0.1))
+    moe = upcycle_mpt(dense_mpt(mpt_config), upcycling(num_experts=4, expert_noise_std=0.01, router_init_std=0.1))
     assert moe.transformer.blocks[0].ffn.router.weight.std().item() == pytest.approx(0.1, rel=0.15)
     experts = moe.transformer.blocks[0].ffn.experts
     assert not torch.equal(experts[0].up_proj.weight, experts[1].up_proj.weight)
@@ -48,7 +52,7 @@ def test_expert_noise_breaks_the_symmetry_and_the_router_has_its_init_std(mpt_co
 
 def test_identical_experts_get_identical_gradients_and_the_router_no_lm_gradient(mpt_config, tokens):
     # The reason docs/upcycling.md gives for training the experts: nothing else breaks the symmetry.
-    moe = upcycle_mpt(dense_mpt(mpt_config), MoeConfig(num_experts=2, top_k=2))
+    moe = upcycle_mpt(dense_mpt(mpt_config), upcycling(num_experts=2, top_k=2))
     block = moe.transformer.blocks[0].ffn
     with torch.no_grad():
         block.router.weight.zero_()  # a symmetric router: every token goes to both experts, weight 1/2 each
@@ -62,7 +66,7 @@ def test_identical_experts_get_identical_gradients_and_the_router_no_lm_gradient
 
 
 def test_router_jitter_applies_in_training_only(mpt_config, tokens):
-    moe = upcycle_mpt(dense_mpt(mpt_config), MoeConfig(num_experts=4, router_jitter=0.5))
+    moe = upcycle_mpt(dense_mpt(mpt_config), upcycling(num_experts=4, router_jitter=0.5))
     moe.eval()
     evaluated = [moe(tokens, output_router_logits=True).router_logits[0] for _ in range(2)]
     assert torch.equal(*evaluated)
@@ -116,7 +120,7 @@ def test_upcycled_losses_work_like_mixtral(mpt_config, tokens):
 
 
 def test_saved_upcycled_model_reloads_identically_through_moetune_and_auto(mpt_config, tokens, tmp_path):
-    model = upcycle_mpt(dense_mpt(mpt_config), MoeConfig(num_experts=4, top_k=2, expert_noise_std=0.05)).eval()
+    model = upcycle_mpt(dense_mpt(mpt_config), upcycling(num_experts=4, top_k=2, expert_noise_std=0.05)).eval()
     expected = model(tokens).logits
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "mpt_moe"
@@ -131,7 +135,7 @@ def test_saved_upcycled_model_reloads_identically_through_moetune_and_auto(mpt_c
 
 
 def test_missing_or_unexpected_weights_are_errors(mpt_config, tmp_path):
-    upcycle_mpt(dense_mpt(mpt_config), MoeConfig(num_experts=4)).save_pretrained(tmp_path)
+    upcycle_mpt(dense_mpt(mpt_config), upcycling(num_experts=4)).save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
     removed = weights.pop("transformer.blocks.1.ffn.experts.3.down_proj.weight")
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
@@ -145,7 +149,7 @@ def test_missing_or_unexpected_weights_are_errors(mpt_config, tmp_path):
 
 
 def test_generation_after_upcycling_uses_the_cache(mpt_config, tokens):
-    moe = upcycle_mpt(dense_mpt(mpt_config), MoeConfig(num_experts=4, top_k=2, expert_noise_std=0.05)).eval()
+    moe = upcycle_mpt(dense_mpt(mpt_config), upcycling(num_experts=4, top_k=2, expert_noise_std=0.05)).eval()
     prompt = tokens[:1, :5]
     cached = moe.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
     uncached = moe.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False)
@@ -156,7 +160,7 @@ def test_generation_after_upcycling_uses_the_cache(mpt_config, tokens):
 def test_forward_and_cached_generation_raise_no_future_warning(mpt_config, tokens):
     import warnings
 
-    moe = upcycle_mpt(dense_mpt(mpt_config), MoeConfig(num_experts=4, top_k=2, expert_noise_std=0.05)).eval()
+    moe = upcycle_mpt(dense_mpt(mpt_config), upcycling(num_experts=4, top_k=2, expert_noise_std=0.05)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         full = moe(tokens, output_router_logits=True)
@@ -243,7 +247,8 @@ def test_upcycle_reads_a_config_only_when_given_and_keeps_the_dense_dtype(mpt_co
     dense = dense_mpt(mpt_config)
     dense.save_pretrained(tmp_path / "dense")
     monkeypatch.chdir(tmp_path)  # a config.yaml here, as at the repository root, must not be read
-    (tmp_path / "config.yaml").write_text("model:\n  torch_dtype: bfloat16\nmoe:\n  upcycling: {top_k: 1}\n  auxiliary_loss_weight: 0.05\n")
+    (tmp_path / "config.yaml").write_text("model:\n  torch_dtype: bfloat16\n"
+                                          "moe:\n  upcycling: {top_k: 1}\n  auxiliary_loss_weight: 0.05\n")
     assert main(["upcycle", "--model", "dense", "--num-experts", "4", "--output", "plain"]) == 0
     saved = json.loads((tmp_path / "plain" / "config.json").read_text())
     assert (saved["num_experts_per_tok"], saved["router_aux_loss_coef"], saved["dtype"]) == (2, 0.001, "float32")

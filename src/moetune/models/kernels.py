@@ -1,4 +1,5 @@
-"""Which attention, experts and loss kernels to use, with fallbacks that never crash."""
+"""Which attention, experts and loss kernels to use, with fallbacks that never crash, and whether the
+attention kernel a model runs keeps samples packed into one row apart."""
 
 from __future__ import annotations
 
