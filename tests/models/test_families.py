@@ -99,7 +99,7 @@ def test_the_family_is_detected_from_config_json(checkpoint, family, model_type)
     hf_config = AutoConfig.from_pretrained(checkpoint(model_type))
     assert isinstance(getattr(hf_config, spec.context_key), int)
     forward = inspect.signature(tiny_model(model_type).forward).parameters
-    assert ("position_ids" in forward) == spec.accepts_position_ids  # the data stage packs on this fact
+    assert ("position_ids" in forward) == spec.accepts_position_ids  # packs_by_position_ids starts from it
     assert spec.context_length(hf_config) == getattr(hf_config, spec.context_key)
 
 
