@@ -30,10 +30,7 @@ model:
   config_overrides: {{d_model: 64, n_heads: 4, n_layers: 2, expansion_ratio: 2, max_seq_len: 256}}
 lora: {{r: 8, lora_alpha: 16, lora_dropout: 0.0, target_modules: [Wqkv, out_proj], modules_to_save: [wte]}}
 moe:
-  upcycle: true
-  num_experts: 4
-  top_k: 1
-  expert_noise_std: 0.0
+  upcycling: {{enabled: true, num_experts: 4, top_k: 1, expert_noise_std: 0.0}}
   expert_training: full
   use_auxiliary_loss: true
   auxiliary_loss_weight: 0.01

@@ -129,7 +129,8 @@ def bench_moetune(config) -> dict:
 def bench_padded(config, tokenizer, texts: list[str]) -> dict:
     """The common approach: every sample padded to max_length, plain HF-style loop (clipped like the others)."""
     torch.manual_seed(0)
-    model = build_model(config, tokenizer)
+    model = build_model(config, tokenizer, seed=config.training.seed,
+                        gradient_checkpointing=config.training.gradient_checkpointing)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=config.model.max_seq_length,
@@ -182,7 +183,9 @@ def bench_trl(config, tokenizer, texts: list[str], out: Path) -> dict:
     from trl import SFTTrainer
 
     torch.manual_seed(0)
-    model = build_model(config, tokenizer)  # the same model, attention kernel (sdpa) and experts kernel as moetune's
+    # The same model, attention kernel (sdpa) and experts kernel as moetune's.
+    model = build_model(config, tokenizer, seed=config.training.seed,
+                        gradient_checkpointing=config.training.gradient_checkpointing)
     trainer = SFTTrainer(model=model, args=trl_config(config, out), train_dataset=Dataset.from_dict({"text": texts}),
                          processing_class=tokenizer)
     rows = trainer.train_dataset

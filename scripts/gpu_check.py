@@ -436,7 +436,7 @@ def stage_qlora(ctx: Context) -> None:
     # 4-bit weights are loaded, never built: save one random model, then train LoRA on it both ways.
     config = load_config(folder / "base.yaml")
     tokenizer = load_or_train_tokenizer(config, iter(texts), save_dir=folder / "base")
-    model = build_base_model(config, tokenizer)
+    model = build_base_model(config, tokenizer, seed=config.training.seed)
     model.save_pretrained(folder / "base")
     del model
     _free_memory()

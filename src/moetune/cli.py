@@ -127,15 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
               _run_upcycle, config_help="YAML config for the other moe.* settings (default: none; the moe.* defaults).")
     up.add_argument("--model", required=True, metavar="DIR", help="Dense MPT checkpoint (directory or hub id).")
     up.add_argument("--output", required=True, metavar="DIR", help="Where the upcycled checkpoint is written.")
-    up.add_argument("--num-experts", type=int, metavar="N", help="Experts per MoE block (moe.num_experts).")
-    up.add_argument("--top-k", type=int, metavar="K", help="Experts per token, 1 or 2 (moe.top_k).")
+    up.add_argument("--num-experts", type=int, metavar="N", help="Experts per MoE block (moe.upcycling.num_experts).")
+    up.add_argument("--top-k", type=int, metavar="K", help="Experts per token, 1 or 2 (moe.upcycling.top_k).")
     up.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                     help="Save the upcycled model in this dtype (default: the dense checkpoint's).")
-    verb("validate", "check a config and exit 0 (valid) or 2 (invalid)",
-         "Load and validate the config with any overrides; print what is wrong, where.", _run_validate)
-    verb("print-config", "print the fully resolved config (defaults included) as YAML",
-         "Print the config after defaults and overrides; the output loads back to the same config.",
-         _run_print_config)
+    checks = [verb("validate", "check a config and exit 0 (valid) or 2 (invalid)",
+                   "Load and validate the config with any overrides; print what is wrong, where.", _run_validate),
+              verb("print-config", "print the fully resolved config (defaults included) as YAML",
+                   "Print the config after defaults and overrides; the output loads back to the same config.",
+                   _run_print_config)]
+    for sub in checks:
+        sub.add_argument("--deepspeed-config", metavar="FILE",
+                         help="The DeepSpeed JSON a launch passes (accelerate_config.yaml's deepspeed_config_file, e.g. "
+                         "deepspeed_moe_config.json): its older \"moe\" block is read into the moe section, as in "
+                         "training. Default: $ACCELERATE_DEEPSPEED_CONFIG_FILE when set.")
     return parser
 
 
@@ -145,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace, *extra: str):
     from moetune.config import load_config
 
-    return load_config(args.config, [*getattr(args, "overrides", []), *extra])
+    return load_config(args.config, [*getattr(args, "overrides", []), *extra],
+                       deepspeed_config=getattr(args, "deepspeed_config", None))
 
 
 def _run_validate(args: argparse.Namespace) -> int:
@@ -204,8 +210,8 @@ def _run_sweep(args: argparse.Namespace) -> int | None:
 
 
 def _run_upcycle(args: argparse.Namespace) -> int | None:
-    flags = [f"moe.num_experts={args.num_experts}"] if args.num_experts is not None else []
-    flags += [f"moe.top_k={args.top_k}"] if args.top_k is not None else []
+    flags = [f"moe.upcycling.num_experts={args.num_experts}"] if args.num_experts is not None else []
+    flags += [f"moe.upcycling.top_k={args.top_k}"] if args.top_k is not None else []
     config = _load(args, *flags)
     return _library("moetune.models.upcycle", "upcycle_checkpoint")(config, args.model, args.output, dtype=args.dtype)
 

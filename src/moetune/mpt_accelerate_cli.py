@@ -24,7 +24,7 @@ from moetune.errors import ConfigError, UserError
 DEFAULT_CONFIG = "configs/mpt7b_moe.yaml"
 DEEPSPEED_CONFIG = "deepspeed_moe_config.json"  # where the trainer's users kept their "moe" block
 # The trainer's experts when no "moe" block names them.
-DEFAULT_MOE = {"num_experts": 4, "top_k": 1}
+DEFAULT_MOE = {"moe.upcycling.num_experts": 4, "moe.upcycling.top_k": 1}
 
 # flag -> (config key, type, the trainer's default, help). --convert_to_moe and --data_file are handled apart.
 FLAGS: dict[str, tuple[str, type, object, str]] = {
@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "then only the flags given override it (default: the trainer's defaults below).")
     parser.add_argument("--convert_to_moe", action="store_true", default=None,
                         help="Upcycle the dense model into an MoE before training (experts and top-k from the "
-                        f"\"moe\" block of {DEEPSPEED_CONFIG}, else {DEFAULT_MOE['num_experts']} experts, "
-                        f"top-{DEFAULT_MOE['top_k']}); without it the dense model trains in full.")
+                        f"\"moe\" block of {DEEPSPEED_CONFIG}, else {DEFAULT_MOE['moe.upcycling.num_experts']} "
+                        f"experts, top-{DEFAULT_MOE['moe.upcycling.top_k']}); without it the dense model trains in "
+                        "full.")
     parser.add_argument("--data_file", metavar="FILE", help="Question/answer JSONL ({\"question\", \"answer\", "
                         f"\"expert_label\"}}); built into the dataset when no current build exists (default: "
                         f"{DATA_FILE_DEFAULT}).")
@@ -91,14 +92,16 @@ def flag_overrides(args: argparse.Namespace, deepspeed_json: str | Path | None) 
 
     convert = bool(args.convert_to_moe)
     if trainer_defaults or convert:
-        put("moe.upcycle", convert, "--convert_to_moe")
+        put("moe.upcycling.enabled", convert, "--convert_to_moe")
     if trainer_defaults:  # upcycled experts train in full, as in that trainer; a dense model has none to train
         put("moe.expert_training", "full" if convert else "frozen", "--convert_to_moe")
     if convert:
-        block = _moe_block(deepspeed_json)
-        for key, value in {**(DEFAULT_MOE if trainer_defaults else {}), **block}.items():
-            source = f'--convert_to_moe: the "moe" block of {deepspeed_json}' if key in block else "--convert_to_moe"
-            put(f"moe.{key}", value, source)
+        block = {setting.key: setting for setting in _moe_block(deepspeed_json)}
+        for key, value in (DEFAULT_MOE if trainer_defaults else {}).items():
+            if key not in block:
+                put(key, value, "--convert_to_moe")
+        for key, setting in block.items():
+            put(key, setting.value, f'--convert_to_moe: the "moe" block of {setting.location}')
     data_file = args.data_file or (DATA_FILE_DEFAULT if trainer_defaults else None)
     if data_file is not None:
         put("data.sources", [{"type": "qa_jsonl", "path": data_file}], f"--data_file {data_file}")
@@ -122,12 +125,13 @@ def deepspeed_json_path() -> Path | None:
     return Path(DEEPSPEED_CONFIG) if Path(DEEPSPEED_CONFIG).is_file() else None
 
 
-def _moe_block(path: str | Path | None) -> dict:
+def _moe_block(path: str | Path | None) -> list:
+    """The "moe" block's settings, read as ``load_config`` reads them."""
     if path is None or not Path(path).is_file():
-        return {}
-    from moetune.models.deepspeed_moe import read_legacy_deepspeed_moe
+        return []
+    from moetune.config.legacy_deepspeed import read_legacy_moe_block
 
-    return read_legacy_deepspeed_moe(path)
+    return read_legacy_moe_block(path)
 
 
 def load_trainer_config(args: argparse.Namespace, deepspeed_json: str | Path | None = None,

@@ -79,5 +79,5 @@ def test_every_config_field_is_read_somewhere():
 
 def test_the_walk_sees_nested_and_source_fields():
     paths = {path for path, _ in config_fields()}
-    assert {"training.learning_rate", "advanced.torch_compile", "moe.top_k"} <= paths
+    assert {"training.learning_rate", "advanced.torch_compile", "moe.upcycling.top_k"} <= paths
     assert any(p.startswith("data.sources.") for p in paths)

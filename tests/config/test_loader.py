@@ -116,13 +116,15 @@ def test_wrong_types_name_key_value_and_accepted(tmp_path, yaml_text, expected):
     ("lora:\n  lora_alpha: 0\n", "lora.lora_alpha must be greater than 0, got 0.0."),
     ("lora:\n  r: 0\n", "lora.r must be a positive integer, got 0."),
     ("validation:\n  validation_split: 1\n", "validation.validation_split must be in [0, 1), got 1.0."),
-    ("moe:\n  top_k: 3\n", "moe.top_k must be 1 or 2, got 3."),
-    ("moe:\n  num_experts: 2\n  top_k: 2\n  auxiliary_loss_weight: -1\n", "moe.auxiliary_loss_weight must be 0 or more, got -1.0."),
+    ("moe:\n  upcycling:\n    top_k: 3\n", "moe.upcycling.top_k must be 1 or 2, got 3."),
+    ("moe:\n  upcycling: {num_experts: 2, top_k: 2}\n  auxiliary_loss_weight: -1\n",
+     "moe.auxiliary_loss_weight must be 0 or more, got -1.0."),
     ("model:\n  load_in_4bit: true\n  load_in_8bit: true\n", "model.load_in_4bit and model.load_in_8bit are both true"),
     ("model:\n  random_init: true\n", "model.random_init builds a model from config, so it needs model.architecture"),
     ("validation:\n  validation_split: 0\nadvanced:\n  early_stopping_patience: 3\n",
      "advanced.early_stopping_patience needs a validation split"),
-    ("model:\n  architecture: mixtral\nmoe:\n  upcycle: true\n", "moe.upcycle turns a dense MPT model into an MoE"),
+    ("model:\n  architecture: mixtral\nmoe:\n  upcycling:\n    enabled: true\n",
+     "moe.upcycling.enabled turns a dense MPT model into an MoE"),
 ])
 def test_cross_field_and_range_checks(tmp_path, yaml_text, expected):
     assert expected in error_of(tmp_path, yaml_text)

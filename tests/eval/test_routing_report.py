@@ -52,7 +52,7 @@ def _forced_model(tokenizer, experts_of: dict[str, tuple[int, int]]):
         "model.architecture=mixtral", "model.random_init=true", "model.torch_dtype=float32", "model.max_seq_length=64",
         "model.config_overrides={num_hidden_layers: 2, hidden_size: 64, intermediate_size: 128, num_attention_heads: 4,"
         " num_key_value_heads: 2, num_local_experts: 4, num_experts_per_tok: 2, max_position_embeddings: 128}"])
-    model = build_base_model(config, tokenizer).eval()
+    model = build_base_model(config, tokenizer, seed=config.training.seed).eval()
     with torch.no_grad():
         embed = model.get_input_embeddings().weight
         embed.zero_()

@@ -29,9 +29,9 @@ def make_mixtral_config(*overrides: str) -> Config:
 
 
 def make_mpt_config(*overrides: str) -> Config:
-    """A random-init tiny dense MPT, float32; add moe.upcycle=true to upcycle it to 4 experts."""
+    """A random-init tiny dense MPT, float32; add moe.upcycling.enabled=true to upcycle it to 4 experts."""
     return load_config(None, ["model.architecture=mpt", "model.random_init=true", "model.torch_dtype=float32", "model.max_seq_length=128",
-                              f"model.config_overrides={MPT_OVERRIDES}", "moe.num_experts=4", "lora.r=4",
+                              f"model.config_overrides={MPT_OVERRIDES}", "moe.upcycling.num_experts=4", "lora.r=4",
                               "lora.lora_dropout=0.0", *overrides])
 
 
@@ -53,7 +53,7 @@ def mixtral_config():
 
 @pytest.fixture
 def mpt_config():
-    """``mpt_config("moe.upcycle=true", ...)`` -> Config of a tiny random MPT."""
+    """``mpt_config("moe.upcycling.enabled=true", ...)`` -> Config of a tiny random MPT."""
     return make_mpt_config
 
 

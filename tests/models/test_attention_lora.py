@@ -96,7 +96,7 @@ class LegacyMixtral(nn.Module):
 
 
 def test_fused_layout_trains_attention_lora_only(mixtral_config):
-    model = build_model(mixtral_config())
+    model = build_model(mixtral_config(), seed=42)
     names = trainable(model)
     assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
     adapted = {n.split(".")[-4] for n in names}
@@ -125,7 +125,7 @@ def test_legacy_layout_experts_frozen_and_router_saved(mixtral_config):
 
 
 def test_exclude_modules_are_left_without_lora(mixtral_config):
-    model = build_model(mixtral_config("lora.exclude_modules=[o_proj, model.layers.0.self_attn.q_proj]"))
+    model = build_model(mixtral_config("lora.exclude_modules=[o_proj, model.layers.0.self_attn.q_proj]"), seed=42)
     adapted = {n.rsplit(".lora_A", 1)[0].removeprefix("base_model.model.") for n in trainable(model) if ".lora_A." in n}
     assert adapted == {"model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj",
                        "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj",
@@ -134,12 +134,12 @@ def test_exclude_modules_are_left_without_lora(mixtral_config):
 
 def test_unknown_target_module_is_a_user_error(mixtral_config):
     with pytest.raises(UserError, match=r"lora.target_modules names 'query'.*'q_proj'"):
-        build_model(mixtral_config("lora.target_modules=[query]"))
+        build_model(mixtral_config("lora.target_modules=[query]"), seed=42)
 
 
 def test_trainable_parameter_line_is_logged(mixtral_config, caplog):
     with caplog.at_level(logging.INFO, logger="moetune"):
-        model = build_model(mixtral_config())
+        model = build_model(mixtral_config(), seed=42)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     # r=4 on q,o (64x64) and k,v (64x32): per layer 2*4*(64+64) + 2*4*(64+32) = 1792
@@ -148,9 +148,9 @@ def test_trainable_parameter_line_is_logged(mixtral_config, caplog):
 
 
 def test_trained_router_is_saved_in_the_adapter_and_reloads_to_identical_logits(mixtral_config, tokens, tmp_path):
-    build_model(mixtral_config("lora.enabled=false")).save_pretrained(tmp_path / "base")
+    build_model(mixtral_config("lora.enabled=false"), seed=42).save_pretrained(tmp_path / "base")
     model = build_model(mixtral_config("model.random_init=false", f"model.name={tmp_path / 'base'}",
-                                       "moe.freeze_router=false"))
+                                       "moe.freeze_router=false"), seed=42)
     with torch.no_grad():  # stands in for training: move every trainable tensor
         for param in model.parameters():
             if param.requires_grad:
@@ -173,6 +173,6 @@ def test_trained_router_is_saved_in_the_adapter_and_reloads_to_identical_logits(
 
 
 def test_frozen_router_is_neither_trained_nor_saved(mixtral_config, tmp_path):
-    model = build_model(mixtral_config("moe.freeze_router=true"))
+    model = build_model(mixtral_config("moe.freeze_router=true"), seed=42)
     assert model.peft_config["default"].modules_to_save is None
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".mlp.gate." in n)

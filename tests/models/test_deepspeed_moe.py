@@ -1,9 +1,10 @@
-"""moe.backend: deepspeed (an optional extra) and the older deepspeed_moe_config.json "moe" block."""
+"""moe.backend: deepspeed (an optional extra): refused where it cannot apply, equal to the native block where it does.
+
+The older deepspeed_moe_config.json "moe" block is read by the config loader (tests/config/test_legacy_deepspeed.py)."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -11,50 +12,10 @@ import textwrap
 
 import pytest
 
-from moetune.config import load_config
 from moetune.errors import UserError
-from moetune.models.deepspeed_moe import legacy_moe_overrides, read_legacy_deepspeed_moe
 from moetune.models.factory import build_model
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-
-
-def write_json(path, data):
-    path.write_text(json.dumps(data))
-    return path
-
-
-def test_legacy_moe_block_becomes_moe_settings(tmp_path):
-    path = write_json(tmp_path / "ds.json", {"train_batch_size": "auto",
-                                             "moe": {"enabled": True, "num_experts": 8, "top_k": 2, "ep_size": 4,
-                                                     "capacity_factor": 1.25, "moe_loss_coeff": 0.01}})
-    assert read_legacy_deepspeed_moe(path) == {"num_experts": 8, "top_k": 2, "expert_parallel_size": 4,
-                                               "capacity_factor": 1.25, "auxiliary_loss_weight": 0.01}
-    config = load_config(None, legacy_moe_overrides(path))
-    assert (config.moe.num_experts, config.moe.top_k, config.moe.expert_parallel_size) == (8, 2, 4)
-    assert config.moe.capacity_factor == 1.25 and config.moe.auxiliary_loss_weight == 0.01
-
-
-def test_file_without_moe_block_gives_no_settings(tmp_path):
-    assert read_legacy_deepspeed_moe(write_json(tmp_path / "ds.json", {"zero_optimization": {"stage": 2}})) == {}
-
-
-@pytest.mark.parametrize("block, message", [
-    ({"min_capacity": 4}, r"\"moe\".\"min_capacity\" is not supported .* live in the moe section of config.yaml"),
-    ({"num_expert": 8}, r"\"moe\".\"num_expert\" is not a known MoE setting. MoE settings now live in the moe section"),
-    ({"k": 1, "top_k": 2}, r"sets moe.top_k twice with different values"),
-])
-def test_legacy_settings_without_a_home_are_rejected(tmp_path, block, message):
-    with pytest.raises(UserError, match=message):
-        read_legacy_deepspeed_moe(write_json(tmp_path / "ds.json", {"moe": block}))
-
-
-def test_unreadable_legacy_file_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="no such DeepSpeed config file"):
-        read_legacy_deepspeed_moe(tmp_path / "missing.json")
-    (tmp_path / "bad.json").write_text("{")
-    with pytest.raises(UserError, match="is not valid JSON"):
-        read_legacy_deepspeed_moe(tmp_path / "bad.json")
 
 
 def test_deepspeed_backend_without_deepspeed_says_how_to_install_it(mpt_config, monkeypatch):
@@ -62,12 +23,12 @@ def test_deepspeed_backend_without_deepspeed_says_how_to_install_it(mpt_config, 
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "deepspeed" else real_find_spec(name, *a))
     with pytest.raises(UserError, match=r"needs the deepspeed package.*pip install moetune\[deepspeed\]"):
-        build_model(mpt_config("moe.upcycle=true", "moe.backend=deepspeed"))
+        build_model(mpt_config("moe.upcycling.enabled=true", "moe.backend=deepspeed"), seed=42)
 
 
 def test_deepspeed_backend_is_for_upcycled_models(mixtral_config):
     with pytest.raises(UserError, match="mixtral keeps its own blocks"):
-        build_model(mixtral_config("moe.backend=deepspeed"))
+        build_model(mixtral_config("moe.backend=deepspeed"), seed=42)
 
 
 DEEPSPEED_SCRIPT = textwrap.dedent("""
@@ -80,10 +41,11 @@ DEEPSPEED_SCRIPT = textwrap.dedent("""
     # Noisy expert copies: the experts differ, so the logits only agree if both blocks route alike.
     overrides = ["model.architecture=mpt", "model.random_init=true", "model.torch_dtype=float32", "model.max_seq_length=64",
                  "model.config_overrides={n_layers: 2, d_model: 64, n_heads: 4, vocab_size: 128, max_seq_len: 64}",
-                 "moe.upcycle=true", "moe.num_experts=4", "moe.expert_noise_std=0.5", "lora.enabled=false"]
+                 "moe.upcycling.enabled=true", "moe.upcycling.num_experts=4", "moe.upcycling.expert_noise_std=0.5",
+                 "lora.enabled=false"]
     torch.manual_seed(0)
-    native = build_model(load_config(None, overrides)).eval()
-    model = build_model(load_config(None, overrides + ["moe.backend=deepspeed"])).eval()
+    native = build_model(load_config(None, overrides), seed=42).eval()
+    model = build_model(load_config(None, overrides + ["moe.backend=deepspeed"]), seed=42).eval()
     for module in model.modules():
         if hasattr(module, "set_deepspeed_parallelism"):
             module.set_deepspeed_parallelism()

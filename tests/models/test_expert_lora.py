@@ -76,7 +76,7 @@ def param_wrappers(model) -> dict[str, ParamWrapper]:
 @pytest.mark.parametrize("model_type", FUSED)
 def test_expert_lora_lands_on_every_fused_expert_parameter_with_rank_r_per_expert(checkpoint, model_type):
     spec = family_for_model_type(model_type)
-    model = build_model(expert_lora_config(checkpoint(model_type)))
+    model = build_model(expert_lora_config(checkpoint(model_type)), seed=42)
     wrappers = param_wrappers(model)
     base = AutoModelForCausalLM.from_pretrained(checkpoint(model_type))
     expected = {n for n, p in base.named_parameters() if is_expert_parameter(n) and p.dim() == 3
@@ -106,7 +106,7 @@ def test_expert_lora_lands_on_every_fused_expert_parameter_with_rank_r_per_exper
 @pytest.mark.parametrize("model_type", FUSED)
 def test_expert_lora_merges_with_its_deltas_and_reloads_exactly(checkpoint, tmp_path, model_type):
     config = expert_lora_config(checkpoint(model_type))
-    model = build_model(config)
+    model = build_model(config, seed=42)
     perturb_trainable(model)
     model.eval()
     with torch.no_grad():
@@ -116,7 +116,7 @@ def test_expert_lora_merges_with_its_deltas_and_reloads_exactly(checkpoint, tmp_
     model.save_pretrained(tmp_path / "adapter")
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert any(".experts." in k and "lora_A" in k for k in saved)
-    reloaded = PeftModel.from_pretrained(build_base_model(config), tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(build_base_model(config, seed=42), tmp_path / "adapter")
     with torch.no_grad():
         assert torch.equal(reloaded.eval()(tokens()).logits, expected)
         merged = model.merge_and_unload()
@@ -124,7 +124,7 @@ def test_expert_lora_merges_with_its_deltas_and_reloads_exactly(checkpoint, tmp_
     assert torch.allclose(merged_logits, expected, atol=1e-5)
     assert not torch.allclose(merged_logits, base_logits, atol=1e-3)
     merged_experts = {n: p for n, p in merged.named_parameters() if is_expert_parameter(n) and p.dim() == 3}
-    base_experts = dict(build_base_model(config).named_parameters())
+    base_experts = dict(build_base_model(config, seed=42).named_parameters())
     # The expert deltas are in the merged expert weights (biases are not adapted), not only the attention's.
     assert merged_experts and all(not torch.equal(p, base_experts[n]) for n, p in merged_experts.items())
 
@@ -133,7 +133,7 @@ def test_expert_lora_merges_with_its_deltas_and_reloads_exactly(checkpoint, tmp_
 def test_full_experts_train_every_expert_weight_and_reload_exactly(checkpoint, tmp_path, model_type):
     spec = family_for_model_type(model_type)
     config = config_for(checkpoint(model_type), "moe.expert_training=full")
-    model = build_model(config)
+    model = build_model(config, seed=42)
     trained = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad and is_expert_parameter(n)}
     assert trained == set(spec.expert_parameters)  # weights and, on gpt-oss, biases
     assert all(".modules_to_save.default." in n for n, p in model.named_parameters()
@@ -144,7 +144,7 @@ def test_full_experts_train_every_expert_weight_and_reload_exactly(checkpoint, t
     with torch.no_grad():
         expected = model(tokens()).logits
     model.save_pretrained(tmp_path / "adapter")
-    reloaded = PeftModel.from_pretrained(build_base_model(config), tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(build_base_model(config, seed=42), tmp_path / "adapter")
     with torch.no_grad():
         assert torch.equal(reloaded.eval()(tokens()).logits, expected)
         assert torch.allclose(model.merge_and_unload()(tokens()).logits, expected, atol=1e-5)
@@ -154,7 +154,7 @@ def test_full_experts_train_every_expert_weight_and_reload_exactly(checkpoint, t
 def test_shared_experts_take_lora_without_touching_the_routed_experts(checkpoint, tmp_path, model_type):
     shared = family_for_model_type(model_type).shared_experts
     config = config_for(checkpoint(model_type), "moe.train_shared_experts=true", "moe.shared_expert_training=lora")
-    model = build_model(config)
+    model = build_model(config, seed=42)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     shared_lora = [n for n in names if is_shared_expert_parameter(n, shared)]
     assert shared_lora and all(".lora_A." in n or ".lora_B." in n for n in shared_lora)
@@ -167,7 +167,7 @@ def test_shared_experts_take_lora_without_touching_the_routed_experts(checkpoint
     with torch.no_grad():
         expected = model(tokens()).logits
     model.save_pretrained(tmp_path / "adapter")
-    reloaded = PeftModel.from_pretrained(build_base_model(config), tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(build_base_model(config, seed=42), tmp_path / "adapter")
     with torch.no_grad():
         assert torch.equal(reloaded.eval()(tokens()).logits, expected)
         assert torch.allclose(model.merge_and_unload()(tokens()).logits, expected, atol=1e-5)
@@ -175,7 +175,8 @@ def test_shared_experts_take_lora_without_touching_the_routed_experts(checkpoint
 
 def test_the_trainable_line_splits_attention_router_experts_and_shared_experts(checkpoint, caplog):
     with caplog.at_level(logging.INFO, logger="moetune"):
-        build_model(expert_lora_config(checkpoint("qwen2_moe"), "moe.freeze_router=false", "moe.train_shared_experts=true"))
+        build_model(expert_lora_config(checkpoint("qwen2_moe"), "moe.freeze_router=false", "moe.train_shared_experts=true"),
+                    seed=42)
     hidden, inter, shared_inter, experts, layers = 64, 32, 64, 4, 2
     q, kv = 4 * 16, 2 * 16  # qwen2_moe tiny: 4 heads, 2 kv heads, head_dim 16
     attention = layers * R * ((hidden + q) + 2 * (hidden + kv) + (q + hidden))
@@ -187,7 +188,7 @@ def test_the_trainable_line_splits_attention_router_experts_and_shared_experts(c
 
 
 def test_expert_training_stays_frozen_by_default_for_pretrained_models(checkpoint):
-    model = build_model(config_for(checkpoint("qwen3_moe")))
+    model = build_model(config_for(checkpoint("qwen3_moe")), seed=42)
     assert not any(p.requires_grad for n, p in model.named_parameters() if is_expert_parameter(n))
 
 
@@ -198,7 +199,7 @@ def test_expert_lora_that_matches_no_expert_parameter_is_an_error_naming_the_exp
                                         r"\['gate_up_proj', 'down_proj'\], while this model's experts "
                                         r"\(model.layers.0.mlp.experts, one of 2 MoE blocks\) hold "
                                         r"\['gate_up_proj \(4, 64, 64\)', 'down_proj \(4, 64, 32\)'\]"):
-        build_model(config)
+        build_model(config, seed=42)
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
@@ -208,13 +209,13 @@ def test_a_family_whose_expert_names_match_nothing_cannot_train_nothing(checkpoi
     with pytest.raises(UserError, match=r"no expert parameter matched: the qwen_moe family names \['w1', 'w2'\], "
                                         r"while this model's experts \(model.layers.0.mlp.experts, one of 2 MoE "
                                         r"blocks\) hold \['gate_up_proj \(4, 64, 64\)', 'down_proj \(4, 64, 32\)'\]"):
-        apply_training_plan(build_base_model(config), config, family=family)
+        apply_training_plan(build_base_model(config, seed=42), config, family=family)
 
 
 def test_expert_lora_with_dropout_is_refused_before_peft_sees_it(checkpoint):
     with pytest.raises(UserError, match=r"LoRA on expert parameters \(model.layers.0.mlp.experts.gate_up_proj, \.\.\.\) "
                                         r"cannot be combined with dropout .* set lora.lora_dropout: 0 \(it is 0.05\)"):
-        build_model(expert_lora_config(checkpoint("qwen3_moe"), "lora.lora_dropout=0.05"))
+        build_model(expert_lora_config(checkpoint("qwen3_moe"), "lora.lora_dropout=0.05"), seed=42)
 
 
 @pytest.mark.parametrize(("model_type", "overrides"), [
@@ -225,13 +226,13 @@ def test_a_checkpoint_loads_back_into_a_rebuilt_model_for_resuming(checkpoint, t
     from moetune.models.trainable_weights import load_trainable_weights
 
     config = config_for(checkpoint(model_type), *overrides)
-    model = build_model(config)
+    model = build_model(config, seed=42)
     perturb_trainable(model, scale=0.05)
     model.eval()
     with torch.no_grad():
         expected = model(tokens()).logits
     model.save_pretrained(tmp_path / "checkpoint-3")
-    resumed = build_model(config)
+    resumed = build_model(config, seed=42)
     load_trainable_weights(resumed, tmp_path / "checkpoint-3")
     with torch.no_grad():
         assert torch.equal(resumed.eval()(tokens()).logits, expected)

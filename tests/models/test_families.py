@@ -99,7 +99,7 @@ def test_the_family_is_detected_from_config_json(checkpoint, family, model_type)
     hf_config = AutoConfig.from_pretrained(checkpoint(model_type))
     assert isinstance(getattr(hf_config, spec.context_key), int)
     forward = inspect.signature(tiny_model(model_type).forward).parameters
-    assert ("position_ids" in forward) == spec.accepts_position_ids  # the data stage packs on this fact
+    assert ("position_ids" in forward) == spec.accepts_position_ids  # packs_by_position_ids starts from it
     assert spec.context_length(hf_config) == getattr(hf_config, spec.context_key)
 
 
@@ -112,7 +112,7 @@ def test_an_unknown_model_type_names_what_moetune_loads(tmp_path):
 
 @pytest.mark.parametrize(("family", "model_type"), CASES, ids=IDS)
 def test_lora_lands_on_attention_only_and_every_expert_is_frozen(checkpoint, family, model_type):
-    model = build_model(family_config(checkpoint(model_type), "moe.freeze_router=true"))
+    model = build_model(family_config(checkpoint(model_type), "moe.freeze_router=true"), seed=42)
     names = trainable(model)
     assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
     assert {n.split(".")[-4] for n in names} == ATTENTION[model_type]
@@ -126,7 +126,7 @@ def test_lora_lands_on_attention_only_and_every_expert_is_frozen(checkpoint, fam
 
 @pytest.mark.parametrize(("family", "model_type"), MOE_CASES, ids=MOE_IDS)
 def test_a_trained_router_is_saved_and_reloads_to_identical_logits(checkpoint, tmp_path, family, model_type):
-    model = build_model(family_config(checkpoint(model_type), "moe.freeze_router=false"))
+    model = build_model(family_config(checkpoint(model_type), "moe.freeze_router=false"), seed=42)
     router = family_for_model_type(model_type).router_name
     with torch.no_grad():  # stands in for training: move every trainable tensor
         for param in model.parameters():
@@ -168,7 +168,7 @@ def deepseek_sequence_loss(router_logits, chosen, top_k: int, sigmoid: bool) -> 
 @pytest.mark.parametrize(("family", "model_type"), MOE_CASES, ids=MOE_IDS)
 def test_the_aux_loss_is_the_family_definition_on_the_same_router_outputs(checkpoint, family, model_type):
     config = family_config(checkpoint(model_type), "lora.enabled=false")
-    model = build_model(config).eval()
+    model = build_model(config, seed=42).eval()
     ids = tokens()
     with torch.no_grad():
         parts = compute_losses(model, {"input_ids": ids}, config)
@@ -200,7 +200,7 @@ def reference_choice(model, model_type: str, logits: torch.Tensor, layer_router)
 @pytest.mark.parametrize(("family", "model_type"), MOE_CASES, ids=MOE_IDS)
 def test_expert_usage_equals_the_routers_choice_and_sums_to_top_k(checkpoint, family, model_type):
     config = family_config(checkpoint(model_type), "lora.enabled=false")
-    model = build_model(config).eval()
+    model = build_model(config, seed=42).eval()
     ids = tokens()
     mask = torch.ones_like(ids)
     mask[1, -3:] = 0
@@ -225,7 +225,7 @@ def test_expert_usage_equals_the_routers_choice_and_sums_to_top_k(checkpoint, fa
 @pytest.mark.parametrize(("family", "model_type"), CASES, ids=IDS)
 def test_five_training_steps_lower_the_loss(checkpoint, family, model_type):
     config = family_config(checkpoint(model_type), "moe.freeze_router=false", "moe.auxiliary_loss_weight=0.01")
-    model = build_model(config).train()
+    model = build_model(config, seed=42).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch = {"input_ids": tokens(batch=2, length=16)}
     losses = []
@@ -241,7 +241,7 @@ def test_five_training_steps_lower_the_loss(checkpoint, family, model_type):
 
 @pytest.mark.parametrize(("family", "model_type"), CASES, ids=IDS)
 def test_merging_gives_the_adapters_logits_and_reloads_with_auto_classes(checkpoint, tmp_path, family, model_type):
-    model = build_model(family_config(checkpoint(model_type), "moe.freeze_router=false"))
+    model = build_model(family_config(checkpoint(model_type), "moe.freeze_router=false"), seed=42)
     with torch.no_grad():
         for param in model.parameters():
             if param.requires_grad:
@@ -258,7 +258,7 @@ def test_merging_gives_the_adapters_logits_and_reloads_with_auto_classes(checkpo
 
 def test_gpt_oss_runs_eager_attention_where_sdpa_is_asked_for(checkpoint, caplog):
     with caplog.at_level(logging.INFO, logger="moetune"):
-        model = build_model(family_config(checkpoint("gpt_oss"), "model.attn_implementation=sdpa"))
+        model = build_model(family_config(checkpoint("gpt_oss"), "model.attn_implementation=sdpa"), seed=42)
     assert model.config._attn_implementation == "eager"
     assert "model.attn_implementation=sdpa does not apply" in caplog.text
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith("sinks"))
@@ -272,7 +272,7 @@ def test_the_bias_update_evens_out_a_forced_imbalance(checkpoint, model_type):
     from moetune.models.balance import update_router_biases
 
     config = family_config(checkpoint(model_type), "lora.enabled=false", "moe.router_bias_update_rate=0.05")
-    model = build_model(config).eval()
+    model = build_model(config, seed=42).eval()
     spec = family_for_model_type(model_type)
     router = [m for n, m in model.named_modules() if n.endswith(f"mlp.{spec.router_name}")][0]
     with torch.no_grad():  # every token goes to expert 0
@@ -298,7 +298,7 @@ def test_updated_biases_are_saved_with_the_adapter_and_reloaded(checkpoint, tmp_
     from moetune.models.balance import update_router_biases
 
     config = family_config(checkpoint("deepseek_v3"), "moe.router_bias_update_rate=0.01", "moe.freeze_router=true")
-    model = build_model(config)
+    model = build_model(config, seed=42)
     spec = family_for_model_type("deepseek_v3")
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".mlp.gate." in n)  # weight stays frozen
     update_router_biases(model, spec, torch.tensor([[10.0, 0.0, 0.0, 6.0]]), 0.01)
@@ -313,13 +313,13 @@ def test_updated_biases_are_saved_with_the_adapter_and_reloaded(checkpoint, tmp_
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "gpt_oss"])
 def test_the_bias_update_is_refused_for_routers_without_a_bias(checkpoint, model_type):
     with pytest.raises(ConfigError, match=rf"correction bias, which '{model_type}' models do not have"):
-        build_model(family_config(checkpoint(model_type), "moe.router_bias_update_rate=0.001"))
+        build_model(family_config(checkpoint(model_type), "moe.router_bias_update_rate=0.001"), seed=42)
 
 
 @pytest.mark.parametrize("model_type", ["qwen2_moe", "deepseek_v2"])
 def test_shared_experts_train_when_asked_and_are_saved_with_the_adapter(checkpoint, tmp_path, model_type):
     shared = family_for_model_type(model_type).shared_experts
-    model = build_model(family_config(checkpoint(model_type), "moe.train_shared_experts=true"))
+    model = build_model(family_config(checkpoint(model_type), "moe.train_shared_experts=true"), seed=42)
     trained = [n for n in trainable(model) if is_shared_expert_parameter(n, shared)]
     assert trained and all(".modules_to_save.default." in n for n in trained)
     assert not any(p.requires_grad for n, p in model.named_parameters() if is_expert_parameter(n))
@@ -332,7 +332,7 @@ def test_shared_experts_train_when_asked_and_are_saved_with_the_adapter(checkpoi
     model.save_pretrained(tmp_path / "adapter")
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(checkpoint(model_type)), tmp_path / "adapter")
     assert torch.equal(reloaded.eval()(tokens()).logits, expected)
-    full = build_model(family_config(checkpoint(model_type), "moe.train_shared_experts=true", "lora.enabled=false"))
+    full = build_model(family_config(checkpoint(model_type), "moe.train_shared_experts=true", "lora.enabled=false"), seed=42)
     params = dict(full.named_parameters())
     assert all(params[n].requires_grad for n in params if is_shared_expert_parameter(n, shared))
     assert not any(params[n].requires_grad for n in params if is_expert_parameter(n))
@@ -365,7 +365,7 @@ def test_gpt_oss_mxfp4_experts_are_loaded_dequantised_to_bf16(checkpoint, tmp_pa
                                      "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     (folder / "config.json").write_text(json.dumps(config))
     with caplog.at_level(logging.WARNING, logger="moetune"):
-        model = build_model(family_config(folder, "model.torch_dtype=bfloat16"))
+        model = build_model(family_config(folder, "model.torch_dtype=bfloat16"), seed=42)
     assert "experts are MXFP4, which cannot be trained; loading them dequantised to bf16" in caplog.text
     params = dict(model.named_parameters())
     for key, values in expected.items():

@@ -33,7 +33,7 @@ def test_balanced_routing_gives_top_k_and_z_loss_is_logsumexp_squared():
 
 def test_compute_losses_splits_hf_loss_without_double_counting(mixtral_config, tokens):
     config = mixtral_config("moe.auxiliary_loss_weight=0.25", "moe.router_z_loss_weight=0.1")
-    model = build_model(config).eval()
+    model = build_model(config, seed=42).eval()
     parts = compute_losses(model, {"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}, config)
 
     hf = model(input_ids=tokens, labels=tokens, output_router_logits=True)
@@ -48,14 +48,14 @@ def test_compute_losses_splits_hf_loss_without_double_counting(mixtral_config, t
 
 def test_aux_loss_off_leaves_the_total_equal_to_the_lm_loss(mixtral_config, tokens):
     config = mixtral_config("moe.use_auxiliary_loss=false", "moe.monitor_expert_usage=false")
-    parts = compute_losses(build_model(config), {"input_ids": tokens}, config)
+    parts = compute_losses(build_model(config, seed=42), {"input_ids": tokens}, config)
     assert parts.router_logits == () and parts.aux_loss.item() == 0.0
     assert torch.equal(parts.total, parts.lm_loss)
 
 
 def test_padding_is_left_out_of_the_lm_loss(mixtral_config, tokens):
     config = mixtral_config()
-    model = build_model(config).eval()
+    model = build_model(config, seed=42).eval()
     mask = torch.ones_like(tokens)
     mask[:, -4:] = 0
     parts = compute_losses(model, {"input_ids": tokens, "attention_mask": mask}, config)
@@ -64,10 +64,10 @@ def test_padding_is_left_out_of_the_lm_loss(mixtral_config, tokens):
                                                  rel=1e-5)
 
 
-def router_aux_grads(config, tokens) -> tuple[list[torch.Tensor], bool]:
+def router_aux_grads(config, tokens, gradient_checkpointing=False) -> tuple[list[torch.Tensor], bool]:
     """Gradients of the aux loss alone on each router, and whether checkpointing was on."""
     torch.manual_seed(3)
-    model = build_model(config)
+    model = build_model(config, seed=42, gradient_checkpointing=gradient_checkpointing)
     model.train()
     parts = compute_losses(model, {"input_ids": tokens}, config)
     parts.aux_loss.backward()
@@ -77,8 +77,7 @@ def router_aux_grads(config, tokens) -> tuple[list[torch.Tensor], bool]:
 
 def test_aux_loss_gradient_reaches_the_router_with_gradient_checkpointing(mixtral_config, tokens):
     plain, _ = router_aux_grads(mixtral_config("moe.freeze_router=false"), tokens)
-    checkpointed, on = router_aux_grads(mixtral_config("moe.freeze_router=false", "training.gradient_checkpointing=true"),
-                                        tokens)
+    checkpointed, on = router_aux_grads(mixtral_config("moe.freeze_router=false"), tokens, gradient_checkpointing=True)
     assert on
     assert len(checkpointed) == 2
     assert all(g.abs().sum() > 0 for g in checkpointed)
@@ -107,12 +106,12 @@ def test_the_lm_loss_from_hidden_states_equals_the_full_logits_loss(family, mixt
     from moetune.models import losses
     from moetune.models.layout import innermost_model
 
-    make = mixtral_config if family == "mixtral" else lambda *o: mpt_config("moe.upcycle=true", *o)
+    make = mixtral_config if family == "mixtral" else lambda *o: mpt_config("moe.upcycling.enabled=true", *o)
     config = make("lora.modules_to_save=[lm_head]", "training.label_smoothing_factor=0.1")
     labels = tokens.clone()
     labels[0, :5] = -100  # a prompt that carries no loss
     batch = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens), "labels": labels}
-    chunked_model = build_model(config)
+    chunked_model = build_model(config, seed=42)
     with caplog.at_level(logging.INFO, logger="moetune"):
         chunked = compute_losses(chunked_model, batch, config)
     assert getattr(innermost_model(chunked_model), losses._CHUNKED_LOSS_CHECKED) is True
@@ -120,7 +119,7 @@ def test_the_lm_loss_from_hidden_states_equals_the_full_logits_loss(family, mixt
     chunked.total.backward()
 
     torch.manual_seed(0)
-    full_model = build_model(config)
+    full_model = build_model(config, seed=42)
     setattr(innermost_model(full_model), losses._CHUNKED_LOSS_CHECKED, False)  # force the full-logits path
     full = compute_losses(full_model, batch, config)
     full.total.backward()

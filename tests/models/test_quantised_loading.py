@@ -17,9 +17,9 @@ HAS_BITSANDBYTES = importlib.util.find_spec("bitsandbytes") is not None
 def test_4bit_loading_quantises_attention_and_trains_lora(mixtral_config, tokens, tmp_path):
     import bitsandbytes as bnb
 
-    build_model(mixtral_config("lora.enabled=false")).save_pretrained(tmp_path)
+    build_model(mixtral_config("lora.enabled=false"), seed=42).save_pretrained(tmp_path)
     config = mixtral_config("model.random_init=false", f"model.name={tmp_path}", "model.load_in_4bit=true")
-    model = build_model(config)
+    model = build_model(config, seed=42)
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit)
     assert q_proj.base_layer.weight.quant_state.quant_type == "nf4"
@@ -36,10 +36,10 @@ def test_missing_bitsandbytes_says_how_to_install_it(mixtral_config, monkeypatch
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
-    build_model(mixtral_config("lora.enabled=false")).save_pretrained(tmp_path)
+    build_model(mixtral_config("lora.enabled=false"), seed=42).save_pretrained(tmp_path)
     config = mixtral_config("model.random_init=false", f"model.name={tmp_path}", "model.load_in_4bit=true")
     with pytest.raises(UserError, match=r"model.load_in_4bit needs the bitsandbytes package.*pip install moetune\[quant\]"):
-        build_model(config)
+        build_model(config, seed=42)
 
 
 def test_random_weights_cannot_be_quantised(mixtral_config):

@@ -134,9 +134,9 @@ def test_supervision_is_a_routed_token_weighted_part_of_the_objective():
 
 
 def test_compute_losses_supervises_the_router_and_keeps_label_ids_from_the_model(mpt_config, tokens):
-    config = mpt_config("moe.upcycle=true", "moe.top_k=1", "moe.router_supervision_weight=0.5",
+    config = mpt_config("moe.upcycling.enabled=true", "moe.upcycling.top_k=1", "moe.router_supervision_weight=0.5",
                         "moe.label_to_expert={a: [1], b: [2, 3]}")
-    model = build_model(config)
+    model = build_model(config, seed=42)
     label_ids = torch.tensor([[0] * tokens.shape[1], [1] * 4 + [NO_LABEL] * (tokens.shape[1] - 4)])
     parts = compute_losses(model, {"input_ids": tokens, "attention_mask": torch.ones_like(tokens),
                                    "expert_label_ids": label_ids}, config)
@@ -154,10 +154,12 @@ def test_compute_losses_supervises_the_router_and_keeps_label_ids_from_the_model
 def test_config_accepts_auto_or_a_map_and_rejects_what_cannot_work():
     assert load_config(None, []).moe.label_to_expert == "auto"
     assert load_config(None, []).moe.router_supervision_weight == 0.0
-    moe = load_config(None, ["moe.upcycle=true", "moe.num_experts=4", "moe.label_to_expert={fees: [0, 1], rust: 3}"]).moe
+    upcycled = ["moe.upcycling.enabled=true", "moe.upcycling.num_experts=4"]
+    moe = load_config(None, [*upcycled, "moe.label_to_expert={fees: [0, 1], rust: 3}"]).moe
     assert moe.label_to_expert == {"fees": (0, 1), "rust": (3,)}
-    with pytest.raises(ConfigError, match=r"moe.label_to_expert.rust must be expert indices below moe.num_experts \(4\)"):
-        load_config(None, ["moe.upcycle=true", "moe.num_experts=4", "moe.label_to_expert={rust: [4]}"])
+    with pytest.raises(ConfigError,
+                       match=r"moe.label_to_expert.rust must be expert indices below moe.upcycling.num_experts \(4\)"):
+        load_config(None, [*upcycled, "moe.label_to_expert={rust: [4]}"])
     with pytest.raises(ConfigError, match="moe.label_to_expert.fees must be a non-empty list of expert indices"):
         load_config(None, ["moe.label_to_expert={fees: []}"])
     with pytest.raises(ConfigError, match="moe.label_to_expert must be one of auto"):

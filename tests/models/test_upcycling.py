@@ -11,7 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, MptForCausalLM
 
-from moetune.config import MoeConfig
+from moetune.config import MoeConfig, UpcyclingConfig
 from moetune.errors import UserError
 from moetune.models.factory import build_base_model, build_model
 from moetune.models.layout import is_expert_parameter
@@ -20,14 +20,19 @@ from moetune.models.mpt_moe import MoeFeedForward, MptMoeForCausalLM
 from moetune.models.upcycle import moe_layer_indices, upcycle_checkpoint, upcycle_mpt
 
 
+def upcycling(**values) -> MoeConfig:
+    """The moe section with these moe.upcycling values."""
+    return MoeConfig(upcycling=UpcyclingConfig(**values))
+
+
 def dense_mpt(mpt_config) -> MptForCausalLM:
-    return build_model(mpt_config("lora.enabled=false")).eval()
+    return build_model(mpt_config("lora.enabled=false"), seed=42).eval()
 
 
 @pytest.mark.parametrize("top_k, every", [(1, 1), (2, 1), (2, 2)])
 def test_upcycled_model_computes_the_dense_logits(mpt_config, tokens, top_k, every):
     dense = dense_mpt(mpt_config)
-    moe = upcycle_mpt(dense, MoeConfig(num_experts=4, top_k=top_k, upcycle_every=every)).eval()
+    moe = upcycle_mpt(dense, upcycling(num_experts=4, top_k=top_k, every_n_blocks=every)).eval()
     assert [i for i, b in enumerate(moe.transformer.blocks) if isinstance(b.ffn, MoeFeedForward)] == \
         moe_layer_indices(2, every)
     out = moe(tokens, output_router_logits=True)
@@ -37,7 +42,7 @@ def test_upcycled_model_computes_the_dense_logits(mpt_config, tokens, top_k, eve
 
 
 def test_expert_noise_breaks_the_symmetry_and_the_router_has_its_init_std(mpt_config):
-    moe = upcycle_mpt(dense_mpt(mpt_config), MoeConfig(num_experts=4, expert_noise_std=0.01, router_init_std=0.1))
+    moe = upcycle_mpt(dense_mpt(mpt_config), upcycling(num_experts=4, expert_noise_std=0.01, router_init_std=0.1))
     assert moe.transformer.blocks[0].ffn.router.weight.std().item() == pytest.approx(0.1, rel=0.15)
     experts = moe.transformer.blocks[0].ffn.experts
     assert not torch.equal(experts[0].up_proj.weight, experts[1].up_proj.weight)
@@ -47,7 +52,7 @@ def test_expert_noise_breaks_the_symmetry_and_the_router_has_its_init_std(mpt_co
 
 def test_identical_experts_get_identical_gradients_and_the_router_no_lm_gradient(mpt_config, tokens):
     # The reason docs/upcycling.md gives for training the experts: nothing else breaks the symmetry.
-    moe = upcycle_mpt(dense_mpt(mpt_config), MoeConfig(num_experts=2, top_k=2))
+    moe = upcycle_mpt(dense_mpt(mpt_config), upcycling(num_experts=2, top_k=2))
     block = moe.transformer.blocks[0].ffn
     with torch.no_grad():
         block.router.weight.zero_()  # a symmetric router: every token goes to both experts, weight 1/2 each
@@ -61,7 +66,7 @@ def test_identical_experts_get_identical_gradients_and_the_router_no_lm_gradient
 
 
 def test_router_jitter_applies_in_training_only(mpt_config, tokens):
-    moe = upcycle_mpt(dense_mpt(mpt_config), MoeConfig(num_experts=4, router_jitter=0.5))
+    moe = upcycle_mpt(dense_mpt(mpt_config), upcycling(num_experts=4, router_jitter=0.5))
     moe.eval()
     evaluated = [moe(tokens, output_router_logits=True).router_logits[0] for _ in range(2)]
     assert torch.equal(*evaluated)
@@ -85,7 +90,7 @@ def test_capacity_drops_second_choices_first():
 
 
 def test_default_training_plan_trains_experts_and_router(mpt_config):
-    model = build_model(mpt_config("moe.upcycle=true"))
+    model = build_model(mpt_config("moe.upcycling.enabled=true"), seed=42)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any(".ffn.router.modules_to_save." in n for n in names)
     expert_names = [n for n in names if is_expert_parameter(n)]
@@ -94,18 +99,18 @@ def test_default_training_plan_trains_experts_and_router(mpt_config):
 
 
 def test_expert_training_lora_and_frozen(mpt_config):
-    lora = build_model(mpt_config("moe.upcycle=true", "moe.expert_training=lora"))
+    lora = build_model(mpt_config("moe.upcycling.enabled=true", "moe.expert_training=lora"), seed=42)
     expert_trainable = [n for n, p in lora.named_parameters() if p.requires_grad and is_expert_parameter(n)]
     assert expert_trainable and all("lora_" in n for n in expert_trainable)
-    frozen = build_model(mpt_config("moe.upcycle=true", "moe.expert_training=frozen"))
+    frozen = build_model(mpt_config("moe.upcycling.enabled=true", "moe.expert_training=frozen"), seed=42)
     assert not any(p.requires_grad for n, p in frozen.named_parameters() if is_expert_parameter(n))
     with pytest.raises(UserError, match="needs|lora.enabled is false"):
-        build_model(mpt_config("moe.upcycle=true", "moe.expert_training=lora", "lora.enabled=false"))
+        build_model(mpt_config("moe.upcycling.enabled=true", "moe.expert_training=lora", "lora.enabled=false"), seed=42)
 
 
 def test_upcycled_losses_work_like_mixtral(mpt_config, tokens):
-    config = mpt_config("moe.upcycle=true", "moe.router_z_loss_weight=0.01", "training.gradient_checkpointing=true")
-    model = build_model(config)
+    config = mpt_config("moe.upcycling.enabled=true", "moe.router_z_loss_weight=0.01")
+    model = build_model(config, seed=42, gradient_checkpointing=True)
     model.train()
     parts = compute_losses(model, {"input_ids": tokens}, config)
     assert len(parts.router_logits) == 2 and parts.z_loss.item() > 0
@@ -115,7 +120,7 @@ def test_upcycled_losses_work_like_mixtral(mpt_config, tokens):
 
 
 def test_saved_upcycled_model_reloads_identically_through_moetune_and_auto(mpt_config, tokens, tmp_path):
-    model = upcycle_mpt(dense_mpt(mpt_config), MoeConfig(num_experts=4, top_k=2, expert_noise_std=0.05)).eval()
+    model = upcycle_mpt(dense_mpt(mpt_config), upcycling(num_experts=4, top_k=2, expert_noise_std=0.05)).eval()
     expected = model(tokens).logits
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "mpt_moe"
@@ -124,13 +129,13 @@ def test_saved_upcycled_model_reloads_identically_through_moetune_and_auto(mpt_c
     assert isinstance(auto, MptMoeForCausalLM)
     assert torch.equal(auto(tokens).logits, expected)
     loaded = build_model(mpt_config("model.random_init=false", f"model.name={tmp_path}", "model.architecture=null",
-                                    "lora.enabled=false")).eval()
+                                    "lora.enabled=false"), seed=42).eval()
     assert isinstance(loaded, MptMoeForCausalLM)
     assert torch.equal(loaded(tokens).logits, expected)
 
 
 def test_missing_or_unexpected_weights_are_errors(mpt_config, tmp_path):
-    upcycle_mpt(dense_mpt(mpt_config), MoeConfig(num_experts=4)).save_pretrained(tmp_path)
+    upcycle_mpt(dense_mpt(mpt_config), upcycling(num_experts=4)).save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
     removed = weights.pop("transformer.blocks.1.ffn.experts.3.down_proj.weight")
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
@@ -140,11 +145,11 @@ def test_missing_or_unexpected_weights_are_errors(mpt_config, tmp_path):
     weights["transformer.blocks.1.ffn.experts.4.down_proj.weight"] = removed.clone()
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(UserError, match="unexpected keys"):
-        build_model(mpt_config("model.random_init=false", f"model.name={tmp_path}", "lora.enabled=false"))
+        build_model(mpt_config("model.random_init=false", f"model.name={tmp_path}", "lora.enabled=false"), seed=42)
 
 
 def test_generation_after_upcycling_uses_the_cache(mpt_config, tokens):
-    moe = upcycle_mpt(dense_mpt(mpt_config), MoeConfig(num_experts=4, top_k=2, expert_noise_std=0.05)).eval()
+    moe = upcycle_mpt(dense_mpt(mpt_config), upcycling(num_experts=4, top_k=2, expert_noise_std=0.05)).eval()
     prompt = tokens[:1, :5]
     cached = moe.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
     uncached = moe.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False)
@@ -155,7 +160,7 @@ def test_generation_after_upcycling_uses_the_cache(mpt_config, tokens):
 def test_forward_and_cached_generation_raise_no_future_warning(mpt_config, tokens):
     import warnings
 
-    moe = upcycle_mpt(dense_mpt(mpt_config), MoeConfig(num_experts=4, top_k=2, expert_noise_std=0.05)).eval()
+    moe = upcycle_mpt(dense_mpt(mpt_config), upcycling(num_experts=4, top_k=2, expert_noise_std=0.05)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         full = moe(tokens, output_router_logits=True)
@@ -178,7 +183,7 @@ def test_upcycle_checkpoint_writes_model_and_tokenizer(mpt_config, tokens, tmp_p
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(tmp_path / "dense")
 
-    config = mpt_config("moe.num_experts=2", "moe.top_k=1")
+    config = mpt_config("moe.upcycling.num_experts=2", "moe.upcycling.top_k=1")
     assert upcycle_checkpoint(config, str(tmp_path / "dense"), str(tmp_path / "moe")) == 0
     written = {p.name for p in (tmp_path / "moe").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= written
@@ -205,8 +210,8 @@ def test_upcycle_checkpoint_rejects_bad_model_dirs(mpt_config, tmp_path):
 def test_adapter_trained_on_an_upcycled_model_reloads_onto_a_rebuilt_base(mpt_config, tokens, tmp_path):
     # Upcycling at train time draws a random router and expert noise; evaluation rebuilds the base,
     # which must come out identical for the adapter to mean the same thing.
-    overrides = ("moe.upcycle=true", "moe.expert_noise_std=0.01", "moe.expert_training=lora")
-    model = build_model(mpt_config(*overrides))
+    overrides = ("moe.upcycling.enabled=true", "moe.upcycling.expert_noise_std=0.01", "moe.expert_training=lora")
+    model = build_model(mpt_config(*overrides), seed=42)
     with torch.no_grad():
         for param in model.parameters():
             if param.requires_grad:
@@ -215,7 +220,7 @@ def test_adapter_trained_on_an_upcycled_model_reloads_onto_a_rebuilt_base(mpt_co
     expected = model(tokens).logits
     model.save_pretrained(tmp_path)
     torch.manual_seed(1234)  # a different global RNG state must not matter
-    base = build_base_model(mpt_config(*overrides))
+    base = build_base_model(mpt_config(*overrides), seed=42)
     reloaded = PeftModel.from_pretrained(base, tmp_path).eval()
     assert torch.allclose(reloaded(tokens).logits, expected, atol=1e-6)
 
@@ -232,7 +237,7 @@ def test_moetune_upcycle_command(mpt_config, tokens, tmp_path, monkeypatch, caps
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
     assert torch.allclose(reloaded(tokens).logits, dense(tokens).logits, atol=1e-5)
     assert main(["upcycle", "--model", "dense", "--top-k", "3", "--output", "moe2"]) == 2
-    assert "moe.top_k must be 1 or 2, got 3." in capsys.readouterr().err
+    assert "moe.upcycling.top_k must be 1 or 2, got 3." in capsys.readouterr().err
     assert not (tmp_path / "moe2").exists()
 
 
@@ -242,7 +247,8 @@ def test_upcycle_reads_a_config_only_when_given_and_keeps_the_dense_dtype(mpt_co
     dense = dense_mpt(mpt_config)
     dense.save_pretrained(tmp_path / "dense")
     monkeypatch.chdir(tmp_path)  # a config.yaml here, as at the repository root, must not be read
-    (tmp_path / "config.yaml").write_text("model:\n  torch_dtype: bfloat16\nmoe:\n  top_k: 1\n  auxiliary_loss_weight: 0.05\n")
+    (tmp_path / "config.yaml").write_text("model:\n  torch_dtype: bfloat16\n"
+                                          "moe:\n  upcycling: {top_k: 1}\n  auxiliary_loss_weight: 0.05\n")
     assert main(["upcycle", "--model", "dense", "--num-experts", "4", "--output", "plain"]) == 0
     saved = json.loads((tmp_path / "plain" / "config.json").read_text())
     assert (saved["num_experts_per_tok"], saved["router_aux_loss_coef"], saved["dtype"]) == (2, 0.001, "float32")

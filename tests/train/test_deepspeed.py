@@ -50,7 +50,9 @@ def logged_parameter_counts(stderr: str) -> tuple[int, int]:
 
 def counted_in_one_process(config: Path, out: Path, *overrides: str) -> tuple[int, int]:
     """The parameter counts of the same model built without DeepSpeed (nothing partitioned)."""
-    model = build_model(load_config(config, list(overrides)), AutoTokenizer.from_pretrained(out / "tokenizer"))
+    run = load_config(config, list(overrides))
+    model = build_model(run, AutoTokenizer.from_pretrained(out / "tokenizer"), seed=run.training.seed,
+                        gradient_checkpointing=run.training.gradient_checkpointing)
     return count_parameters(model)
 
 
@@ -76,7 +78,8 @@ def test_zero3_upcycles_a_partitioned_dense_mpt_and_trains_it(tiny_run, tmp_path
     # Each process loads only its shard of the dense weights; upcycling gathers them to copy whole FFNs.
     config, out = tiny_run
     mpt = ["model.architecture=mpt", "model.config_overrides={d_model: 64, n_heads: 4, n_layers: 2, max_seq_len: 128}",
-           "moe.upcycle=true", "moe.num_experts=4", "lora.target_modules=[Wqkv, out_proj]", "lora.modules_to_save=[]"]
+           "moe.upcycling.enabled=true", "moe.upcycling.num_experts=4", "lora.target_modules=[Wqkv, out_proj]",
+           "lora.modules_to_save=[]"]
     result = launch(config, tmp_path, "configs/zero3.json", 29525, *mpt, "training.max_steps=2", "training.eval_steps=2")
     assert "upcycled 2 of 2 MPT blocks into 4 experts each" in result.stderr
     assert "ZeRO-3: MoE blocks gathered whole as leaf modules: MoeFeedForward" in result.stderr

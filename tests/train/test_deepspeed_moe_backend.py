@@ -30,8 +30,9 @@ ROOT = Path(__file__).resolve().parents[2]
 PROBE = Path(__file__).with_name("deepspeed_moe_probe.py")
 MPT = "{d_model: 64, n_heads: 4, n_layers: 2, expansion_ratio: 2, max_seq_len: 256}"
 UPCYCLED_DEEPSPEED = [
-    "model.architecture=mpt", f"model.config_overrides={MPT}", "moe.upcycle=true", "moe.num_experts=4", "moe.top_k=2",
-    "moe.expert_noise_std=0.01", "lora.target_modules=[Wqkv, out_proj]", "lora.modules_to_save=[wte]",
+    "model.architecture=mpt", f"model.config_overrides={MPT}", "moe.upcycling.enabled=true",
+    "moe.upcycling.num_experts=4", "moe.upcycling.top_k=2", "moe.upcycling.expert_noise_std=0.01",
+    "lora.target_modules=[Wqkv, out_proj]", "lora.modules_to_save=[wte]",
     "moe.backend=deepspeed", "training.weight_decay=0.01", "training.max_steps=4", "training.save_steps=2",
     "training.eval_steps=4", "post_training.merge_and_save=true",
 ]
@@ -193,8 +194,8 @@ def test_launches_deepspeed_moe_cannot_run_are_refused(accelerator, error, messa
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("moe.top_k=1", r"moe.top_k must be 2 with moe.backend: deepspeed \(its top-1 gate scales"),
-    ("moe.router_jitter=0.1", r"moe.router_jitter must be 0 or 0.01 with moe.backend: deepspeed"),
+    ("moe.upcycling.top_k=1", r"moe.upcycling.top_k must be 2 with moe.backend: deepspeed \(its top-1 gate scales"),
+    ("moe.upcycling.router_jitter=0.1", r"moe.upcycling.router_jitter must be 0 or 0.01 with moe.backend: deepspeed"),
 ])
 def test_settings_deepspeed_computes_differently_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -204,7 +204,7 @@ def test_a_per_expert_bf16_sharded_mixtral_loads_exactly_and_merges_back_in_that
                  "post_training.merge_and_save=true"]
     config = load_config(config_path, overrides)
     ids = torch.tensor([tokenizer("fn main() { let amount = refund(capture); }")["input_ids"]])
-    loaded = build_base_model(config, tokenizer).eval()
+    loaded = build_base_model(config, tokenizer, seed=config.training.seed).eval()
     # The reference: the same weights saved in transformers' fused layout, loaded in bf16 with the
     # kernels moetune chose, so any difference would come from the per-expert conversion.
     fused.save_pretrained(root / "mixtral-fused", save_original_format=False)

@@ -1,40 +1,38 @@
-"""An older deepspeed_moe_config.json "moe" block is read into moe.* or rejected, never ignored."""
+"""A run launched with an older DeepSpeed JSON trains the experts its "moe" block names.
+
+accelerate hands every process of a launch the DeepSpeed file as ACCELERATE_DEEPSPEED_CONFIG_FILE;
+`moetune train` loads its config with that block (tests/config/test_legacy_deepspeed.py tests the
+reading), so the run, its saved config.yaml and `moetune print-config --deepspeed-config` agree.
+"""
 
 import json
 
-import pytest
+import yaml
 
-from moetune.config import load_config
-from moetune.errors import UserError
-from moetune.train.setup import apply_legacy_deepspeed_moe
+from moetune.cli import main
 
+from .conftest import read_metrics
 
-def ds_file(tmp_path, moe):
-    path = tmp_path / "deepspeed_moe_config.json"
-    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "moe": moe}))
-    return path
+MPT = "{d_model: 64, n_heads: 4, n_layers: 2, expansion_ratio: 2, max_seq_len: 256}"
 
 
-def test_legacy_block_is_read_into_the_moe_section(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds_file(tmp_path, {"num_experts": 4, "top_k": 1})))
-    config = apply_legacy_deepspeed_moe(load_config(None))
-    assert (config.moe.num_experts, config.moe.top_k) == (4, 1)
-    assert 'read moe.num_experts=4, moe.top_k=1 from the "moe" block' in capsys.readouterr().err
+def test_a_launch_trains_the_experts_of_the_deepspeed_moe_block(tiny_run, tmp_path, monkeypatch, capsys):
+    config, out = tiny_run
+    ds = tmp_path / "deepspeed_moe_config.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": "auto",
+                              "moe": {"enabled": True, "num_experts": 3, "k": 1}}))
+    overrides = ["model.architecture=mpt", f"model.config_overrides={MPT}", "moe.upcycling.enabled=true",
+                 "lora.target_modules=[Wqkv, out_proj]", "lora.modules_to_save=[wte]", "training.max_steps=2",
+                 "training.save_steps=2", "training.eval_steps=2"]
+    assert main(["print-config", "--config", str(config), "--deepspeed-config", str(ds), *overrides]) == 0
+    planned = yaml.safe_load(capsys.readouterr().out)
 
-
-def test_a_conflict_with_the_config_names_both_values(tmp_path, monkeypatch):
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds_file(tmp_path, {"num_experts": 4})))
-    with pytest.raises(UserError, match=r"moe.num_experts is 6 in the config but 4 in the \"moe\" block"):
-        apply_legacy_deepspeed_moe(load_config(None, ["moe.num_experts=6"]))
-
-
-def test_a_setting_without_an_equivalent_is_rejected(tmp_path, monkeypatch):
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds_file(tmp_path, {"num_experts": 4, "use_rts": True})))
-    with pytest.raises(UserError, match="moe section of config.yaml"):
-        apply_legacy_deepspeed_moe(load_config(None))
-
-
-def test_the_shipped_deepspeed_files_have_no_legacy_block(monkeypatch):
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "deepspeed_moe_config.json")
-    config = load_config(None)
-    assert apply_legacy_deepspeed_moe(config) is config
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds))
+    assert main(["train", "--config", str(config), *overrides]) == 0
+    err = capsys.readouterr().err
+    assert 'read moe.upcycling.num_experts=3, moe.upcycling.top_k=1 from the "moe" block' in err
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved == planned
+    assert (saved["moe"]["upcycling"]["num_experts"], saved["moe"]["upcycling"]["top_k"]) == (3, 1)
+    usage = [r["expert_usage"] for r in read_metrics(out) if "expert_usage" in r]
+    assert usage and all(len(layer) == 3 for step in usage for layer in step)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from moetune.mpt_accelerate_cli import build_parser, load_trainer_config
@@ -84,7 +85,7 @@ def test_without_flags_the_trainer_defaults_apply_on_the_mpt_config():
         (1, 2e-5, 1, 8, 100, 0.0, 1.0, "./mpt7b_moe_finetune", 10, 500, 42)
     assert (t.save_strategy, t.checkpoint_naming, t.save_total_limit) == ("both", "kind", None)
     # Without --convert_to_moe the dense model trains in full.
-    assert (c.moe.upcycle, c.lora.enabled) == (False, False)
+    assert (c.moe.upcycling.enabled, c.lora.enabled) == (False, False)
     assert c.model.torch_dtype == "bfloat16"  # the rest is configs/mpt7b_moe.yaml's
 
 
@@ -103,14 +104,16 @@ def test_each_flag_reaches_its_config_key():
 
 
 def test_convert_to_moe_takes_experts_from_the_deepspeed_moe_block(tmp_path):
-    assert (lambda c: (c.moe.upcycle, c.moe.num_experts, c.moe.top_k, c.moe.expert_training, c.lora.enabled))(
+    assert (lambda c: (c.moe.upcycling.enabled, c.moe.upcycling.num_experts, c.moe.upcycling.top_k,
+                       c.moe.expert_training, c.lora.enabled))(
         config_of(["--convert_to_moe"])) == (True, 4, 1, "full", False)
     ds = tmp_path / "deepspeed_moe_config.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "moe": {"enabled": True, "num_experts": 8, "top_k": 2}}))
     c = config_of(["--convert_to_moe"], ds)
-    assert (c.moe.num_experts, c.moe.top_k) == (8, 2)
+    assert (c.moe.upcycling.num_experts, c.moe.upcycling.top_k) == (8, 2)
     ds.write_text(json.dumps({"moe": {"num_experts": 8, "top_k": 3}}))
-    with pytest.raises(Exception, match=r'--convert_to_moe: the "moe" block of .*deepspeed_moe_config.json: moe.top_k must be 1 or 2'):
+    with pytest.raises(Exception, match=r'--convert_to_moe: the "moe" block of .*deepspeed_moe_config.json:1: '
+                       r'moe.upcycling.top_k must be 1 or 2'):
         config_of(["--convert_to_moe"], ds)
 
 
@@ -118,7 +121,8 @@ def test_with_config_only_the_flags_given_override_it():
     shipped = ROOT / "configs" / "mpt7b_moe.yaml"
     c = config_of(["--config", str(shipped), "--epochs", "4"])
     assert c.training.num_train_epochs == 4
-    assert (c.training.learning_rate, c.lora.enabled, c.moe.top_k, c.training.save_strategy) == (1e-4, True, 2, "steps")
+    assert (c.training.learning_rate, c.lora.enabled, c.moe.upcycling.top_k, c.training.save_strategy) == \
+        (1e-4, True, 2, "steps")
     assert c.data.sources[0].path == "data/nq_annotated_moe.jsonl"
 
 
@@ -188,7 +192,7 @@ def test_two_processes_through_accelerate_launch_train_the_dense_model_in_full(t
     assert result.returncode == 0, result.stderr[-3000:]
     out = tiny_mpt / "ddp"
     config = (out / "config.yaml").read_text()
-    assert "max_samples: 20" in config and "upcycle: false" in config
+    assert "max_samples: 20" in config and yaml.safe_load(config)["moe"]["upcycling"]["enabled"] is False
     stats = json.loads((tiny_mpt / "built-ddp.stats.json").read_text())
     assert stats["samples_total"] == 40  # the whole file is built; --max_samples limits what trains
     epoch = out / "checkpoint-epoch-1"

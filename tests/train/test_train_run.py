@@ -76,13 +76,14 @@ def test_final_adapter_loads_with_peft_and_merged_model_with_auto(finished_run):
     _, config_path, out = finished_run
     config = load_config(config_path)
     tokenizer = AutoTokenizer.from_pretrained(out)
-    base = build_base_model(config, tokenizer)  # random init seeded by training.seed: the run's own base
+    base = build_base_model(config, tokenizer, seed=config.training.seed)  # the run's own random base
     tuned = PeftModel.from_pretrained(base, out).eval()
     merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
     ids = torch.tensor([tokenizer("fn main() { let amount = 10; }")["input_ids"]])
     with torch.no_grad():
         assert torch.allclose(tuned(ids).logits, merged(ids).logits, atol=1e-4)
-        assert not torch.allclose(build_base_model(config, tokenizer)(ids).logits, merged(ids).logits, atol=1e-3)
+        untrained = build_base_model(config, tokenizer, seed=config.training.seed)
+        assert not torch.allclose(untrained(ids).logits, merged(ids).logits, atol=1e-3)
 
 
 def test_a_second_run_into_the_same_output_dir_stops_clearly(finished_run, capsys):

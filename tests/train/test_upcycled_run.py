@@ -17,8 +17,9 @@ MPT = "{d_model: 64, n_heads: 4, n_layers: 2, expansion_ratio: 2, max_seq_len: 2
 def test_upcycled_mpt_trains_with_aux_loss_and_expert_usage(tiny_run, expert_training):
     config, out = tiny_run
     assert main(["train", "--config", str(config), "model.architecture=mpt", f"model.config_overrides={MPT}",
-                 "moe.upcycle=true", "moe.num_experts=4", "moe.top_k=2", "moe.expert_noise_std=0.01",
-                 "moe.router_z_loss_weight=0.001", f"moe.expert_training={expert_training}",
+                 "moe.upcycling.enabled=true", "moe.upcycling.num_experts=4", "moe.upcycling.top_k=2",
+                 "moe.upcycling.expert_noise_std=0.01", "moe.router_z_loss_weight=0.001",
+                 f"moe.expert_training={expert_training}",
                  "lora.target_modules=[Wqkv, out_proj]", "lora.modules_to_save=[wte]",
                  "training.max_steps=4", "training.save_steps=4", "training.eval_steps=4"]) == 0
     train = [r for r in read_metrics(out) if "loss" in r]

@@ -13,11 +13,12 @@ from moetune.config.schema import (
     PostTrainingConfig,
     SourceConfig,
     TrainingConfig,
+    UpcyclingConfig,
     ValidationConfig,
 )
 
 __all__ = [
     "AdvancedConfig", "Config", "DataConfig", "InferenceConfig", "LoggingConfig", "LoraConfig", "ModelConfig",
-    "MoeConfig", "PostTrainingConfig", "SourceConfig", "TrainingConfig",
+    "MoeConfig", "PostTrainingConfig", "SourceConfig", "TrainingConfig", "UpcyclingConfig",
     "ValidationConfig", "config_to_dict", "dump_config", "load_config", "parse_override", "save_config",
 ]

@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
+from moetune.config.legacy_deepspeed import deepspeed_config_path, merge_legacy_moe_block, read_legacy_moe_block
+from moetune.config.moved_keys import move_old_keys, new_key, same_value
 from moetune.config.schema import SOURCE_TYPES, Config, SourceConfig
 from moetune.errors import ConfigError, UserError, yaml_problem
 
@@ -29,20 +31,48 @@ _SCALARS = {bool: "true or false", int: "an integer", float: "a number", str: "a
 MAX_EXPANDED_NODES = 100_000
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
-    """Read ``path`` (None = defaults only), apply ``overrides``, validate, return the Config."""
+def load_config(path: str | Path | None, overrides: Sequence[str] = (),
+                deepspeed_config: str | Path | None = None) -> Config:
+    """Read ``path`` (None = defaults only), apply ``overrides``, validate, return the Config.
+
+    ``deepspeed_config``: a DeepSpeed JSON whose older ``"moe"`` block is taken into the moe section
+    (:mod:`moetune.config.legacy_deepspeed`); None reads the one ``accelerate launch`` passes to its
+    processes in ``$ACCELERATE_DEEPSPEED_CONFIG_FILE``, if any. Keys under an old name
+    (:mod:`moetune.config.moved_keys`) load as their new one, with a line on stderr.
+    """
     raw: dict[str, Any] = {}
     where: dict[str, str] = {}
     if path is not None:
         raw, where = _read_yaml(Path(path))
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_dotted(raw, key, value, text)
-        where[key] = f"override {text!r}"
+
+    def locate(key: str) -> str:
+        return _locate(key, where, path)
+
+    move_old_keys(raw, where, locate)
+    _apply_overrides(raw, where, overrides)
+    move_old_keys(raw, where, locate)  # old keys inside a whole section given by an override
+    deepspeed_json = deepspeed_config_path(deepspeed_config)
+    if deepspeed_json is not None:
+        merge_legacy_moe_block(raw, where, read_legacy_moe_block(deepspeed_json), _default_of, locate, deepspeed_json)
     try:
         return _build(Config, raw, "")
     except ConfigError as err:
-        raise ConfigError(err.key, f"{_locate(err.key, where, path)}: {err.message}") from None
+        raise ConfigError(err.key, f"{locate(err.key)}: {err.message}") from None
+
+
+def _apply_overrides(raw: dict[str, Any], where: dict[str, str], overrides: Sequence[str]) -> None:
+    """Set each ``key=value`` over the file's values; an old key name sets its new key."""
+    by_override: dict[str, tuple[str, str, Any]] = {}  # new key -> (the override, the name it used, its value)
+    for text in overrides:
+        given, value = parse_override(text)
+        key = new_key(given, f"override {text!r}")
+        earlier = by_override.get(key)
+        if earlier is not None and earlier[1] != given and not same_value(earlier[2], value):
+            raise ConfigError(key, f"override {text!r} sets {key} to {value!r}, but override {earlier[0]!r} set it "
+                              f"to {earlier[2]!r} under the name {earlier[1]}; set it once, as {key}.")
+        by_override[key] = (text, given, value)
+        _set_dotted(raw, key, value, text)
+        where[key] = f"override {text!r}"
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -320,13 +350,17 @@ _NOT_NEEDED = {
 def _unknown_key(key: str, prefix: str, valid: list[str]) -> ConfigError:
     path = f"{prefix}.{key}" if prefix else key
     section = prefix or "the top level"
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    if not close and _ALIASES.get(key) in valid:
-        close = [_ALIASES[key]]
+    alias = _ALIASES.get(key)
+    # Another tool's name for a key of another section (num_local_experts: moe.upcycling.num_experts)
+    # says more than a look-alike key of this one.
+    alias_elsewhere = [p for p in _all_paths(Config) if p.rsplit(".", 1)[-1] == alias] if alias not in valid else []
+    close = [] if alias_elsewhere else difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if not close and alias in valid:
+        close = [alias]
     if close:
         hint = f" Did you mean {prefix + '.' if prefix else ''}{close[0]}?"
     else:
-        elsewhere = [p for p in _all_paths(Config) if p.rsplit(".", 1)[-1] == key]
+        elsewhere = alias_elsewhere or [p for p in _all_paths(Config) if p.rsplit(".", 1)[-1] == key]
         hint = f" Did you mean {elsewhere[0]}? (it belongs in another section)" if elsewhere else ""
     return ConfigError(path, f"unknown key {path!r}.{hint} Valid keys in {section}: {', '.join(valid)}.")
 
@@ -340,6 +374,14 @@ def _all_paths(cls: type, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(hints[f.name]):
             paths.extend(_all_paths(hints[f.name], path))
     return paths
+
+
+def _default_of(key: str) -> Any:
+    """The default value of dotted ``key`` (e.g. ``moe.upcycling.top_k`` -> 2)."""
+    value: Any = Config()
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _locate(key: str, where: dict[str, str], path: str | Path | None) -> str:

@@ -18,6 +18,8 @@ def render_reference() -> str:
     for section in dataclasses.fields(Config):
         cls = typing.get_type_hints(Config)[section.name]
         parts.append(f"### `{section.name}`\n\n{_doc(cls)}\n\n{_table(cls, section.name)}")
+        for name, sub_cls in _subsections(cls):
+            parts.append(f"#### `{section.name}.{name}`\n\n{_doc(sub_cls)}\n\n{_table(sub_cls, f'{section.name}.{name}')}")
         if section.name == "data":
             for kind, source_cls in SOURCE_TYPES.items():
                 parts.append(f"#### `data.sources[]` with `type: {kind}`\n\n{_doc(source_cls)}\n\n"
@@ -38,10 +40,19 @@ def _doc(cls: type) -> str:
     return (cls.__doc__ or "").strip()
 
 
+def _subsections(cls: type) -> list[tuple[str, type]]:
+    """The fields of ``cls`` that are sections of their own (``moe.upcycling``)."""
+    hints = typing.get_type_hints(cls)
+    return [(f.name, hints[f.name]) for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])]
+
+
 def _table(cls: type, prefix: str) -> str:
     hints = typing.get_type_hints(cls)
+    nested = {name for name, _ in _subsections(cls)}
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(cls):
+        if f.name in nested:  # its own table follows
+            continue
         if f.default is not dataclasses.MISSING:
             default = _show(f.default)
         elif f.default_factory is not dataclasses.MISSING:

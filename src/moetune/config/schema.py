@@ -114,8 +114,34 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class UpcyclingConfig:
+    """Sparse upcycling: a dense MPT becomes an MoE before training, with these MoE blocks."""
+
+    enabled: bool = opt(False, "Turn a dense model (MPT) into an MoE by sparse upcycling before training.")
+    num_experts: int = opt(8, "Experts per upcycled MoE block.")
+    top_k: int = opt(2, "Experts each token is routed to (1 or 2).")
+    every_n_blocks: int = opt(1, "Upcycle every n-th block's FFN (1 = every block).")
+    expert_noise_std: float = opt(0.0, "Std of noise added to each expert copy to break symmetry (relative to weight std).")
+    router_init_std: float = opt(0.02, "Std of the new router's normal init.")
+    capacity_factor: float | None = opt(None, "Expert capacity as a multiple of the even share; null = no token dropping.")
+    router_jitter: float = opt(0.0, "Multiplicative jitter on router inputs while training (Switch Transformer).")
+
+    def __post_init__(self) -> None:
+        u = "moe.upcycling."
+        check(self.num_experts >= 2, u + "num_experts", self.num_experts, "at least 2")
+        check(self.top_k in (1, 2), u + "top_k", self.top_k, "1 or 2")
+        check(self.top_k <= self.num_experts, u + "top_k", self.top_k, f"at most {u}num_experts ({self.num_experts})")
+        check(self.every_n_blocks >= 1, u + "every_n_blocks", self.every_n_blocks, "a positive integer")
+        check(self.expert_noise_std >= 0, u + "expert_noise_std", self.expert_noise_std, "0 or more")
+        check(self.router_init_std > 0, u + "router_init_std", self.router_init_std, "greater than 0")
+        if self.capacity_factor is not None:
+            check(self.capacity_factor > 0, u + "capacity_factor", self.capacity_factor, "greater than 0 or null")
+        check(self.router_jitter >= 0, u + "router_jitter", self.router_jitter, "0 or more")
+
+
+@dataclass(frozen=True)
 class MoeConfig:
-    """Mixture-of-Experts settings: router loss, expert monitoring, sparse upcycling."""
+    """Mixture-of-Experts settings: router losses, what trains, expert monitoring, and the sparse upcycling of a dense MPT."""
 
     use_auxiliary_loss: bool = opt(True, "Add the family's load-balancing (auxiliary) loss to the LM loss: the Switch "
                                    "loss of Mixtral, Qwen-MoE, OLMoE, gpt-oss and MPT, DeepSeek's sequence-wise loss "
@@ -141,15 +167,6 @@ class MoeConfig:
         0.25, "Warn when an expert gets less than this fraction of its fair share (1 / num_experts)."
     )
     dominant_expert_share: float = opt(0.5, "Warn when one expert takes more than this fraction of a layer's routed tokens.")
-    # Sparse upcycling (dense -> MoE)
-    upcycle: bool = opt(False, "Turn a dense model (MPT) into an MoE by sparse upcycling before training.")
-    num_experts: int = opt(8, "Experts per upcycled MoE block.")
-    top_k: int = opt(2, "Experts each token is routed to (1 or 2).")
-    upcycle_every: int = opt(1, "Upcycle every n-th block's FFN (1 = every block).")
-    expert_noise_std: float = opt(0.0, "Std of noise added to each expert copy to break symmetry (relative to weight std).")
-    router_init_std: float = opt(0.02, "Std of the new router's normal init.")
-    capacity_factor: float | None = opt(None, "Expert capacity as a multiple of the even share; null = no token dropping.")
-    router_jitter: float = opt(0.0, "Multiplicative jitter on router inputs while training (Switch Transformer).")
     router_z_loss_weight: float = opt(0.0, "Weight of the router z-loss (ST-MoE); 0 turns it off.")
     expert_training: Literal["full", "lora", "frozen", "esft"] | None = opt(
         None, "How the routed experts train: full (every expert weight; with lora.enabled a trained copy of the experts "
@@ -176,27 +193,22 @@ class MoeConfig:
         "i mod the number of experts); or a map {label: [expert, ...]}, where labels not in it count as unlabelled."
     )
     backend: Literal["native", "deepspeed"] = opt(
-        "native", "MoE block of upcycled models in training: deepspeed splits the experts across ranks (needs a DeepSpeed "
-        "launch, not ZeRO-3); runs save the native layout either way."
+        "native", "MoE block of upcycled MPT models (moe.upcycling.enabled, or an mpt_moe checkpoint) in training: "
+        "deepspeed splits the experts across ranks (needs a DeepSpeed launch, not ZeRO-3); runs save the native layout "
+        "either way."
     )
     expert_parallel_size: int = opt(
-        1, "With backend: deepspeed, how many ranks the experts are split across (each holds num_experts / this many); "
-        "it must divide the number of processes."
+        1, "With backend: deepspeed, how many ranks the experts are split across (each holds "
+        "moe.upcycling.num_experts / this many); it must divide the number of processes."
+    )
+    upcycling: UpcyclingConfig = opt(
+        UpcyclingConfig(), "Sparse upcycling of a dense MPT into an MoE, and the MoE blocks it creates."
     )
 
     def __post_init__(self) -> None:
         check(self.auxiliary_loss_weight >= 0, "moe.auxiliary_loss_weight", self.auxiliary_loss_weight, "0 or more")
         check(0 <= self.starving_expert_share <= 1, "moe.starving_expert_share", self.starving_expert_share, "in [0, 1]")
         check(0 < self.dominant_expert_share <= 1, "moe.dominant_expert_share", self.dominant_expert_share, "in (0, 1]")
-        check(self.num_experts >= 2, "moe.num_experts", self.num_experts, "at least 2")
-        check(self.top_k in (1, 2), "moe.top_k", self.top_k, "1 or 2")
-        check(self.top_k <= self.num_experts, "moe.top_k", self.top_k, f"at most moe.num_experts ({self.num_experts})")
-        check(self.upcycle_every >= 1, "moe.upcycle_every", self.upcycle_every, "a positive integer")
-        check(self.expert_noise_std >= 0, "moe.expert_noise_std", self.expert_noise_std, "0 or more")
-        check(self.router_init_std > 0, "moe.router_init_std", self.router_init_std, "greater than 0")
-        if self.capacity_factor is not None:
-            check(self.capacity_factor > 0, "moe.capacity_factor", self.capacity_factor, "greater than 0 or null")
-        check(self.router_jitter >= 0, "moe.router_jitter", self.router_jitter, "0 or more")
         check(self.router_z_loss_weight >= 0, "moe.router_z_loss_weight", self.router_z_loss_weight, "0 or more")
         check(self.router_bias_update_rate >= 0, "moe.router_bias_update_rate", self.router_bias_update_rate, "0 or more")
         if self.expert_lora_r is not None:
@@ -208,7 +220,7 @@ class MoeConfig:
         self._check_label_to_expert()
         if self.router_supervision_weight > 0:
             # A frozen router cannot learn the routing it is told: the loss would be logged and do nothing.
-            check(self.upcycle or not self.freeze_router, "moe.freeze_router", self.freeze_router,
+            check(self.upcycling.enabled or not self.freeze_router, "moe.freeze_router", self.freeze_router,
                   "false when moe.router_supervision_weight is above 0 (the router must train to follow the labels)")
         if self.expert_training == "esft":
             check(self.esft_experts is not None, "moe.esft_experts", self.esft_experts,
@@ -216,9 +228,10 @@ class MoeConfig:
         check(self.expert_parallel_size >= 1, "moe.expert_parallel_size", self.expert_parallel_size, "a positive integer")
         if self.backend == "deepspeed":
             # DeepSpeed's gate would compute something else than the native mpt_moe model the run is saved as.
-            check(self.top_k == 2, "moe.top_k", self.top_k, "2 with moe.backend: deepspeed (its top-1 gate scales each "
-                  "expert output by the router probability; the native block gives the chosen expert weight 1)")
-            check(self.router_jitter in (0.0, 0.01), "moe.router_jitter", self.router_jitter,
+            check(self.upcycling.top_k == 2, "moe.upcycling.top_k", self.upcycling.top_k,
+                  "2 with moe.backend: deepspeed (its top-1 gate scales each expert output by the router probability; "
+                  "the native block gives the chosen expert weight 1)")
+            check(self.upcycling.router_jitter in (0.0, 0.01), "moe.upcycling.router_jitter", self.upcycling.router_jitter,
                   "0 or 0.01 with moe.backend: deepspeed (DeepSpeed's jitter has a fixed epsilon of 0.01)")
 
     def _check_label_to_expert(self) -> None:
@@ -233,9 +246,9 @@ class MoeConfig:
             check(isinstance(experts, (list, tuple)) and bool(experts)
                   and all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in experts),
                   f"{key}.{label}", experts, "a non-empty list of expert indices (integers, 0 or more)")
-            if self.upcycle:
-                check(max(experts) < self.num_experts, f"{key}.{label}", list(experts),
-                      f"expert indices below moe.num_experts ({self.num_experts})")
+            if self.upcycling.enabled:
+                check(max(experts) < self.upcycling.num_experts, f"{key}.{label}", list(experts),
+                      f"expert indices below moe.upcycling.num_experts ({self.upcycling.num_experts})")
             normalised[label] = tuple(dict.fromkeys(experts))
         object.__setattr__(self, "label_to_expert", normalised)
 
@@ -501,9 +514,9 @@ class Config:
     logging: LoggingConfig = opt(LoggingConfig(), "Trackers.")
 
     def __post_init__(self) -> None:
-        if self.moe.upcycle and self.model.architecture not in (None, "mpt"):
-            raise ConfigError("moe.upcycle", f"moe.upcycle turns a dense MPT model into an MoE; model.architecture is "
-                              f"{self.model.architecture!r}, which is already an MoE.")
+        if self.moe.upcycling.enabled and self.model.architecture not in (None, "mpt"):
+            raise ConfigError("moe.upcycling.enabled", "moe.upcycling.enabled turns a dense MPT model into an MoE; "
+                              f"model.architecture is {self.model.architecture!r}, which is already an MoE.")
         if self.moe.expert_training == "esft" and (self.lora.enabled or self.moe.backend != "native"):
             raise ConfigError("moe.expert_training", "moe.expert_training: esft trains the selected experts themselves "
                               "and freezes everything else, so it takes lora.enabled: false and moe.backend: native.")

@@ -124,7 +124,7 @@ def load_base(config: Config, tokenizer):
     """The base model exactly as training built it (same seed for random or upcycled weights), in eval mode."""
     from moetune.models.factory import build_base_model
 
-    return _to_device(build_base_model(config, tokenizer)).eval()
+    return _to_device(build_base_model(config, tokenizer, seed=config.training.seed)).eval()
 
 
 def load_tuned(config: Config, tuned: TunedModelPath, tokenizer, base=None):
@@ -167,7 +167,7 @@ def _load_merged(config: Config, path: Path, tokenizer):
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    from moetune.models.factory import resolve_dtype
+    from moetune.models.dtypes import resolve_dtype
 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(config.model.torch_dtype),

@@ -1,5 +1,4 @@
-"""Expert parallelism for upcycled MPT through DeepSpeed MoE (``moe.backend: deepspeed``), and the
-reader for the older ``deepspeed_moe_config.json`` whose ``"moe"`` block carried these settings.
+"""Expert parallelism for upcycled MPT through DeepSpeed MoE (``moe.backend: deepspeed``).
 
 The native :class:`~moetune.models.mpt_moe.MoeFeedForward` stays the default: it needs no extra
 package and saves to the ``mpt_moe`` checkpoint format. The DeepSpeed block splits the experts
@@ -11,11 +10,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,32 +19,6 @@ from torch import nn
 
 from moetune.errors import UserError
 from moetune.models.mpt_moe import MoeFeedForward
-
-# Old "moe" block key -> MoeConfig field. Keys in LEGACY_REJECTED have no moetune equivalent.
-LEGACY_KEYS = {
-    "num_experts": "num_experts",
-    "top_k": "top_k",
-    "k": "top_k",
-    "ep_size": "expert_parallel_size",
-    "expert_parallel_size": "expert_parallel_size",
-    "capacity_factor": "capacity_factor",
-    "aux_loss_coef": "auxiliary_loss_weight",
-    "moe_loss_coeff": "auxiliary_loss_weight",
-    "router_aux_loss_coef": "auxiliary_loss_weight",
-    "z_loss_coef": "router_z_loss_weight",
-    "router_z_loss_coef": "router_z_loss_weight",
-    "router_jitter": "router_jitter",
-    "router_jitter_noise": "router_jitter",
-    "upcycle_every": "upcycle_every",
-}
-LEGACY_REJECTED = {
-    "eval_capacity_factor": "moetune applies moe.capacity_factor in training only; evaluation never drops tokens",
-    "min_capacity": "moetune's capacity is ceil(capacity_factor * tokens * top_k / num_experts), at least 1",
-    "noisy_gate_policy": "use moe.router_jitter (a number) for Switch-style jitter",
-    "use_residual": "Residual MoE is not supported",
-    "drop_tokens": "tokens are dropped exactly when moe.capacity_factor is set",
-    "use_rts": "random token selection is not supported",
-}
 
 
 def require_deepspeed() -> None:
@@ -73,18 +43,19 @@ class DeepSpeedMoeFeedForward(nn.Module):
         super().__init__()
         from deepspeed.moe.layer import MoE
 
+        upcycling = moe.upcycling
         # Identity as the expert template: DeepSpeed deep-copies it per local expert, and the real
         # experts replace those copies below, so nothing expert-sized is allocated twice.
         self.moe = MoE(
             hidden_size=block.router.weight.shape[1],
             expert=nn.Identity(),
-            num_experts=moe.num_experts,
+            num_experts=upcycling.num_experts,
             ep_size=moe.expert_parallel_size,
-            k=moe.top_k,
-            capacity_factor=moe.capacity_factor or 1.0,
+            k=upcycling.top_k,
+            capacity_factor=upcycling.capacity_factor or 1.0,
             min_capacity=1,  # the native capacity: max(1, ceil(capacity_factor * tokens * top_k / num_experts))
-            noisy_gate_policy="Jitter" if moe.router_jitter > 0 else None,
-            drop_tokens=moe.capacity_factor is not None,
+            noisy_gate_policy="Jitter" if upcycling.router_jitter > 0 else None,
+            drop_tokens=upcycling.capacity_factor is not None,
             use_rts=False,
             top2_2nd_expert_sampling=False,  # the native block takes the two most probable experts, never a sample
         )
@@ -97,7 +68,7 @@ class DeepSpeedMoeFeedForward(nn.Module):
         for param in layer.experts.deepspeed_experts.parameters():
             param.allreduce = False
             param.group_name = self.moe.expert_group_name
-        self.drop_tokens = moe.capacity_factor is not None
+        self.drop_tokens = upcycling.capacity_factor is not None
         self.hidden_dropout = block.hidden_dropout
         self.ep_rank = ep_rank
         self.router_logits_sink: list[torch.Tensor] | None = None
@@ -151,16 +122,16 @@ def convert_to_deepspeed_moe(model: nn.Module, moe) -> nn.Module:
     """Replace every native MoE block by a DeepSpeed one that runs the same router and this rank's
     experts; call it after the training plan (LoRA, modules_to_save) so PEFT names stay native."""
     require_deepspeed()
-    if moe.num_experts % moe.expert_parallel_size:
-        raise UserError(f"moe.num_experts ({moe.num_experts}) must be divisible by moe.expert_parallel_size "
-                        f"({moe.expert_parallel_size}).")
+    if moe.upcycling.num_experts % moe.expert_parallel_size:
+        raise UserError(f"moe.upcycling.num_experts ({moe.upcycling.num_experts}) must be divisible by "
+                        f"moe.expert_parallel_size ({moe.expert_parallel_size}).")
     rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
     # DeepSpeed's default expert-parallel groups are runs of consecutive ranks.
     ep_rank = rank % moe.expert_parallel_size
     replaced = _swap_blocks(model, MoeFeedForward, lambda block: DeepSpeedMoeFeedForward(block, moe, ep_rank))
     if not replaced:
         raise UserError("moe.backend: deepspeed found no MoE block to replace; it applies to upcycled MPT models "
-                        "(moe.upcycle: true or an mpt_moe checkpoint).")
+                        "(moe.upcycling.enabled: true or an mpt_moe checkpoint).")
     return model
 
 
@@ -190,46 +161,3 @@ def _swap_blocks(model: nn.Module, kind: type, make) -> list[tuple[nn.Module, st
                 setattr(parent, name, make(child))
                 swapped.append((parent, name, child))
     return swapped
-
-
-def read_legacy_deepspeed_moe(path: str | Path) -> dict[str, Any]:
-    """The ``"moe"`` block of an older deepspeed_moe_config.json as MoeConfig field values.
-
-    Returns e.g. ``{"num_experts": 8, "top_k": 2, "expert_parallel_size": 4}`` (empty when the file
-    has no ``"moe"`` block). A key with no moetune equivalent is a UserError that says where the
-    setting belongs, never silently dropped.
-    """
-    file = Path(path)
-    try:
-        data = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{file}: no such DeepSpeed config file.") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{file} is not valid JSON (line {err.lineno}: {err.msg}).") from None
-    block = data.get("moe") if isinstance(data, dict) else None
-    if block is None:
-        return {}
-    if not isinstance(block, dict):
-        raise UserError(f"{file}: \"moe\" must be an object of MoE settings, got {type(block).__name__}.")
-    settings: dict[str, Any] = {}
-    for key, value in block.items():
-        if key in ("enabled", "type", "moe"):
-            continue
-        if key in LEGACY_REJECTED:
-            raise UserError(f"{file}: \"moe\".\"{key}\" is not supported ({LEGACY_REJECTED[key]}). MoE settings now "
-                            "live in the moe section of config.yaml; remove the \"moe\" block from the DeepSpeed file.")
-        if key not in LEGACY_KEYS:
-            raise UserError(f"{file}: \"moe\".\"{key}\" is not a known MoE setting. MoE settings now live in the moe "
-                            f"section of config.yaml (moe.num_experts, moe.top_k, moe.expert_parallel_size, ...); "
-                            "move it there and remove the \"moe\" block from the DeepSpeed file.")
-        field = LEGACY_KEYS[key]
-        if field in settings and settings[field] != value:
-            raise UserError(f"{file}: the \"moe\" block sets moe.{field} twice with different values "
-                            f"({settings[field]!r} and {value!r} from \"{key}\").")
-        settings[field] = value
-    return settings
-
-
-def legacy_moe_overrides(path: str | Path) -> list[str]:
-    """:func:`read_legacy_deepspeed_moe` as ``moe.key=value`` override strings for ``load_config``."""
-    return [f"moe.{key}={json.dumps(value)}" for key, value in read_legacy_deepspeed_moe(path).items()]

@@ -1,4 +1,4 @@
-"""``build_model``: the model, lora and moe sections in, a model ready to train out.
+"""``build_model``: the model, lora and moe sections (plus the run's seed) in, a model ready to train out.
 
 Steps, in order: pick the family (``model.architecture`` or the model's config.json, see
 :mod:`moetune.models.families`), load the weights or build from config (``model.random_init``),
@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moetune.errors import ConfigError, UserError, first_line
+from moetune.models.dtypes import resolve_dtype
 from moetune.models.families import FAMILY_NAMES, family_for_model_type, get_family, known_model_types
 from moetune.models.families._spec import FamilySpec, Traits
 from moetune.models.hf_config import apply_overrides, build_random_init_config
@@ -31,19 +32,23 @@ from moetune.models.training_plan import apply_training_plan
 logger = logging.getLogger(__name__)
 
 
-def build_model(config, tokenizer=None) -> nn.Module:
+def build_model(config, tokenizer=None, *, seed: int, gradient_checkpointing: bool = False) -> nn.Module:
     """Build the model ``config`` describes (a PeftModel when ``lora.enabled``).
 
     ``tokenizer`` (optional): with ``model.random_init`` its size and pad/bos/eos ids go into the
-    model config; a loaded model whose embedding is smaller than it is resized. Raises UserError
-    for anything the user can fix (unknown architecture, bad override key, missing package, path).
+    model config; a loaded model whose embedding is smaller than it is resized. ``seed`` draws the
+    weights moetune creates (random init, upcycled routers and expert noise); rebuilding the base
+    with :func:`build_base_model` and the same seed gives the same weights. ``gradient_checkpointing``:
+    recompute activations in backward (non-reentrant; it saves memory and changes no number).
+    Raises UserError for anything the user can fix (unknown architecture, bad override key,
+    missing package, path).
     """
     if wants_quantization(config.model) and not config.lora.enabled:
         raise UserError("model.load_in_4bit/load_in_8bit freeze the base weights in a quantised format, so only an "
                         "adapter can train: set lora.enabled: true.")
     family = resolve_family(config.model)
-    model, traits = _build_family(family, config, tokenizer)
-    if config.training.gradient_checkpointing and not wants_quantization(config.model):
+    model, traits = _build_family(family, config, tokenizer, seed=seed, gradient_checkpointing=gradient_checkpointing)
+    if gradient_checkpointing and not wants_quantization(config.model):
         enable_gradient_checkpointing(model)
     model = apply_training_plan(model, config, traits, family)
     if config.moe.backend == "deepspeed":
@@ -55,19 +60,21 @@ def build_model(config, tokenizer=None) -> nn.Module:
     return model
 
 
-def build_base_model(config, tokenizer=None) -> nn.Module:
+def build_base_model(config, tokenizer=None, *, seed: int) -> nn.Module:
     """The model ``build_model`` wraps, before any freezing or LoRA: loaded, quantised, upcycled
-    (with the same seed, so identical) exactly as for training. Load a saved adapter onto it with
-    ``peft.PeftModel.from_pretrained(build_base_model(config), adapter_dir)``. It always has native
-    MoE blocks: ``moe.backend: deepspeed`` runs also save in that layout."""
-    model, _ = _build_family(resolve_family(config.model), config, tokenizer)
+    exactly as for training (with training's ``seed`` the weights are identical), for evaluation:
+    without gradient checkpointing. Load a saved adapter onto it with
+    ``peft.PeftModel.from_pretrained(build_base_model(config, seed=...), adapter_dir)``. It always
+    has native MoE blocks: ``moe.backend: deepspeed`` runs also save in that layout."""
+    model, _ = _build_family(resolve_family(config.model), config, tokenizer, seed=seed, gradient_checkpointing=False)
     return model
 
 
-def _build_family(family: FamilySpec, config, tokenizer) -> tuple[nn.Module, Traits]:
+def _build_family(family: FamilySpec, config, tokenizer, *, seed: int,
+                  gradient_checkpointing: bool) -> tuple[nn.Module, Traits]:
     check_router_bias_update(family, config)
     build = family.build or build_pretrained
-    model, traits = build(family, config, tokenizer)
+    model, traits = build(family, config, tokenizer, seed=seed, gradient_checkpointing=gradient_checkpointing)
     check_context_length(model, config.model.max_seq_length, family.context_key)
     return model, traits
 
@@ -137,8 +144,10 @@ def read_model_type(name: str, trust_remote_code: bool = False) -> str:
                         f"({first_line(err)}). Set model.architecture, or fix the path.") from None
 
 
-def load_base_model(config, family: FamilySpec, tokenizer=None) -> nn.Module:
-    """The family's model from weights (model.name) or from config (model.random_init)."""
+def load_base_model(config, family: FamilySpec, tokenizer=None, *, seed: int,
+                    gradient_checkpointing: bool) -> nn.Module:
+    """The family's model from weights (model.name) or from config (model.random_init, drawn with
+    ``seed``); a quantised one prepared for training, with ``gradient_checkpointing`` when asked."""
     spec = config.model
     dtype = resolve_dtype(spec.torch_dtype)
     attn = resolve_attn_implementation(spec.attn_implementation, family.attention_kernels)
@@ -156,13 +165,13 @@ def load_base_model(config, family: FamilySpec, tokenizer=None) -> nn.Module:
         # Seeded and isolated from the global RNG: evaluation must rebuild the same random base the
         # adapter was trained on, whatever ran before.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.training.seed)
+            torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32 if dtype == "auto" else dtype,
                                                      **kwargs)
     else:
         model = _from_pretrained(spec, family, dtype, kwargs, tokenizer)
         if wants_quantization(spec):
-            model = prepare_quantized_for_training(model, config.training.gradient_checkpointing)
+            model = prepare_quantized_for_training(model, gradient_checkpointing)
     log_kernels(model, attn, spec.experts_implementation)
     return model
 
@@ -197,11 +206,6 @@ def _from_pretrained(spec, family: FamilySpec, dtype, kwargs: dict[str, Any], to
     return model
 
 
-def resolve_dtype(name: str) -> torch.dtype | str:
-    """``model.torch_dtype`` as a torch dtype ("auto" stays "auto": the checkpoint's own dtype)."""
-    return "auto" if name == "auto" else getattr(torch, name)
-
-
 def _special_token_ids(tokenizer) -> dict[str, int | None]:
     if tokenizer is None:
         return {}
@@ -212,15 +216,16 @@ def _special_token_ids(tokenizer) -> dict[str, int | None]:
 # ------------------------------------------------------------------------------ building a family
 
 
-def build_pretrained(family: FamilySpec, config, tokenizer=None) -> tuple[nn.Module, Traits]:
+def build_pretrained(family: FamilySpec, config, tokenizer=None, *, seed: int,
+                     gradient_checkpointing: bool) -> tuple[nn.Module, Traits]:
     """The build of a pretrained MoE family: load as is; the training plan freezes the experts."""
     if config.moe.backend != "native":
         raise ConfigError("moe.backend", f"moe.backend: deepspeed swaps the MoE blocks of upcycled MPT models; "
                           f"{family.name} keeps its own blocks (use backend: native).")
-    if config.moe.upcycle:
-        raise ConfigError("moe.upcycle", f"moe.upcycle turns a dense MPT model into an MoE; model.name is a "
-                          f"{family.name} model, which is already an MoE.")
-    model = load_base_model(config, family, tokenizer)
+    if config.moe.upcycling.enabled:
+        raise ConfigError("moe.upcycling.enabled", "moe.upcycling.enabled turns a dense MPT model into an MoE; "
+                          f"model.name is a {family.name} model, which is already an MoE.")
+    model = load_base_model(config, family, tokenizer, seed=seed, gradient_checkpointing=gradient_checkpointing)
     # moetune's trainer weights the aux loss itself (compute_losses); keeping HF's coefficient equal
     # makes `out.loss` of a plain forward with labels agree with it.
     if hasattr(model.config, "router_aux_loss_coef"):

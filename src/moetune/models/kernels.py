@@ -1,4 +1,5 @@
-"""Which attention, experts and loss kernels to use, with fallbacks that never crash."""
+"""Which attention, experts and loss kernels to use, with fallbacks that never crash, and whether the
+attention kernel a model runs keeps samples packed into one row apart."""
 
 from __future__ import annotations
 
@@ -37,6 +38,30 @@ def resolve_attn_implementation(requested: str, supported: tuple[str, ...] | Non
                        "a CUDA machine); using %s instead.", reason, fallback)
         return fallback
     return requested
+
+
+# Kernels that keep samples packed into one row apart from nothing but restarting position_ids (no
+# attention mask), in transformers 5.x: for sdpa, eager and flex attention, create_causal_mask
+# reads the restarts (masking_utils.find_packed_sequence_indices) into a block-diagonal causal mask;
+# the flash kernels take no mask but run varlen over the restarts when the batch is one flattened
+# row (the packing collator flattens for flash_attention_2). A kernel outside masking_utils' table
+# gets no mask at all, so its packed samples would attend to each other.
+PACKING_KERNELS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def packs_by_position_ids(model) -> bool:
+    """Whether samples packed into one row with restarting ``position_ids`` and no attention mask
+    stay apart in ``model`` as built: its family's forward takes ``position_ids`` (MPT's ALiBi
+    attention does not) and the attention kernel it runs, after any fallback, honours them (for
+    gpt-oss only the flash kernels do: see its family module)."""
+    from moetune.models.layout import innermost_model
+    from moetune.models.routing import family_of_model
+
+    family = family_of_model(model)
+    if family is None or not family.accepts_position_ids:
+        return False
+    kernel = getattr(getattr(innermost_model(model), "config", None), "_attn_implementation", None)
+    return kernel in PACKING_KERNELS and (family.packing_kernels is None or kernel in family.packing_kernels)
 
 
 def fastest_experts_implementation() -> str | None:

@@ -1,6 +1,6 @@
 """Sparse upcycling (Komatsuzaki et al., 2022): a dense MPT becomes an MoE without retraining from scratch.
 
-Each chosen block's FFN is copied into ``moe.num_experts`` experts and a freshly initialised
+Each chosen block's FFN is copied into ``moe.upcycling.num_experts`` experts and a freshly initialised
 router is put in front of them. With identical experts and renormalised top-k weights the MoE
 block computes exactly the dense FFN, so the upcycled model starts where the dense one ended.
 See docs/upcycling.md for why the experts must then be trained.
@@ -17,6 +17,7 @@ import torch
 from transformers import AutoTokenizer, MptForCausalLM
 
 from moetune.errors import UserError
+from moetune.models.dtypes import resolve_dtype
 from moetune.models.mpt_moe import MptMoeConfig, MptMoeForCausalLM, check_loading_info
 
 logger = logging.getLogger(__name__)
@@ -32,12 +33,13 @@ def moe_layer_indices(num_layers: int, every: int) -> list[int]:
 def upcycled_config(dense_config, moe) -> MptMoeConfig:
     """The MptMoeConfig of the upcycled model: the dense config plus ``moe`` (a MoeConfig)."""
     values = {k: v for k, v in dense_config.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
+    upcycling = moe.upcycling
     values.update(
-        num_local_experts=moe.num_experts,
-        num_experts_per_tok=moe.top_k,
-        moe_layer_indices=moe_layer_indices(dense_config.n_layers, moe.upcycle_every),
-        capacity_factor=moe.capacity_factor,
-        router_jitter_noise=moe.router_jitter,
+        num_local_experts=upcycling.num_experts,
+        num_experts_per_tok=upcycling.top_k,
+        moe_layer_indices=moe_layer_indices(dense_config.n_layers, upcycling.every_n_blocks),
+        capacity_factor=upcycling.capacity_factor,
+        router_jitter_noise=upcycling.router_jitter,
         router_aux_loss_coef=moe.auxiliary_loss_weight,
         router_z_loss_coef=moe.router_z_loss_weight,
     )
@@ -50,8 +52,9 @@ def upcycled_config(dense_config, moe) -> MptMoeConfig:
 def upcycle_mpt(dense: MptForCausalLM, moe, generator: torch.Generator | None = None) -> MptMoeForCausalLM:
     """Return the sparse-upcycled copy of ``dense`` (an MptForCausalLM) following ``moe`` (a MoeConfig).
 
-    Expert e of block b starts as block b's dense FFN (plus ``moe.expert_noise_std`` Gaussian
-    noise relative to each weight's std, if set); routers are drawn from N(0, moe.router_init_std).
+    Expert e of block b starts as block b's dense FFN (plus ``moe.upcycling.expert_noise_std``
+    Gaussian noise relative to each weight's std, if set); routers are drawn from
+    N(0, moe.upcycling.router_init_std).
     ``generator`` (a CPU generator) makes both reproducible: rebuilding the base to load an adapter
     trained on it must give the same router and experts.
     The model is built on the meta device and receives its tensors directly, so no
@@ -62,6 +65,7 @@ def upcycle_mpt(dense: MptForCausalLM, moe, generator: torch.Generator | None = 
     if not isinstance(dense, MptForCausalLM):
         raise UserError(f"Sparse upcycling takes a dense MPT model (MptForCausalLM), got {type(dense).__name__}.")
     config = upcycled_config(dense.config, moe)
+    upcycling = moe.upcycling
     dense_state = dense.state_dict()
     state = {}
     moe_layers = set(config.moe_layers())
@@ -69,16 +73,17 @@ def upcycle_mpt(dense: MptForCausalLM, moe, generator: torch.Generator | None = 
         parts = key.split(".")  # transformer.blocks.N.ffn.{up,down}_proj.weight
         if parts[:2] == ["transformer", "blocks"] and parts[3] == "ffn" and int(parts[2]) in moe_layers:
             prefix = ".".join(parts[:4])
-            for expert in range(moe.num_experts):
-                state[f"{prefix}.experts.{expert}.{parts[4]}.weight"] = _expert_copy(tensor, moe.expert_noise_std, generator)
+            for expert in range(upcycling.num_experts):
+                state[f"{prefix}.experts.{expert}.{parts[4]}.weight"] = _expert_copy(tensor, upcycling.expert_noise_std,
+                                                                                     generator)
             continue
         state[key] = tensor.clone()
     hidden = config.hidden_size
     reference = dense.transformer.wte.weight
     for index in moe_layers:
         # Drawn on the CPU so one seeded CPU generator reproduces the same router on any device.
-        router = torch.empty(moe.num_experts, hidden, dtype=torch.float32).normal_(0.0, moe.router_init_std,
-                                                                                   generator=generator)
+        router = torch.empty(upcycling.num_experts, hidden, dtype=torch.float32).normal_(
+            0.0, upcycling.router_init_std, generator=generator)
         state[f"transformer.blocks.{index}.ffn.router.weight"] = router.to(reference.device, reference.dtype)
     with torch.device("meta"):
         model = MptMoeForCausalLM(config)
@@ -90,7 +95,7 @@ def upcycle_mpt(dense: MptForCausalLM, moe, generator: torch.Generator | None = 
     model.generation_config = dense.generation_config
     model.train(dense.training)
     logger.info("upcycled %d of %d MPT blocks into %d experts each (top-%d routing)", len(moe_layers),
-                config.n_layers, moe.num_experts, moe.top_k)
+                config.n_layers, upcycling.num_experts, upcycling.top_k)
     return model
 
 
@@ -103,7 +108,7 @@ def _expert_copy(weight: torch.Tensor, noise_std: float, generator: torch.Genera
 
 
 def upcycle_checkpoint(config, model_dir: str, output_dir: str, dtype: str | None = None) -> int:
-    """`moetune upcycle`: read a dense MPT from ``model_dir``, upcycle it per ``config.moe``, and write
+    """`moetune upcycle`: read a dense MPT from ``model_dir``, upcycle it per ``config.moe.upcycling``, and write
     config.json + safetensors (+ the tokenizer when ``model_dir`` has one) to ``output_dir``.
 
     The weights keep the dense checkpoint's dtype unless ``dtype`` ("float32", "bfloat16",
@@ -127,8 +132,7 @@ def upcycle_checkpoint(config, model_dir: str, output_dir: str, dtype: str | Non
         raise UserError(f"--model {model_dir} is a {model_type!r} model; sparse upcycling takes a dense MPT "
                         "(model_type 'mpt').")
     try:
-        # "auto": the dtype config.json records, else that of the stored weights.
-        dense, info = MptForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype) if dtype else "auto",
+        dense, info = MptForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype or "auto"),
                                                      output_loading_info=True)
     except OSError as err:
         raise UserError(f"--model {model_dir}: the weights could not be read ({err}).") from None
@@ -139,8 +143,9 @@ def upcycle_checkpoint(config, model_dir: str, output_dir: str, dtype: str | Non
     model.save_pretrained(target)
     if any((source / name).is_file() for name in TOKENIZER_FILES):
         AutoTokenizer.from_pretrained(source).save_pretrained(target)
-    # The CLI configures no logging, so the one line a user of `moetune upcycle` should see is printed.
+    # The verb's result: printed, as `moetune validate` prints its verdict, whatever the log level.
     print(f"upcycled {model.config.name_or_path or model_dir}: {len(model.moe_blocks())} MoE blocks x "
-          f"{config.moe.num_experts} experts (top-{config.moe.top_k}, {str(model.dtype).removeprefix('torch.')}) "
+          f"{config.moe.upcycling.num_experts} experts (top-{config.moe.upcycling.top_k}, "
+          f"{str(model.dtype).removeprefix('torch.')}) "
           f"written to {target}", file=sys.stderr)
     return 0

@@ -20,7 +20,8 @@ def build_training_inputs(config: Config, accelerator):
     from moetune.data.packing import build_dataloaders
     from moetune.data.split import load_splits
     from moetune.data.tokenizer import load_or_train_tokenizer
-    from moetune.models.factory import build_model, resolve_family
+    from moetune.models.factory import build_model
+    from moetune.models.kernels import packs_by_position_ids
 
     tokenizer_dir = Path(config.training.output_dir) / TOKENIZER_DIR
     with accelerator.main_process_first():
@@ -32,7 +33,8 @@ def build_training_inputs(config: Config, accelerator):
             tokenizer = load_or_train_tokenizer(config, texts, save_dir=tokenizer_dir)
         else:  # what the main process just saved (output_dir is on a filesystem every node sees)
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    model = build_model(config, tokenizer)
+    model = build_model(config, tokenizer, seed=config.training.seed,
+                        gradient_checkpointing=config.training.gradient_checkpointing)
     _register_zero3_leaf_modules(accelerator, model)
     if config.advanced.torch_compile:
         from moetune.models.kernels import compile_decoder_layers
@@ -40,7 +42,7 @@ def build_training_inputs(config: Config, accelerator):
         compile_decoder_layers(model)
     with accelerator.main_process_first():
         train_loader, val_loader, data = build_dataloaders(
-            config, tokenizer, accepts_position_ids=resolve_family(config.model).accepts_position_ids)
+            config, tokenizer, accepts_position_ids=packs_by_position_ids(model))
     if accelerator.is_main_process:
         s = data.stats
         efficiency = f", packing efficiency {s['train_packing_efficiency']:.1%}" if data.packed else ""

@@ -49,7 +49,6 @@ from moetune.train.out_of_memory import AttemptFiles, halved_batch, out_of_memor
 from moetune.train.output_dir import check_output_dir, save_run_config
 from moetune.train.run_lock import RunLock
 from moetune.train.run_log import RunLog
-from moetune.train.setup import apply_legacy_deepspeed_moe
 from moetune.train.signals import StopSignals
 from moetune.train.validation_loss import evaluate_loss
 
@@ -94,7 +93,6 @@ def _train_retrying(config: Config, stop: StopSignals, run_lock: RunLock) -> int
 
 
 def _train_once(config: Config, stop: StopSignals, run_lock: RunLock, files: AttemptFiles) -> int:
-    config = apply_legacy_deepspeed_moe(config)
     t = config.training
     stop.in_loop = False
     if not Path(config.data.output_path).is_file():  # before anything is created or downloaded

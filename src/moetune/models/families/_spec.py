@@ -74,13 +74,17 @@ class FamilySpec:
     """Config key of the model's context length."""
     accepts_position_ids: bool = True
     """The forward takes ``position_ids``, so samples can be packed into one row."""
+    packing_kernels: tuple[str, ...] | None = None
+    """The attention kernels with which rows packed by restarting ``position_ids`` keep their samples
+    apart, where the family narrows transformers' own (``kernels.PACKING_KERNELS``); None: all of those."""
     attention_kernels: tuple[str, ...] | None = None
     """Attention implementations the family's attention supports; None: every one."""
     experts_may_get_no_tokens: bool = False
     """Some expert parameters can be left out of a step's graph (no token routed to them): DDP then
     needs ``find_unused_parameters``."""
     build: Callable[..., tuple[Any, Traits]] | None = None
-    """``build(spec, config, tokenizer) -> (model, Traits)``; None loads the checkpoint as is."""
+    """``build(spec, config, tokenizer, *, seed, gradient_checkpointing) -> (model, Traits)``; None loads
+    the checkpoint as is. ``seed`` draws any weights the build creates."""
     pretrained_kwargs: Callable[..., dict[str, Any]] | None = None
     """``pretrained_kwargs(hf_config) -> dict``: extra ``from_pretrained`` arguments (MXFP4)."""
     tap_routers: Callable[..., Callable[[], None]] | None = None

@@ -4,7 +4,10 @@ the chosen ones, experts with biases stored transposed, attention with learned s
 Hub checkpoints ship the experts in MXFP4. MXFP4 has no training kernels, so they are loaded
 dequantised to bf16 (transformers' ``Mxfp4Config(dequantize=True)``), and that is logged. The
 attention sinks (``self_attn.sinks``) are not Linears and stay frozen; transformers' sdpa kernel has
-no sinks, so ``sdpa`` runs as ``eager`` (or pick flash_attention_2 / flex_attention).
+no sinks, so ``sdpa`` runs as ``eager`` (or pick flash_attention_2 / flex_attention). Its forward
+builds the causal and sliding-window masks without the ``position_ids``, so eager and flex attention
+would let packed samples attend to each other: rows are packed only for the flash kernels, which
+split a flattened row at the restarting positions themselves; otherwise samples are padded.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ SPEC = FamilySpec(
     expert_parameters=("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"),
     expert_layout="fused 3-D, transposed (E, H, 2I) / (E, I, H), with biases",
     attention_kernels=("eager", "flash_attention_2", "flex_attention"),
+    packing_kernels=("flash_attention_2", "flash_attention_3"),
     pretrained_kwargs=mxfp4_dequantised,
     notes=("attention sinks (self_attn.sinks) stay frozen",),
 )

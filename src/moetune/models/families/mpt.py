@@ -16,24 +16,26 @@ from moetune.errors import UserError
 from moetune.models.families._spec import FamilySpec, Traits, logger
 
 
-def build_mpt(spec: FamilySpec, config, tokenizer=None):
-    """Dense MPT, an already upcycled ``mpt_moe``, or one upcycled now when ``moe.upcycle``."""
+def build_mpt(spec: FamilySpec, config, tokenizer=None, *, seed: int, gradient_checkpointing: bool):
+    """Dense MPT, an already upcycled ``mpt_moe``, or one upcycled now when ``moe.upcycling.enabled``
+    (the new routers and expert noise drawn with ``seed``)."""
     from moetune.models.factory import load_base_model, whole_weights
     from moetune.models.quant import wants_quantization
     from moetune.models.upcycle import upcycle_mpt
 
-    if config.moe.upcycle and wants_quantization(config.model):
-        raise UserError("moe.upcycle copies dense FFN weights into experts, which cannot be done on 4/8-bit weights; "
-                        "upcycle first (`moetune upcycle`), then train the saved model.")
-    model = load_base_model(config, spec, tokenizer)
+    upcycle = config.moe.upcycling.enabled
+    if upcycle and wants_quantization(config.model):
+        raise UserError("moe.upcycling.enabled copies dense FFN weights into experts, which cannot be done on 4/8-bit "
+                        "weights; upcycle first (`moetune upcycle`), then train the saved model.")
+    model = load_base_model(config, spec, tokenizer, seed=seed, gradient_checkpointing=gradient_checkpointing)
     upcycled = model.config.model_type == "mpt_moe"
-    if config.moe.upcycle and upcycled:
-        logger.info("model.name is already upcycled (mpt_moe); moe.upcycle has nothing left to do")
+    if upcycle and upcycled:
+        logger.info("model.name is already upcycled (mpt_moe); moe.upcycling.enabled has nothing left to do")
         return model, Traits(experts_must_train=True)
-    if config.moe.upcycle:
+    if upcycle:
         # Seeded, so evaluation rebuilds exactly the base the adapter was trained on.
         with whole_weights(model):
-            model = upcycle_mpt(model, config.moe, generator=torch.Generator().manual_seed(config.training.seed))
+            model = upcycle_mpt(model, config.moe, generator=torch.Generator().manual_seed(seed))
         return model, Traits(router_is_new=True, experts_must_train=True)
     return model, Traits(experts_must_train=upcycled)
 
