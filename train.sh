@@ -38,12 +38,22 @@ fi
 TOTAL_PROCESSES=$((NUM_GPUS * NUM_MACHINES))
 
 # Validate the config (with the overrides) before spending minutes on the launch, and read what to print.
-read -r BATCH ACCUM OUTPUT_DIR LOG_DIR < <("$PYTHON" - "$CONFIG" "$@" <<'PY'
+# The DeepSpeed JSON the launch will hand to every process is read too: its "moe" block, if any, trains.
+read -r BATCH ACCUM OUTPUT_DIR LOG_DIR < <("$PYTHON" - "$ACCELERATE_CONFIG" "$CONFIG" "$@" <<'PY'
 import sys
+import yaml
 from moetune.config import load_config
 from moetune.errors import UserError
 try:
-    c = load_config(sys.argv[1], sys.argv[2:])
+    with open(sys.argv[1], encoding="utf-8") as f:
+        launch = yaml.safe_load(f) or {}
+except (OSError, yaml.YAMLError) as err:
+    print(f"train.sh: cannot read the accelerate config {sys.argv[1]}: {err}", file=sys.stderr)
+    sys.exit(2)
+deepspeed = launch.get("deepspeed_config") if isinstance(launch, dict) else None
+deepspeed_json = deepspeed.get("deepspeed_config_file") if isinstance(deepspeed, dict) else None
+try:
+    c = load_config(sys.argv[2], sys.argv[3:], deepspeed_config=deepspeed_json)
 except UserError as err:
     print(f"train.sh: {err}", file=sys.stderr)
     sys.exit(2)

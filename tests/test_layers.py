@@ -13,7 +13,6 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "moetune"
 STAGES = ("config", "data", "models", "train", "eval")
 NEUTRAL = {"errors", "run_folder", "plugins", "auto_classes"}
-CHECKED = ("models", "train", "eval")
 
 
 def imported_modules(source: str, module: str) -> list[tuple[int, str]]:
@@ -60,7 +59,7 @@ def upward_imports(stage: str) -> list[str]:
     return imports_of(stage, lambda name: stage_of(name) is not None and stage_of(name) > own)
 
 
-@pytest.mark.parametrize("stage", CHECKED)
+@pytest.mark.parametrize("stage", STAGES)
 def test_a_stage_imports_only_its_own_or_earlier_stages(stage):
     assert (PACKAGE / stage).is_dir()
     assert upward_imports(stage) == []
@@ -70,6 +69,12 @@ def test_eval_reads_a_run_through_the_run_folder_and_models_not_train():
     # A run folder's layout is moetune.run_folder's and its weight files are moetune.models', so evaluating
     # a run needs nothing of the code that trained it.
     assert imports_of("eval", lambda name: name == "moetune.train" or name.startswith("moetune.train.")) == []
+
+
+def test_the_registries_import_nothing_of_moetune():
+    # Every stage reads the names in moetune.plugins; the modules they name are imported only when used.
+    names = [name for _, name in imported_modules((PACKAGE / "plugins.py").read_text(), "moetune.plugins")]
+    assert [name for name in names if name.split(".")[0] == "moetune"] == []
 
 
 def test_the_run_folder_layout_imports_no_stage():

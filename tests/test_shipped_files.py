@@ -102,3 +102,21 @@ def test_train_sh_fails_clearly_on_gpu_count_and_bad_config():
     assert "NUM_GPUS=4 but this machine has 0 GPU(s)" in result.stderr or "no GPU found" in result.stderr
     result = _train_sh("lora.r=0", DRY_RUN="1", NUM_GPUS="4")
     assert result.returncode == 2 and "lora.r must be a positive integer" in result.stderr
+
+
+def test_train_sh_validates_the_deepspeed_file_its_accelerate_config_names(tmp_path: Path):
+    # The launch hands that JSON to every process, whose config then takes its "moe" block: the
+    # check before the launch must judge the same config, and name both places of a conflict.
+    (tmp_path / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto",
+                                                  "moe": {"num_experts": 3}}, indent=2))
+    (tmp_path / "accelerate.yaml").write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config:\n"
+                                              f"  deepspeed_config_file: {tmp_path / 'ds.json'}\n")
+    (tmp_path / "config.yaml").write_text("moe:\n  upcycling:\n    num_experts: 4\n")
+    result = _train_sh(DRY_RUN="1", NUM_GPUS="4", CONFIG=str(tmp_path / "config.yaml"),
+                       ACCELERATE_CONFIG=str(tmp_path / "accelerate.yaml"))
+    assert result.returncode == 2
+    assert f"{tmp_path / 'config.yaml'}:3" in result.stderr and f"{tmp_path / 'ds.json'}:4" in result.stderr
+    (tmp_path / "config.yaml").write_text("moe:\n  upcycling:\n    num_experts: 3\n")
+    result = _train_sh(DRY_RUN="1", NUM_GPUS="4", CONFIG=str(tmp_path / "config.yaml"),
+                       ACCELERATE_CONFIG=str(tmp_path / "accelerate.yaml"))
+    assert result.returncode == 0, result.stderr

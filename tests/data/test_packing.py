@@ -99,5 +99,5 @@ def test_trainer_entry_point_packs_rows_and_reports_efficiency(tmp_path: Path):
 def test_packing_switch_and_models_without_position_ids_fall_back_to_padding(tmp_path: Path, capsys):
     unpacked = build_train_eval_datasets(_config(tmp_path, "data.packing=false"), _tokenizer())
     assert not unpacked.packed and len(unpacked.train) == 32 and isinstance(unpacked.collator, PaddingCollator)
-    fallback = build_train_eval_datasets(_config(tmp_path), _tokenizer(), accepts_position_ids=False)
+    fallback = build_train_eval_datasets(_config(tmp_path), _tokenizer(), packs_by_position_ids=False)
     assert not fallback.packed and "padding instead" in capsys.readouterr().err

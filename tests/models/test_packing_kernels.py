@@ -71,6 +71,6 @@ def test_the_data_packs_exactly_when_the_model_keeps_packed_samples_apart(tmp_pa
     for architecture, requested in (("mixtral", "flash_attention_2"), ("gpt_oss", "sdpa"), ("mpt", "sdpa")):
         config = tiny_config(architecture, requested, f"data.output_path={dataset}", "validation.validation_split=0.2")
         packs = packs_by_position_ids(build_model(config, seed=0))
-        data = build_train_eval_datasets(config, tokenizer, accepts_position_ids=packs)
+        data = build_train_eval_datasets(config, tokenizer, packs_by_position_ids=packs)
         assert data.packed is packs and config.data.packing
         assert isinstance(data.collator, PackedCollator if packs else PaddingCollator)

@@ -5,9 +5,11 @@ Packing concatenates samples into rows of at most ``model.max_seq_length`` token
 (``masking_utils.find_packed_sequence_indices``) reads the restarts and builds a block-diagonal
 causal mask for sdpa and eager attention, so no token attends across a sample boundary; for
 flash_attention_2 the batch is flattened into one row, which the varlen kernels split the same
-way (what ``DataCollatorWithFlattening`` does). Models whose forward takes no ``position_ids``
-(MPT: ALiBi) cannot be packed this way and fall back to padding; the trainer says which from the
-model's family (``accepts_position_ids``), so this module needs nothing from the models.
+way (what ``DataCollatorWithFlattening`` does). A model that cannot keep packed samples apart this
+way (MPT's forward takes no ``position_ids``; gpt-oss builds its masks without them under eager
+attention) falls back to padding; the trainer says which from the model as built
+(``packs_by_position_ids``: its family and the attention kernel it runs), so this module needs
+nothing from the models.
 
 Call the model with ``use_cache=False`` (or ``model.config.use_cache = False``): when a KV cache
 object exists, transformers 5.x skips the packed-sequence detection and samples attend to each
@@ -172,14 +174,14 @@ class TrainingData:
 
 
 def build_train_eval_datasets(config: Config, tokenizer, cache_dir: str | Path | None = None, *,
-                              accepts_position_ids: bool = True) -> TrainingData:
+                              packs_by_position_ids: bool = True) -> TrainingData:
     """Read, split, tokenize (cached) and pack or pad the dataset for training.
 
     Contract for the trainer: iterate ``DataLoader(data.train, collate_fn=data.collator, ...)`` and
     call ``model(**batch, use_cache=False)``; a batch holds ``input_ids``, ``labels`` (-100 = no loss)
     and either ``position_ids`` (packed: never add an attention_mask, it would disable the
     per-sample masking) or ``attention_mask`` (padded). Labels are not shifted: the model shifts them. ``data.eval`` is None when validation.validation_split is 0.
-    ``accepts_position_ids`` False (the model family's fact): padding even when data.packing is on.
+    ``packs_by_position_ids`` False (the model's fact, see the module docstring): padding even when data.packing is on.
     ``stats`` holds sample, token and row counts and ``packing_efficiency`` (real tokens / slots).
     ``cache_dir`` defaults to ``<dataset folder>/.cache``.
     """
@@ -187,10 +189,11 @@ def build_train_eval_datasets(config: Config, tokenizer, cache_dir: str | Path |
     if config.validation.max_eval_samples is not None:
         val_records = val_records[:config.validation.max_eval_samples]
     max_len = config.model.max_seq_length
-    packed = config.data.packing and accepts_position_ids
+    packed = config.data.packing and packs_by_position_ids
     if config.data.packing and not packed:
-        print("data.packing: this model family takes no position_ids, so samples cannot be packed without attending "
-              "across them; padding instead.", file=sys.stderr)
+        print("data.packing: this model cannot keep packed samples apart by their position_ids (its family or the "
+              "attention kernel it runs), so samples cannot be packed without attending across them; padding instead.",
+              file=sys.stderr)
     cache = Path(cache_dir) if cache_dir is not None else Path(config.data.output_path).parent / ".cache"
     pad_id = pad_token_id(tokenizer)
     stats: dict[str, Any] = {"train_records": len(train_records), "eval_records": len(val_records)}
@@ -223,14 +226,14 @@ def build_train_eval_datasets(config: Config, tokenizer, cache_dir: str | Path |
 
 
 def build_dataloaders(config: Config, tokenizer, *,
-                      accepts_position_ids: bool = True) -> tuple[DataLoader, DataLoader | None, TrainingData]:
+                      packs_by_position_ids: bool = True) -> tuple[DataLoader, DataLoader | None, TrainingData]:
     """(train_loader, eval_loader or None, TrainingData) with the training.* batch sizes.
 
     The train loader shuffles with a generator seeded by training.seed; wrap both loaders in
-    ``accelerator.prepare`` to shard them across processes. ``accepts_position_ids``: see
+    ``accelerator.prepare`` to shard them across processes. ``packs_by_position_ids``: see
     :func:`build_train_eval_datasets`.
     """
-    data = build_train_eval_datasets(config, tokenizer, accepts_position_ids=accepts_position_ids)
+    data = build_train_eval_datasets(config, tokenizer, packs_by_position_ids=packs_by_position_ids)
     training = config.training
     generator = torch.Generator().manual_seed(training.seed)
     train = DataLoader(data.train, batch_size=training.per_device_train_batch_size, shuffle=True, generator=generator,

@@ -26,11 +26,11 @@ from torch.nn.utils import parametrize
 
 from moetune.errors import ConfigError, UserError
 from moetune.models.layout import EXPERTS_NAME, ROUTER_NAMES, MoeBlockInfo, find_moe_blocks, innermost_model
+from moetune.run_folder import ESFT_FILES
 
 logger = logging.getLogger(__name__)
 
-SELECTION_FILE = "esft_experts.json"
-WEIGHTS_FILE = "esft_experts.safetensors"
+SELECTION_FILE, WEIGHTS_FILE = ESFT_FILES  # the run folder's names for them
 _SELECTION_ATTR = "moetune_esft_selection"
 
 

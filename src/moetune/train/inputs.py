@@ -42,7 +42,7 @@ def build_training_inputs(config: Config, accelerator):
         compile_decoder_layers(model)
     with accelerator.main_process_first():
         train_loader, val_loader, data = build_dataloaders(
-            config, tokenizer, accepts_position_ids=packs_by_position_ids(model))
+            config, tokenizer, packs_by_position_ids=packs_by_position_ids(model))
     if accelerator.is_main_process:
         s = data.stats
         efficiency = f", packing efficiency {s['train_packing_efficiency']:.1%}" if data.packed else ""
