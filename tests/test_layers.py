@@ -12,7 +12,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "moetune"
 STAGES = ("config", "data", "models", "train", "eval")
-NEUTRAL = {"errors", "run_folder", "plugins", "auto_classes"}
+NEUTRAL = {"errors", "run_dir", "plugins", "auto_classes"}
 
 
 def imported_modules(source: str, module: str) -> list[tuple[int, str]]:
@@ -66,7 +66,7 @@ def test_a_stage_imports_only_its_own_or_earlier_stages(stage):
 
 
 def test_eval_reads_a_run_through_the_run_folder_and_models_not_train():
-    # A run folder's layout is moetune.run_folder's and its weight files are moetune.models', so evaluating
+    # A run folder's layout is moetune.run_dir's and its weight files are moetune.models', so evaluating
     # a run needs nothing of the code that trained it.
     assert imports_of("eval", lambda name: name == "moetune.train" or name.startswith("moetune.train.")) == []
 
@@ -78,7 +78,7 @@ def test_the_registries_import_nothing_of_moetune():
 
 
 def test_the_run_folder_layout_imports_no_stage():
-    names = {name for _, name in imported_modules((PACKAGE / "run_folder.py").read_text(), "moetune.run_folder")}
+    names = {name for _, name in imported_modules((PACKAGE / "run_dir.py").read_text(), "moetune.run_dir")}
     assert names and all(name == "moetune.errors" or name.split(".")[0] in sys.stdlib_module_names for name in names)
 
 
@@ -99,4 +99,4 @@ def later():
     later = {name for name in names if stage_of(name) is not None and stage_of(name) > STAGES.index("models")}
     assert later == {"moetune.eval.report", "moetune.train.loop", "moetune.sweep", "moetune.eval", "moetune.train",
                      "moetune.eval.compare_models"}
-    assert stage_of("moetune.errors") is None and stage_of("moetune.run_folder") is None and stage_of("torch") is None
+    assert stage_of("moetune.errors") is None and stage_of("moetune.run_dir") is None and stage_of("torch") is None

@@ -35,7 +35,7 @@ import yaml
 
 from moetune.config import Config, load_config
 from moetune.errors import UserError, yaml_problem
-from moetune.run_folder import METRICS_FILE, has_final_weights, list_checkpoints
+from moetune.run_dir import METRICS_FILE, has_final_weights, list_checkpoints
 from moetune.train.accelerator import is_main_process
 
 SWEEP_KEYS = ("grid", "paired")

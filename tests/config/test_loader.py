@@ -143,8 +143,10 @@ def test_duplicate_key_is_an_error(tmp_path):
 def test_file_errors(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_config(tmp_path / "missing.yaml")
-    with pytest.raises(UserError, match="not valid YAML"):
-        load_config(write(tmp_path, "training: [unclosed\n"))
+    with pytest.raises(UserError, match="not valid YAML") as raised:
+        load_config(write(tmp_path, "training:\n  seed: 1\n  lr: [unclosed\n"))
+    assert "at line 4, column 1" in str(raised.value)  # where the parser found the problem, on one line
+    assert "\n" not in str(raised.value)
     with pytest.raises(UserError, match="top level must be a mapping"):
         load_config(write(tmp_path, "- a\n- b\n"))
     assert load_config(write(tmp_path, "")) == Config()

@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from moetune.config import load_config
-from moetune.data.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, load_or_train_tokenizer
+from moetune.data.tokenizer import (
+    BOS_TOKEN,
+    EOS_TOKEN,
+    PAD_TOKEN,
+    load_or_train_tokenizer,
+    pad_token_id,
+    with_pad_token,
+)
 from moetune.errors import UserError
 
 TEXTS = ["pub fn add(a: i64, b: i64) -> i64 { a + b }", "impl Money { fn is_zero(&self) -> bool { self.minor == 0 } }",
@@ -42,3 +49,11 @@ def test_a_named_tokenizer_folder_is_loaded_and_a_missing_one_is_a_user_error(tm
     assert load_or_train_tokenizer(config).eos_token == EOS_TOKEN
     with pytest.raises(UserError, match="cannot load a tokenizer"):
         load_or_train_tokenizer(load_config(None, [f"model.tokenizer={tmp_path / 'missing'}"]))
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_its_end_of_sequence_token(tmp_path: Path):
+    tokenizer = load_or_train_tokenizer(_random_init_config(), ["fn main() {}", "let x = 1;"] * 20)
+    assert pad_token_id(tokenizer) == tokenizer.convert_tokens_to_ids(PAD_TOKEN)  # its own when it has one
+    tokenizer.pad_token = None
+    assert pad_token_id(tokenizer) == tokenizer.eos_token_id
+    assert with_pad_token(tokenizer) is tokenizer and tokenizer.pad_token == EOS_TOKEN

@@ -3,12 +3,20 @@ reaches the router with gradient checkpointing on."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from moetune.models.factory import build_model
-from moetune.models.losses import compute_losses, load_balancing_loss, router_z_loss
+from moetune.models.losses import (
+    compute_losses,
+    load_balancing_loss,
+    mean_loss_and_perplexity,
+    router_z_loss,
+    scored_token_count,
+)
 from moetune.models.routing import LayerRouting, expert_token_counts
 
 
@@ -130,3 +138,13 @@ def test_the_lm_loss_from_hidden_states_equals_the_full_logits_loss(family, mixt
     assert grads.keys() == expected.keys() and any("lm_head" in n for n in grads)
     for name, grad in grads.items():
         assert torch.allclose(grad, expected[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_validation_and_eval_share_one_per_token_mean_and_capped_perplexity():
+    # The trainer's validation and `moetune eval` report these two numbers; one definition keeps them equal.
+    assert mean_loss_and_perplexity(10.0, 4) == (2.5, pytest.approx(math.exp(2.5)))
+    assert mean_loss_and_perplexity(0.0, 0) == (0.0, 1.0)  # no scored token: no division by zero
+    loss, perplexity = mean_loss_and_perplexity(1e6, 10)  # a diverged model: huge, finite
+    assert loss == 1e5 and perplexity == math.exp(50.0)
+    labels = torch.tensor([[-100, 5, 6, -100], [7, -100, 8, 9]])
+    assert int(scored_token_count(labels)) == 4  # the first position of a row is never scored

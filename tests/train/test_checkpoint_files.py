@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moetune.errors import UserError
-from moetune.run_folder import list_checkpoints
+from moetune.run_dir import list_checkpoints
 from moetune.train.checkpoint import (
     TrainerState,
     prepare_output_dir,

@@ -11,7 +11,7 @@ from moetune.config import load_config
 from moetune.data.build import build_dataset_unless_current, stats_path_for
 from moetune.data.encode import IGNORE_INDEX, encode_records
 from moetune.data.tokenizer import train_bpe_tokenizer
-from moetune.run_folder import checkpoint_dir_name, list_checkpoints
+from moetune.run_dir import checkpoint_dir_name, list_checkpoints
 from moetune.train.checkpoint import TrainerState, earlier_checkpoint_hint, rotate_checkpoints
 from moetune.train.output_dir import check_output_dir
 

@@ -230,7 +230,7 @@ def _load_model(config: Config, adapter_path: str | None, train_records: list[di
         tokenizer = load_eval_tokenizer(config, tuned)
         return load_tuned(config, tuned, tokenizer), tokenizer
     from moetune.data.tokenizer import load_or_train_tokenizer
-    from moetune.run_folder import TOKENIZER_DIR
+    from moetune.run_dir import TOKENIZER_DIR
 
     tokenizer_dir = Path(config.training.output_dir) / TOKENIZER_DIR
     if config.model.random_init and config.model.tokenizer is None:

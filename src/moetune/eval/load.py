@@ -18,7 +18,7 @@ import torch
 from moetune.config.schema import Config
 from moetune.data.tokenizer import with_pad_token
 from moetune.errors import UserError, first_line
-from moetune.run_folder import ADAPTER_CONFIG, FULL_MODEL_WEIGHTS, TOKENIZER_DIR, latest_checkpoint
+from moetune.run_dir import ADAPTER_CONFIG, FULL_MODEL_WEIGHTS, TOKENIZER_DIR, latest_checkpoint
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")

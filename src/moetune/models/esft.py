@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 
 from moetune.errors import ConfigError, UserError
 from moetune.models.layout import EXPERTS_NAME, ROUTER_NAMES, MoeBlockInfo, find_moe_blocks, innermost_model
-from moetune.run_folder import ESFT_FILES
+from moetune.run_dir import ESFT_FILES
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from moetune.errors import UserError, first_line
 from moetune.models.trainable_weights import load_trainable_weights, save_trainable_weights
-from moetune.run_folder import (
+from moetune.run_dir import (
     CHECKPOINT_DIR,
     METRICS_FILE,
     PARTIAL_PREFIX,
@@ -118,7 +118,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState, na
                     tokenizer=None) -> Path:
     """Save everything needed to resume, and ``tokenizer``, into ``output_dir/name`` atomically.
 
-    ``name`` comes from :func:`~moetune.run_folder.checkpoint_dir_name` (default checkpoint-<step>).
+    ``name`` comes from :func:`~moetune.run_dir.checkpoint_dir_name` (default checkpoint-<step>).
     A full disk is a RunFailure saying how much room is needed; the partial save is removed and the
     earlier checkpoints are left as they were.
     """

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from moetune.config import Config
-from moetune.run_folder import TOKENIZER_DIR
+from moetune.run_dir import TOKENIZER_DIR
 
 
 def build_training_inputs(config: Config, accelerator):

@@ -21,7 +21,7 @@ from moetune.errors import OutOfMemory, UserError
 from moetune.models.losses import compute_losses, step_token_counts
 from moetune.models.routing import expert_token_counts
 from moetune.models.trainable_weights import load_trainable_weights
-from moetune.run_folder import checkpoint_dir_name
+from moetune.run_dir import checkpoint_dir_name
 from moetune.train.accelerator import build_accelerator, log_cpu_offload
 from moetune.train.checkpoint import (
     TrainerState,

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from moetune.config import Config
-from moetune.run_folder import METRICS_FILE
+from moetune.run_dir import METRICS_FILE
 from moetune.train.output_dir import LOCK_FILE, RUN_FILE, is_own_entry
 
 

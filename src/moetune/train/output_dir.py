@@ -5,7 +5,7 @@ folder holding a file it did not write (a project folder, a home folder's dotfil
 config.yaml or README.md), even with ``training.overwrite_output_dir``: nothing a user wrote is ever
 overwritten. A folder moetune claimed carries ``RUN_FILE``; folders of earlier versions are
 recognised by their metrics.jsonl or checkpoint folders (the names of a run folder's entries are
-:mod:`moetune.run_folder`'s). Nothing here imports torch, so ``moetune validate`` runs the same checks at once.
+:mod:`moetune.run_dir`'s). Nothing here imports torch, so ``moetune validate`` runs the same checks at once.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moetune.errors import RunFailure, UserError
-from moetune.run_folder import CHECKPOINT_NAME, PARTIAL_PREFIX
+from moetune.run_dir import CHECKPOINT_NAME, PARTIAL_PREFIX
 
 if TYPE_CHECKING:
     from moetune.config import Config
