@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import MptConfig, MptForCausalLM
 
-from moetune.config import MoeConfig
+from moetune.config import MoeConfig, UpcyclingConfig
 from moetune.models.upcycle import upcycle_mpt
 
 LOAD_AND_COMPARE = """
@@ -33,7 +33,7 @@ PRELUDES = {
 def upcycled(tmp_path_factory):
     folder = tmp_path_factory.mktemp("auto")
     dense = MptForCausalLM(MptConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=128, max_seq_len=64))
-    model = upcycle_mpt(dense, MoeConfig(num_experts=2, top_k=1), generator=torch.Generator().manual_seed(0)).eval()
+    model = upcycle_mpt(dense, MoeConfig(upcycling=UpcyclingConfig(num_experts=2, top_k=1)), generator=torch.Generator().manual_seed(0)).eval()
     model.save_pretrained(folder / "model")
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
