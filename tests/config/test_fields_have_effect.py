@@ -11,7 +11,8 @@ import typing
 from pathlib import Path
 
 import moetune
-from moetune.config.schema import SOURCE_TYPES, Config, SourceConfig
+from moetune.config.schema import Config
+from moetune.config.sources import SOURCE_TYPES, SourceConfig
 
 PACKAGE = Path(moetune.__file__).parent
 

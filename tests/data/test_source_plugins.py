@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from moetune.config.schema import check, opt, required
+from moetune.config.fields import check, opt, required
 from moetune.data.records import content_digest, sample_chars, to_json_line
 from moetune.data.sources import SourceKind
 

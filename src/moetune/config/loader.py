@@ -21,7 +21,8 @@ import yaml
 
 from moetune.config.legacy_deepspeed import deepspeed_config_path, merge_legacy_moe_block, read_legacy_moe_block
 from moetune.config.moved_keys import move_old_keys, new_key, same_value
-from moetune.config.schema import SOURCE_TYPES, Config, SourceConfig
+from moetune.config.schema import Config
+from moetune.config.sources import SOURCE_TYPES, SourceConfig
 from moetune.errors import ConfigError, UserError, yaml_problem
 
 _NONE = type(None)

@@ -9,36 +9,16 @@ existing config reads as its author expects.
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from moetune import plugins
+from moetune.config.fields import check, opt
+from moetune.config.sources import SOURCE_TYPES, SourceConfig
 from moetune.errors import ConfigError
 
 # The registry's names, read without importing a family (torch): model.architecture's accepted
 # values and the README reference follow the registry.
 from moetune.plugins import FAMILY_NAMES
-
-
-def opt(default: Any, help: str, **kwargs: Any) -> Any:
-    """A documented field with a default (a factory for mutable defaults)."""
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
-
-
-def required(help: str) -> Any:
-    """A documented field the YAML must set."""
-    return field(metadata={"help": help})
-
-
-def check(ok: bool, key: str, value: Any, accepted: str) -> None:
-    """Raise a ConfigError naming the key, the value and what is accepted."""
-    if not ok:
-        raise ConfigError(key, f"{key} must be {accepted}, got {value!r}.")
-
 
 # --------------------------------------------------------------------------------------- model
 
@@ -256,42 +236,6 @@ class MoeConfig:
 # ---------------------------------------------------------------------------------------- data
 
 
-class SourceConfig(Protocol):
-    """One entry of ``data.sources``: the config class of a source kind (a frozen dataclass of that kind's
-    module, e.g. ``moetune.data.sources.rust_repo.RustRepoSourceConfig``). The loader picks the class by
-    the entry's ``type`` from the registry, :data:`moetune.plugins.SOURCE_MODULES`."""
-
-    type: str
-    path: str
-
-
-def source_config_class(kind: str) -> type:
-    """The config class of the source kind registered as ``kind``; KeyError when none is.
-
-    The kind's module is imported now, not when the config layer is: the registry names its module
-    by path, so the config layer never imports the data stage.
-    """
-    return importlib.import_module(plugins.SOURCE_MODULES[kind]).SOURCE.config_class
-
-
-class _SourceConfigClasses(Mapping[str, type]):
-    """Registered kind -> its config class, read from the registry at each use (a kind's module is
-    imported when its class is asked for)."""
-
-    def __getitem__(self, kind: str) -> type:
-        return source_config_class(kind)
-
-    def __contains__(self, kind: object) -> bool:
-        return kind in plugins.SOURCE_MODULES  # without importing the kind's module
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(list(plugins.SOURCE_MODULES))
-
-    def __len__(self) -> int:
-        return len(plugins.SOURCE_MODULES)
-
-
-SOURCE_TYPES: Mapping[str, type] = _SourceConfigClasses()
 
 
 @dataclass(frozen=True)
@@ -300,7 +244,7 @@ class DataConfig:
 
     output_path: str = opt("data/all_data.jsonl", "Built dataset (JSONL); <stem>.stats.json is written beside it.")
     sources: tuple[SourceConfig, ...] = opt(
-        (), f"Sources, each {{type: {' | '.join(plugins.SOURCE_MODULES)}, path: ..., ...}}."
+        (), f"Sources, each {{type: {' | '.join(SOURCE_TYPES)}, path: ..., ...}}."
     )
     strict: bool = opt(False, "Stop at the first bad input line (exit 2) instead of counting and reporting it.")
     packing: bool = opt(True, "Pack samples into full sequences (no padding, attention kept within each sample).")

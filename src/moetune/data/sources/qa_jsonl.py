@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from moetune.config.schema import check, opt, required
+from moetune.config.fields import check, opt, required
 from moetune.data.sources._kind import SampleWriter, SourceKind, unit_by_text
 
 if TYPE_CHECKING:
