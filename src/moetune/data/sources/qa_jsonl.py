@@ -1,6 +1,6 @@
 """Source kind `qa_jsonl`: ``{"question", "answer", "expert_label"}`` lines -> prompt/completion samples.
 
-Reading and checking the lines is :mod:`moetune.data.qa_jsonl`; this module counts what it read,
+Reading and checking the lines is :mod:`moetune.data.qa_lines`; this module counts what it read,
 reports bad lines, and says how QA records are split (by question), grouped (by ``expert_label``)
 and evaluated (the answer is generated and scored).
 """
@@ -39,7 +39,7 @@ class QaJsonlSourceConfig:
 
 def add_samples(source: QaJsonlSourceConfig, config: Config, writer: SampleWriter, stats: dict) -> None:
     """Write one sample per good line; count and report the bad ones (``data.strict`` stops at the first)."""
-    from moetune.data.qa_jsonl import QaStats, read_qa_jsonl
+    from moetune.data.qa_lines import QaStats, read_qa_jsonl
     from moetune.data.records import content_digest, sample_chars, to_json_line
 
     qa = QaStats()

@@ -1,7 +1,7 @@
 """Source kind `rust_repo`: a Rust repository walked into file-level, per-item and instruction samples.
 
 The walk is :mod:`moetune.data.walk`; reading, redacting and parsing each file is
-:mod:`moetune.data.rust_repo` (a pool of worker processes). Both need tree-sitter, pathspec and re2,
+:mod:`moetune.data.rust_samples` (a pool of worker processes). Both need tree-sitter, pathspec and re2,
 so they are imported when a build reads a repository, never when a config is loaded.
 """
 
@@ -51,7 +51,7 @@ def add_samples(source: RustRepoSourceConfig, config: Config, writer: SampleWrit
     """Walk ``source.path``, write every kept file's samples and count files, skips, syntax errors and secrets."""
     from tqdm import tqdm
 
-    from moetune.data.rust_repo import RustSampleOptions, rust_file_results
+    from moetune.data.rust_samples import RustSampleOptions, rust_file_results
     from moetune.data.walk import walk_rust_repo
 
     root = Path(source.path)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from moetune.data.qa_jsonl import QaStats, read_qa_jsonl
+from moetune.data.qa_lines import QaStats, read_qa_jsonl
 from moetune.errors import UserError
 
 from .conftest import BAD_QA_LINES, LONG_QUESTION

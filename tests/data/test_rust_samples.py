@@ -7,7 +7,7 @@ import json
 import pytest
 
 from moetune.data.rust_items import new_parser
-from moetune.data.rust_repo import RustSampleOptions, file_module_path, is_generated, process_rust_file
+from moetune.data.rust_samples import RustSampleOptions, file_module_path, is_generated, process_rust_file
 from moetune.data.walk import RustFile
 
 
