@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from moetune.config.key_lines import record_key_lines
 from moetune.config.moved_keys import is_absent, lookup, place, same_value
 from moetune.errors import ConfigError, UserError
 
@@ -99,8 +100,7 @@ def read_legacy_moe_block(path: str | Path) -> list[LegacySetting]:
     block = data.get("moe") if isinstance(data, dict) else None
     if block is None:
         return []
-    lines = _key_lines(text)
-    where = _locator(file, lines)
+    where = _key_locator(file, text)
     if not isinstance(block, dict):
         raise UserError(f"{where('moe')}: \"moe\" must be an object of MoE settings, got {type(block).__name__}.")
     settings: dict[str, LegacySetting] = {}
@@ -154,32 +154,16 @@ def merge_legacy_moe_block(raw: dict[str, Any], where: dict[str, str], settings:
           file=sys.stderr)
 
 
-def _key_lines(text: str) -> dict[str, int]:
-    """Dotted JSON key -> line number (from 1), read with YAML's composer: JSON is YAML.
+def _key_locator(file: Path, text: str) -> Callable[[str], str]:
+    """``where(dotted key)`` -> "file:line" of that key in the JSON ``text`` (read as YAML: JSON is YAML).
 
     Tabs are whitespace to JSON but not to PyYAML; outside strings (where JSON forbids them) they
-    can be spaces. A file PyYAML cannot compose still loads: its errors then name no line.
+    can be spaces. A file PyYAML cannot compose still loads: its errors then name the file only.
     """
+    lines: dict[str, str] = {}
     try:
-        root = yaml.compose(text.replace("\t", " "), Loader=yaml.SafeLoader)
+        record_key_lines(yaml.compose(text.replace("\t", " "), Loader=yaml.SafeLoader), str(file), lines,
+                         repeated_key_is_error=False)  # json.loads keeps a repeated key's last value
     except yaml.YAMLError:
-        return {}
-    lines: dict[str, int] = {}
-
-    def walk(node: yaml.Node | None, prefix: str, depth: int) -> None:
-        if not isinstance(node, yaml.MappingNode) or depth > 2:
-            return
-        for key_node, value_node in node.value:
-            key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
-            lines[key] = key_node.start_mark.line + 1  # json.loads keeps a repeated key's last value
-            walk(value_node, key, depth + 1)
-
-    walk(root, "", 1)
-    return lines
-
-
-def _locator(file: Path, lines: dict[str, int]) -> Callable[[str], str]:
-    def where(key: str) -> str:
-        return f"{file}:{lines[key]}" if key in lines else str(file)
-
-    return where
+        pass
+    return lambda key: lines.get(key, str(file))

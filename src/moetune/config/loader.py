@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from moetune.config.key_lines import record_key_lines
 from moetune.config.legacy_deepspeed import deepspeed_config_path, merge_legacy_moe_block, read_legacy_moe_block
 from moetune.config.moved_keys import move_old_keys, new_key, same_value
 from moetune.config.schema import Config
@@ -146,7 +147,7 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         raise UserError(f"{path}: the top level must be a mapping of sections (model:, training:, ...), "
                         f"got a {type(raw).__name__}.")
     where: dict[str, str] = {}
-    _record_lines(node, "", str(path), where)
+    record_key_lines(node, str(path), where)
     return raw, where
 
 
@@ -180,22 +181,6 @@ def _check_expansion(root: yaml.Node | None, source: str, with_lines: bool = Tru
     if root is not None and size(root) > MAX_EXPANDED_NODES:
         raise UserError(f"{source}: its YAML aliases (*name) expand to more than {MAX_EXPANDED_NODES:,} values; "
                         "a config is far smaller. Write the values out, or reuse fewer levels of anchors.")
-
-
-def _record_lines(node: yaml.Node | None, prefix: str, filename: str, where: dict[str, str]) -> None:
-    """Map every dotted key to "file:line"; a key given twice is an error (PyYAML keeps the last silently)."""
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
-            location = f"{filename}:{key_node.start_mark.line + 1}"
-            if key in where:
-                raise UserError(f"{location}: key {key!r} is given twice (first at {where[key]}).")
-            where[key] = location
-            _record_lines(value_node, key, filename, where)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            where[f"{prefix}[{i}]"] = f"{filename}:{item.start_mark.line + 1}"
-            _record_lines(item, f"{prefix}[{i}]", filename, where)
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any, text: str) -> None:
