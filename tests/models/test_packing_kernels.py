@@ -15,7 +15,7 @@ from moetune.data.packing import PackedCollator, PaddingCollator, build_train_ev
 from moetune.data.tokenizer import train_bpe_tokenizer
 from moetune.models.factory import build_model
 from moetune.models.families import get_family
-from moetune.models.kernels import packs_by_position_ids
+from moetune.models.kernels import flattens_packed_rows, packs_by_position_ids
 
 
 def tiny_config(architecture: str, attn_implementation: str, *overrides: str):
@@ -70,7 +70,23 @@ def test_the_data_packs_exactly_when_the_model_keeps_packed_samples_apart(tmp_pa
     tokenizer = train_bpe_tokenizer([r["text"] for r in records], 320)
     for architecture, requested in (("mixtral", "flash_attention_2"), ("gpt_oss", "sdpa"), ("mpt", "sdpa")):
         config = tiny_config(architecture, requested, f"data.output_path={dataset}", "validation.validation_split=0.2")
-        packs = packs_by_position_ids(build_model(config, seed=0))
-        data = build_train_eval_datasets(config, tokenizer, packs_by_position_ids=packs)
+        model = build_model(config, seed=0)
+        packs = packs_by_position_ids(model)
+        data = build_train_eval_datasets(config, tokenizer, packs_by_position_ids=packs,
+                                         flatten_packed_rows=flattens_packed_rows(model))
         assert data.packed is packs and config.data.packing
         assert isinstance(data.collator, PackedCollator if packs else PaddingCollator)
+        # Asked for flash_attention_2, the Mixtral runs sdpa here: its packed rows are not flattened.
+        assert not getattr(data.collator, "flatten", False)
+
+
+def test_packed_rows_are_flattened_only_for_a_flash_kernel_the_model_runs():
+    class Model(torch.nn.Module):
+        def __init__(self, kernel):
+            super().__init__()
+            self.config = type("Config", (), {"_attn_implementation": kernel})()
+
+    assert flattens_packed_rows(Model("flash_attention_2")) and flattens_packed_rows(Model("flash_attention_3"))
+    assert not any(flattens_packed_rows(Model(kernel)) for kernel in ("sdpa", "eager", "flex_attention", None))
+    fell_back = build_model(tiny_config("mixtral", "flash_attention_2"), seed=0)  # no flash-attn on this machine
+    assert fell_back.config._attn_implementation == "sdpa" and not flattens_packed_rows(fell_back)

@@ -5,7 +5,7 @@ Packing concatenates samples into rows of at most ``model.max_seq_length`` token
 (``masking_utils.find_packed_sequence_indices``) reads the restarts and builds a block-diagonal
 causal mask for sdpa and eager attention, so no token attends across a sample boundary; for
 flash_attention_2 the batch is flattened into one row, which the varlen kernels split the same
-way (what ``DataCollatorWithFlattening`` does). A model that cannot keep packed samples apart this
+way (what ``DataCollatorWithFlattening`` does; the trainer says when, from the kernel the model runs). A model that cannot keep packed samples apart this
 way (MPT's forward takes no ``position_ids``; gpt-oss builds its masks without them under eager
 attention) falls back to padding; the trainer says which from the model as built
 (``packs_by_position_ids``: its family and the attention kernel it runs), so this module needs
@@ -174,7 +174,7 @@ class TrainingData:
 
 
 def build_train_eval_datasets(config: Config, tokenizer, cache_dir: str | Path | None = None, *,
-                              packs_by_position_ids: bool = True) -> TrainingData:
+                              packs_by_position_ids: bool = True, flatten_packed_rows: bool = False) -> TrainingData:
     """Read, split, tokenize (cached) and pack or pad the dataset for training.
 
     Contract for the trainer: iterate ``DataLoader(data.train, collate_fn=data.collator, ...)`` and
@@ -182,6 +182,7 @@ def build_train_eval_datasets(config: Config, tokenizer, cache_dir: str | Path |
     and either ``position_ids`` (packed: never add an attention_mask, it would disable the
     per-sample masking) or ``attention_mask`` (padded). Labels are not shifted: the model shifts them. ``data.eval`` is None when validation.validation_split is 0.
     ``packs_by_position_ids`` False (the model's fact, see the module docstring): padding even when data.packing is on.
+    ``flatten_packed_rows`` (the model runs a flash kernel): each batch of packed rows is one flattened row.
     ``stats`` holds sample, token and row counts and ``packing_efficiency`` (real tokens / slots).
     ``cache_dir`` defaults to ``<dataset folder>/.cache``.
     """
@@ -220,20 +221,20 @@ def build_train_eval_datasets(config: Config, tokenizer, cache_dir: str | Path |
             datasets.append(SampleDataset(encoded))
     if datasets[0] is None:
         _raise_empty_train(config)
-    flatten = config.model.attn_implementation == "flash_attention_2"
-    collator = PackedCollator(pad_id, flatten=flatten) if packed else PaddingCollator(pad_id)
+    collator = PackedCollator(pad_id, flatten=flatten_packed_rows) if packed else PaddingCollator(pad_id)
     return TrainingData(datasets[0], datasets[1], collator, packed, stats)
 
 
-def build_dataloaders(config: Config, tokenizer, *,
-                      packs_by_position_ids: bool = True) -> tuple[DataLoader, DataLoader | None, TrainingData]:
+def build_dataloaders(config: Config, tokenizer, *, packs_by_position_ids: bool = True,
+                      flatten_packed_rows: bool = False) -> tuple[DataLoader, DataLoader | None, TrainingData]:
     """(train_loader, eval_loader or None, TrainingData) with the training.* batch sizes.
 
     The train loader shuffles with a generator seeded by training.seed; wrap both loaders in
-    ``accelerator.prepare`` to shard them across processes. ``packs_by_position_ids``: see
-    :func:`build_train_eval_datasets`.
+    ``accelerator.prepare`` to shard them across processes. ``packs_by_position_ids`` and
+    ``flatten_packed_rows``: see :func:`build_train_eval_datasets`.
     """
-    data = build_train_eval_datasets(config, tokenizer, packs_by_position_ids=packs_by_position_ids)
+    data = build_train_eval_datasets(config, tokenizer, packs_by_position_ids=packs_by_position_ids,
+                                     flatten_packed_rows=flatten_packed_rows)
     training = config.training
     generator = torch.Generator().manual_seed(training.seed)
     train = DataLoader(data.train, batch_size=training.per_device_train_batch_size, shuffle=True, generator=generator,

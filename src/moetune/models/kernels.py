@@ -44,9 +44,23 @@ def resolve_attn_implementation(requested: str, supported: tuple[str, ...] | Non
 # attention mask), in transformers 5.x: for sdpa, eager and flex attention, create_causal_mask
 # reads the restarts (masking_utils.find_packed_sequence_indices) into a block-diagonal causal mask;
 # the flash kernels take no mask but run varlen over the restarts when the batch is one flattened
-# row (the packing collator flattens for flash_attention_2). A kernel outside masking_utils' table
+# row (the packing collator flattens for them: flattens_packed_rows). A kernel outside masking_utils' table
 # gets no mask at all, so its packed samples would attend to each other.
-PACKING_KERNELS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+FLASH_KERNELS = ("flash_attention_2", "flash_attention_3")
+PACKING_KERNELS = ("sdpa", "eager", "flex_attention", *FLASH_KERNELS)
+
+
+def attention_kernel(model) -> str | None:
+    """The attention implementation ``model`` runs (after any fallback), e.g. "sdpa"; None when it names none."""
+    from moetune.models.layout import innermost_model
+
+    return getattr(getattr(innermost_model(model), "config", None), "_attn_implementation", None)
+
+
+def flattens_packed_rows(model) -> bool:
+    """Whether packed rows should be joined into one flattened row for ``model``: its kernel is a flash
+    (varlen) kernel, which splits samples at the position_ids restarts only within one row."""
+    return attention_kernel(model) in FLASH_KERNELS
 
 
 def packs_by_position_ids(model) -> bool:
@@ -54,13 +68,12 @@ def packs_by_position_ids(model) -> bool:
     stay apart in ``model`` as built: its family's forward takes ``position_ids`` (MPT's ALiBi
     attention does not) and the attention kernel it runs, after any fallback, honours them (for
     gpt-oss only the flash kernels do: see its family module)."""
-    from moetune.models.layout import innermost_model
     from moetune.models.routing import family_of_model
 
     family = family_of_model(model)
     if family is None or not family.accepts_position_ids:
         return False
-    kernel = getattr(getattr(innermost_model(model), "config", None), "_attn_implementation", None)
+    kernel = attention_kernel(model)
     return kernel in PACKING_KERNELS and (family.packing_kernels is None or kernel in family.packing_kernels)
 
 

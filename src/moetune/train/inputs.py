@@ -21,7 +21,7 @@ def build_training_inputs(config: Config, accelerator):
     from moetune.data.split import load_splits
     from moetune.data.tokenizer import load_or_train_tokenizer
     from moetune.models.factory import build_model
-    from moetune.models.kernels import packs_by_position_ids
+    from moetune.models.kernels import flattens_packed_rows, packs_by_position_ids
 
     tokenizer_dir = Path(config.training.output_dir) / TOKENIZER_DIR
     with accelerator.main_process_first():
@@ -42,7 +42,8 @@ def build_training_inputs(config: Config, accelerator):
         compile_decoder_layers(model)
     with accelerator.main_process_first():
         train_loader, val_loader, data = build_dataloaders(
-            config, tokenizer, packs_by_position_ids=packs_by_position_ids(model))
+            config, tokenizer, packs_by_position_ids=packs_by_position_ids(model),
+            flatten_packed_rows=flattens_packed_rows(model))
     if accelerator.is_main_process:
         s = data.stats
         efficiency = f", packing efficiency {s['train_packing_efficiency']:.1%}" if data.packed else ""
