@@ -34,14 +34,15 @@ def split_records(records: Iterable[dict[str, Any]], validation_split: float, se
     their dataset order on each side.
     """
     records = list(records)
-    units = sorted({split_unit(r) for r in records}, key=lambda unit: _ranked(unit, seed))
+    unit_of = [split_unit(r) for r in records]
+    units = sorted(set(unit_of), key=lambda unit: _ranked(unit, seed))
     n_val = round(len(units) * validation_split)
     if validation_split > 0 and n_val == 0 and len(units) > 1:
         n_val = 1
     val_units = set(units[:n_val])
     train, val = [], []
-    for record in records:
-        (val if split_unit(record) in val_units else train).append(record)
+    for record, unit in zip(records, unit_of, strict=True):
+        (val if unit in val_units else train).append(record)
     return train, val
 
 

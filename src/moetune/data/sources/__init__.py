@@ -9,6 +9,7 @@ level, so the config layer can load them to build ``data.sources`` without impor
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 from moetune import plugins
@@ -21,7 +22,8 @@ __all__ = ["Evaluation", "SampleWriter", "SourceKind", "group_by_kind", "record_
 def source_kind(name: str) -> SourceKind:
     """The kind registered as ``name``; KeyError when none is."""
     module = plugins.SOURCE_MODULES[name]
-    kind = importlib.import_module(module).SOURCE
+    # Asked once per record by the split and the evaluation: an imported module is looked up directly.
+    kind = (sys.modules.get(module) or importlib.import_module(module)).SOURCE
     if kind.name != name:  # the registry key is the kind's name, which its records carry as "source"
         raise RuntimeError(f"{module} exports a source kind named {kind.name!r}, registered as {name!r}")
     return kind
