@@ -8,7 +8,7 @@ AdamW steps on random tokens two ways, each in a fresh process so no allocation 
 the other:
 
 * ``full``: every routed expert trains (``moe.expert_training: full``), everything else frozen;
-* ``esft``: moetune's ESFT plan (:func:`moetune.models.esft.install_selection`) with ``--selected``
+* ``esft``: moetune's ESFT plan (:func:`moetune.models.trainable.esft.install_selection`) with ``--selected``
   experts per layer, everything else frozen.
 
 The peak is the process's resident-set high-water mark (VmHWM), reset through
@@ -34,8 +34,8 @@ def measure(plan: str, args) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from moetune.models.esft import install_selection
     from moetune.models.layout import is_expert_parameter
+    from moetune.models.trainable.esft import install_selection
 
     torch.manual_seed(0)
     config = AutoConfig.for_model("qwen3_moe", vocab_size=512, hidden_size=args.hidden, intermediate_size=2 * args.hidden,

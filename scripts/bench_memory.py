@@ -47,8 +47,8 @@ def measure(variant: str, args) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from moetune.models.chunked_loss import chunked_causal_lm_loss, lm_loss_implementation
-    from moetune.models.losses import causal_lm_loss, forward_with_lm_loss
+    from moetune.models.loss.chunked import chunked_causal_lm_loss, lm_loss_implementation
+    from moetune.models.loss.lm_loss import causal_lm_loss, forward_with_lm_loss
 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.bf16 else torch.float32

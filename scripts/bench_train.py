@@ -46,7 +46,7 @@ import torch
 
 from moetune.config import load_config
 from moetune.data.tokenizer import load_or_train_tokenizer
-from moetune.models.factory import build_model
+from moetune.models.load.factory import build_model
 from moetune.train.loop import train
 
 WORDS = ("payment amount currency refund capture authorize merchant customer connector webhook mandate "

@@ -272,7 +272,7 @@ def stage_packed_rows(ctx: Context) -> None:
     from transformers import MixtralConfig, MixtralForCausalLM
 
     from moetune.data.packing import PackedCollator, PackedDataset, plan_packed_rows
-    from moetune.models.kernels import flash_attention_available
+    from moetune.models.load.kernels import flash_attention_available
 
     vocab, hidden, row = (101, 64, 24) if ctx.cpu else (1000, 256, 1024)
     generator = torch.Generator().manual_seed(1)
@@ -421,7 +421,7 @@ def stage_qlora(ctx: Context) -> None:
     from bench_train import PRESETS, config_yaml, make_dataset
     from moetune.config import load_config
     from moetune.data.tokenizer import load_or_train_tokenizer
-    from moetune.models.factory import build_base_model
+    from moetune.models.load.factory import build_base_model
 
     status = import_status("bitsandbytes")
     if status.startswith("missing"):

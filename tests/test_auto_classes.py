@@ -9,7 +9,7 @@ import torch
 from transformers import MptConfig, MptForCausalLM
 
 from moetune.config import MoeConfig, UpcyclingConfig
-from moetune.models.upcycle import upcycle_mpt
+from moetune.models.families.mpt.upcycle import upcycle_mpt
 
 LOAD_AND_COMPARE = """
 import sys, torch

@@ -1,4 +1,5 @@
-"""Imports point down the path config -> data -> models -> train -> eval (ARCHITECTURE.md).
+"""Imports point down the path config -> data -> models -> train -> eval, and no two modules of a stage
+import each other, directly or around a circle.
 
 Every import in a stage's modules is read from the source, those inside functions and under
 TYPE_CHECKING included: a module imports only its own stage, an earlier one, or a neutral module.
@@ -9,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from moetune import plugins
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "moetune"
 STAGES = ("config", "data", "models", "train", "eval")
@@ -82,6 +85,73 @@ def test_the_run_folder_layout_imports_no_stage():
     assert names and all(name == "moetune.errors" or name.split(".")[0] in sys.stdlib_module_names for name in names)
 
 
+def import_graph() -> dict[str, set[str]]:
+    """moetune module -> the moetune modules it imports (``from a import b`` counts as a.b when b is a module)."""
+    modules = {".".join(("moetune", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__"): path
+               for path in PACKAGE.rglob("*.py")}
+    graph = {}
+    for module, path in modules.items():
+        names = set()
+        tree_module = module + ".__init__" if path.name == "__init__.py" else module
+        for _, name in imported_modules(path.read_text(), tree_module):
+            names.add(name)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("moetune"):
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        graph[module] = {name for name in names if name in modules and name != module}
+    # The registries import what moetune.plugins names, by a path read from a table.
+    graph["moetune.models.families"] |= set(plugins.FAMILY_MODULES.values())
+    graph["moetune.data.sources"] |= set(plugins.SOURCE_MODULES.values())
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected group of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph.get(node, ()):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_no_two_modules_of_a_stage_import_each_other(stage):
+    graph = import_graph()
+    inside = {module: {t for t in targets if t.startswith(f"moetune.{stage}.")}
+              for module, targets in graph.items() if module.startswith(f"moetune.{stage}.")}
+    assert inside
+    assert import_cycles(inside) == []
+
+
+def test_the_cycle_finder_finds_a_circle_and_only_that():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert import_cycles(graph) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
 def test_the_reader_sees_every_form_of_import():
     source = """
 import moetune.eval.report
@@ -93,7 +163,7 @@ def later():
     from moetune.train import checkpoint
     importlib.import_module("moetune.eval.compare_models")
 """
-    names = [name for _, name in imported_modules(source, "moetune.models.factory")]
+    names = [name for _, name in imported_modules(source, "moetune.models.layout")]
     assert sorted(names) == sorted(["moetune.eval.report", "moetune.train.loop", "moetune.sweep", "moetune.eval",
                                     "moetune.models", "moetune.train", "moetune.eval.compare_models"])
     later = {name for name in names if stage_of(name) is not None and stage_of(name) > STAGES.index("models")}

@@ -50,7 +50,7 @@ def test_a_run_is_finished_once_its_final_adapter_model_or_experts_are_saved(tmp
 
 
 def test_the_names_are_the_ones_the_stages_write():
-    from moetune.models import esft
+    from moetune.models.trainable import esft
     from moetune.train.output_dir import is_own_entry
 
     assert run_dir.ESFT_FILES == (esft.SELECTION_FILE, esft.WEIGHTS_FILE)

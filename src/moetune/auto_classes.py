@@ -19,7 +19,7 @@ import warnings
 # Loaded by AutoConfig and every AutoModel class; once it is, registration has something to register with.
 AUTO_CONFIG_MODULE = "transformers.models.auto.configuration_auto"
 # Importing this module registers ``mpt_moe`` with AutoConfig and AutoModelForCausalLM.
-ARCHITECTURES_MODULE = "moetune.models.mpt_moe"
+ARCHITECTURES_MODULE = "moetune.models.families.mpt.modeling"
 
 
 def register_with_transformers() -> None:

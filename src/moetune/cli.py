@@ -213,7 +213,7 @@ def _run_upcycle(args: argparse.Namespace) -> int | None:
     flags = [f"moe.upcycling.num_experts={args.num_experts}"] if args.num_experts is not None else []
     flags += [f"moe.upcycling.top_k={args.top_k}"] if args.top_k is not None else []
     config = _load(args, *flags)
-    return _library("moetune.models.upcycle", "upcycle_checkpoint")(config, args.model, args.output, dtype=args.dtype)
+    return _library("moetune.models.families.mpt.upcycle", "upcycle_checkpoint")(config, args.model, args.output, dtype=args.dtype)
 
 
 class _CurrentStderr(logging.StreamHandler):

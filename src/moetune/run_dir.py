@@ -30,7 +30,7 @@ CHECKPOINT_NAME = r"checkpoint-(?:(step|epoch)-)?(\d+)"
 CHECKPOINT_DIR = re.compile(f"^{CHECKPOINT_NAME}$")
 
 # What a finished run leaves in output_dir besides its checkpoints: a PEFT adapter, a whole model
-# (when no adapter trains), or the selected experts of an ESFT run (moetune.models.esft).
+# (when no adapter trains), or the selected experts of an ESFT run (moetune.models.trainable.esft).
 ADAPTER_CONFIG = "adapter_config.json"
 FULL_MODEL_WEIGHTS = "model*.safetensors"
 ESFT_FILES = ("esft_experts.json", "esft_experts.safetensors")

@@ -14,7 +14,7 @@ from moetune.eval.routing_report import (
     save_routing_heatmap,
 )
 from moetune.eval.scoring import score_records
-from moetune.models.factory import build_base_model
+from moetune.models.load.factory import build_base_model
 
 WORDS = {"alpha": ("aa", "bb"), "beta": ("ww", "xx")}
 

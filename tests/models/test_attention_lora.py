@@ -14,9 +14,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from moetune.errors import UserError
-from moetune.models.factory import build_model
 from moetune.models.layout import find_moe_blocks, is_expert_parameter
-from moetune.models.training_plan import apply_training_plan
+from moetune.models.load.factory import build_model
+from moetune.models.trainable.plan import apply_training_plan
 
 
 def trainable(model: nn.Module) -> list[str]:

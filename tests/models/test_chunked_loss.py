@@ -13,9 +13,10 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, MixtralConfig, MixtralForCausalLM
 
 from moetune.errors import UserError
-from moetune.models import chunked_loss, kernels
-from moetune.models.chunked_loss import chunked_causal_lm_loss, lm_loss_implementation, logit_options
-from moetune.models.losses import causal_lm_loss
+from moetune.models.load import kernels
+from moetune.models.loss import chunked as chunked_loss
+from moetune.models.loss.chunked import chunked_causal_lm_loss, lm_loss_implementation, logit_options
+from moetune.models.loss.lm_loss import causal_lm_loss
 
 BATCH, LENGTH, HIDDEN, VOCAB = 2, 13, 16, 40  # 24 shifted positions, 21 of them labelled
 

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 from moetune.errors import UserError
-from moetune.models.factory import build_model
+from moetune.models.load.factory import build_model
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
@@ -35,9 +35,9 @@ DEEPSPEED_SCRIPT = textwrap.dedent("""
     import os, torch, deepspeed
     deepspeed.init_distributed(dist_backend="gloo")
     from moetune.config import load_config
-    from moetune.models.factory import build_model
-    from moetune.models.deepspeed_moe import DeepSpeedMoeFeedForward, native_moe_layout
-    from moetune.models.mpt_moe import MoeFeedForward
+    from moetune.models.load.factory import build_model
+    from moetune.models.families.mpt.deepspeed_moe import DeepSpeedMoeFeedForward, native_moe_layout
+    from moetune.models.families.mpt.modeling import MoeFeedForward
     # Noisy expert copies: the experts differ, so the logits only agree if both blocks route alike.
     overrides = ["model.architecture=mpt", "model.random_init=true", "model.torch_dtype=float32", "model.max_seq_length=64",
                  "model.config_overrides={n_layers: 2, d_model: 64, n_heads: 4, vocab_size: 128, max_seq_len: 64}",

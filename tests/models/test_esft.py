@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import moetune.models.mpt_moe  # noqa: F401  (registers mpt_moe with the Auto classes)
+import moetune.models.families.mpt.modeling  # noqa: F401  (registers mpt_moe with the Auto classes)
 from moetune.config import load_config
 from moetune.errors import ConfigError, UserError
-from moetune.models.esft import (
+from moetune.models.families import all_families, family_for_model_type
+from moetune.models.trainable.esft import (
     SELECTION_FILE,
     WEIGHTS_FILE,
     apply_esft_plan,
@@ -23,7 +24,6 @@ from moetune.models.esft import (
     merge_esft,
     save_esft,
 )
-from moetune.models.families import all_families, family_for_model_type
 
 MOE_TYPES = [t for spec in all_families() for t in spec.tiny_configs if t != "mpt"]
 

@@ -16,10 +16,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from moetune.config import load_config
 from moetune.errors import UserError
-from moetune.models.factory import build_base_model, build_model
 from moetune.models.families import all_families, family_for_model_type
 from moetune.models.layout import is_expert_parameter, is_shared_expert_parameter
-from moetune.models.training_plan import apply_training_plan
+from moetune.models.load.factory import build_base_model, build_model
+from moetune.models.trainable.plan import apply_training_plan
 
 FUSED = [t for spec in all_families() if spec.fused_experts for t in spec.tiny_configs]
 EXPERT_R, EXPERT_ALPHA, R, ALPHA = 2, 8.0, 4, 32.0
@@ -223,7 +223,7 @@ def test_expert_lora_with_dropout_is_refused_before_peft_sees_it(checkpoint):
     ("deepseek_v2", ("moe.expert_training=full", "moe.train_shared_experts=true", "moe.shared_expert_training=lora")),
 ], ids=["qwen3_moe-lora", "deepseek_v2-full-shared-lora"])
 def test_a_checkpoint_loads_back_into_a_rebuilt_model_for_resuming(checkpoint, tmp_path, model_type, overrides):
-    from moetune.models.trainable_weights import load_trainable_weights
+    from moetune.models.trainable.weights import load_trainable_weights
 
     config = config_for(checkpoint(model_type), *overrides)
     model = build_model(config, seed=42)

@@ -14,14 +14,15 @@ import torch
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import moetune.models.mpt_moe  # noqa: F401  (registers mpt_moe with the Auto classes)
+import moetune.models.families.mpt.modeling  # noqa: F401  (registers mpt_moe with the Auto classes)
 from moetune.config import load_config
 from moetune.errors import ConfigError
-from moetune.models.factory import build_model, resolve_architecture
 from moetune.models.families import FAMILY_NAMES, all_families, family_for_model_type
 from moetune.models.layout import innermost_model, is_expert_parameter, is_shared_expert_parameter
-from moetune.models.losses import compute_losses, load_balancing_loss
-from moetune.models.routing import expert_token_counts
+from moetune.models.load.factory import build_model, resolve_family
+from moetune.models.loss.objective import compute_losses
+from moetune.models.routing.balance import load_balancing_loss
+from moetune.models.routing.capture import expert_token_counts
 
 CASES = [(spec.name, model_type) for spec in all_families() for model_type in spec.tiny_configs]
 MOE_CASES = [case for case in CASES if case[1] != "mpt"]
@@ -94,7 +95,7 @@ def test_the_registry_is_the_family_modules_and_each_model_type_has_one_family()
 @pytest.mark.parametrize(("family", "model_type"), CASES, ids=IDS)
 def test_the_family_is_detected_from_config_json(checkpoint, family, model_type):
     config = family_config(checkpoint(model_type))
-    assert resolve_architecture(config.model) == family
+    assert resolve_family(config.model).name == family
     spec = family_for_model_type(model_type)
     hf_config = AutoConfig.from_pretrained(checkpoint(model_type))
     assert isinstance(getattr(hf_config, spec.context_key), int)
@@ -107,7 +108,7 @@ def test_an_unknown_model_type_names_what_moetune_loads(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ConfigError, match=r"is a 'bert' model, which moetune does not know \(it loads deepseek_v2, "
                                           r"deepseek_v3, glm4_moe, gpt_oss, .*qwen3_moe\); set model.architecture"):
-        resolve_architecture(family_config(tmp_path).model)
+        resolve_family(family_config(tmp_path).model)
 
 
 @pytest.mark.parametrize(("family", "model_type"), CASES, ids=IDS)
@@ -269,7 +270,7 @@ def test_gpt_oss_runs_eager_attention_where_sdpa_is_asked_for(checkpoint, caplog
 
 @pytest.mark.parametrize("model_type", ["deepseek_v3", "glm4_moe"])
 def test_the_bias_update_evens_out_a_forced_imbalance(checkpoint, model_type):
-    from moetune.models.balance import update_router_biases
+    from moetune.models.routing.balance import update_router_biases
 
     config = family_config(checkpoint(model_type), "lora.enabled=false", "moe.router_bias_update_rate=0.05")
     model = build_model(config, seed=42).eval()
@@ -295,7 +296,7 @@ def test_the_bias_update_evens_out_a_forced_imbalance(checkpoint, model_type):
 
 
 def test_updated_biases_are_saved_with_the_adapter_and_reloaded(checkpoint, tmp_path):
-    from moetune.models.balance import update_router_biases
+    from moetune.models.routing.balance import update_router_biases
 
     config = family_config(checkpoint("deepseek_v3"), "moe.router_bias_update_rate=0.01", "moe.freeze_router=true")
     model = build_model(config, seed=42)

@@ -12,8 +12,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import MixtralForCausalLM, MptForCausalLM, PreTrainedTokenizerFast
 
 from moetune.errors import ConfigError, UserError
-from moetune.models.dtypes import resolve_dtype
-from moetune.models.factory import build_base_model, build_model, resolve_architecture
+from moetune.models.load.dtypes import resolve_dtype
+from moetune.models.load.factory import build_base_model, build_model, resolve_family
 
 
 def tiny_tokenizer(size: int) -> PreTrainedTokenizerFast:
@@ -78,10 +78,10 @@ def test_flash_attention_falls_back_to_sdpa_with_one_warning(mixtral_config, mpt
 def test_architecture_is_read_from_config_json(mixtral_config, mpt_config, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
     config = mixtral_config("model.architecture=null", "model.random_init=false", f"model.name={tmp_path}")
-    assert resolve_architecture(config.model) == "mixtral"
+    assert resolve_family(config.model).name == "mixtral"
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ConfigError, match="is a 'bert' model, which moetune does not know"):
-        resolve_architecture(config.model)
+        resolve_family(config.model)
 
 
 def test_missing_model_path_is_a_user_error(mixtral_config, mpt_config, tmp_path):

@@ -9,15 +9,11 @@ import pytest
 import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from moetune.models.factory import build_model
-from moetune.models.losses import (
-    compute_losses,
-    load_balancing_loss,
-    mean_loss_and_perplexity,
-    router_z_loss,
-    scored_token_count,
-)
-from moetune.models.routing import LayerRouting, expert_token_counts
+from moetune.models.load.factory import build_model
+from moetune.models.loss.lm_loss import lm_loss_is_chunked, mean_loss_and_perplexity, scored_token_count, use_full_logits
+from moetune.models.loss.objective import compute_losses
+from moetune.models.routing.balance import load_balancing_loss, router_z_loss
+from moetune.models.routing.capture import LayerRouting, expert_token_counts
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -111,9 +107,6 @@ def test_the_lm_loss_from_hidden_states_equals_the_full_logits_loss(family, mixt
     # The trainer's loss never materialises the full logits; loss and gradients must not change.
     import logging
 
-    from moetune.models import losses
-    from moetune.models.layout import innermost_model
-
     make = mixtral_config if family == "mixtral" else lambda *o: mpt_config("moe.upcycling.enabled=true", *o)
     config = make("lora.modules_to_save=[lm_head]", "training.label_smoothing_factor=0.1")
     labels = tokens.clone()
@@ -122,13 +115,13 @@ def test_the_lm_loss_from_hidden_states_equals_the_full_logits_loss(family, mixt
     chunked_model = build_model(config, seed=42)
     with caplog.at_level(logging.INFO, logger="moetune"):
         chunked = compute_losses(chunked_model, batch, config)
-    assert getattr(innermost_model(chunked_model), losses._CHUNKED_LOSS_CHECKED) is True
+    assert lm_loss_is_chunked(chunked_model) is True
     assert "LM loss: chunked, from the final hidden states" in caplog.text
     chunked.total.backward()
 
     torch.manual_seed(0)
     full_model = build_model(config, seed=42)
-    setattr(innermost_model(full_model), losses._CHUNKED_LOSS_CHECKED, False)  # force the full-logits path
+    use_full_logits(full_model)
     full = compute_losses(full_model, batch, config)
     full.total.backward()
 

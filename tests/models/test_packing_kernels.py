@@ -13,9 +13,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from moetune.config import load_config
 from moetune.data.packing import PackedCollator, PaddingCollator, build_train_eval_datasets
 from moetune.data.tokenizer import train_bpe_tokenizer
-from moetune.models.factory import build_model
-from moetune.models.families import get_family
-from moetune.models.kernels import flattens_packed_rows, packs_by_position_ids
+from moetune.models.families import get_family, packs_by_position_ids
+from moetune.models.load.factory import build_model
+from moetune.models.load.kernels import flattens_packed_rows
 
 
 def tiny_config(architecture: str, attn_implementation: str, *overrides: str):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moetune.errors import ConfigError, UserError
-from moetune.models.factory import build_model
+from moetune.models.load.factory import build_model
 
 HAS_BITSANDBYTES = importlib.util.find_spec("bitsandbytes") is not None
 

@@ -12,9 +12,9 @@ from moetune.config import load_config
 from moetune.data.expert_labels import NO_LABEL, label_ids_of, label_vocabulary
 from moetune.data.packing import PackedCollator, PackedDataset, PaddingCollator, SampleDataset
 from moetune.errors import ConfigError, UserError
-from moetune.models.factory import build_model
-from moetune.models.losses import LossParts, compute_losses
-from moetune.models.router_supervision import label_targets, router_supervision_loss
+from moetune.models.load.factory import build_model
+from moetune.models.loss.objective import LossParts, compute_losses
+from moetune.models.routing.supervision import label_targets, router_supervision_loss
 
 LOGITS = torch.tensor([[2.0, 0.0, -1.0, 0.5],
                        [0.0, 1.0, 1.0, -2.0],

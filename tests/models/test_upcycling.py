@@ -13,11 +13,11 @@ from transformers import AutoModelForCausalLM, MptForCausalLM
 
 from moetune.config import MoeConfig, UpcyclingConfig
 from moetune.errors import UserError
-from moetune.models.factory import build_base_model, build_model
+from moetune.models.families.mpt.modeling import MoeFeedForward, MptMoeForCausalLM
+from moetune.models.families.mpt.upcycle import moe_layer_indices, upcycle_checkpoint, upcycle_mpt
 from moetune.models.layout import is_expert_parameter
-from moetune.models.losses import compute_losses
-from moetune.models.mpt_moe import MoeFeedForward, MptMoeForCausalLM
-from moetune.models.upcycle import moe_layer_indices, upcycle_checkpoint, upcycle_mpt
+from moetune.models.load.factory import build_base_model, build_model
+from moetune.models.loss.objective import compute_losses
 
 
 def upcycling(**values) -> MoeConfig:
@@ -77,7 +77,7 @@ def test_router_jitter_applies_in_training_only(mpt_config, tokens):
 def test_capacity_drops_second_choices_first():
     from transformers import MptConfig
 
-    from moetune.models.mpt_moe import MptMoeConfig
+    from moetune.models.families.mpt.modeling import MptMoeConfig
 
     config = MptMoeConfig(**MptConfig(d_model=8, n_heads=2, n_layers=1).to_dict() | {"model_type": "mpt_moe"},
                           num_local_experts=2, num_experts_per_tok=2, capacity_factor=0.5)

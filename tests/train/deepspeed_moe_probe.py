@@ -13,7 +13,7 @@ import torch
 
 import moetune.train.loop as loop
 from moetune.config import load_config
-from moetune.models.deepspeed_moe import DeepSpeedMoeFeedForward
+from moetune.models.families.mpt.deepspeed_moe import DeepSpeedMoeFeedForward
 
 PROBE_IDS = (torch.arange(2 * 24).reshape(2, 24) * 7) % 97 + 3  # any fixed ids inside the tiny vocabulary
 

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from moetune.config import load_config
-from moetune.models.factory import build_model
-from moetune.models.training_plan import count_parameters
+from moetune.models.load.factory import build_model
+from moetune.models.trainable.counts import count_parameters
 
 from .conftest import read_metrics
 

@@ -62,7 +62,7 @@ def reloaded_logits(out: Path, ids: torch.Tensor, *overrides: str) -> dict[str, 
     from transformers import AutoModelForCausalLM
 
     from moetune.eval.load import load_eval_tokenizer, load_tuned, resolve_tuned_model
-    from moetune.models.mpt_moe import MptMoeForCausalLM
+    from moetune.models.families.mpt.modeling import MptMoeForCausalLM
 
     config = load_config(out / "config.yaml", list(overrides))
     tuned = resolve_tuned_model(config, None)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import moetune.models.mpt_moe  # noqa: F401  (registers mpt_moe with the Auto classes)
+import moetune.models.families.mpt.modeling  # noqa: F401  (registers mpt_moe with the Auto classes)
 from moetune.cli import main
 from moetune.data.tokenizer import train_bpe_tokenizer
 from moetune.models.families import all_families, family_for_model_type
@@ -182,7 +182,7 @@ def test_a_per_expert_bf16_sharded_mixtral_loads_exactly_and_merges_back_in_that
     from safetensors.torch import load_file
 
     from moetune.config import load_config
-    from moetune.models.factory import build_base_model
+    from moetune.models.load.factory import build_base_model
 
     root, data, tokenizer = workspace
     folder = root / "mixtral-hub"

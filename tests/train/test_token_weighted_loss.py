@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from moetune.cli import main
 from moetune.data.encode import IGNORE_INDEX
-from moetune.models.losses import LossParts, step_token_counts
+from moetune.models.loss.objective import LossParts, step_token_counts
 
 from .conftest import WORDS, read_metrics
 

@@ -71,7 +71,7 @@ def test_final_adapter_loads_with_peft_and_merged_model_with_auto(finished_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moetune.models.factory import build_base_model
+    from moetune.models.load.factory import build_base_model
 
     _, config_path, out = finished_run
     config = load_config(config_path)

@@ -1,7 +1,7 @@
 """`moetune experts`: which experts a task uses, and the selection ESFT trains (Wang et al. 2024).
 
 The frozen model runs over training samples with its routing captured
-(:func:`moetune.models.routing.capture_routing`). For MoE layer l and expert i, two scores, each
+(:func:`moetune.models.routing.capture.capture_routing`). For MoE layer l and expert i, two scores, each
 averaged over the tokens of a sample, then over samples (the paper's definitions):
 
 * average gate score: the combine weight expert i gets (0 where it is not among the token's top-k);
@@ -50,7 +50,7 @@ class ExpertScores:
 
 def sample_scores(layers, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, layers, experts) gate and token scores of each row, averaged over its tokens where
-    ``mask`` (rows, seq) is true; ``layers`` are :class:`~moetune.models.routing.LayerRouting`."""
+    ``mask`` (rows, seq) is true; ``layers`` are :class:`~moetune.models.routing.capture.LayerRouting`."""
     rows, seq = mask.shape
     counted = mask.reshape(-1, 1).to(torch.float64)
     tokens = mask.sum(1).clamp_min(1).to(torch.float64).reshape(rows, 1)
@@ -73,11 +73,12 @@ def score_experts(model, tokenizer, records: list[dict], max_seq_length: int, ba
     from moetune.data.encode import encode_records
     from moetune.data.packing import PaddingCollator
     from moetune.eval.routing_report import group_of
-    from moetune.models.routing import capture_routing, family_of_model
+    from moetune.models.families import family_of
+    from moetune.models.routing.capture import capture_routing
 
     model.eval()
     device = next(model.parameters()).device
-    family = family_of_model(model)
+    family = family_of(model)
     pad_id = pad_token_id(tokenizer)
     collate = PaddingCollator(pad_id)
     special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
@@ -187,7 +188,7 @@ def run_expert_selection(config: Config, adapter_path: str | None = None, method
     """`moetune experts`: score the experts on training samples, write experts.json and its PNG."""
     from moetune.data.split import load_splits
     from moetune.eval.compare_models import choose_samples
-    from moetune.models.esft import expert_blocks
+    from moetune.models.trainable.esft import expert_blocks
 
     if method not in METHODS:
         raise UserError(f"--method must be one of {list(METHODS)}, got {method!r}.")

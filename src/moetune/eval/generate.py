@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from moetune.config.schema import InferenceConfig
 from moetune.data.tokenizer import pad_token_id
-from moetune.models.routing import family_of_model
+from moetune.models.families import family_of
 
 # Items whose body sits between braces after a `keyword name` signature.
 _BODY_KEYWORDS = {"function": "fn", "struct": "struct", "enum": "enum", "trait": "trait", "module": "mod"}
@@ -119,7 +119,7 @@ def generate_completions(model, tokenizer, prompts: list[str], inference: Infere
     kwargs = generation_kwargs(inference, tokenizer)
     if streamer is not None:
         kwargs["streamer"] = streamer
-    family = family_of_model(model)
+    family = family_of(model)
     context = family.context_length(model.config) if family is not None else None
     if context is not None:
         max_prompt_tokens = min(max_prompt_tokens, context - 1)

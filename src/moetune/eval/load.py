@@ -27,7 +27,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 @dataclass(frozen=True)
 class TunedModelPath:
     """A folder holding a fine-tuned model: a PEFT ``adapter``, a ``merged`` full model, or the ``esft``
-    experts (:mod:`moetune.models.esft`)."""
+    experts (:mod:`moetune.models.trainable.esft`)."""
 
     path: Path
     kind: Literal["adapter", "merged", "esft"]
@@ -46,7 +46,7 @@ def resolve_tuned_model(config: Config, adapter_path: str | Path | None) -> Tune
             raise UserError(f"{path} has {ADAPTER_CONFIG} but no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}); "
                             "the save was interrupted. Evaluate another checkpoint.")
         return TunedModelPath(path, "adapter")
-    from moetune.models.esft import is_esft_folder
+    from moetune.models.trainable.esft import is_esft_folder
 
     if is_esft_folder(path):
         return TunedModelPath(path, "esft")
@@ -122,7 +122,7 @@ def load_eval_tokenizer(config: Config, tuned: TunedModelPath):
 
 def load_base(config: Config, tokenizer):
     """The base model exactly as training built it (same seed for random or upcycled weights), in eval mode."""
-    from moetune.models.factory import build_base_model
+    from moetune.models.load.factory import build_base_model
 
     return _to_device(build_base_model(config, tokenizer, seed=config.training.seed)).eval()
 
@@ -136,13 +136,13 @@ def load_tuned(config: Config, tuned: TunedModelPath, tokenizer, base=None):
     if tuned.kind == "merged":
         return _load_merged(config, tuned.path, tokenizer)
     if tuned.kind == "esft":  # the selected experts written into the base: a whole model, like a merged one
-        from moetune.models.esft import load_esft_artefact
+        from moetune.models.trainable.esft import load_esft_artefact
 
         return _to_device(load_esft_artefact(base if base is not None else load_base(config, tokenizer), tuned.path)).eval()
     from peft import PeftModel
     from safetensors import SafetensorError
 
-    from moetune.models.trainable_weights import load_trainable_weights
+    from moetune.models.trainable.weights import load_trainable_weights
 
     base = base if base is not None else load_base(config, tokenizer)
     with warnings.catch_warnings(record=True) as caught:
@@ -167,7 +167,7 @@ def _load_merged(config: Config, path: Path, tokenizer):
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    from moetune.models.dtypes import resolve_dtype
+    from moetune.models.load.dtypes import resolve_dtype
 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(config.model.torch_dtype),

@@ -17,8 +17,9 @@ from moetune.data.encode import encode_records
 from moetune.data.packing import PaddingCollator
 from moetune.data.tokenizer import pad_token_id
 from moetune.eval.routing_report import group_of
-from moetune.models.losses import forward_with_lm_loss, mean_loss_and_perplexity, scored_token_count
-from moetune.models.routing import capture_routing, expert_token_counts, family_of_model
+from moetune.models.families import family_of
+from moetune.models.loss.lm_loss import forward_with_lm_loss, mean_loss_and_perplexity, scored_token_count
+from moetune.models.routing.capture import capture_routing, expert_token_counts
 
 
 @dataclass
@@ -42,7 +43,7 @@ def score_records(model, tokenizer, records: list[dict], max_seq_length: int, ba
     """Loss, perplexity and routing counts of ``model`` on ``records`` (dataset records)."""
     model.eval()
     device = next(model.parameters()).device
-    family = family_of_model(model)
+    family = family_of(model)
     top_k = 0
     pad_id = pad_token_id(tokenizer)
     collate = PaddingCollator(pad_id)

@@ -6,7 +6,7 @@ Three layouts must work with the same code:
   ``gate.weight``) and ``experts`` with fused 3-D ``gate_up_proj`` / ``down_proj`` parameters;
 * older Mixtral code and checkpoints: ``layers.N.block_sparse_moe`` with ``gate`` (nn.Linear) and
   ``experts.N.w1/w2/w3``;
-* upcycled MPT (:mod:`moetune.models.mpt_moe`): ``blocks.N.ffn`` with ``router`` and ``experts.N.up_proj/down_proj``.
+* upcycled MPT (:mod:`moetune.models.families.mpt.modeling`): ``blocks.N.ffn`` with ``router`` and ``experts.N.up_proj/down_proj``.
 
 An MoE block is any module with an ``experts`` child and a router child (``gate`` or ``router``).
 """
@@ -122,13 +122,18 @@ def resolve_target_modules(model: nn.Module, targets: tuple[str, ...], exclude: 
     chosen = []
     for name in linears:
         parts = name.split(".")
-        excluded = any(name == ex or name.endswith(f".{ex}") for ex in exclude)
-        if parts[-1] not in wanted or excluded:
+        if parts[-1] not in wanted or is_excluded(name, exclude):
             continue
         chosen.append(name)
     if not chosen:
         raise UserError(f"{key} {list(targets)} with lora.exclude_modules {list(exclude)} leaves no module to adapt.")
     return chosen
+
+
+def is_excluded(name: str, exclude: tuple[str, ...]) -> bool:
+    """Whether ``lora.exclude_modules`` leaves the module or parameter ``name`` out: an entry equal to it or
+    ending it at a dot (PEFT's rule: ``o_proj`` or ``layers.0.self_attn.q_proj``)."""
+    return any(name == ex or name.endswith(f".{ex}") for ex in exclude)
 
 
 def innermost_model(model: nn.Module) -> nn.Module:

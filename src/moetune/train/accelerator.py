@@ -100,7 +100,7 @@ def build_accelerator(config: Config):
 
 
 def _experts_may_get_no_tokens(config: Config) -> bool:
-    from moetune.models.factory import resolve_family
+    from moetune.models.load.factory import resolve_family
 
     return resolve_family(config.model).experts_may_get_no_tokens
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moetune.errors import UserError, first_line
-from moetune.models.trainable_weights import load_trainable_weights, save_trainable_weights
+from moetune.models.trainable.weights import load_trainable_weights, save_trainable_weights
 from moetune.run_dir import (
     CHECKPOINT_DIR,
     METRICS_FILE,
@@ -209,7 +209,7 @@ def install_adapter_hooks(accelerator) -> None:
 
 
 def save_trainable_files(accelerator, model, directory, tokenizer=None, room=None, then=None) -> None:
-    """Write what ``model`` trains (:func:`~moetune.models.trainable_weights.save_trainable_weights`) and
+    """Write what ``model`` trains (:func:`~moetune.models.trainable.weights.save_trainable_weights`) and
     ``tokenizer`` into ``directory``, in the native MoE layout, from the main process.
 
     Every rank calls it: gathering sharded weights (ZeRO-3, FSDP) or expert-parallel experts is
@@ -217,7 +217,7 @@ def save_trainable_files(accelerator, model, directory, tokenizer=None, room=Non
     (what a full disk becomes); ``then(unwrapped_model)`` runs on the main process afterwards, still
     in the native layout.
     """
-    from moetune.models.deepspeed_moe import native_moe_layout
+    from moetune.models.families.mpt.deepspeed_moe import native_moe_layout
 
     unwrapped = accelerator.unwrap_model(model)
     with native_moe_layout(unwrapped):

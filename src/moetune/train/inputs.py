@@ -20,8 +20,9 @@ def build_training_inputs(config: Config, accelerator):
     from moetune.data.packing import build_dataloaders
     from moetune.data.split import load_splits
     from moetune.data.tokenizer import load_or_train_tokenizer
-    from moetune.models.factory import build_model
-    from moetune.models.kernels import flattens_packed_rows, packs_by_position_ids
+    from moetune.models.families import packs_by_position_ids
+    from moetune.models.load.factory import build_model
+    from moetune.models.load.kernels import flattens_packed_rows
 
     tokenizer_dir = Path(config.training.output_dir) / TOKENIZER_DIR
     with accelerator.main_process_first():
@@ -37,7 +38,7 @@ def build_training_inputs(config: Config, accelerator):
                         gradient_checkpointing=config.training.gradient_checkpointing)
     _register_zero3_leaf_modules(accelerator, model)
     if config.advanced.torch_compile:
-        from moetune.models.kernels import compile_decoder_layers
+        from moetune.models.load.kernels import compile_decoder_layers
 
         compile_decoder_layers(model)
     with accelerator.main_process_first():

@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 
 from moetune.config import Config
 from moetune.errors import OutOfMemory, UserError
-from moetune.models.losses import compute_losses, step_token_counts
-from moetune.models.routing import expert_token_counts
-from moetune.models.trainable_weights import load_trainable_weights
+from moetune.models.loss.objective import compute_losses, step_token_counts, weighted_loss
+from moetune.models.routing.capture import expert_token_counts
+from moetune.models.trainable.weights import load_trainable_weights
 from moetune.run_dir import checkpoint_dir_name
 from moetune.train.accelerator import build_accelerator, log_cpu_offload
 from moetune.train.checkpoint import (
@@ -271,7 +271,8 @@ class _LogWindow:
         supervision = sums[self.SUPERVISION_SUM] / routed
         record = {
             "step": state.global_step, "epoch": _epoch(state, batches_per_epoch),
-            "loss": lm_loss + self.aux_weight * aux_loss + self.z_weight * z_loss + self.supervision_weight * supervision,
+            "loss": weighted_loss(lm_loss, aux_loss, z_loss, supervision, aux_weight=self.aux_weight,
+                                  z_weight=self.z_weight, supervision_weight=self.supervision_weight),
             "lm_loss": lm_loss, "aux_loss": aux_loss, "z_loss": z_loss,
             **({"router_supervision_loss": supervision} if self.supervision_weight else {}), "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -379,10 +380,10 @@ def _router_bias_updater(model, config: Config):
     rate = config.moe.router_bias_update_rate
     if rate <= 0:
         return None
-    from moetune.models.balance import update_router_biases
-    from moetune.models.routing import family_of_model
+    from moetune.models.families import family_of
+    from moetune.models.routing.balance import update_router_biases
 
-    family = family_of_model(model)
+    family = family_of(model)
     return lambda counts: update_router_biases(model, family, counts, rate)
 
 

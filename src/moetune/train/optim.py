@@ -37,7 +37,7 @@ def split_expert_parallel_groups(groups: list[dict], model: torch.nn.Module) -> 
     of the group it came from; groups left empty are dropped. The groups of a model without such
     blocks pass through unchanged, and DeepSpeed is not imported for it.
     """
-    from moetune.models.deepspeed_moe import DeepSpeedMoeFeedForward  # imports DeepSpeed only to build one
+    from moetune.models.families.mpt.deepspeed_moe import DeepSpeedMoeFeedForward  # imports DeepSpeed only to build one
 
     if not any(isinstance(module, DeepSpeedMoeFeedForward) for module in model.modules()):
         return groups

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moetune.models.losses import forward_with_lm_loss, mean_loss_and_perplexity, scored_token_count
+from moetune.models.loss.lm_loss import forward_with_lm_loss, mean_loss_and_perplexity, scored_token_count
 
 
 @torch.no_grad()

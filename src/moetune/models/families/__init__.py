@@ -9,6 +9,7 @@ torch; the specs themselves are imported on first use.
 from __future__ import annotations
 
 import importlib
+import weakref
 from functools import cache
 from typing import TYPE_CHECKING
 
@@ -16,9 +17,15 @@ from moetune import plugins
 from moetune.plugins import FAMILY_NAMES
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from moetune.models.families._spec import FamilySpec
 
-__all__ = ["FAMILY_NAMES", "all_families", "family_for_model_type", "get_family", "known_model_types"]
+__all__ = ["FAMILY_NAMES", "all_families", "family_for_model_type", "family_of", "get_family", "known_model_types",
+           "packs_by_position_ids"]
+
+# The family of each model seen, looked up from its config once: the loss asks on every micro-batch.
+_FAMILY_OF_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def get_family(name: str) -> FamilySpec:
@@ -34,6 +41,31 @@ def all_families() -> list[FamilySpec]:
 def family_for_model_type(model_type: str | None) -> FamilySpec | None:
     """The family that loads config.json ``model_type``, or None when no family does."""
     return next((spec for spec in all_families() if model_type in spec.model_types), None)
+
+
+def family_of(model: nn.Module) -> FamilySpec | None:
+    """The family of ``model`` (through DDP, DeepSpeed and PEFT wrappers), from its config's ``model_type``;
+    None for a model no family describes. Looked up once per model."""
+    from moetune.models.layout import innermost_model
+
+    inner = innermost_model(model)
+    if inner not in _FAMILY_OF_MODEL:
+        _FAMILY_OF_MODEL[inner] = family_for_model_type(getattr(getattr(inner, "config", None), "model_type", None))
+    return _FAMILY_OF_MODEL[inner]
+
+
+def packs_by_position_ids(model) -> bool:
+    """Whether samples packed into one row with restarting ``position_ids`` and no attention mask
+    stay apart in ``model`` as built: its family's forward takes ``position_ids`` (MPT's ALiBi
+    attention does not) and the attention kernel it runs, after any fallback, honours them (for
+    gpt-oss only the flash kernels do: see its family module)."""
+    from moetune.models.load.kernels import PACKING_KERNELS, attention_kernel
+
+    family = family_of(model)
+    if family is None or not family.accepts_position_ids:
+        return False
+    kernel = attention_kernel(model)
+    return kernel in PACKING_KERNELS and (family.packing_kernels is None or kernel in family.packing_kernels)
 
 
 def known_model_types() -> list[str]:

@@ -6,7 +6,7 @@ All three have shared experts (``mlp.shared_experts``) and dense FFNs in the fir
 (``mlp.gate.e_score_correction_bias``) that only affects which experts are chosen, limited to the
 best ``topk_group`` groups of experts; V2 routes with a softmax (greedy or group-limited).
 transformers computes no aux loss for any of them, so the balance loss is DeepSeek's own
-sequence-wise one (:func:`moetune.models.balance.sequence_balance_loss`), and V3/GLM can balance
+sequence-wise one (:func:`moetune.models.routing.balance.sequence_balance_loss`), and V3/GLM can balance
 without a loss by moving the correction bias (``moe.router_bias_update_rate``).
 
 Attention: V2/V3 use MLA (``q_a_proj``, ``q_b_proj`` or V2-Lite's ``q_proj``, ``kv_a_proj_with_mqa``,

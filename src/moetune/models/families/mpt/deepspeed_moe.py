@@ -1,6 +1,6 @@
 """Expert parallelism for upcycled MPT through DeepSpeed MoE (``moe.backend: deepspeed``).
 
-The native :class:`~moetune.models.mpt_moe.MoeFeedForward` stays the default: it needs no extra
+The native :class:`~moetune.models.families.mpt.modeling.MoeFeedForward` stays the default: it needs no extra
 package and saves to the ``mpt_moe`` checkpoint format. The DeepSpeed block splits the experts
 over ``moe.expert_parallel_size`` ranks while training; what a run saves is written through
 :func:`native_moe_layout`, so it is in the ``mpt_moe`` layout too and loads with ``moe.backend: native``.
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetune.errors import UserError
-from moetune.models.mpt_moe import MoeFeedForward
+from moetune.models.families.mpt.modeling import MoeFeedForward
 
 
 def require_deepspeed() -> None:

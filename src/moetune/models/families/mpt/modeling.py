@@ -21,8 +21,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, MptConfig, MptForCaus
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.models.mpt.modeling_mpt import MptModel, MptPreTrainedModel
 
-from moetune.errors import UserError
-from moetune.models.losses import load_balancing_loss, router_z_loss
+from moetune.models.load.loading_info import check_loading_info
+from moetune.models.routing.balance import load_balancing_loss, router_z_loss
 
 MODEL_TYPE = "mpt_moe"
 
@@ -147,7 +147,7 @@ class MptMoeForCausalLM(MptForCausalLM):
                 output_router_logits: bool | None = None, **kwargs) -> MoeCausalLMOutputWithPast:
         """MptForCausalLM.forward plus Mixtral's router outputs. As in Mixtral, ``loss`` includes
         ``router_aux_loss_coef * aux_loss`` (and ``router_z_loss_coef * z_loss``) when router logits
-        are requested; moetune's trainer uses :func:`moetune.models.losses.compute_losses` instead.
+        are requested; moetune's trainer uses :func:`moetune.models.loss.objective.compute_losses` instead.
 
         The KV cache is passed through ``kwargs`` under the name the installed transformers uses
         (``cache``; ``past_key_values`` before it was renamed): naming it here would pass the
@@ -186,17 +186,6 @@ class MptMoeForCausalLM(MptForCausalLM):
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         check_loading_info(info, args[0] if args else kwargs.get("pretrained_model_name_or_path"))
         return (model, info) if want_info else model
-
-
-def check_loading_info(info: dict, source) -> None:
-    """Raise a UserError when loading left weights missing, unused or of the wrong shape."""
-    problems = {kind: sorted(info.get(kind) or ()) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    problems = {kind: keys for kind, keys in problems.items() if keys}
-    if problems:
-        listed = "; ".join(f"{kind.replace('_', ' ')}: {keys[:5]}{' ...' if len(keys) > 5 else ''}"
-                           for kind, keys in problems.items())
-        raise UserError(f"The checkpoint at {source} does not match the model it declares ({listed}). moetune does "
-                        "not re-initialise weights silently; re-create the checkpoint with `moetune upcycle`.")
 
 
 def register_auto_classes() -> None:

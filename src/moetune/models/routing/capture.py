@@ -1,6 +1,6 @@
 """Routing capture: what every MoE layer's router decided in one forward pass, for every family.
 
-``with capture_routing(model) as captured: model(...)`` leaves in ``captured.layers`` one
+``with capture_routing(model, family) as captured: model(...)`` leaves in ``captured.layers`` one
 :class:`LayerRouting` per MoE layer (router logits, the chosen experts and their weights), taken
 from the router modules themselves. ``output_router_logits`` is not used: DeepSeek-V3 and GLM-4.5
 compute no aux loss from it, and re-deriving the chosen experts from logits would be wrong for
@@ -62,19 +62,10 @@ def record(layer: int, logits: torch.Tensor, weights: torch.Tensor, experts: tor
         layers[layer] = LayerRouting(logits=logits, experts=experts, weights=weights)
 
 
-def family_of_model(model: nn.Module):
-    """The :class:`~moetune.models.families._spec.FamilySpec` of ``model`` (through DDP/PEFT
-    wrappers), from its config's ``model_type``; None for a model no family describes."""
-    from moetune.models.families import family_for_model_type
-
-    config = getattr(innermost_model(model), "config", None)
-    return family_for_model_type(getattr(config, "model_type", None))
-
-
 @contextmanager
-def capture_routing(model: nn.Module, family=None) -> Iterator[CapturedRouting]:
-    """Record every router's routing during the forward passes run inside the ``with`` block."""
-    family = family if family is not None else family_of_model(model)
+def capture_routing(model: nn.Module, family) -> Iterator[CapturedRouting]:
+    """Record every router's routing during the forward passes run inside the ``with`` block. ``family``
+    is the model's (:func:`moetune.models.families.family_of`); None captures nothing."""
     captured = CapturedRouting()
     if family is None:
         yield captured

@@ -26,6 +26,7 @@ from torch.nn.utils import parametrize
 
 from moetune.errors import ConfigError, UserError
 from moetune.models.layout import EXPERTS_NAME, ROUTER_NAMES, MoeBlockInfo, find_moe_blocks, innermost_model
+from moetune.models.trainable.counts import log_trainable_parameters
 from moetune.run_dir import ESFT_FILES
 
 logger = logging.getLogger(__name__)
@@ -71,8 +72,6 @@ def apply_esft_plan(model: nn.Module, config, family=None) -> nn.Module:
     """Freeze ``model`` but the experts ``moe.esft_experts`` selects; returns ``model``."""
     selection = read_selection(config.moe.esft_experts)
     install_selection(model, selection, family, key="moe.esft_experts")
-    from moetune.models.training_plan import log_trainable_parameters
-
     log_trainable_parameters(model)
     return model
 
@@ -192,9 +191,9 @@ def is_esft_folder(directory: str | Path) -> bool:
 
 def expert_blocks(model: nn.Module, family=None) -> list[MoeBlockInfo]:
     """The MoE blocks of ``model`` in layer order (the order routing capture reports them in)."""
-    from moetune.models.routing import family_of_model
+    from moetune.models.families import family_of
 
-    family = family if family is not None else family_of_model(model)
+    family = family if family is not None else family_of(model)
     return find_moe_blocks(innermost_model(model), (family.router_name,) if family is not None else ROUTER_NAMES)
 
 

@@ -3,7 +3,7 @@
 A checkpoint and a run's final save hold these files; training resumes from them and evaluation
 loads them onto the base model. They are always in the native MoE layout, so a model with
 DeepSpeed MoE blocks (``moe.backend: deepspeed``) reads them through
-:func:`~moetune.models.deepspeed_moe.native_moe_layout`.
+:func:`~moetune.models.families.mpt.deepspeed_moe.native_moe_layout`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def save_trainable_weights(model, directory, state_dict=None) -> None:
 
     ``state_dict`` is the whole model's, gathered beforehand when the weights are sharded (ZeRO-3, FSDP).
     """
-    from moetune.models.esft import save_esft, selection_of
+    from moetune.models.trainable.esft import save_esft, selection_of
 
     if selection_of(model) is not None:
         save_esft(model, directory)
@@ -31,9 +31,9 @@ def load_trainable_weights(model, directory: Path) -> None:
     the full model's weights. A UserError names the file that is missing, corrupt or does not fit.
 
     The files are in the native MoE layout, so a model with DeepSpeed MoE blocks takes them through
-    :func:`~moetune.models.deepspeed_moe.native_moe_layout` (collective under expert parallelism).
+    :func:`~moetune.models.families.mpt.deepspeed_moe.native_moe_layout` (collective under expert parallelism).
     """
-    from moetune.models.deepspeed_moe import native_moe_layout
+    from moetune.models.families.mpt.deepspeed_moe import native_moe_layout
 
     with native_moe_layout(model):
         _load_trainable_weights(model, Path(directory))
@@ -44,7 +44,7 @@ def _load_trainable_weights(model, directory: Path) -> None:
     from peft.utils import load_peft_weights
     from safetensors import SafetensorError
 
-    from moetune.models.esft import load_esft, selection_of
+    from moetune.models.trainable.esft import load_esft, selection_of
 
     if selection_of(model) is not None:
         load_esft(model, directory)

@@ -1,6 +1,6 @@
 """Keeping experts evenly loaded: each family's balance loss, and DeepSeek-V3's aux-loss-free bias update.
 
-* ``switch``: :func:`moetune.models.losses.load_balancing_loss`, what transformers computes for
+* ``switch``: :func:`load_balancing_loss`, what transformers computes for
   Mixtral, Qwen-MoE, OLMoE and gpt-oss (pooled over layers; balanced routing gives top_k).
 * ``sequence``: :func:`sequence_balance_loss`, DeepSeek's per-sequence balance loss (DeepSeek-V2's
   ``seq_aux`` loss, and eq. 17-20 of the DeepSeek-V3 report for sigmoid routers), summed over
@@ -13,10 +13,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from moetune.models.routing import LayerRouting, router_modules
+from moetune.models.routing.capture import LayerRouting, router_modules
 
 
 def routing_scores(logits: torch.Tensor, sigmoid: bool) -> torch.Tensor:
@@ -97,3 +101,63 @@ def update_router_biases(model: nn.Module, family, counts: torch.Tensor, rate: f
         for name, buffer in router.named_buffers():
             if name.rsplit(".", 1)[-1] == family.correction_bias:
                 buffer.add_(step.to(buffer.device, buffer.dtype))
+
+
+def load_balancing_loss(router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor], num_experts: int, top_k: int,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss, ``num_experts * sum_e f_e * P_e``.
+
+    ``f_e`` is the share of top-k assignments that went to expert e and ``P_e`` the mean router
+    probability of e, both pooled over every layer's tokens (the same pooling as transformers'
+    ``load_balancing_loss_func``, so the numbers match). Padding tokens (attention_mask 0) are left
+    out. Perfectly balanced routing gives ``top_k``.
+    """
+    logits = torch.cat([layer.float() for layer in router_logits], dim=0)
+    probs = torch.softmax(logits, dim=-1)
+    _, chosen = torch.topk(probs, top_k, dim=-1)
+    assignments = F.one_hot(chosen, num_experts).sum(dim=1).float()  # (rows, E): top-k picks per row
+    if attention_mask is None:
+        weights = torch.ones(logits.shape[0], device=logits.device)
+    else:
+        weights = attention_mask.reshape(-1).float().to(logits.device).repeat(len(router_logits))
+    total = weights.sum().clamp_min(1.0)
+    tokens_per_expert = (assignments * weights[:, None]).sum(dim=0) / total
+    prob_per_expert = (probs * weights[:, None]).sum(dim=0) / total
+    return num_experts * torch.sum(tokens_per_expert * prob_per_expert)
+
+
+def router_z_loss(router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor],
+                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of ``logsumexp(logits)^2``, averaged over layers.
+
+    It keeps router logits small, which keeps the softmax out of its saturated, unstable region.
+    """
+    per_layer = []
+    for layer in router_logits:
+        z = torch.logsumexp(layer.float(), dim=-1).square()
+        if attention_mask is None:
+            per_layer.append(z.mean())
+        else:
+            mask = attention_mask.reshape(-1).float().to(z.device)
+            per_layer.append((z * mask).sum() / mask.sum().clamp_min(1.0))
+    return torch.stack(per_layer).mean()
+
+
+def router_losses(routing: tuple[LayerRouting, ...], family, model, batch: Mapping[str, Any], config,
+                  zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(aux loss, z loss) of one forward pass: the family's balance loss on the captured routing."""
+    if not routing:
+        return zero, zero
+    mask = batch.get("attention_mask")
+    # A 2-D 0/1 mask is a padding mask; packed batches may carry other shapes, which pool every token.
+    token_mask = mask if mask is not None and mask.dim() == 2 else None
+    logits = tuple(layer.logits for layer in routing)
+    aux = z = zero
+    if config.moe.use_auxiliary_loss and family.balance_loss == "switch":
+        aux = load_balancing_loss(logits, routing[0].num_experts, routing[0].experts.shape[-1], token_mask)
+    elif config.moe.use_auxiliary_loss and family.balance_loss == "sequence":
+        sequences, weight = sequence_ids(tuple(batch["input_ids"].shape), batch.get("position_ids"), token_mask)
+        aux = sequence_balance_loss(routing, sequences, weight, family.uses_sigmoid(model.config.model_type))
+    if config.moe.router_z_loss_weight > 0:
+        z = router_z_loss(logits, token_mask)
+    return aux, z

@@ -17,8 +17,9 @@ import torch
 from transformers import AutoTokenizer, MptForCausalLM
 
 from moetune.errors import UserError
-from moetune.models.dtypes import resolve_dtype
-from moetune.models.mpt_moe import MptMoeConfig, MptMoeForCausalLM, check_loading_info
+from moetune.models.families.mpt.modeling import MptMoeConfig, MptMoeForCausalLM
+from moetune.models.load.dtypes import resolve_dtype
+from moetune.models.load.loading_info import check_loading_info
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """MPT (MosaicML): dense ``mpt``, and ``mpt_moe``, the model sparse upcycling makes of it
-(:mod:`moetune.models.mpt_moe`, :mod:`moetune.models.upcycle`).
+(:mod:`moetune.models.families.mpt.modeling`, :mod:`moetune.models.families.mpt.upcycle`).
 
 Attention is one fused ``attn.Wqkv`` and ``attn.out_proj`` (ALiBi, one eager kernel, no
 position_ids, so rows are padded, not packed). An upcycled model's experts start as copies of one
@@ -19,9 +19,9 @@ from moetune.models.families._spec import FamilySpec, Traits, logger
 def build_mpt(spec: FamilySpec, config, tokenizer=None, *, seed: int, gradient_checkpointing: bool):
     """Dense MPT, an already upcycled ``mpt_moe``, or one upcycled now when ``moe.upcycling.enabled``
     (the new routers and expert noise drawn with ``seed``)."""
-    from moetune.models.factory import load_base_model, whole_weights
-    from moetune.models.quant import wants_quantization
-    from moetune.models.upcycle import upcycle_mpt
+    from moetune.models.families.mpt.upcycle import upcycle_mpt
+    from moetune.models.load.pretrained import load_base_model, whole_weights
+    from moetune.models.load.quant import wants_quantization
 
     upcycle = config.moe.upcycling.enabled
     if upcycle and wants_quantization(config.model):
@@ -43,7 +43,7 @@ def build_mpt(spec: FamilySpec, config, tokenizer=None, *, seed: int, gradient_c
 def tap_moe_blocks(spec: FamilySpec, model):
     """MPT-MoE blocks (native and DeepSpeed) report their router logits into ``router_logits_sink``;
     the chosen experts follow the block's rule (softmax, top-k, renormalised)."""
-    from moetune.models.routing import record
+    from moetune.models.routing.capture import record
 
     blocks = model.moe_blocks() if hasattr(model, "moe_blocks") else []
     top_k = getattr(model.config, "num_experts_per_tok", 0)

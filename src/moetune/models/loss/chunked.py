@@ -28,7 +28,7 @@ from torch import nn
 
 from moetune.data.encode import IGNORE_INDEX
 from moetune.errors import UserError
-from moetune.models.kernels import fused_linear_cross_entropy_available
+from moetune.models.load.kernels import fused_linear_cross_entropy_available
 
 CHUNKED = "chunked"
 LIGER = "liger_fused_linear_cross_entropy"

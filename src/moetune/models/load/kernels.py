@@ -63,20 +63,6 @@ def flattens_packed_rows(model) -> bool:
     return attention_kernel(model) in FLASH_KERNELS
 
 
-def packs_by_position_ids(model) -> bool:
-    """Whether samples packed into one row with restarting ``position_ids`` and no attention mask
-    stay apart in ``model`` as built: its family's forward takes ``position_ids`` (MPT's ALiBi
-    attention does not) and the attention kernel it runs, after any fallback, honours them (for
-    gpt-oss only the flash kernels do: see its family module)."""
-    from moetune.models.routing import family_of_model
-
-    family = family_of_model(model)
-    if family is None or not family.accepts_position_ids:
-        return False
-    kernel = attention_kernel(model)
-    return kernel in PACKING_KERNELS and (family.packing_kernels is None or kernel in family.packing_kernels)
-
-
 def fastest_experts_implementation() -> str | None:
     """The experts kernel to ask for when the config names none.
 

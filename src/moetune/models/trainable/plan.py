@@ -8,7 +8,7 @@ saves it in the adapter (plain ``requires_grad`` would train it but leave it out
 so a reloaded adapter would route differently). ``moe.expert_training`` (lora | full) trains the
 routed experts as well, ``moe.train_shared_experts`` the shared experts
 (``moe.shared_expert_training``: full | lora); what that adds to the PEFT config is decided in
-:mod:`moetune.models.expert_lora`. ``moe.router_bias_update_rate`` saves the router (with its
+:mod:`moetune.models.trainable.expert_lora`. ``moe.router_bias_update_rate`` saves the router (with its
 correction bias) in the adapter even when the router's weight stays frozen.
 
 Upcycled MPT (the family reports ``experts_must_train``): the experts start identical, so they must
@@ -25,12 +25,6 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from moetune.errors import UserError
-from moetune.models.expert_lora import (
-    format_trainable_parts,
-    no_expert_match_message,
-    plan_expert_adapters,
-    trainable_parts,
-)
 from moetune.models.families._spec import Traits
 from moetune.models.layout import (
     ROUTER_NAMES,
@@ -40,6 +34,11 @@ from moetune.models.layout import (
     is_shared_expert_parameter,
     resolve_target_modules,
     set_router_trainable,
+)
+from moetune.models.trainable.counts import format_trainable_parts, log_trainable_parameters, trainable_parts
+from moetune.models.trainable.expert_lora import (
+    no_expert_match_message,
+    plan_expert_adapters,
 )
 
 logger = logging.getLogger(__name__)
@@ -60,7 +59,7 @@ def apply_training_plan(model: nn.Module, config, traits: Traits | None = None, 
     no family describes gets the defaults). Logs the trainable-parameter line."""
     traits = traits or Traits()
     if config.moe.expert_training == "esft":
-        from moetune.models.esft import apply_esft_plan
+        from moetune.models.trainable.esft import apply_esft_plan
 
         return apply_esft_plan(model, config, family)
     router_names = (family.router_name,) if family is not None else ROUTER_NAMES
@@ -150,24 +149,3 @@ def _check_experts(model: nn.Module, expert_mode: str, frozen_shared: tuple[str,
     if shared:
         raise RuntimeError(f"shared expert parameters are trainable although moe.train_shared_experts is false: "
                            f"{shared[:3]}")
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, all) parameter counts; packed 4-bit tensors count the weights they hold, not bytes."""
-    trainable = total = 0
-    for param in model.parameters():
-        count = getattr(param, "ds_numel", param.numel())  # a ZeRO-3 shard reports its full size as ds_numel
-        if type(param).__name__ == "Params4bit":
-            count *= 2  # two 4-bit weights per stored uint8
-        total += count
-        if param.requires_grad:
-            trainable += count
-    return trainable, total
-
-
-def log_trainable_parameters(model: nn.Module) -> str:
-    """Log and return ``trainable params: X || all params: Y || trainable%: Z``."""
-    trainable, total = count_parameters(model)
-    line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
-    logger.info(line)
-    return line

@@ -31,15 +31,14 @@ from moetune.errors import UserError
 from moetune.models.layout import (
     EXPERTS_NAME,
     MoeBlockInfo,
+    is_excluded,
     is_expert_parameter,
-    is_shared_expert_parameter,
     linear_module_names,
 )
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
-ATTENTION_PARTS = ("self_attn", "attn", "attention")
 
 
 @dataclass
@@ -62,8 +61,8 @@ def plan_expert_adapters(model: nn.Module, config, family, blocks: list[MoeBlock
     if expert_mode == "lora":
         rank = config.moe.expert_lora_r or config.lora.r
         alpha = config.moe.expert_lora_alpha or config.lora.lora_alpha
-        fused = [name for name in fused_expert_parameters(blocks, family) if not _excluded(name, exclude)]
-        linears = [name for name in expert_linears(model, family) if not _excluded(name, exclude)]
+        fused = [name for name in fused_expert_parameters(blocks, family) if not is_excluded(name, exclude)]
+        linears = [name for name in expert_linears(model, family) if not is_excluded(name, exclude)]
         if not fused and not linears:
             raise UserError(no_expert_match_message(blocks, family, exclude))
         plan.target_parameters = fused
@@ -93,7 +92,7 @@ def plan_expert_adapters(model: nn.Module, config, family, blocks: list[MoeBlock
             # fused tensor instead of the shared expert's Linear.
             plan.target_parameters += [f"{name}.weight" for name in linear_module_names(model)
                                        if any(name.startswith(f"{path}.") or name == path for path in paths)
-                                       and not _excluded(name, exclude)]
+                                       and not is_excluded(name, exclude)]
         else:
             # In full, saved with the adapter: as LoRA targets, PEFT would also match DeepSeek's
             # "mlp.shared_experts.down_proj" against the routed experts' fused "mlp.experts.down_proj".
@@ -133,36 +132,3 @@ def no_expert_match_message(blocks: list[MoeBlockInfo], family, exclude: tuple[s
             f"{family.name if family is not None else 'model'} family names {list(wanted)}"
             f"{f' and lora.exclude_modules is {list(exclude)}' if exclude else ''}, while this model's experts "
             f"({blocks[0].experts_path}, one of {len(blocks)} MoE blocks) hold {found}.")
-
-
-def _excluded(name: str, exclude: tuple[str, ...]) -> bool:
-    return any(name == ex or name.endswith(f".{ex}") for ex in exclude)
-
-
-def trainable_parts(model: nn.Module, blocks: list[MoeBlockInfo], shared: tuple[str, ...]) -> dict[str, int]:
-    """Trainable parameter counts of attention, router, routed experts, shared experts and the rest.
-    ``blocks`` are found on ``model`` itself (names as ``model.named_parameters`` gives them)."""
-    routers = tuple(f".{block.router_path}." for block in blocks)
-    parts = dict.fromkeys(("attention", "router", "experts", "shared experts", "other"), 0)
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        count = getattr(param, "ds_numel", param.numel())
-        dotted = f".{name}"
-        if is_expert_parameter(name):
-            part = "experts"
-        elif is_shared_expert_parameter(name, shared):
-            part = "shared experts"
-        elif any(router in dotted for router in routers):
-            part = "router"
-        elif any(f".{attention}." in dotted for attention in ATTENTION_PARTS):
-            part = "attention"
-        else:
-            part = "other"
-        parts[part] += count
-    return parts
-
-
-def format_trainable_parts(parts: dict[str, int]) -> str:
-    """``trainable by part: attention 1,024 | router 0 | experts 2,048 | shared experts 0 | other 0``."""
-    return "trainable by part: " + " | ".join(f"{part} {count:,}" for part, count in parts.items())
