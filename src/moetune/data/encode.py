@@ -1,126 +1,246 @@
 """Records -> token ids and labels, computed once and cached on disk with `datasets`.
 
-Each record becomes ``[bos] + tokens + [eos]``. Labels copy the ids except where no loss is
-wanted (-100): the prompt of a prompt/completion record, and the first token of every sample
-(in a packed row, that position would be predicted from the *previous* sample's last token).
-A completion longer than ``max_target_length`` keeps its first tokens and no eos (it did not end).
-A sample longer than ``max_seq_length`` is cut into consecutive windows, each a sample of its own.
+Each record is rendered (:mod:`moetune.data.rendering`: its text and the character spans with loss),
+tokenized once with offsets, and a token carries loss when it overlaps a trained span. Labels copy the ids
+there and are -100 elsewhere; the first token of every sample is -100 too (in a packed row, that position
+would be predicted from the *previous* sample's last token). A completion longer than ``max_target_length``
+keeps its first tokens and no eos (it did not end).
+
+A sample longer than ``max_seq_length`` is handled as ``data.long_samples`` says, or as its kind does by
+default (:attr:`moetune.data.sources.SourceKind.long_samples`): ``truncate`` keeps it one sample, cut at
+the end of the last whole trained turn that fits (a conversation) or inside the answer (a question keeps
+its whole question; a question that alone does not fit is dropped); ``split`` cuts it into consecutive
+windows, each a sample of its own; ``drop`` leaves it out. Every row records which (``handling``), so the
+counts survive the cache (:class:`Encoded`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from moetune.data.chat_render import ConversationError
+from moetune.data.rendering import Rendered, record_location, render_record, renderer_of
+from moetune.errors import UserError
 
 IGNORE_INDEX = -100
+LongSamples = Literal["truncate", "split", "drop"]
 # Bump when the encoding below changes, so old caches are not reused.
-_ENCODING_VERSION = "1"
+_ENCODING_VERSION = "2"
+# Rows of records that became no sample carry no tokens; they are removed after counting.
+_DROPPED, _BAD = "dropped", "bad"
+MAX_PROBLEMS_PRINTED = 20
 
 
 def encode_records(records: Sequence[dict[str, Any]], tokenizer, max_seq_length: int, cache_dir: str | Path | None = None,
-                   max_target_length: int | None = None, label_ids: Sequence[int] | None = None):
-    """A ``datasets.Dataset`` with columns ``input_ids``, ``labels`` and ``length`` (one row per window).
+                   max_target_length: int | None = None, label_ids: Sequence[int] | None = None,
+                   long_samples: LongSamples | None = None, strict: bool = False):
+    """The dataset of :func:`encode` (its counts left out)."""
+    return encode(records, tokenizer, max_seq_length, cache_dir, max_target_length, label_ids, long_samples, strict).dataset
 
-    With ``label_ids`` (one per record, :mod:`moetune.data.expert_labels`) it also has ``expert_label_id``:
-    every window of a record carries the record's id.
 
-    With ``cache_dir`` the result is stored there under a key made of the records' content, the
-    tokenizer's vocabulary, ``max_seq_length`` and ``max_target_length``; an identical later call
-    loads it instead of tokenizing again.
+@dataclass(frozen=True)
+class Encoded:
+    """An encoding: ``dataset`` (see :func:`encode`) and ``stats``, how many records were ``truncated``, ``split``
+    (into windows), ``dropped`` (too long under ``drop``, or nothing trained left) and ``bad`` (not renderable)."""
+
+    dataset: Any
+    stats: dict[str, int]
+
+
+def encode(records: Sequence[dict[str, Any]], tokenizer, max_seq_length: int, cache_dir: str | Path | None = None,
+           max_target_length: int | None = None, label_ids: Sequence[int] | None = None,
+           long_samples: LongSamples | None = None, strict: bool = False) -> Encoded:
+    """Encode ``records``: a ``datasets.Dataset`` with columns ``input_ids``, ``labels``, ``length``, ``record``
+    (the index of the record a row came from) and ``handling`` (``whole``, ``truncated`` or ``split``), one row per
+    sample, and the counts of how long and bad records were handled.
+
+    With ``label_ids`` (one per record, :mod:`moetune.data.expert_labels`) it also has ``expert_label_id``.
+    ``long_samples`` None: each record's kind decides. A conversation the chat template cannot render is
+    skipped and counted (its file and line printed), or, with ``strict``, a UserError naming them.
+
+    With ``cache_dir`` the result is stored there under a key made of the records, the tokenizer (its
+    vocabulary and chat template) and the options; an identical later call loads it instead.
     """
     from datasets import Dataset
 
-    columns: dict[str, list] = {"text": [], "prompt": [], "completion": []}
-    for record in records:
-        columns["text"].append(record.get("text"))
-        columns["prompt"].append(record.get("prompt"))
-        columns["completion"].append(record.get("completion"))
+    columns: dict[str, list] = {"record": [json.dumps(record, ensure_ascii=False) for record in records],
+                                "index": list(range(len(records)))}
     if label_ids is not None:
         columns["expert_label_id"] = list(label_ids)
     raw = Dataset.from_dict(columns)
     kwargs: dict[str, Any] = {}
+    options = {"max_len": max_seq_length, "max_target": max_target_length, "long_samples": long_samples}
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        key = _cache_key(columns, tokenizer, max_seq_length, max_target_length)
+        key = _cache_key(columns, tokenizer, options)
         kwargs = {"cache_file_name": str(Path(cache_dir) / f"encoded-{key}.arrow"), "load_from_cache_file": True}
-    return raw.map(
-        _encode_batch, batched=True, batch_size=1000, remove_columns=list(columns),
-        fn_kwargs={"tokenizer": tokenizer, "max_len": max_seq_length, "max_target": max_target_length},
-        desc="Tokenizing", **kwargs,
-    )
+    encoded = raw.map(_encode_batch, batched=True, batch_size=500, remove_columns=list(columns),
+                      fn_kwargs={"tokenizer": tokenizer, "strict": strict, **options}, desc="Tokenizing", **kwargs)
+    stats = _handling_counts(encoded)
+    _report_problems(encoded)
+    lengths = encoded.data.column("length").to_numpy()
+    kept = encoded if lengths.all() else encoded.select(lengths.nonzero()[0])  # an index mapping: nothing is copied
+    return Encoded(kept.remove_columns(["problem"]), stats)
 
 
-def _encode_batch(batch: dict[str, list], tokenizer, max_len: int, max_target: int | None = None) -> dict[str, list]:
+def _handling_counts(encoded) -> dict[str, int]:
+    counts = {"truncated": 0, "split": 0, "dropped": 0, "bad": 0}
+    seen: set[int] = set()
+    columns = encoded.data
+    for record, handling in zip(columns.column("record").to_pylist(), columns.column("handling").to_pylist(), strict=True):
+        if handling in counts and record not in seen:
+            counts[handling] += 1
+            seen.add(record)
+    return counts
+
+
+def _encode_batch(batch: dict[str, list], tokenizer, max_len: int, max_target: int | None, long_samples: LongSamples | None,
+                  strict: bool) -> dict[str, list]:
+    from moetune.data.sources import record_kind
+
+    renderer = renderer_of(tokenizer) if any('"messages"' in line for line in batch["record"]) else None
+    records = [json.loads(line) for line in batch["record"]]
+    rendered: list[Rendered | str] = []
+    for record in records:
+        try:
+            rendered.append(render_record(record, renderer))
+        except ConversationError as err:
+            if strict:
+                raise UserError(f"{record_location(record)}: {err} (data.strict is true; set data.strict: false to "
+                                "skip and count such conversations).") from None
+            rendered.append(f"{record_location(record)}: {err}")
+    good = [r for r in rendered if isinstance(r, Rendered)]
+    tokens = iter(_tokenize(tokenizer, good))
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    n = len(batch["text"])
-    plain = [i for i in range(n) if batch["text"][i] is not None]
-    paired = [i for i in range(n) if batch["text"][i] is None]
-    encoded: dict[int, tuple[list[int], list[int]]] = {}
-    if plain:
-        for i, ids in zip(plain, _ids(tokenizer, [batch["text"][i] for i in plain]), strict=True):
-            full = bos + ids + eos
-            encoded[i] = (full, list(full))
-    if paired:
-        for i, (ids, n_prompt) in zip(paired, _paired_ids(tokenizer, [batch["prompt"][i] for i in paired],
-                                                         [batch["completion"][i] for i in paired]), strict=True):
-            cut = max_target is not None and len(ids) - n_prompt > max_target
-            full = bos + (ids[:n_prompt + max_target] if cut else ids + eos)
-            encoded[i] = (full, [IGNORE_INDEX] * (len(bos) + n_prompt) + full[len(bos) + n_prompt:])
-    out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
+    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "record": [], "handling": [], "problem": []}
     label_ids = batch.get("expert_label_id")
     if label_ids is not None:
         out["expert_label_id"] = []
-    for i in range(n):
-        ids, labels = encoded[i]
-        for start in range(0, len(ids), max_len):
-            window_labels = labels[start:start + max_len]
-            window_labels[0] = IGNORE_INDEX
-            if all(label == IGNORE_INDEX for label in window_labels):
-                continue  # a window of prompt only teaches nothing
-            out["input_ids"].append(ids[start:start + max_len])
-            out["labels"].append(window_labels)
-            out["length"].append(len(window_labels))
-            if label_ids is not None:
-                out["expert_label_id"].append(label_ids[i])
+
+    def emit(n: int, ids: list[int], labels: list[int], handling: str, problem: str = "") -> None:
+        if labels:
+            labels = [IGNORE_INDEX] + labels[1:]
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["length"].append(len(ids))
+        out["record"].append(batch["index"][n])
+        out["handling"].append(handling)
+        out["problem"].append(problem)
+        if label_ids is not None:
+            out["expert_label_id"].append(label_ids[n])
+
+    for n, (record, item) in enumerate(zip(records, rendered, strict=True)):
+        if not isinstance(item, Rendered):
+            emit(n, [], [], _BAD, item)
+            continue
+        ids, labels, turn_ends, keep = next(tokens)
+        head = bos if item.bos else []
+        ids, labels = head + ids, [IGNORE_INDEX] * len(head) + labels
+        cut = max_target is not None and item.turn_ends is None and item.keep > 0
+        answer_tokens = len(ids) - (len(head) + keep)
+        if cut and answer_tokens > max_target:
+            ids, labels = ids[:len(head) + keep + max_target], labels[:len(head) + keep + max_target]
+        elif item.eos and eos:
+            ids, labels = ids + eos, labels + eos
+        if len(ids) <= max_len:
+            emit(n, ids, labels, "whole")
+            continue
+        kind = record_kind(record)
+        policy = long_samples or (kind.long_samples if kind is not None else "split")
+        if policy == "split":
+            windows = [(ids[s:s + max_len], labels[s:s + max_len]) for s in range(0, len(ids), max_len)]
+            # A window of prompt only teaches nothing.
+            windows = [(w_ids, w_labels) for w_ids, w_labels in windows if any(x != IGNORE_INDEX for x in w_labels[1:])]
+            for w_ids, w_labels in windows:
+                emit(n, w_ids, w_labels, "split")
+            if not windows:
+                emit(n, [], [], _DROPPED)
+            continue
+        end = _truncation_point(turn_ends, len(head) + keep, max_len) if policy == "truncate" else 0
+        if end and any(x != IGNORE_INDEX for x in labels[1:end]):
+            emit(n, ids[:end], labels[:end], "truncated")
+        else:
+            emit(n, [], [], _DROPPED)
     return out
 
 
-def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+def _truncation_point(turn_ends: list[int] | None, keep_tokens: int, max_len: int) -> int:
+    """Tokens kept: the end of the last whole turn that fits, or ``max_len`` when the cut may fall anywhere past
+    ``keep_tokens``; 0 when nothing may be kept."""
+    if turn_ends is None:
+        return max_len if keep_tokens < max_len else 0
+    return max((end for end in turn_ends if end <= max_len), default=0)
 
 
-def _paired_ids(tokenizer, prompts: list[str], completions: list[str]) -> list[tuple[list[int], int]]:
-    """(ids of prompt + completion, number of leading prompt tokens) for each pair.
+def _tokenize(tokenizer, items: list[Rendered]) -> list[tuple[list[int], list[int], list[int] | None, int]]:
+    """(ids, labels, turn ends in tokens (bos not counted), tokens before ``keep``) of each rendered record.
 
-    The pair is tokenized as one text and split by character offsets: tokenizing the completion
-    alone would add a second word-start marker in SentencePiece vocabularies (Llama, Mixtral), so
-    training would see token sequences that generation never produces. A token straddling the
-    boundary counts as prompt.
+    The text is tokenized once, whole, and spans are mapped through the offsets: tokenizing the parts
+    apart would add word-start markers in SentencePiece vocabularies (Llama, Mixtral) that generation never
+    produces. A token that overlaps a trained span carries loss.
     """
-    if not getattr(tokenizer, "is_fast", False):  # slow tokenizers have no offsets: tokenize the parts
-        return [(p + c, len(p)) for p, c in zip(_ids(tokenizer, prompts), _ids(tokenizer, completions), strict=True)]
-    texts = [p + c for p, c in zip(prompts, completions, strict=True)]
-    out = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    pairs = []
-    for ids, offsets, prompt in zip(out["input_ids"], out["offset_mapping"], prompts, strict=True):
-        n_prompt = sum(1 for start, _ in offsets if start < len(prompt))
-        pairs.append((ids, n_prompt))
-    return pairs
+    if not items:
+        return []
+    if not getattr(tokenizer, "is_fast", False):
+        return [_tokenize_slow(tokenizer, item) for item in items]
+    out = tokenizer([item.text for item in items], add_special_tokens=False, return_offsets_mapping=True)
+    results = []
+    for item, ids, offsets in zip(items, out["input_ids"], out["offset_mapping"], strict=True):
+        labels = [token if _overlaps(start, end, item.trained) else IGNORE_INDEX
+                  for token, (start, end) in zip(ids, offsets, strict=True)]
+        head = 1 if item.bos and tokenizer.bos_token_id is not None else 0
+        turn_ends = None if item.turn_ends is None else [
+            head + sum(1 for start, _ in offsets if start < char) for char in item.turn_ends]
+        keep = sum(1 for start, _ in offsets if start < item.keep)
+        results.append((ids, labels, turn_ends, keep))
+    return results
 
 
-def _cache_key(columns: dict[str, list], tokenizer, max_seq_length: int, max_target_length: int | None) -> str:
+def _tokenize_slow(tokenizer, item: Rendered) -> tuple[list[int], list[int], None, int]:
+    """Tokenizers without offsets: the parts are tokenized apart (text, or prompt and completion)."""
+    if item.turn_ends is not None:
+        raise UserError("Conversations need a fast tokenizer (one with a tokenizer.json): moetune maps the chat "
+                        "template's rendering to tokens through its character offsets.")
+    prompt = tokenizer(item.text[:item.keep], add_special_tokens=False)["input_ids"] if item.keep else []
+    rest = tokenizer(item.text[item.keep:], add_special_tokens=False)["input_ids"]
+    return prompt + rest, [IGNORE_INDEX] * len(prompt) + rest, None, len(prompt)
+
+
+def _overlaps(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
+    # Few spans per record: a scan is cheaper than bisect bookkeeping.
+    for span_start, span_end in spans:
+        if start < span_end and (end > span_start or (start == end and start >= span_start)):
+            return True
+    return False
+
+
+def _report_problems(encoded) -> None:
+    columns = encoded.data
+    problems = [problem for problem, handling in zip(columns.column("problem").to_pylist(),
+                                                     columns.column("handling").to_pylist(), strict=True) if handling == _BAD]
+    for problem in problems[:MAX_PROBLEMS_PRINTED]:
+        print(f"skipped conversation {problem}", file=sys.stderr)
+    if len(problems) > MAX_PROBLEMS_PRINTED:
+        print(f"... and {len(problems) - MAX_PROBLEMS_PRINTED} more conversations skipped", file=sys.stderr)
+
+
+def _cache_key(columns: dict[str, list], tokenizer, options: dict[str, Any]) -> str:
+    from moetune.data.chat_templates import chat_template_of
+
     digest = hashlib.blake2b(digest_size=16)
-    # An uncapped key is the one earlier versions made, so their caches stay valid.
-    cap = "" if max_target_length is None else f"target={max_target_length}|"
-    digest.update(f"{_ENCODING_VERSION}|{max_seq_length}|{tokenizer.bos_token_id}|{tokenizer.eos_token_id}|{cap}".encode())
+    digest.update(f"{_ENCODING_VERSION}|{tokenizer.bos_token_id}|{tokenizer.eos_token_id}|{sorted(options.items())}".encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     digest.update(backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode())
-    for name in ("text", "prompt", "completion"):
-        for value in columns[name]:
-            digest.update(b"\x00" if value is None else value.encode("utf-8", "surrogatepass") + b"\x01")
-    if "expert_label_id" in columns:  # absent from the key otherwise, so caches without label ids stay valid
+    digest.update(b"template|" + (chat_template_of(tokenizer) or "").encode())
+    for line in columns["record"]:
+        digest.update(line.encode("utf-8", "surrogatepass") + b"\x00")
+    if "expert_label_id" in columns:
         digest.update(b"labels|" + ",".join(map(str, columns["expert_label_id"])).encode())
     return digest.hexdigest()
