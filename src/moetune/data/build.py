@@ -226,7 +226,7 @@ class _DedupWriter:
 
 
 def _check_path(kind: SourceKind, path: str, key: str) -> None:
-    exists = Path(path).is_dir() if kind.path_is == "directory" else Path(path).is_file()
+    exists = {"directory": Path(path).is_dir, "file": Path(path).is_file, "file or directory": Path(path).exists}[kind.path_is]()
     if not exists:
         raise UserError(f"{key}: {path} is not a {kind.path_is} ({kind.name} needs {kind.path_holds}; "
                         f"relative paths resolve against {Path.cwd()}).")

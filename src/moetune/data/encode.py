@@ -22,14 +22,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from moetune.data.chat_render import ConversationError
 from moetune.data.rendering import Rendered, record_location, render_record, renderer_of
+from moetune.data.sources._kind import LongSamples
 from moetune.errors import UserError
 
 IGNORE_INDEX = -100
-LongSamples = Literal["truncate", "split", "drop"]
 # Bump when the encoding below changes, so old caches are not reused.
 _ENCODING_VERSION = "2"
 # Rows of records that became no sample carry no tokens; they are removed after counting.

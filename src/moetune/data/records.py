@@ -1,12 +1,21 @@
 """The dataset line format: what one sample looks like on disk, and how it is read back.
 
-Every line of the built JSONL is one JSON object with either ``text`` (plain language-model
-samples) or ``prompt`` + ``completion`` (the loss is taken on the completion only), plus
-``source`` (``rust_repo`` | ``qa_jsonl``), ``kind`` and the source's metadata:
+Every line of the built JSONL is one JSON object with one content shape, ``source`` (the kind that wrote
+it), ``kind`` and the source's metadata:
+
+- ``text``: plain language-model samples (the loss is on every token);
+- ``prompt`` + ``completion``: the loss is on the completion only;
+- ``messages``: a conversation (see :mod:`moetune.data.conversations` for the message fields), rendered by
+  the tokenizer's chat template when it is tokenized; the loss is on the messages whose ``train`` is true.
+  Optional ``tools`` (JSON schemas) and ``train_reasoning``. A record may also carry ``prompt`` +
+  ``completion``, used when the tokenizer has no chat template (instructions).
+
+How each shape becomes tokens and labels is :mod:`moetune.data.rendering`. Metadata by kind:
 
 - rust_repo: ``repo``, ``crate``, ``path`` (relative to the repository root), ``name``,
   ``module``, ``start_line``, ``end_line``; instruction samples add ``item_kind``.
-- qa_jsonl: ``expert_label`` (null when the line had none), ``file``, ``line``.
+- qa_jsonl, chat, instruction: ``expert_label`` (null when the input had none), ``file``, ``line`` or ``row``.
+- text: ``file``, ``line`` or ``row``.
 """
 
 from __future__ import annotations
@@ -28,7 +37,9 @@ DEFAULT_CHARS_PER_TOKEN = 3.0
 
 
 def sample_chars(record: dict[str, Any]) -> int:
-    """Characters of model input in a record (text, or prompt plus completion)."""
+    """Characters of model input in a record (text, prompt plus completion, or a conversation's contents)."""
+    if "messages" in record:
+        return sum(len(m.get("content") or "") + len(m.get("reasoning_content") or "") for m in record["messages"])
     if "text" in record:
         return len(record["text"])
     return len(record["prompt"]) + len(record["completion"])
@@ -41,7 +52,9 @@ def estimate_tokens(chars: int, chars_per_token: float = DEFAULT_CHARS_PER_TOKEN
 
 def content_digest(record: dict[str, Any]) -> bytes:
     """16-byte hash of what the model sees; two records with equal digests are exact duplicates."""
-    if "text" in record:
+    if "messages" in record:
+        content = json.dumps([record["messages"], record.get("tools")], ensure_ascii=False, sort_keys=True)
+    elif "text" in record:
         content = record["text"]
     else:
         content = record["prompt"] + "\x00" + record["completion"]
@@ -83,10 +96,16 @@ def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
 
 
 def _check_record(record: Any, where: str) -> None:
-    """A dataset line is an object with a string ``text``, or string ``prompt`` and ``completion``."""
-    expected = "a dataset line needs `text` (a string) or `prompt` + `completion` (strings)"
+    """A dataset line is an object with a string ``text``, string ``prompt`` and ``completion``, or a list of
+    ``messages`` (objects with a string ``role``)."""
+    expected = "a dataset line needs `text` (a string), `prompt` + `completion` (strings) or `messages` (a list)"
     if not isinstance(record, dict):
         raise UserError(f"{where}: {expected}; got a JSON {_json_type(record)}.")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+            raise UserError(f"{where}: {expected}; `messages` must be a list of objects with a `role`.")
+        return
     fields = ("text",) if "text" in record else ("prompt", "completion")
     for name in fields:
         if name not in record:

@@ -13,9 +13,9 @@ import sys
 from typing import Any
 
 from moetune import plugins
-from moetune.data.sources._kind import Evaluation, SampleWriter, SourceKind, group_by_kind, unit_by_text
+from moetune.data.sources._kind import Evaluation, LongSamples, SampleWriter, SourceKind, group_by_kind, unit_by_text
 
-__all__ = ["Evaluation", "SampleWriter", "SourceKind", "group_by_kind", "record_kind", "registered_kinds",
+__all__ = ["Evaluation", "LongSamples", "SampleWriter", "SourceKind", "group_by_kind", "record_kind", "registered_kinds",
            "source_kind", "unit_by_text"]
 
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from moetune.config.schema import Config
 
 Evaluation = Literal["answer", "body", "loss"]
+LongSamples = Literal["truncate", "split", "drop"]
 
 
 class SampleWriter(Protocol):
@@ -51,7 +52,7 @@ class SourceKind:
     config_class: type
     """The frozen dataclass of one ``data.sources`` entry (fields ``type`` and ``path`` plus its own;
     loaded with strict keys like every section, and its help texts go into the README's reference)."""
-    path_is: Literal["directory", "file"]
+    path_is: Literal["directory", "file", "file or directory"]
     """What an entry's ``path`` must be; the build checks it before reading anything."""
     path_holds: str
     """What that path holds, for the error when it is missing ("the root of a Rust repository")."""
@@ -74,5 +75,9 @@ class SourceKind:
     """The group a record's routed tokens count for in the routing report (and ESFT's expert choice)."""
     evaluation: Evaluation = "loss"
     """What ``moetune eval`` does with a validation record beyond its loss: ``answer``: generate the
-    completion of a prompt/completion record and score it against the gold answers; ``body``: generate
-    a Rust item's body from its signature; ``loss``: nothing more."""
+    completion of a prompt/completion record, or a conversation's final assistant turn, and score it against
+    the gold answers; ``body``: generate a Rust item's body from its signature; ``loss``: nothing more."""
+    long_samples: LongSamples = "split"
+    """What a record longer than ``model.max_seq_length`` becomes unless ``data.long_samples`` says otherwise:
+    ``truncate`` (one sample, cut at the last whole turn that fits, or inside the answer), ``split`` (consecutive
+    windows, each a sample), ``drop`` (left out). Counted in the training data's figures."""
