@@ -25,6 +25,8 @@ SOURCE_MODULES: dict[str, str] = {
     "rust_repo": "moetune.data.sources.rust_repo",
     "qa_jsonl": "moetune.data.sources.qa_jsonl",
     "chat": "moetune.data.sources.chat",
+    "instruction": "moetune.data.sources.instruction",
+    "text": "moetune.data.sources.text",
 }
 """``data.sources[].type`` -> the module exporting that kind's ``SOURCE``. The order is the order of
 kinds in error messages, the config reference, the stats file and the build summary."""

@@ -17,17 +17,20 @@ _GOOD = json.dumps({"text": "fn a() {}", "source": "rust_repo", "kind": "functio
 @pytest.mark.parametrize(("content", "expected"), [
     (b"\x7fELF\x02\x01\x01\x00\x00\x00\xff\xfe", "data.jsonl:1: not UTF-8 text (byte 11 of the line); "
      "is data.output_path a dataset built by `moetune data`?"),
-    ((_GOOD + '{"text": 12345}\n').encode(), "data.jsonl:2: a dataset line needs `text` (a string) or "
-     "`prompt` + `completion` (strings); `text` is a JSON number."),
+    ((_GOOD + '{"text": 12345}\n').encode(), "data.jsonl:2: a dataset line needs `text` (a string), "
+     "`prompt` + `completion` (strings) or `messages` (a list); `text` is a JSON number."),
     ((_GOOD * 3 + '{"completion": "x", "kind": "qa"}\n').encode(), "data.jsonl:4: a dataset line needs `text` "
-     "(a string) or `prompt` + `completion` (strings); `prompt` is missing (keys: `completion`, `kind`)."),
+     "(a string), `prompt` + `completion` (strings) or `messages` (a list); `prompt` is missing (keys: `completion`, `kind`)."),
     ((_GOOD + '{"prompt": "q", "completion": null}\n').encode(), "data.jsonl:2: a dataset line needs `text` "
-     "(a string) or `prompt` + `completion` (strings); `completion` is a JSON null."),
-    ((_GOOD + '["text"]\n').encode(), "data.jsonl:2: a dataset line needs `text` (a string) or "
-     "`prompt` + `completion` (strings); got a JSON array."),
+     "(a string), `prompt` + `completion` (strings) or `messages` (a list); `completion` is a JSON null."),
+    ((_GOOD + '["text"]\n').encode(), "data.jsonl:2: a dataset line needs `text` (a string), "
+     "`prompt` + `completion` (strings) or `messages` (a list); got a JSON array."),
+    ((_GOOD + '{"messages": [{"content": "x"}]}\n').encode(), "data.jsonl:2: a dataset line needs `text` (a string), "
+     "`prompt` + `completion` (strings) or `messages` (a list); `messages` must be a list of objects with a `role`."),
     ((_GOOD + '{"text": "fn b() {').encode(), "data.jsonl:2: not a JSON line (Unterminated string starting at); "
      "rebuild it with `moetune data`."),
-], ids=["binary", "text-not-a-string", "completion-without-prompt", "completion-null", "not-an-object", "truncated"])
+], ids=["binary", "text-not-a-string", "completion-without-prompt", "completion-null", "not-an-object", "message-without-role",
+                            "truncated"])
 def test_training_on_a_dataset_that_is_not_one_exits_2_naming_file_and_line(tmp_path: Path, capsys, content, expected):
     (tmp_path / "data.jsonl").write_bytes(content)
     config = tmp_path / "tiny.yaml"

@@ -260,6 +260,17 @@ class DataConfig:
         None, "Longest completion (answer) of a prompt/completion sample in tokens; a longer one keeps its first n "
         "tokens and gets no end-of-sequence token, since it did not end there. null = no limit."
     )
+    long_samples: Literal["truncate", "split", "drop"] | None = opt(
+        None, "A sample longer than model.max_seq_length: truncate keeps it one sample (a conversation cut after the last "
+        "whole turn that fits, a QA answer cut, its question kept), split cuts it into windows that are samples of their "
+        "own, drop leaves it out. null = each source kind's way: truncate for chat, instruction and QA, split for text "
+        "and Rust. Counted in the training data's figures."
+    )
+    chat_template: str | None = opt(
+        None, "Chat template that renders conversations (chat and instruction sources) and generation prompts: a .jinja "
+        "file or a template shipped with moetune (chatml). null = the tokenizer's own. It is saved with the run's "
+        "tokenizer, so evaluation and generation render the same way."
+    )
 
     def __post_init__(self) -> None:
         check(bool(self.output_path), "data.output_path", self.output_path, "a non-empty path")

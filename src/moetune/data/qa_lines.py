@@ -35,8 +35,10 @@ class BadLine(ValueError):
     """A line that cannot become a sample; the message is the reason."""
 
 
-def read_qa_jsonl(path: str | Path, prompt_template: str, strict: bool, stats: QaStats) -> Iterator[dict[str, Any]]:
-    """Yield one record per good line of ``path``; count and describe the bad ones in ``stats``.
+def read_qa_jsonl(path: str | Path, prompt_template: str, strict: bool, stats: QaStats,
+                  cache_dir: str | Path | None = None) -> Iterator[dict[str, Any]]:
+    """Yield one record per good line (or row, for a .parquet or .arrow file) of ``path``; count and describe the
+    bad ones in ``stats``. ``cache_dir``: where ``datasets`` keeps its copy of a parquet file.
 
     ``prompt_template`` gets the question in place of ``{question}``; the completion is the
     answer with a leading space, so prompt + completion reads as one text.
@@ -45,6 +47,9 @@ def read_qa_jsonl(path: str | Path, prompt_template: str, strict: bool, stats: Q
     if not path.is_file():
         raise UserError(f"data.sources: qa_jsonl file {path} does not exist (relative paths resolve against "
                         f"{Path.cwd()}).")
+    if path.suffix in (".parquet", ".arrow"):
+        yield from _read_qa_table(path, prompt_template, strict, stats, cache_dir)
+        return
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             if lineno == 1:
@@ -62,12 +67,35 @@ def read_qa_jsonl(path: str | Path, prompt_template: str, strict: bool, stats: Q
                                     "set data.strict: false to skip and count bad lines instead).") from None
                 stats.bad_lines.append(where)
                 continue
-            if label is None:
-                stats.missing_expert_label += 1
-            else:
-                stats.expert_labels[label] += 1
-            yield {"prompt": prompt_template.replace("{question}", question), "completion": " " + answer,
-                   "source": "qa_jsonl", "kind": "qa", "expert_label": label, "file": str(path), "line": lineno}
+            yield _qa_record(question, answer, label, prompt_template, stats, {"file": str(path), "line": lineno})
+
+
+def _read_qa_table(path: Path, prompt_template: str, strict: bool, stats: QaStats, cache_dir) -> Iterator[dict[str, Any]]:
+    """The rows of a parquet or Arrow file with ``question`` and ``answer`` columns, as :func:`read_qa_jsonl` reads lines."""
+    from moetune.data.tabular import read_rows
+
+    for row in read_rows(path, ("question", "answer"), cache_dir):
+        stats.lines_read += 1
+        try:
+            question, answer, label = qa_fields(row.value)
+        except BadLine as err:
+            where = f"{row.where}: {err}"
+            if strict:
+                raise UserError(f"{where} (data.strict is true, so the build stops at the first bad line; "
+                                "set data.strict: false to skip and count bad lines instead).") from None
+            stats.bad_lines.append(where)
+            continue
+        yield _qa_record(question, answer, label, prompt_template, stats, row.place)
+
+
+def _qa_record(question: str, answer: str, label: str | None, prompt_template: str, stats: QaStats,
+               place: dict[str, Any]) -> dict[str, Any]:
+    if label is None:
+        stats.missing_expert_label += 1
+    else:
+        stats.expert_labels[label] += 1
+    return {"prompt": prompt_template.replace("{question}", question), "completion": " " + answer,
+            "source": "qa_jsonl", "kind": "qa", "expert_label": label, **place}
 
 
 def parse_qa_line(raw: bytes) -> tuple[str, str, str | None]:
@@ -82,6 +110,11 @@ def parse_qa_line(raw: bytes) -> tuple[str, str, str | None]:
         raise BadLine(f"invalid JSON ({err.msg} at column {err.colno})") from None
     except RecursionError:
         raise BadLine("invalid JSON (nested too deeply)") from None
+    return qa_fields(obj)
+
+
+def qa_fields(obj: Any) -> tuple[str, str, str | None]:
+    """(question, answer, expert_label or None) of one parsed line or row; raises BadLine with the reason."""
     if not isinstance(obj, dict):
         raise BadLine(f"expected a JSON object, got {type(obj).__name__}")
     question = obj.get("question")

@@ -25,25 +25,30 @@ MAX_BAD_LINES_IN_STATS = 1000
 
 @dataclass(frozen=True)
 class QaJsonlSourceConfig:
-    """Question/answer JSONL lines: {"question", "answer", "expert_label"}."""
+    """Question/answer JSONL lines: {"question", "answer", "expert_label"} (or a parquet / Arrow file of them)."""
 
-    path: str = required("JSONL file (relative paths resolve against the current directory).")
+    path: str = required("JSONL file, or a .parquet or .arrow file with question and answer columns (relative paths "
+                         "resolve against the current directory).")
     type: Literal["qa_jsonl"] = opt("qa_jsonl", "Source kind.")
     prompt_template: str = opt("Question: {question}\nAnswer:", "Prompt built from each line; loss is on the answer only.")
+    weight: float | None = opt(None, "Share of each training epoch this source's samples make (relative to the other "
+                               "sources' weights; up- or down-sampled, seeded); null = as many as it has.")
 
     def __post_init__(self) -> None:
         check(bool(self.path), "data.sources[].path", self.path, "a non-empty path")
         check("{question}" in self.prompt_template, "data.sources[].prompt_template", self.prompt_template,
               "a template containing {question}")
+        check(self.weight is None or self.weight > 0, "data.sources[].weight", self.weight, "greater than 0 or null")
 
 
 def add_samples(source: QaJsonlSourceConfig, config: Config, writer: SampleWriter, stats: dict) -> None:
     """Write one sample per good line; count and report the bad ones (``data.strict`` stops at the first)."""
     from moetune.data.qa_lines import QaStats, read_qa_jsonl
     from moetune.data.records import content_digest, sample_chars, to_json_line
+    from moetune.data.sources._rows import dataset_cache_dir
 
     qa = QaStats()
-    for record in read_qa_jsonl(source.path, source.prompt_template, config.data.strict, qa):
+    for record in read_qa_jsonl(source.path, source.prompt_template, config.data.strict, qa, dataset_cache_dir(config)):
         writer.write(content_digest(record), to_json_line(record), "qa_jsonl", "qa", sample_chars(record))
     stats["qa_lines_read"] += qa.lines_read
     stats["bad_lines"] += len(qa.bad_lines)
@@ -100,7 +105,7 @@ SOURCE = SourceKind(
     name="qa_jsonl",
     config_class=QaJsonlSourceConfig,
     path_is="file",
-    path_holds="a JSONL file",
+    path_holds="a JSONL, parquet or Arrow file",
     add_samples=add_samples,
     new_stats=new_stats,
     summary_lines=summary_lines,
@@ -109,4 +114,5 @@ SOURCE = SourceKind(
     split_unit=split_unit,
     routing_group=routing_group,
     evaluation="answer",
+    long_samples="truncate",
 )

@@ -41,10 +41,13 @@ class RustRepoSourceConfig:
                               "parsed whole: tree-sitter's syntax tree alone takes about 25 times the file's size in "
                               "memory (a worker peaks near 90 times), so raise it with the memory of every worker in mind.")
     exclude: tuple[str, ...] = opt((), "Extra gitignore-style patterns to skip.")
+    weight: float | None = opt(None, "Share of each training epoch this source's samples make (relative to the other "
+                               "sources' weights; up- or down-sampled, seeded); null = as many as it has.")
 
     def __post_init__(self) -> None:
         check(bool(self.path), "data.sources[].path", self.path, "a non-empty path")
         check(self.max_file_bytes > 0, "data.sources[].max_file_bytes", self.max_file_bytes, "greater than 0")
+        check(self.weight is None or self.weight > 0, "data.sources[].weight", self.weight, "greater than 0 or null")
 
 
 def add_samples(source: RustRepoSourceConfig, config: Config, writer: SampleWriter, stats: dict) -> None:
