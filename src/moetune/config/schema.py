@@ -274,6 +274,11 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.output_path), "data.output_path", self.output_path, "a non-empty path")
+        weighted = [getattr(source, "weight", None) is not None for source in self.sources]
+        if any(weighted) and not all(weighted):
+            unset = weighted.index(False)
+            raise ConfigError(f"data.sources[{unset}].weight", f"data.sources[{unset}].weight is not set while another "
+                              "source's is: weights are shares of each epoch, so give every source one (or none).")
         check(self.num_workers >= 0, "data.num_workers", self.num_workers, "0 or more")
         check(1.0 <= self.chars_per_token <= 16.0, "data.chars_per_token", self.chars_per_token, "in [1, 16]")
         check(self.max_samples is None or self.max_samples >= 1, "data.max_samples", self.max_samples,
@@ -400,9 +405,10 @@ class InferenceConfig:
     top_p: float = opt(0.95, "Nucleus sampling mass.")
     repetition_penalty: float = opt(1.1, "Penalty on repeated tokens (1.0 = none).")
     max_new_tokens: int = opt(256, "Longest generated continuation.")
-    use_chat_template: bool = opt(
-        False, "`moetune generate` wraps each prompt as one user message in the tokenizer's chat template, when it has "
-        "one. Leave false for a model trained on plain text; evaluation always uses prompts as the data has them.")
+    use_chat_template: bool | None = opt(
+        None, "`moetune generate` wraps each prompt as one user message in the chat template (the tokenizer's, or "
+        "data.chat_template). null: when there is one; false: prompts are used as written (a model trained on plain "
+        "text). Evaluation renders each record as training did, whatever this says.")
 
     def __post_init__(self) -> None:
         check(self.temperature > 0, "inference.temperature", self.temperature, "greater than 0")

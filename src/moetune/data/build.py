@@ -57,7 +57,9 @@ def build_dataset(config: Config) -> int:
     with _exit_cleanly_on_termination(), _removed_unless_renamed(tmp_output, tmp_stats):
         with tmp_output.open("w", encoding="utf-8", newline="\n") as out:
             writer = _DedupWriter(out, stats)
-            for source in data.sources:
+            weighted = any(getattr(source, "weight", None) is not None for source in data.sources)
+            for entry, source in enumerate(data.sources):
+                writer.entry = entry if weighted else None  # weights mix by entry (moetune.data.mixing)
                 source_kind(source.type).add_samples(source, config, writer, stats)
         stats["estimated_tokens"] = estimate_tokens(stats["characters"], data.chars_per_token)
         stats["samples"] = {source: dict(sorted(counts.items())) for source, counts in stats["samples"].items()}
@@ -87,7 +89,8 @@ def build_inputs(config: Config) -> dict | None:
             files.append({"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
     # Keys that only matter after the build (which samples are used, how they are tokenized) are left out.
     settings = {key: value for key, value in config_to_dict(config.data).items()
-                if key not in ("output_path", "num_workers", "packing", "max_samples", "max_target_length")}
+                if key not in ("output_path", "num_workers", "packing", "max_samples", "max_target_length", "long_samples",
+                               "chat_template")}
     return json.loads(json.dumps({"files": files, "settings": settings}))
 
 
@@ -190,6 +193,7 @@ class _DedupWriter:
 
     def __init__(self, out: IO[str], stats: dict):
         self.out, self.stats, self.seen = out, stats, set()
+        self.entry: int | None = None  # when set, written into every record as `entry`
 
     def write_file_samples(self, samples: list[tuple[bytes, str, str, int]], source: str,
                            breadth: Mapping[str, int]) -> None:
@@ -218,6 +222,8 @@ class _DedupWriter:
             self.stats["duplicates_removed"] += 1
             return
         self.seen.add(digest)
+        if self.entry is not None:  # the kind wrote one JSON object: add its source's index before the closing brace
+            line = f'{line.rstrip().removesuffix("}")}, "entry": {self.entry}}}\n'
         self.out.write(line)
         samples = self.stats["samples"].setdefault(source, {})
         samples[kind] = samples.get(kind, 0) + 1

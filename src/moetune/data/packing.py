@@ -29,8 +29,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from moetune.config.schema import Config
-from moetune.data.encode import IGNORE_INDEX, encode_records
+from moetune.data.encode import IGNORE_INDEX, encode
 from moetune.data.expert_labels import NO_LABEL, label_ids_of, label_vocabulary
+from moetune.data.mixing import mix_by_weight
 from moetune.data.split import load_splits
 from moetune.data.tokenizer import pad_token_id
 from moetune.errors import UserError
@@ -183,10 +184,12 @@ def build_train_eval_datasets(config: Config, tokenizer, cache_dir: str | Path |
     per-sample masking) or ``attention_mask`` (padded). Labels are not shifted: the model shifts them. ``data.eval`` is None when validation.validation_split is 0.
     ``packs_by_position_ids`` False (the model's fact, see the module docstring): padding even when data.packing is on.
     ``flatten_packed_rows`` (the model runs a flash kernel): each batch of packed rows is one flattened row.
-    ``stats`` holds sample, token and row counts and ``packing_efficiency`` (real tokens / slots).
+    ``stats`` holds sample, token and row counts, ``packing_efficiency`` (real tokens / slots), how long and bad
+    records were handled (``<split>_long_samples``) and the weighted mixture of the sources (``mixture``).
     ``cache_dir`` defaults to ``<dataset folder>/.cache``.
     """
     train_records, val_records = load_splits(config)
+    train_records, mixture = mix_by_weight(train_records, config.data.sources, config.training.seed)
     if config.validation.max_eval_samples is not None:
         val_records = val_records[:config.validation.max_eval_samples]
     max_len = config.model.max_seq_length
@@ -197,7 +200,7 @@ def build_train_eval_datasets(config: Config, tokenizer, cache_dir: str | Path |
               file=sys.stderr)
     cache = Path(cache_dir) if cache_dir is not None else Path(config.data.output_path).parent / ".cache"
     pad_id = pad_token_id(tokenizer)
-    stats: dict[str, Any] = {"train_records": len(train_records), "eval_records": len(val_records)}
+    stats: dict[str, Any] = {"train_records": len(train_records), "eval_records": len(val_records), "mixture": mixture}
     datasets = []
     vocabulary = _supervised_labels(config, train_records)
     for name, records in (("train", train_records), ("eval", val_records)):
@@ -206,8 +209,10 @@ def build_train_eval_datasets(config: Config, tokenizer, cache_dir: str | Path |
             continue
         # Only the training batches carry label ids: the routing supervision is a training loss.
         label_ids = label_ids_of(records, vocabulary) if vocabulary and name == "train" else None
-        encoded = encode_records(records, tokenizer, max_len, cache_dir=cache, max_target_length=config.data.max_target_length,
-                                 label_ids=label_ids)
+        encoding = encode(records, tokenizer, max_len, cache_dir=cache, max_target_length=config.data.max_target_length,
+                          label_ids=label_ids, long_samples=config.data.long_samples, strict=config.data.strict)
+        encoded = encoding.dataset
+        stats[f"{name}_long_samples"] = encoding.stats
         lengths = encoded.data.column("length").to_pylist()  # plain ints: Column indexing is slow
         stats[f"{name}_samples"] = len(lengths)
         stats[f"{name}_tokens"] = sum(lengths)
@@ -223,6 +228,22 @@ def build_train_eval_datasets(config: Config, tokenizer, cache_dir: str | Path |
         _raise_empty_train(config)
     collator = PackedCollator(pad_id, flatten=flatten_packed_rows) if packed else PaddingCollator(pad_id)
     return TrainingData(datasets[0], datasets[1], collator, packed, stats)
+
+
+def data_lines(stats: dict[str, Any]) -> list[str]:
+    """What the figures of :class:`TrainingData` say beyond the sample counts: the records that were too long or not
+    renderable, and the weighted mixture; one line each, none when there is nothing to say."""
+    lines = []
+    for name in ("train", "eval"):
+        handled = {k: n for k, n in stats.get(f"{name}_long_samples", {}).items() if n}
+        if handled:
+            said = {"truncated": "truncated to fit", "split": "split into windows", "dropped": "dropped (too long)",
+                    "bad": "skipped (the chat template cannot render them)"}
+            lines.append(f"{name}: " + ", ".join(f"{n:,} records {said[k]}" for k, n in handled.items()))
+    for part in stats.get("mixture", []):
+        lines.append(f"mixture: {part['source']} weight {part['weight']:g}: {part['samples']:,} samples per epoch "
+                     f"from {part['records']:,} records")
+    return lines
 
 
 def build_dataloaders(config: Config, tokenizer, *, packs_by_position_ids: bool = True,

@@ -45,6 +45,15 @@ def sample_chars(record: dict[str, Any]) -> int:
     return len(record["prompt"]) + len(record["completion"])
 
 
+def record_text(record: dict[str, Any]) -> str:
+    """All the text a record holds, in reading order: what a tokenizer trained on the data learns from."""
+    if "messages" in record:
+        return "\n".join(part for m in record["messages"] for part in (m.get("reasoning_content"), m.get("content")) if part)
+    if "text" in record:
+        return record["text"]
+    return record["prompt"] + record["completion"]
+
+
 def estimate_tokens(chars: int, chars_per_token: float = DEFAULT_CHARS_PER_TOKEN) -> int:
     """Token count estimated from a character count (rounded up)."""
     return math.ceil(chars / chars_per_token)

@@ -14,6 +14,8 @@ needed that no template states. They are read off renderings of tiny probe conve
   `` to=functions.``): the model writes it too, so it is trained. None when the template renders no tool call.
 - ``tool_arguments_as_text``: the template needs a call's arguments as JSON text (DeepSeek concatenates
   them as a string); otherwise they are passed as an object, as most templates (and transformers) expect.
+- ``stop``: the token the template writes after a final reply (``<|im_end|>``, ``<|return|>``): where a
+  generation ends besides eos.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class TemplateAnatomy:
     end_of_turn: tuple[str, ...]
     tool_open: str | None
     tool_arguments_as_text: bool
+    stop: tuple[str, ...] = ()
 
 
 class TemplateRaised(ValueError):
@@ -72,6 +75,7 @@ def template_anatomy(template: str, special_tokens: tuple[tuple[str, str], ...],
     eos = dict(special_tokens).get("eos_token")
     if eos:
         end_of_turn.append(eos)
+    stop = []
     for conversation in ([user, reply], [user, reply, {"role": "user", "content": _FOLLOW_UP}]):
         try:
             [text] = render(template, special_tokens, [conversation])
@@ -82,10 +86,12 @@ def template_anatomy(template: str, special_tokens: tuple[tuple[str, str], ...],
             first = _first_token_after(text, after + len(_REPLY), added_special)
             if first is not None:
                 end_of_turn.append(first)
+                if len(conversation) == 2:
+                    stop.append(first)
     tool_open, as_text = _tool_open(template, special_tokens, user, reply)
     # Longest first, so a token that begins another (<|end|>, <|endoftext|>) is matched whole.
     ordered = tuple(sorted(dict.fromkeys(end_of_turn), key=lambda token: (-len(token), token)))
-    return TemplateAnatomy(header, ordered, tool_open, as_text)
+    return TemplateAnatomy(header, ordered, tool_open, as_text, tuple(stop))
 
 
 def _generation_prompt(template: str, special_tokens, user: dict) -> str:

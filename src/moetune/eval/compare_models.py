@@ -2,8 +2,9 @@
 
 For each model in turn (the fine-tuned one first, so a wrong adapter fails at once; for an adapter the
 base is the same model with the adapter switched off): loss and perplexity per sample group,
-routed-token counts per group, QA answers (exact match, token F1) and Rust bodies generated from
-their signatures. Writes report.json, report.md and one routing heatmap PNG per model.
+routed-token counts per group, answers (exact match, token F1: QA answers, and the final assistant reply of
+each conversation, generated from the conversation before it as its chat template renders it) and Rust bodies
+generated from their signatures. Writes report.json, report.md and one routing heatmap PNG per model.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from moetune.config.schema import Config
 from moetune.data.sources import Evaluation, record_kind
 from moetune.errors import UserError
-from moetune.eval.generate import generate_texts, prompt_token_budget, rust_generation_prompt
+from moetune.eval.generate import generate_from_ids, generate_texts, prompt_token_budget, rust_generation_prompt
 from moetune.eval.load import load_base, load_eval_tokenizer, load_tuned, resolve_tuned_model
 from moetune.eval.qa_metrics import aggregate_scores, clean_prediction, exact_match, gold_answers, token_f1
 from moetune.eval.report import console_table, perplexity_section, write_report
@@ -50,7 +51,7 @@ def evaluate(config: Config, adapter_path: str | None = None, max_samples: int |
     tokenizer = load_eval_tokenizer(config, tuned_path)
     validation = validation_records(config)
     samples = choose_samples(validation, max_samples, config.training.seed)
-    qa = [r for r in samples if _evaluated_as(r) == "answer" and "prompt" in r and "completion" in r]
+    qa = answer_questions(samples, tokenizer)
     rust = [(r, *pair) for r in samples if _evaluated_as(r) == "body" and (pair := rust_generation_prompt(r)) is not None]
     _say(f"eval: {len(samples)} of {len(validation)} validation samples ({len(qa)} QA, {len(rust)} Rust items "
          f"to generate from); fine-tuned {tuned_path.kind}: {tuned_path.path}")
@@ -94,6 +95,44 @@ def _evaluated_as(record: dict) -> Evaluation:
     return kind.evaluation if kind is not None else "loss"
 
 
+@dataclass(frozen=True)
+class Question:
+    """A validation record whose answer is generated: the prompt's token ids, how the report shows the prompt, and
+    the reference answer(s)."""
+
+    record: dict
+    prompt_ids: list[int]
+    shown: str
+    golds: list[str]
+
+
+def answer_questions(samples: list[dict], tokenizer) -> list[Question]:
+    """The records of kinds evaluated by their answer, each rendered as training renders it: a QA prompt (bos + its
+    tokens), or a conversation up to its final assistant reply with the chat template's generation prompt."""
+    from moetune.data.chat_render import ConversationError
+    from moetune.data.rendering import answer_prompt, renderer_of
+
+    renderer = renderer_of(tokenizer)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    questions = []
+    for record in samples:
+        if _evaluated_as(record) != "answer":
+            continue
+        try:
+            found = answer_prompt(record, renderer)
+        except ConversationError:
+            continue  # training skipped it too, and counted it
+        if found is None:
+            continue
+        prompt, with_bos, reference = found
+        ids = (bos if with_bos else []) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        users = [m["content"] for m in record.get("messages", []) if m.get("role") == "user"]
+        shown = record["prompt"] if "prompt" in record and with_bos else (users[-1] if users else prompt)
+        golds = gold_answers(record) if "completion" in record and with_bos else [reference.strip()]
+        questions.append(Question(record, ids, shown, golds))
+    return questions
+
+
 def choose_samples(records: list[dict], max_samples: int | None, seed: int) -> list[dict]:
     """At most ``max_samples`` records, a seeded choice kept in dataset order (all when None)."""
     if max_samples is None or max_samples >= len(records):
@@ -102,13 +141,14 @@ def choose_samples(records: list[dict], max_samples: int | None, seed: int) -> l
     return [records[i] for i in chosen]
 
 
-def _evaluate_model(model, name: str, tokenizer, samples, qa, rust, config: Config) -> ModelEval:
+def _evaluate_model(model, name: str, tokenizer, samples, qa: list[Question], rust, config: Config) -> ModelEval:
     batch = config.training.per_device_eval_batch_size
-    score = score_records(model, tokenizer, samples, config.model.max_seq_length, batch, desc=f"{name}: loss")
+    score = score_records(model, tokenizer, samples, config.model.max_seq_length, batch, desc=f"{name}: loss",
+                          long_samples=config.data.long_samples)
     max_prompt = prompt_token_budget(config)
     seed = config.training.seed
-    answers = generate_texts(model, tokenizer, [r["prompt"] for r in qa], config.inference, batch, max_prompt, seed,
-                             desc=f"{name}: QA answers")
+    answers = [c.text for c in generate_from_ids(model, tokenizer, [q.prompt_ids for q in qa], config.inference, batch,
+                                                 max_prompt, seed, desc=f"{name}: QA answers")]
     bodies = generate_texts(model, tokenizer, [prompt for _, prompt, _ in rust], config.inference, batch, max_prompt,
                             seed, desc=f"{name}: Rust bodies")
     return ModelEval(score, answers, bodies)
@@ -139,13 +179,13 @@ def build_report(config: Config, tuned_path, validation_count: int, samples, qa,
     return report
 
 
-def _qa_section(qa: list[dict], base_answers: list[str], tuned_answers: list[str]) -> dict:
+def _qa_section(qa: list[Question], base_answers: list[str], tuned_answers: list[str]) -> dict:
     section: dict = {"samples": []}
     scored: dict[str, list[tuple[str, float, float]]] = {"base": [], "tuned": []}
-    for record, base_raw, tuned_raw in zip(qa, base_answers, tuned_answers, strict=True):
-        golds = gold_answers(record)
-        label = record.get("expert_label") or "none"
-        sample = {"expert_label": label, "prompt": record["prompt"], "gold": golds}
+    for question, base_raw, tuned_raw in zip(qa, base_answers, tuned_answers, strict=True):
+        golds = question.golds
+        label = question.record.get("expert_label") or "none"
+        sample = {"expert_label": label, "source": question.record.get("source"), "prompt": question.shown, "gold": golds}
         for name, raw in (("base", base_raw), ("tuned", tuned_raw)):
             answer = clean_prediction(raw, golds)
             em, f1 = exact_match(answer, golds), token_f1(answer, golds)

@@ -68,7 +68,8 @@ def sample_scores(layers, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
-def score_experts(model, tokenizer, records: list[dict], max_seq_length: int, batch_size: int) -> ExpertScores:
+def score_experts(model, tokenizer, records: list[dict], max_seq_length: int, batch_size: int,
+                  long_samples: str | None = None) -> ExpertScores:
     """The ESFT scores of ``model`` over ``records`` (dataset records), overall and per group."""
     from moetune.data.encode import encode_records
     from moetune.data.packing import PaddingCollator
@@ -89,7 +90,7 @@ def score_experts(model, tokenizer, records: list[dict], max_seq_length: int, ba
     top_k = 0
     batches = []
     for group, members in sorted(groups.items()):
-        encoded = encode_records(members, tokenizer, max_seq_length)
+        encoded = encode_records(members, tokenizer, max_seq_length, long_samples=long_samples)
         rows = sorted(({"input_ids": ids, "labels": ids} for ids in encoded["input_ids"]), key=lambda r: len(r["input_ids"]))
         batches += [(group, collate(rows[i:i + batch_size])) for i in range(0, len(rows), batch_size)]
     for group, batch in tqdm(batches, desc="experts: routing", unit="batch", dynamic_ncols=True):
@@ -207,7 +208,7 @@ def run_expert_selection(config: Config, adapter_path: str | None = None, method
     model, tokenizer = _load_model(config, adapter_path, train)
     _say(f"experts: scoring {len(samples)} of {len(train)} training samples ({method}, threshold {threshold:g})")
     scores = score_experts(model, tokenizer, samples, config.model.max_seq_length,
-                           config.training.per_device_eval_batch_size)
+                           config.training.per_device_eval_batch_size, config.data.long_samples)
     report = expert_selection_report(scores, method, threshold, [b.path for b in expert_blocks(model)])
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")

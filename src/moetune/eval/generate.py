@@ -66,12 +66,27 @@ def prompt_token_budget(config) -> int:
     return max(max_len // 2, max_len - config.inference.max_new_tokens)
 
 
+def stop_token_ids(tokenizer) -> list[int]:
+    """The tokens that end a generation: eos, and the token the tokenizer's chat template ends a final reply with
+    (``<|im_end|>``, ``<|return|>``), which a model trained on conversations writes instead of eos."""
+    from moetune.data.rendering import renderer_of
+
+    renderer = renderer_of(tokenizer)
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for token in renderer.anatomy.stop if renderer is not None else ():
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id not in stops and token_id != tokenizer.unk_token_id:
+            stops.append(token_id)
+    return stops
+
+
 def generation_kwargs(inference: InferenceConfig, tokenizer) -> dict:
     """``model.generate`` keyword arguments for the inference section (sampling knobs only when sampling)."""
+    stops = stop_token_ids(tokenizer)
     kwargs = {"max_new_tokens": inference.max_new_tokens, "do_sample": inference.do_sample,
               "repetition_penalty": inference.repetition_penalty, "use_cache": True,
               "pad_token_id": pad_token_id(tokenizer),
-              "eos_token_id": tokenizer.eos_token_id}
+              "eos_token_id": stops if len(stops) > 1 else tokenizer.eos_token_id}
     if inference.do_sample:
         kwargs.update(temperature=inference.temperature, top_k=inference.top_k, top_p=inference.top_p)
     return kwargs
@@ -96,23 +111,34 @@ def generate_texts(model, tokenizer, prompts: list[str], inference: InferenceCon
                                                  seed, desc=desc)]
 
 
-@torch.no_grad()
 def generate_completions(model, tokenizer, prompts: list[str], inference: InferenceConfig, batch_size: int,
                          max_prompt_tokens: int, seed: int, desc: str | None = "generate", chat_template: bool = False,
                          streamer=None) -> list[Completion]:
     """The :class:`Completion` of each prompt, in prompt order.
 
     Each prompt is encoded as in training (bos + tokens, no eos), or, with ``chat_template``, as one
-    user message in the tokenizer's chat template (which places its own special tokens), and keeps
-    its last ``max_prompt_tokens`` tokens. Prompt and continuation together stay within the model's
+    user message in the tokenizer's chat template (which places its own special tokens); then as
+    :func:`generate_from_ids`.
+    """
+    return generate_from_ids(model, tokenizer, encode_prompts(tokenizer, prompts, chat_template), inference, batch_size,
+                             max_prompt_tokens, seed, desc=desc, streamer=streamer)
+
+
+@torch.no_grad()
+def generate_from_ids(model, tokenizer, prompt_ids: list[list[int]], inference: InferenceConfig, batch_size: int,
+                      max_prompt_tokens: int, seed: int, desc: str | None = "generate", streamer=None) -> list[Completion]:
+    """The :class:`Completion` of each prompt (its token ids), in prompt order.
+
+    A prompt keeps its last ``max_prompt_tokens`` tokens. Prompt and continuation together stay within the model's
     context (the length its family's context key gives): a model with learned or ALiBi positions fails past it.
+    A generation ends at eos or at the chat template's end of a reply (:func:`stop_token_ids`).
     Sampling is seeded with ``seed``, so the base and the tuned model draw from the same random
     stream. ``streamer`` (a transformers ``TextStreamer``) receives the tokens as they come; it
     takes one prompt at a time. ``desc`` None shows no progress bar.
     """
-    if not prompts:
+    if not prompt_ids:
         return []
-    if streamer is not None and len(prompts) != 1:
+    if streamer is not None and len(prompt_ids) != 1:
         raise ValueError("a streamer takes exactly one prompt")
     model.eval()
     device = next(model.parameters()).device
@@ -123,10 +149,11 @@ def generate_completions(model, tokenizer, prompts: list[str], inference: Infere
     context = family.context_length(model.config) if family is not None else None
     if context is not None:
         max_prompt_tokens = min(max_prompt_tokens, context - 1)
-    encoded = [ids[-max_prompt_tokens:] for ids in encode_prompts(tokenizer, prompts, chat_template)]
+    encoded = [ids[-max_prompt_tokens:] for ids in prompt_ids]
+    stops = set(stop_token_ids(tokenizer))
     # Similar lengths together waste less padding; results go back in prompt order.
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    outputs: list[Completion | None] = [None] * len(prompts)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    outputs: list[Completion | None] = [None] * len(encoded)
     torch.manual_seed(seed)
     with _router_logits_off(model):
         for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", dynamic_ncols=True,
@@ -139,7 +166,7 @@ def generate_completions(model, tokenizer, prompts: list[str], inference: Infere
             generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
             seconds = time.perf_counter() - started
             for i, new_tokens in zip(rows, generated[:, input_ids.shape[1]:].tolist(), strict=True):
-                new_tokens = new_tokens[:_completion_length(new_tokens, tokenizer.eos_token_id)]
+                new_tokens = new_tokens[:_completion_length(new_tokens, stops)]
                 outputs[i] = Completion(tokenizer.decode(new_tokens, skip_special_tokens=True), len(encoded[i]),
                                         len(new_tokens), seconds)
     return outputs
@@ -154,11 +181,9 @@ def encode_prompts(tokenizer, prompts: list[str], chat_template: bool = False) -
     return [bos + ids for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
 
 
-def _completion_length(new_tokens: list[int], eos_id: int | None) -> int:
+def _completion_length(new_tokens: list[int], stops: set[int]) -> int:
     # A row that ended early is filled up to the batch's length with padding, which may be eos itself.
-    if eos_id is not None and eos_id in new_tokens:
-        return new_tokens.index(eos_id) + 1
-    return len(new_tokens)
+    return next((i + 1 for i, token in enumerate(new_tokens) if token in stops), len(new_tokens))
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 from moetune.config.schema import Config
+from moetune.data.chat_templates import apply_chat_template_setting
 from moetune.data.tokenizer import with_pad_token
 from moetune.errors import UserError, first_line
 from moetune.run_dir import ADAPTER_CONFIG, FULL_MODEL_WEIGHTS, TOKENIZER_DIR, latest_checkpoint
@@ -99,7 +100,8 @@ def load_eval_tokenizer(config: Config, tuned: TunedModelPath):
 
     The folder's own tokenizer files when present (a run saves them beside its final adapter), else
     the run's ``tokenizer/`` folder one level up (beside checkpoint-<step>), else what
-    :func:`moetune.data.tokenizer.load_or_train_tokenizer` gives for the config.
+    :func:`moetune.data.tokenizer.load_or_train_tokenizer` gives for the config; with ``data.chat_template`` as
+    its chat template when the config sets one.
     """
     from transformers import AutoTokenizer
 
@@ -116,8 +118,8 @@ def load_eval_tokenizer(config: Config, tuned: TunedModelPath):
         trained_on_data = config.model.random_init and config.model.tokenizer is None
         run_tokenizer = Path(config.training.output_dir) / TOKENIZER_DIR
         tokenizer = load_or_train_tokenizer(config, None, save_dir=run_tokenizer if trained_on_data else None)
-    tokenizer = with_pad_token(tokenizer)
-    return tokenizer
+    # The run saved its template with the tokenizer; a data.chat_template in the config being evaluated wins.
+    return with_pad_token(apply_chat_template_setting(tokenizer, config.data.chat_template))
 
 
 def load_base(config: Config, tokenizer):

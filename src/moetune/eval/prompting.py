@@ -99,13 +99,13 @@ def _load_models(config: Config, tuned_path, tokenizer, compare_base: bool) -> _
 
 
 def _use_chat_template(config: Config, tokenizer) -> bool:
-    if not config.inference.use_chat_template:
-        return False
-    if getattr(tokenizer, "chat_template", None):
-        return True
-    _say("generate: inference.use_chat_template is true but the tokenizer has no chat template; "
-         "prompts are used as written")
-    return False
+    from moetune.data.chat_templates import chat_template_of
+
+    setting, has_template = config.inference.use_chat_template, chat_template_of(tokenizer) is not None
+    if setting is True and not has_template:
+        _say("generate: inference.use_chat_template is true but the tokenizer has no chat template (and "
+             "data.chat_template is not set); prompts are used as written")
+    return has_template and setting is not False
 
 
 def _generate_file(config: Config, models: _Models, tokenizer, prompts: list[str], chat_template: bool,

@@ -1,7 +1,7 @@
 """One pass over the validation samples: loss and perplexity, per group and overall, and routing counts.
 
-Samples are encoded exactly as for training (:func:`moetune.data.encode.encode_records`: bos +
-tokens + eos, prompt tokens without loss, long samples cut into windows) but batched one sample
+Samples are encoded exactly as for training (:func:`moetune.data.encode.encode_records`: the same
+rendering, loss on the same tokens, long samples handled the same way) but batched one sample
 per row with right padding instead of packed, so every row belongs to one routing group. The
 loss is the mean over label tokens, weighted by tokens as in the trainer's evaluation.
 """
@@ -39,8 +39,9 @@ class ScoreResult:
 
 @torch.no_grad()
 def score_records(model, tokenizer, records: list[dict], max_seq_length: int, batch_size: int,
-                  desc: str = "loss") -> ScoreResult:
-    """Loss, perplexity and routing counts of ``model`` on ``records`` (dataset records)."""
+                  desc: str = "loss", long_samples: str | None = None) -> ScoreResult:
+    """Loss, perplexity and routing counts of ``model`` on ``records`` (dataset records); ``long_samples`` as
+    ``data.long_samples``."""
     model.eval()
     device = next(model.parameters()).device
     family = family_of(model)
@@ -52,7 +53,7 @@ def score_records(model, tokenizer, records: list[dict], max_seq_length: int, ba
 
     batches: list[tuple[str, dict[str, torch.Tensor]]] = []
     for group, members in _by_group(records).items():
-        encoded = encode_records(members, tokenizer, max_seq_length)
+        encoded = encode_records(members, tokenizer, max_seq_length, long_samples=long_samples)
         rows = sorted(({"input_ids": ids, "labels": labels} for ids, labels in
                        zip(encoded["input_ids"], encoded["labels"], strict=True)), key=lambda r: len(r["input_ids"]))
         batches += [(group, collate(rows[i:i + batch_size])) for i in range(0, len(rows), batch_size)]

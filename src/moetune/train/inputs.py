@@ -17,7 +17,8 @@ def build_training_inputs(config: Config, accelerator):
     """
     from transformers import AutoTokenizer
 
-    from moetune.data.packing import build_dataloaders
+    from moetune.data.packing import build_dataloaders, data_lines
+    from moetune.data.records import record_text
     from moetune.data.split import load_splits
     from moetune.data.tokenizer import load_or_train_tokenizer
     from moetune.models.families import packs_by_position_ids
@@ -30,7 +31,7 @@ def build_training_inputs(config: Config, accelerator):
             texts = None
             if config.model.random_init and config.model.tokenizer is None and not (tokenizer_dir / "tokenizer.json").is_file():
                 train_records, _ = load_splits(config)
-                texts = (r["text"] if "text" in r else r["prompt"] + r["completion"] for r in train_records)
+                texts = (record_text(r) for r in train_records)
             tokenizer = load_or_train_tokenizer(config, texts, save_dir=tokenizer_dir)
         else:  # what the main process just saved (output_dir is on a filesystem every node sees)
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -50,6 +51,8 @@ def build_training_inputs(config: Config, accelerator):
         efficiency = f", packing efficiency {s['train_packing_efficiency']:.1%}" if data.packed else ""
         print(f"data: {s['train_samples']:,} training samples ({s['train_tokens']:,} tokens) in {s['train_rows']:,} rows"
               f"{efficiency}; {s.get('eval_samples', 0):,} validation samples", file=sys.stderr)
+        for line in data_lines(s):
+            print(f"data: {line}", file=sys.stderr)
     return tokenizer, model, train_loader, val_loader
 
 
