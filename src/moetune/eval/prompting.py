@@ -103,8 +103,8 @@ def _use_chat_template(config: Config, tokenizer) -> bool:
 
     setting, has_template = config.inference.use_chat_template, chat_template_of(tokenizer) is not None
     if setting is True and not has_template:
-        _say("generate: inference.use_chat_template is true but the tokenizer has no chat template (and "
-             "data.chat_template is not set); prompts are used as written")
+        _say("generate: inference.use_chat_template is true but the tokenizer has no chat template; prompts are used "
+             "as written (data.chat_template gives it one)")
     return has_template and setting is not False
 
 
