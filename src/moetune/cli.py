@@ -69,10 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
         return sub
 
-    verb("data", "build the training dataset from data.sources",
-         "Walk every source in data.sources (Rust repositories, question/answer JSONL) and write\n"
-         "data.output_path (JSONL) with <stem>.stats.json beside it: what was kept, skipped and why.",
-         _run_data)
+    data = verb("data", "build the training dataset from data.sources (--show N: see what trains)",
+                "Read every source in data.sources (Rust repositories, QA, chat, instruction and text files) and\n"
+                "write data.output_path (JSONL) with <stem>.stats.json beside it: what was kept, skipped and why.\n"
+                "--show N prints the first N training samples as the model sees them, the trained tokens marked.",
+                _run_data)
+    data.add_argument("--show", type=int, metavar="N", help="Print the first N training samples, trained tokens marked "
+                      "(green in a terminal, between ⟦ ⟧ elsewhere).")
+    data.add_argument("--json", action="store_true", help="With --show: one JSON line per sample (token ids, token "
+                      "strings, labels) instead.")
     verb("train", "fine-tune the model (LoRA / upcycled MoE) with Accelerate",
          "Train as the config says: LM loss plus router auxiliary loss, expert-usage logging,\n"
          "evaluation, checkpoints and exact resume. Launch through `accelerate launch` (or train.sh)\n"
@@ -171,7 +176,11 @@ def _run_print_config(args: argparse.Namespace) -> int:
 
 
 def _run_data(args: argparse.Namespace) -> int | None:
+    if args.json and args.show is None:
+        raise UserError("--json goes with --show N (it writes the shown samples as JSON lines).")
     config = _load(args)
+    if args.show is not None:
+        return _library("moetune.data.show", "show_samples")(config, args.show, as_json=args.json)
     return _library("moetune.data.build", "build_dataset")(config)
 
 
