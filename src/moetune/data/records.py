@@ -48,7 +48,11 @@ def sample_chars(record: dict[str, Any]) -> int:
 def record_text(record: dict[str, Any]) -> str:
     """All the text a record holds, in reading order: what a tokenizer trained on the data learns from."""
     if "messages" in record:
-        return "\n".join(part for m in record["messages"] for part in (m.get("reasoning_content"), m.get("content")) if part)
+        # Tool schemas and calls are rendered as JSON: a tokenizer that never saw them spends a token per character.
+        calls = [json.dumps(m["tool_calls"], ensure_ascii=False) for m in record["messages"] if m.get("tool_calls")]
+        tools = [json.dumps(record["tools"], ensure_ascii=False)] if record.get("tools") else []
+        parts = [part for m in record["messages"] for part in (m.get("reasoning_content"), m.get("content")) if part]
+        return "\n".join(tools + parts + calls)
     if "text" in record:
         return record["text"]
     return record["prompt"] + record["completion"]

@@ -120,6 +120,8 @@ def generate_completions(model, tokenizer, prompts: list[str], inference: Infere
     user message in the tokenizer's chat template (which places its own special tokens); then as
     :func:`generate_from_ids`.
     """
+    if not prompts:
+        return []
     return generate_from_ids(model, tokenizer, encode_prompts(tokenizer, prompts, chat_template), inference, batch_size,
                              max_prompt_tokens, seed, desc=desc, streamer=streamer)
 
