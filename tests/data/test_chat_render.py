@@ -7,6 +7,7 @@ import pytest
 
 from moetune.data.chat_render import ConversationError, chat_renderer
 from moetune.data.encode import IGNORE_INDEX, encode
+from moetune.errors import UserError
 
 from .chat_template_fixtures import TEMPLATES, template_tokenizer
 
@@ -116,3 +117,22 @@ def test_untrained_turns_and_user_turns_when_asked():
     assert [rendered.text[s:e] for s, e in rendered.trained] == [
         "What fee applies to card refunds?<|im_end|>", "And bank transfers?<|im_end|>"]
     assert rendered.turn_ends == [e for _, e in rendered.trained]
+
+
+def test_a_conversation_the_template_cannot_render_is_skipped_and_counted_or_stops_under_strict(capsys):
+    tokenizer = template_tokenizer("llama2")  # roles must alternate: a tool message makes it raise
+    good = {"messages": MULTI_TURN, "source": "chat", "file": "chats.jsonl", "line": 1}
+    bad = {"messages": TOOL_CALLING, "source": "chat", "file": "chats.jsonl", "line": 2}
+    encoded = encode([good, bad], tokenizer, 4096)
+    assert [row["record"] for row in encoded.dataset] == [0] and encoded.stats["bad"] == 1
+    assert "skipped conversation chats.jsonl:2: the chat template raised: " in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"^chats.jsonl:2: the chat template raised: .*roles must alternate.*data.strict"):
+        encode([good, bad], tokenizer, 4096, strict=True)
+
+
+def test_a_conversation_without_a_template_names_data_chat_template():
+    from moetune.data.tokenizer import train_bpe_tokenizer
+
+    record = {"messages": MULTI_TURN, "source": "chat", "file": "chats.jsonl", "line": 3}
+    with pytest.raises(UserError, match=r"chats.jsonl:3: a conversation needs a chat template.*set data.chat_template"):
+        encode([record], train_bpe_tokenizer(["a b c"], 260), 256)
