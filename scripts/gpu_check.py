@@ -520,7 +520,7 @@ def stage_expert_training(ctx: Context) -> None:
     plans = {"attention LoRA": (None, optimizer),
              "expert LoRA": (None, [*optimizer, "moe.expert_training=lora"]),
              "ESFT (2 experts per layer)": (None, [*optimizer, "lora.enabled=false", "moe.expert_training=esft",
-                                                   f"moe.esft_experts={selection}"])}
+                                                   f"moe.esft.experts={selection}"])}
     ctx.put("setup", {"shape": shape, "layers": 2, "steps": steps, "precision": "fp32" if ctx.cpu else "bf16"})
     args = SimpleNamespace(layers=2, samples=samples, steps=steps, **sizes)
     args.intermediate = args.intermediate or 2 * args.hidden
