@@ -22,7 +22,7 @@ def test_the_family_table_lists_every_family_module():
 
 def test_every_registered_source_module_exports_its_kind():
     kinds = registered_kinds()
-    assert [kind.name for kind in kinds] == list(plugins.SOURCE_MODULES) == ["rust_repo", "qa_jsonl"]
+    assert [kind.name for kind in kinds] == list(plugins.SOURCE_MODULES) == ["rust_repo", "qa_jsonl", "chat", "instruction", "text"]
     for kind in kinds:
         assert isinstance(kind, SourceKind)
         fields = {f.name: f for f in dataclasses.fields(kind.config_class)}
@@ -33,11 +33,12 @@ def test_every_registered_source_module_exports_its_kind():
 def test_validate_imports_no_heavy_library(tmp_path: Path):
     (tmp_path / "crate").mkdir()
     (tmp_path / "qa.jsonl").write_text('{"question": "q", "answer": "a"}\n')
-    (tmp_path / "config.yaml").write_text("data:\n  sources:\n    - {type: rust_repo, path: crate}\n"
-                                          "    - {type: qa_jsonl, path: qa.jsonl}\n")
+    (tmp_path / "chats.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}]}\n')
+    (tmp_path / "config.yaml").write_text("data:\n  chat_template: chatml\n  sources:\n    - {type: rust_repo, path: crate}\n"
+                                          "    - {type: qa_jsonl, path: qa.jsonl}\n    - {type: chat, path: chats.jsonl}\n")
     script = ("import sys\nfrom moetune.cli import main\ncode = main(['validate', '--config', 'config.yaml'])\n"
               "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'tree_sitter', "
               "'tree_sitter_rust', 'pathspec', 're2'}))\nsys.exit(code)\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["config.yaml: valid (2 data source(s), output_dir outputs/run)", "[]"]
+    assert done.stdout.splitlines() == ["config.yaml: valid (3 data source(s), output_dir outputs/run)", "[]"]

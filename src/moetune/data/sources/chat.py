@@ -158,18 +158,6 @@ def routing_group(record: dict) -> str:
     return f"label:{record.get('expert_label') or 'none'}"
 
 
-SOURCE = SourceKind(
-    name="chat",
-    config_class=ChatSourceConfig,
-    path_is="file or directory",
-    path_holds="a .jsonl, .json, .parquet or .arrow file of conversations, or a folder of them",
-    add_samples=add_samples,
-    new_stats=new_stats,
-    summary_lines=summary_lines,
-    describe_empty=describe_empty,
-    input_files=input_files,
-    split_unit=split_unit,
-    routing_group=routing_group,
-    evaluation="answer",
-    long_samples="truncate",
-)
+SOURCE = SourceKind.from_module(__name__, name="chat", config_class=ChatSourceConfig, path_is="file or directory",
+                                path_holds="a .jsonl, .json, .parquet or .arrow file of conversations, or a folder of them",
+                                evaluation="answer", long_samples="truncate")

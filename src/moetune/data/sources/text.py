@@ -82,15 +82,6 @@ def input_files(source: TextSourceConfig) -> list[Path]:
     return data_files(path) if path.is_dir() else [path]
 
 
-SOURCE = SourceKind(
-    name="text",
-    config_class=TextSourceConfig,
-    path_is="file or directory",
-    path_holds="a .jsonl, .json, .parquet or .arrow file of documents, or a folder of them",
-    add_samples=add_samples,
-    new_stats=new_stats,
-    summary_lines=summary_lines,
-    describe_empty=describe_empty,
-    input_files=input_files,
-    long_samples="split",
-)
+SOURCE = SourceKind.from_module(__name__, name="text", config_class=TextSourceConfig, path_is="file or directory",
+                                path_holds="a .jsonl, .json, .parquet or .arrow file of documents, or a folder of them",
+                                long_samples="split")
