@@ -71,7 +71,7 @@ def sample_scores(layers, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def score_experts(model, tokenizer, records: list[dict], max_seq_length: int, batch_size: int) -> ExpertScores:
     """The ESFT scores of ``model`` over ``records`` (dataset records), overall and per group."""
     from moetune.data.encode import encode_records
-    from moetune.data.packing import PaddingCollator
+    from moetune.data.padding import PaddingCollator
     from moetune.eval.routing_report import group_of
     from moetune.models.families import family_of
     from moetune.models.routing.capture import capture_routing

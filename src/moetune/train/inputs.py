@@ -17,7 +17,7 @@ def build_training_inputs(config: Config, accelerator):
     """
     from transformers import AutoTokenizer
 
-    from moetune.data.packing import build_dataloaders
+    from moetune.data.dataloaders import build_dataloaders
     from moetune.data.split import load_splits
     from moetune.data.tokenizer import load_or_train_tokenizer
     from moetune.models.families import packs_by_position_ids
