@@ -193,7 +193,7 @@ def _run_eval(args: argparse.Namespace) -> int | None:
 
 def _run_generate(args: argparse.Namespace) -> int | None:
     config = _load(args)
-    generate = _library("moetune.eval.prompting", "generate_from_prompts")
+    generate = _library("moetune.eval.generate", "generate_from_prompts")
     return generate(config, adapter_path=args.adapter_path, prompt=args.prompt, prompts_file=args.prompts,
                     interactive=args.interactive, output=args.output, compare_base=args.compare_base)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from moetune.config.schema import Config
 from moetune.data.sources import Evaluation, record_kind
 from moetune.errors import UserError
-from moetune.eval.generate import generate_texts, prompt_token_budget, rust_generation_prompt
+from moetune.eval.generation import generate_texts, prompt_token_budget, rust_generation_prompt
 from moetune.eval.load import load_base, load_eval_tokenizer, load_tuned, resolve_tuned_model
 from moetune.eval.qa_metrics import aggregate_scores, clean_prediction, exact_match, gold_answers, token_f1
 from moetune.eval.report import console_table, perplexity_section, write_report
