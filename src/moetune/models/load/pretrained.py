@@ -113,8 +113,8 @@ def _special_token_ids(tokenizer) -> dict[str, int | None]:
 def build_pretrained(family: FamilySpec, config, tokenizer=None, *, seed: int,
                      gradient_checkpointing: bool) -> tuple[nn.Module, Traits]:
     """The build of a pretrained MoE family: load as is; the training plan freezes the experts."""
-    if config.moe.backend != "native":
-        raise ConfigError("moe.backend", f"moe.backend: deepspeed swaps the MoE blocks of upcycled MPT models; "
+    if config.moe.expert_parallel.backend != "native":
+        raise ConfigError("moe.expert_parallel.backend", f"moe.expert_parallel.backend: deepspeed swaps the MoE blocks of upcycled MPT models; "
                           f"{family.name} keeps its own blocks (use backend: native).")
     if config.moe.upcycling.enabled:
         raise ConfigError("moe.upcycling.enabled", "moe.upcycling.enabled turns a dense MPT model into an MoE; "

@@ -1,7 +1,7 @@
 """Label-guided routing: a cross-entropy that teaches every MoE layer's router the experts of a sample's label.
 
 Upcycled experts start as exact copies, so the LM loss alone gives the router no reason to send
-one kind of sample anywhere in particular. With ``moe.router_supervision_weight`` each token of a
+one kind of sample anywhere in particular. With ``moe.router_supervision.weight`` each token of a
 labelled sample adds ``-log sum_{e in experts(label)} p_e``, ``p`` being the router's softmax over
 its logits: the probability the router gives the label's experts, as one class. Tokens of
 unlabelled samples (label id ``NO_LABEL``, padding too) add nothing.
@@ -34,7 +34,7 @@ def label_targets(label_to_expert: str | Mapping[str, Sequence[int]], label_ids:
         for row, label in enumerate(sorted(label_to_expert)):
             experts = list(label_to_expert[label])
             if max(experts) >= num_experts:
-                raise UserError(f"moe.label_to_expert.{label} names expert {max(experts)}, but the model's MoE layers "
+                raise UserError(f"moe.router_supervision.label_to_expert.{label} names expert {max(experts)}, but the model's MoE layers "
                                 f"have {num_experts} experts (0 to {num_experts - 1}).")
             table[row, experts] = True
         targets = table.to(ids.device)[ids.clamp_min(0)]

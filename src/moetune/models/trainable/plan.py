@@ -6,8 +6,8 @@ projections only, every routed and shared expert frozen, the router frozen unles
 ``moe.freeze_router`` is false, in which case PEFT's ``modules_to_save`` trains a copy of it and
 saves it in the adapter (plain ``requires_grad`` would train it but leave it out of the adapter file,
 so a reloaded adapter would route differently). ``moe.expert_training`` (lora | full) trains the
-routed experts as well, ``moe.train_shared_experts`` the shared experts
-(``moe.shared_expert_training``: full | lora); what that adds to the PEFT config is decided in
+routed experts as well, ``moe.shared_experts.train`` the shared experts
+(``moe.shared_experts.method``: full | lora); what that adds to the PEFT config is decided in
 :mod:`moetune.models.trainable.expert_lora`. ``moe.router_bias_update_rate`` saves the router (with its
 correction bias) in the adapter even when the router's weight stays frozen.
 
@@ -68,13 +68,13 @@ def apply_training_plan(model: nn.Module, config, traits: Traits | None = None, 
     train_router = bool(blocks) and router_trains(config, traits.router_is_new)
     save_router = bool(blocks) and (train_router or config.moe.router_bias_update_rate > 0)
     expert_mode = config.moe.expert_training or ("full" if traits.experts_must_train else "frozen")
-    train_shared = config.moe.train_shared_experts and bool(shared)
+    train_shared = config.moe.shared_experts.train and bool(shared)
     if expert_mode == "lora" and not config.lora.enabled:
         raise UserError("moe.expert_training is 'lora' but lora.enabled is false; enable LoRA or choose "
                         "moe.expert_training: full or frozen.")
-    if train_shared and config.moe.shared_expert_training == "lora" and not config.lora.enabled:
-        raise UserError("moe.shared_expert_training is 'lora' but lora.enabled is false; enable LoRA or choose "
-                        "moe.shared_expert_training: full.")
+    if train_shared and config.moe.shared_experts.method == "lora" and not config.lora.enabled:
+        raise UserError("moe.shared_experts.method is 'lora' but lora.enabled is false; enable LoRA or choose "
+                        "moe.shared_experts.method: full.")
     if config.lora.enabled:
         model = _wrap_with_lora(model, config, family, save_router, expert_mode, train_shared)
         if save_router and not train_router:
@@ -147,5 +147,5 @@ def _check_experts(model: nn.Module, expert_mode: str, frozen_shared: tuple[str,
     if expert_mode == "frozen" and routed:
         raise RuntimeError(f"expert parameters are trainable although experts should be frozen: {routed[:3]}")
     if shared:
-        raise RuntimeError(f"shared expert parameters are trainable although moe.train_shared_experts is false: "
+        raise RuntimeError(f"shared expert parameters are trainable although moe.shared_experts.train is false: "
                            f"{shared[:3]}")
