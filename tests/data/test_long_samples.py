@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from moetune.config import load_config
+from moetune.data.dataloaders import build_train_eval_datasets, data_lines
 from moetune.data.encode import IGNORE_INDEX, encode
-from moetune.data.packing import build_train_eval_datasets, data_lines
 from moetune.data.tokenizer import train_bpe_tokenizer
 
 from .chat_template_fixtures import template_tokenizer

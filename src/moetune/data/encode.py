@@ -89,6 +89,13 @@ def encode(records: Sequence[dict[str, Any]], tokenizer, max_seq_length: int, ca
     return Encoded(kept.remove_columns(["problem"]), stats)
 
 
+def column_values(dataset, name: str):
+    """A column of a ``datasets.Dataset`` as a numpy array, in the dataset's row order (an index mapping followed)."""
+    import numpy as np
+
+    return np.asarray(dataset.with_format("numpy", columns=[name])[name])
+
+
 def _handling_counts(encoded) -> dict[str, int]:
     counts = {"truncated": 0, "split": 0, "dropped": 0, "bad": 0}
     seen: set[int] = set()

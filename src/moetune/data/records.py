@@ -1,7 +1,8 @@
 """The dataset line format: what one sample looks like on disk, and how it is read back.
 
-Every line of the built JSONL is one JSON object with one content shape, ``source`` (the kind that wrote
-it), ``kind`` and the source's metadata:
+Every line of the built JSONL is one JSON object with one content shape, plus ``source`` (the source kind
+that wrote it: a name of :data:`moetune.plugins.SOURCE_MODULES`), ``kind`` and the source's metadata, which
+the kind's module in :mod:`moetune.data.sources` lists. The shapes:
 
 - ``text``: plain language-model samples (the loss is on every token);
 - ``prompt`` + ``completion``: the loss is on the completion only;
@@ -10,12 +11,8 @@ it), ``kind`` and the source's metadata:
   Optional ``tools`` (JSON schemas) and ``train_reasoning``. A record may also carry ``prompt`` +
   ``completion``, used when the tokenizer has no chat template (instructions).
 
-How each shape becomes tokens and labels is :mod:`moetune.data.rendering`. Metadata by kind:
-
-- rust_repo: ``repo``, ``crate``, ``path`` (relative to the repository root), ``name``,
-  ``module``, ``start_line``, ``end_line``; instruction samples add ``item_kind``.
-- qa_jsonl, chat, instruction: ``expert_label`` (null when the input had none), ``file``, ``line`` or ``row``.
-- text: ``file``, ``line`` or ``row``.
+How each shape becomes tokens and labels is :mod:`moetune.data.rendering`. With ``weight`` on the sources,
+every record also carries ``entry``, the index of its source in ``data.sources`` (:mod:`moetune.data.mixing`).
 """
 
 from __future__ import annotations

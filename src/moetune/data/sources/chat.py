@@ -5,6 +5,9 @@ turning a row into messages and marking the turns that train is :mod:`moetune.da
 record becomes one ``messages`` sample, rendered by the tokenizer's chat template when it is tokenized
 (:mod:`moetune.data.rendering`). A conversation is its own split unit, is grouped by its label like a QA
 line, and is evaluated by generating its final assistant turn.
+
+Its records carry ``messages``, ``tools`` (when the record had some), ``train_reasoning`` (when asked),
+``expert_label`` (null when the record had none), ``file`` and ``line`` (JSON lines) or ``row``.
 """
 
 from __future__ import annotations

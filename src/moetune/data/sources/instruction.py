@@ -5,6 +5,9 @@ the output as the trained assistant turn), rendered by the tokenizer's chat temp
 record. For a tokenizer without one it also carries the ``prompt_template`` rendering as ``prompt`` +
 ``completion``, which is then used instead (:mod:`moetune.data.rendering`). Grouped by its label and
 evaluated by generating the output, as QA lines are.
+
+Its records carry ``messages``, ``prompt`` and ``completion``, ``expert_label`` (null when the record had
+none), ``file`` and ``line`` (JSON lines) or ``row``.
 """
 
 from __future__ import annotations

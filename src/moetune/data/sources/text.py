@@ -2,6 +2,8 @@
 
 A document longer than ``model.max_seq_length`` is cut into consecutive windows by default
 (``data.long_samples``), each a sample.
+
+Its records carry ``text``, ``file`` and ``line`` (JSON lines) or ``row``.
 """
 
 from __future__ import annotations
