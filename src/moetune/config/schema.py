@@ -297,7 +297,8 @@ class DataConfig:
     )
     strict: bool = opt(False, "Stop at the first bad input line (exit 2) instead of counting and reporting it.")
     packing: bool = opt(True, "Pack samples into full sequences (no padding, attention kept within each sample).")
-    num_workers: int = opt(0, "Processes for parsing source files; 0 = one per CPU core.")
+    num_workers: int = opt(0, "Processes for parsing source files, and for tokenizing tens of thousands of records or "
+                           "more; 0 = one per CPU core.")
     chars_per_token: float = opt(
         3.0, "Characters per token assumed before a tokenizer exists (file-chunk sizes, token figures in the stats)."
     )

@@ -6,6 +6,7 @@ this module decides which one a run gets and builds the datasets, collator and l
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +17,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from moetune.config.schema import Config
 from moetune.data.encode import column_values, encode
-from moetune.data.expert_labels import label_ids_of, label_vocabulary
-from moetune.data.mixing import mix_by_weight
+from moetune.data.expert_labels import vocabulary_of_labels
+from moetune.data.mixing import mix_table_by_weight
 from moetune.data.packing import PackedCollator, PackedDataset, plan_packed_rows
 from moetune.data.padding import PaddingCollator, SampleDataset
-from moetune.data.split import load_splits
+from moetune.data.record_table import load_split_tables
 from moetune.data.tokenizer import pad_token_id
 from moetune.errors import UserError
 
@@ -50,29 +51,32 @@ def build_train_eval_datasets(config: Config, tokenizer, cache_dir: str | Path |
     records were handled (``<split>_long_samples``) and the weighted mixture of the sources (``mixture``).
     ``cache_dir`` defaults to ``<dataset folder>/.cache``.
     """
-    train_records, val_records = load_splits(config)
-    train_records, mixture = mix_by_weight(train_records, config.data.sources, config.training.seed)
+    cache = Path(cache_dir) if cache_dir is not None else Path(config.data.output_path).parent / ".cache"
+    # Memory-mapped Arrow tables of the records, never Python lists: what a run needs before step 1 stays flat.
+    tables = load_split_tables(config, cache)
+    train_records, mixture = mix_table_by_weight(tables.train, config.data.sources, config.training.seed)
+    val_records = tables.validation
     if config.validation.max_eval_samples is not None:
-        val_records = val_records[:config.validation.max_eval_samples]
+        val_records = val_records.select(range(min(config.validation.max_eval_samples, len(val_records))))
     max_len = config.model.max_seq_length
     packed = config.data.packing and packs_by_position_ids
     if config.data.packing and not packed:
         print("data.packing: this model cannot keep packed samples apart by their position_ids (its family or the "
               "attention kernel it runs), so samples cannot be packed without attending across them; padding instead.",
               file=sys.stderr)
-    cache = Path(cache_dir) if cache_dir is not None else Path(config.data.output_path).parent / ".cache"
     pad_id = pad_token_id(tokenizer)
     stats: dict[str, Any] = {"train_records": len(train_records), "eval_records": len(val_records), "mixture": mixture}
     datasets = []
-    vocabulary = _supervised_labels(config, train_records)
+    vocabulary = _supervised_labels(config, column_values(train_records, "label").tolist())
     for name, records in (("train", train_records), ("eval", val_records)):
-        if not records:
+        if not len(records):
             datasets.append(None)
             continue
         # Only the training batches carry label ids: the routing supervision is a training loss.
-        label_ids = label_ids_of(records, vocabulary) if vocabulary and name == "train" else None
         encoding = encode(records, tokenizer, max_len, cache_dir=cache, max_target_length=config.data.max_target_length,
-                          label_ids=label_ids, long_samples=config.data.long_samples, strict=config.data.strict)
+                          long_samples=config.data.long_samples, strict=config.data.strict,
+                          label_vocabulary=vocabulary if name == "train" else None,
+                          num_proc=config.data.num_workers or os.cpu_count() or 1)
         encoded = encoding.dataset
         stats[f"{name}_long_samples"] = encoding.stats
         lengths = column_values(encoded, "length").tolist()  # plain ints: Column indexing is slow
@@ -129,12 +133,12 @@ def build_dataloaders(config: Config, tokenizer, *, packs_by_position_ids: bool 
     return train, evaluation, data
 
 
-def _supervised_labels(config: Config, train_records: list[dict]) -> tuple[str, ...]:
+def _supervised_labels(config: Config, train_labels: list[str | None]) -> tuple[str, ...]:
     """The label vocabulary of label-guided routing; () when it is off. No labelled sample is bad input."""
     if config.moe.router_supervision.weight <= 0:
         return ()
-    vocabulary = label_vocabulary(train_records, config.moe.router_supervision.label_to_expert)
-    if not any(label in vocabulary for label in (r.get("expert_label") for r in train_records)):
+    vocabulary = vocabulary_of_labels(train_labels, config.moe.router_supervision.label_to_expert)
+    if not any(label in vocabulary for label in train_labels):
         named = ("none of the labels moe.router_supervision.label_to_expert names (" + ", ".join(vocabulary) + ")"
                  if isinstance(config.moe.router_supervision.label_to_expert, dict) else "an expert_label")
         raise UserError(f"moe.router_supervision.weight is {config.moe.router_supervision.weight} but no training sample "

@@ -31,13 +31,15 @@ from moetune.errors import UserError
 
 IGNORE_INDEX = -100
 # Bump when the encoding below changes, so old caches are not reused.
-_ENCODING_VERSION = "2"
+_ENCODING_VERSION = "3"
 # Rows of records that became no sample carry no tokens; they are removed after counting.
 _DROPPED, _BAD = "dropped", "bad"
 MAX_PROBLEMS_PRINTED = 20
+# Starting a process costs about a second (it imports the tokenizer and pickles it): not worth it for fewer records.
+MIN_RECORDS_PER_PROCESS = 10_000
 
 
-def encode_records(records: Sequence[dict[str, Any]], tokenizer, max_seq_length: int, cache_dir: str | Path | None = None,
+def encode_records(records, tokenizer, max_seq_length: int, cache_dir: str | Path | None = None,
                    max_target_length: int | None = None, label_ids: Sequence[int] | None = None,
                    long_samples: LongSamples | None = None, strict: bool = False):
     """The dataset of :func:`encode` (its counts left out)."""
@@ -53,40 +55,63 @@ class Encoded:
     stats: dict[str, int]
 
 
-def encode(records: Sequence[dict[str, Any]], tokenizer, max_seq_length: int, cache_dir: str | Path | None = None,
+def encode(records, tokenizer, max_seq_length: int, cache_dir: str | Path | None = None,
            max_target_length: int | None = None, label_ids: Sequence[int] | None = None,
-           long_samples: LongSamples | None = None, strict: bool = False) -> Encoded:
-    """Encode ``records``: a ``datasets.Dataset`` with columns ``input_ids``, ``labels``, ``length``, ``record``
-    (the index of the record a row came from) and ``handling`` (``whole``, ``truncated`` or ``split``), one row per
-    sample, and the counts of how long and bad records were handled.
+           long_samples: LongSamples | None = None, strict: bool = False,
+           label_vocabulary: Sequence[str] | None = None, num_proc: int = 1) -> Encoded:
+    """Encode ``records``: a list of dataset records, or a table of them (a ``datasets.Dataset`` with the JSON line
+    in ``json`` and the ``expert_label`` in ``label``, :mod:`moetune.data.record_table`). Gives a ``datasets.Dataset``
+    with columns ``input_ids``, ``labels``, ``length``, ``record`` (the index of the record a row came from) and
+    ``handling`` (``whole``, ``truncated`` or ``split``), one row per sample, and the counts of how long and bad
+    records were handled.
 
-    With ``label_ids`` (one per record, :mod:`moetune.data.expert_labels`) it also has ``expert_label_id``.
+    With ``label_ids`` (one per record) or ``label_vocabulary`` (:mod:`moetune.data.expert_labels`: each record's
+    ``expert_label`` looked up in it) the dataset also has ``expert_label_id``.
     ``long_samples`` None: each record's kind decides. A conversation the chat template cannot render is
     skipped and counted (its file and line printed), or, with ``strict``, a UserError naming them.
 
     With ``cache_dir`` the result is stored there under a key made of the records, the tokenizer (its
-    vocabulary and chat template) and the options; an identical later call loads it instead.
+    vocabulary and chat template) and the options; an identical later call loads it instead. ``num_proc`` processes
+    share the work when there are at least MIN_RECORDS_PER_PROCESS records for each.
     """
     from datasets import Dataset
 
-    columns: dict[str, list] = {"record": [json.dumps(record, ensure_ascii=False) for record in records],
-                                "index": list(range(len(records)))}
+    if isinstance(records, Dataset):
+        raw = records
+    else:
+        columns: dict[str, list] = {"json": [json.dumps(record, ensure_ascii=False) for record in records],
+                                    "label": [record.get("expert_label") for record in records]}
+        raw = Dataset.from_dict(columns)
     if label_ids is not None:
-        columns["expert_label_id"] = list(label_ids)
-    raw = Dataset.from_dict(columns)
+        raw = raw.add_column("expert_label_id", list(label_ids))
     kwargs: dict[str, Any] = {}
-    options = {"max_len": max_seq_length, "max_target": max_target_length, "long_samples": long_samples}
+    options = {"max_len": max_seq_length, "max_target": max_target_length, "long_samples": long_samples,
+               "vocabulary": list(label_vocabulary) if label_vocabulary else None}
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        key = _cache_key(columns, tokenizer, options)
+        key = _cache_key(raw, tokenizer, options)
         kwargs = {"cache_file_name": str(Path(cache_dir) / f"encoded-{key}.arrow"), "load_from_cache_file": True}
-    encoded = raw.map(_encode_batch, batched=True, batch_size=500, remove_columns=list(columns),
+    processes = max(1, min(num_proc, len(raw) // MIN_RECORDS_PER_PROCESS))
+    encoded = raw.map(_encode_batch, batched=True, batch_size=500, with_indices=True, remove_columns=raw.column_names,
+                      num_proc=processes if processes > 1 else None,
+                      features=_features(label_ids is not None or bool(label_vocabulary)),
                       fn_kwargs={"tokenizer": tokenizer, "strict": strict, **options}, desc="Tokenizing", **kwargs)
     stats = _handling_counts(encoded)
     _report_problems(encoded)
-    lengths = encoded.data.column("length").to_numpy()
+    lengths = column_values(encoded, "length")
     kept = encoded if lengths.all() else encoded.select(lengths.nonzero()[0])  # an index mapping: nothing is copied
     return Encoded(kept.remove_columns(["problem"]), stats)
+
+
+def _features(labelled: bool):
+    """The encoded columns' types: 32-bit token ids (half the disk and mapped memory of the default int64)."""
+    from datasets import Features, Sequence, Value
+
+    features = {"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")), "length": Value("int32"),
+                "record": Value("int64"), "handling": Value("string"), "problem": Value("string")}
+    if labelled:
+        features["expert_label_id"] = Value("int32")
+    return Features(features)
 
 
 def column_values(dataset, name: str):
@@ -97,22 +122,26 @@ def column_values(dataset, name: str):
 
 
 def _handling_counts(encoded) -> dict[str, int]:
+    import pyarrow.compute as pc
+
+    table = encoded.data.table
+    unusual = table.filter(pc.not_equal(table.column("handling"), "whole")).select(["record", "handling"]).to_pylist()
     counts = {"truncated": 0, "split": 0, "dropped": 0, "bad": 0}
     seen: set[int] = set()
-    columns = encoded.data
-    for record, handling in zip(columns.column("record").to_pylist(), columns.column("handling").to_pylist(), strict=True):
-        if handling in counts and record not in seen:
-            counts[handling] += 1
-            seen.add(record)
+    for row in unusual:
+        if row["record"] not in seen:
+            counts[row["handling"]] += 1
+            seen.add(row["record"])
     return counts
 
 
-def _encode_batch(batch: dict[str, list], tokenizer, max_len: int, max_target: int | None, long_samples: LongSamples | None,
-                  strict: bool) -> dict[str, list]:
+def _encode_batch(batch: dict[str, list], indices: list[int], tokenizer, max_len: int, max_target: int | None,
+                  long_samples: LongSamples | None, strict: bool, vocabulary: list[str] | None) -> dict[str, list]:
+    from moetune.data.expert_labels import NO_LABEL
     from moetune.data.sources import record_kind
 
-    renderer = renderer_of(tokenizer) if any('"messages"' in line for line in batch["record"]) else None
-    records = [json.loads(line) for line in batch["record"]]
+    renderer = renderer_of(tokenizer) if any('"messages"' in line for line in batch["json"]) else None
+    records = [json.loads(line) for line in batch["json"]]
     rendered: list[Rendered | str] = []
     for record in records:
         try:
@@ -128,6 +157,9 @@ def _encode_batch(batch: dict[str, list], tokenizer, max_len: int, max_target: i
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "record": [], "handling": [], "problem": []}
     label_ids = batch.get("expert_label_id")
+    if vocabulary:
+        index = {label: i for i, label in enumerate(vocabulary)}
+        label_ids = [index.get(label, NO_LABEL) for label in batch["label"]]
     if label_ids is not None:
         out["expert_label_id"] = []
 
@@ -137,7 +169,7 @@ def _encode_batch(batch: dict[str, list], tokenizer, max_len: int, max_target: i
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["length"].append(len(ids))
-        out["record"].append(batch["index"][n])
+        out["record"].append(indices[n])
         out["handling"].append(handling)
         out["problem"].append(problem)
         if label_ids is not None:
@@ -229,16 +261,17 @@ def _overlaps(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
 
 
 def _report_problems(encoded) -> None:
-    columns = encoded.data
-    problems = [problem for problem, handling in zip(columns.column("problem").to_pylist(),
-                                                     columns.column("handling").to_pylist(), strict=True) if handling == _BAD]
+    import pyarrow.compute as pc
+
+    table = encoded.data.table
+    problems = table.filter(pc.equal(table.column("handling"), _BAD)).column("problem").to_pylist()
     for problem in problems[:MAX_PROBLEMS_PRINTED]:
         print(f"skipped conversation {problem}", file=sys.stderr)
     if len(problems) > MAX_PROBLEMS_PRINTED:
         print(f"... and {len(problems) - MAX_PROBLEMS_PRINTED} more conversations skipped", file=sys.stderr)
 
 
-def _cache_key(columns: dict[str, list], tokenizer, options: dict[str, Any]) -> str:
+def _cache_key(raw, tokenizer, options: dict[str, Any]) -> str:
     from moetune.data.chat_templates import chat_template_of
 
     digest = hashlib.blake2b(digest_size=16)
@@ -246,8 +279,9 @@ def _cache_key(columns: dict[str, list], tokenizer, options: dict[str, Any]) -> 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     digest.update(backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode())
     digest.update(b"template|" + (chat_template_of(tokenizer) or "").encode())
-    for line in columns["record"]:
-        digest.update(line.encode("utf-8", "surrogatepass") + b"\x00")
-    if "expert_label_id" in columns:
-        digest.update(b"labels|" + ",".join(map(str, columns["expert_label_id"])).encode())
+    columns = ["json", "label"] + (["expert_label_id"] if "expert_label_id" in raw.column_names else [])
+    for batch in raw.select_columns(columns).iter(batch_size=10_000):
+        for line in batch["json"]:
+            digest.update(line.encode("utf-8", "surrogatepass") + b"\x00")
+        digest.update(repr(batch["label"]).encode() + repr(batch.get("expert_label_id")).encode())
     return digest.hexdigest()

@@ -9,7 +9,7 @@ the label's experts with the same vocabulary order, so both sides agree without 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 NO_LABEL = -1
@@ -23,9 +23,14 @@ def label_vocabulary(records: Sequence[Mapping[str, Any]], label_to_expert: str 
     expert of their own and, with more labels than experts, puts the smallest beside them: merging
     two small labels into one expert would hide more of what the routing tells about the label.
     """
+    return vocabulary_of_labels((r.get("expert_label") for r in records), label_to_expert)
+
+
+def vocabulary_of_labels(labels: Iterable[str | None], label_to_expert: str | Mapping[str, Any]) -> tuple[str, ...]:
+    """:func:`label_vocabulary` from the records' labels alone (None for a record without one)."""
     if isinstance(label_to_expert, Mapping):
         return tuple(sorted(label_to_expert))
-    counts = Counter(r["expert_label"] for r in records if r.get("expert_label"))
+    counts = Counter(label for label in labels if label)
     return tuple(sorted(counts, key=lambda label: (-counts[label], label)))
 
 

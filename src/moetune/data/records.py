@@ -101,11 +101,11 @@ def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise UserError(f"{where}: not a JSON line ({err.msg}); rebuild it with `moetune data`.") from None
-            _check_record(record, where)
+            check_record(record, where)
             yield record
 
 
-def _check_record(record: Any, where: str) -> None:
+def check_record(record: Any, where: str) -> None:
     """A dataset line is an object with a string ``text``, string ``prompt`` and ``completion``, or a list of
     ``messages`` (objects with a string ``role``)."""
     expected = "a dataset line needs `text` (a string), `prompt` + `completion` (strings) or `messages` (a list)"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from pathlib import Path
 from typing import IO
 
 from moetune.config.schema import Config
@@ -26,19 +25,21 @@ OPEN, CLOSE = "⟦", "⟧"
 def show_samples(config: Config, count: int, as_json: bool = False, out: IO[str] | None = None) -> int:
     """Print the first ``count`` training samples of ``data.output_path`` (built first unless current). Returns 0."""
     from moetune.data.build import build_dataset_unless_current
+    from moetune.data.record_table import iter_records, load_split_tables, table_records
     from moetune.data.rendering import record_location
-    from moetune.data.split import load_splits
+    from moetune.data.tokenizer import load_run_tokenizer, tokenizer_training_texts
 
     if count < 1:
         raise UserError(f"--show takes a positive number of samples, got {count}.")
     out = out or sys.stdout
     with contextlib.redirect_stdout(sys.stderr):  # the build's summary is not a sample: stdout stays the samples'
         build_dataset_unless_current(config)
-    train, _ = load_splits(config)
-    if not train:
+    train = load_split_tables(config).train
+    if not len(train):
         raise UserError(f"{config.data.output_path} has no training samples after the validation split.")
-    tokenizer = _tokenizer(config, train)
-    records = train[:count]
+    # The run's tokenizer as training decides on it; one trained on the data here is not saved (training saves its own).
+    tokenizer = load_run_tokenizer(config, training_texts=lambda: tokenizer_training_texts(iter_records(train)))
+    records = table_records(train.select(range(min(count, len(train)))))
     encoded = encode(records, tokenizer, config.model.max_seq_length, max_target_length=config.data.max_target_length,
                      long_samples=config.data.long_samples, strict=config.data.strict)
     rows = encoded.dataset.select(range(min(count, len(encoded.dataset))))
@@ -82,17 +83,3 @@ def marked_text(tokenizer, ids: list[int], labels: list[int], color: bool) -> st
             parts.append(f"{OPEN}{text}{CLOSE}" if trained else text)
     return "".join(parts)
 
-
-def _tokenizer(config: Config, train: list[dict]):
-    """The tokenizer training uses: the run's saved one, a named one, or one trained on the training records as the
-    trainer trains it (not saved: training trains and saves its own)."""
-    from moetune.data.records import record_text
-    from moetune.data.tokenizer import load_or_train_tokenizer
-    from moetune.run_dir import TOKENIZER_DIR
-
-    if config.model.random_init and config.model.tokenizer is None:
-        saved = Path(config.training.output_dir) / TOKENIZER_DIR
-        if (saved / "tokenizer.json").is_file():
-            return load_or_train_tokenizer(config, None, save_dir=saved)
-        return load_or_train_tokenizer(config, (record_text(r) for r in train))
-    return load_or_train_tokenizer(config)

@@ -35,7 +35,7 @@ def split_records(records: Iterable[dict[str, Any]], validation_split: float, se
     """
     records = list(records)
     unit_of = [split_unit(r) for r in records]
-    units = sorted(set(unit_of), key=lambda unit: _ranked(unit, seed))
+    units = sorted(set(unit_of), key=lambda unit: ranked(unit, seed))
     n_val = round(len(units) * validation_split)
     if validation_split > 0 and n_val == 0 and len(units) > 1:
         n_val = 1
@@ -57,6 +57,7 @@ def load_splits(config: Config) -> tuple[list[dict], list[dict]]:
     return split_records(records, config.validation.validation_split, config.training.seed)
 
 
-def _ranked(unit: str, seed: int) -> bytes:
+def ranked(unit: str, seed: int) -> bytes:
+    """A unit's place in the seeded order the split takes validation units from."""
     # A keyed hash is a seeded shuffle that does not depend on the other units.
     return hashlib.blake2b(unit.encode("utf-8", "surrogatepass"), digest_size=16, key=str(seed).encode()).digest()

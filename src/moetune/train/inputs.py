@@ -18,7 +18,7 @@ def build_training_inputs(config: Config, accelerator):
     from transformers import AutoTokenizer
 
     from moetune.data.dataloaders import build_dataloaders, data_lines
-    from moetune.data.split import load_splits
+    from moetune.data.record_table import iter_records, load_split_tables
     from moetune.data.tokenizer import load_run_tokenizer, tokenizer_training_texts
     from moetune.models.families import packs_by_position_ids
     from moetune.models.load.factory import build_model
@@ -27,7 +27,8 @@ def build_training_inputs(config: Config, accelerator):
     tokenizer_dir = Path(config.training.output_dir) / TOKENIZER_DIR
     with accelerator.main_process_first():
         if accelerator.is_main_process:  # saved into the run folder, where checkpoints and evaluation find it
-            tokenizer = load_run_tokenizer(config, training_texts=lambda: tokenizer_training_texts(load_splits(config)[0]),
+            tokenizer = load_run_tokenizer(config, training_texts=lambda: tokenizer_training_texts(
+                                               iter_records(load_split_tables(config).train)),
                                            save_dir=tokenizer_dir)
         else:  # what the main process just saved (output_dir is on a filesystem every node sees)
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
