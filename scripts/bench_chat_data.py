@@ -92,7 +92,7 @@ def speed(args) -> int:
                                              "chat_template": get_training_chat_template(tokenizer)})()
         with tempfile.TemporaryDirectory() as tmp:
             config = SFTConfig(output_dir=tmp, assistant_only_loss=True, max_length=None, dataset_num_proc=args.num_proc,
-                               shuffle_dataset=False, report_to=[])
+                               shuffle_dataset=False, report_to=[], use_cpu=True, bf16=False)
             started = time.perf_counter()
             theirs = SFTTrainer._prepare_dataset(stub, plain, tokenizer, config, packing=False, formatting_func=None,
                                                  dataset_name="train")
