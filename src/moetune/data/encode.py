@@ -16,6 +16,7 @@ counts survive the cache (:class:`Encoded`).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import sys
@@ -231,14 +232,27 @@ def _tokenize(tokenizer, items: list[Rendered]) -> list[tuple[list[int], list[in
     out = tokenizer([item.text for item in items], add_special_tokens=False, return_offsets_mapping=True)
     results = []
     for item, ids, offsets in zip(items, out["input_ids"], out["offset_mapping"], strict=True):
-        labels = [token if _overlaps(start, end, item.trained) else IGNORE_INDEX
-                  for token, (start, end) in zip(ids, offsets, strict=True)]
+        starts = [start for start, _ in offsets]  # non-decreasing: a cut at character c keeps the tokens starting before c
         head = 1 if item.bos and tokenizer.bos_token_id is not None else 0
-        turn_ends = None if item.turn_ends is None else [
-            head + sum(1 for start, _ in offsets if start < char) for char in item.turn_ends]
-        keep = sum(1 for start, _ in offsets if start < item.keep)
-        results.append((ids, labels, turn_ends, keep))
+        turn_ends = None if item.turn_ends is None else [head + bisect.bisect_left(starts, char) for char in item.turn_ends]
+        results.append((ids, _labels(ids, offsets, item.trained), turn_ends, bisect.bisect_left(starts, item.keep)))
     return results
+
+
+def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """Each token's id where it overlaps a trained span (a zero-width token: where it sits inside one), else -100.
+    Tokens and spans are both in text order: one pass over each."""
+    labels = [IGNORE_INDEX] * len(ids)
+    span = 0
+    for n, (start, end) in enumerate(offsets):
+        while span < len(spans) and spans[span][1] <= start:  # spans that end before this token: done with
+            span += 1
+        if span == len(spans):
+            break
+        span_start, span_end = spans[span]
+        if start < span_end and (end > span_start or (start == end and start >= span_start)):
+            labels[n] = ids[n]
+    return labels
 
 
 def _tokenize_slow(tokenizer, item: Rendered) -> tuple[list[int], list[int], None, int]:
@@ -249,14 +263,6 @@ def _tokenize_slow(tokenizer, item: Rendered) -> tuple[list[int], list[int], Non
     prompt = tokenizer(item.text[:item.keep], add_special_tokens=False)["input_ids"] if item.keep else []
     rest = tokenizer(item.text[item.keep:], add_special_tokens=False)["input_ids"]
     return prompt + rest, [IGNORE_INDEX] * len(prompt) + rest, None, len(prompt)
-
-
-def _overlaps(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
-    # Few spans per record: a scan is cheaper than bisect bookkeeping.
-    for span_start, span_end in spans:
-        if start < span_end and (end > span_start or (start == end and start >= span_start)):
-            return True
-    return False
 
 
 def _report_problems(encoded) -> None:
