@@ -12,8 +12,9 @@ and Llama 3). It reports conversations per second and how the two masks compare 
 not a moetune dependency: run this part from a venv that has it (``pip install trl`` beside moetune's).
 
 ``memory`` writes N generated conversation records as a built dataset and measures, in a fresh process, the
-peak RSS of what the trainer runs before step 1 (:func:`moetune.data.dataloaders.build_train_eval_datasets`:
-read and split, tokenize, pack), sampled every 20 ms, and the time it takes.
+peak memory of what the trainer runs before step 1 (:func:`moetune.data.dataloaders.build_train_eval_datasets`:
+read and split, tokenize, pack), sampled every 200 ms, and the time it takes: the process's RSS and its
+anonymous part, and with the worker processes that tokenize (``data.num_workers``) their summed PSS.
 """
 
 from __future__ import annotations
@@ -147,14 +148,24 @@ def _measure(dataset: str, max_seq_length: str) -> int:
     from moetune.data.tokenizer import train_bpe_tokenizer
 
     datasets.disable_progress_bars()
-    peak = [0]
+    peak = {"rss": 0, "anon": 0, "pss_all": 0, "rss_all": 0}
     done = threading.Event()
 
     def sample() -> None:
         me = psutil.Process()
         while not done.is_set():
-            peak[0] = max(peak[0], me.memory_info().rss)
-            done.wait(0.02)
+            rss = me.memory_info().rss
+            anon = _rss_anon(me.pid)
+            rss_all, pss_all = rss, me.memory_full_info().pss
+            for child in me.children(recursive=True):
+                try:
+                    rss_all += child.memory_info().rss
+                    pss_all += child.memory_full_info().pss
+                except psutil.Error:
+                    pass  # a worker that just exited
+            for key, value in (("rss", rss), ("anon", anon), ("pss_all", pss_all), ("rss_all", rss_all)):
+                peak[key] = max(peak[key], value)
+            done.wait(0.2)
 
     tokenizer = train_bpe_tokenizer((json.dumps(r) for r in conversations(2000)), 8000, ["<|im_start|>", "<|im_end|>"])
     tokenizer.chat_template = CHATML
@@ -172,7 +183,18 @@ def _measure(dataset: str, max_seq_length: str) -> int:
     print(f"split + tokenize + pack: {seconds:.0f} s; {s['train_records']:,} training records -> {s['train_samples']:,} "
           f"samples, {s['train_tokens']:,} tokens in {s['train_rows']:,} rows "
           f"(packing efficiency {s.get('train_packing_efficiency', 1):.2%})")
-    print(f"peak RSS {peak[0] / 2**30:.2f} GiB (before: {before / 2**30:.2f} GiB, libraries and tokenizer loaded)")
+    print(f"peak RSS of this process {peak['rss'] / 2**30:.2f} GiB (before: {before / 2**30:.2f} GiB, libraries and "
+          f"tokenizer loaded), of which anonymous {peak['anon'] / 2**30:.2f} GiB (the rest: pages of memory-mapped Arrow "
+          f"files); with its worker processes: PSS {peak['pss_all'] / 2**30:.2f} GiB, RSS summed "
+          f"{peak['rss_all'] / 2**30:.2f} GiB (shared pages counted in each)")
+    return 0
+
+
+def _rss_anon(pid: int) -> int:
+    """Resident anonymous memory (RssAnon): what the process holds besides mapped files, which the kernel can drop."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
     return 0
 
 

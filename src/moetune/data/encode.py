@@ -284,9 +284,11 @@ def _cache_key(raw, tokenizer, options: dict[str, Any]) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     digest.update(backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode())
     digest.update(b"template|" + (chat_template_of(tokenizer) or "").encode())
-    columns = ["json", "label"] + (["expert_label_id"] if "expert_label_id" in raw.column_names else [])
+    # A table of the built dataset carries each line's digest: hashing those never reads the records again.
+    content = "digest" if "digest" in raw.column_names else "json"
+    columns = [content, "label"] + (["expert_label_id"] if "expert_label_id" in raw.column_names else [])
     for batch in raw.select_columns(columns).iter(batch_size=10_000):
-        for line in batch["json"]:
-            digest.update(line.encode("utf-8", "surrogatepass") + b"\x00")
+        for value in batch[content]:
+            digest.update(value.encode("utf-8", "surrogatepass") + b"\x00")
         digest.update(repr(batch["label"]).encode() + repr(batch.get("expert_label_id")).encode())
     return digest.hexdigest()

@@ -11,7 +11,9 @@ first step does not grow with the number of records (docs/benchmarks.md). The sp
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +24,15 @@ from moetune.errors import UserError
 
 # Datasets smaller than this are read in well under a second: no progress bars for them.
 QUIET_BELOW_BYTES = 64 * 2**20
+# Below this many lines per process, starting processes costs more than it saves.
+MIN_LINES_PER_PROCESS = 50_000
 
 
 @dataclass(frozen=True)
 class SplitTables:
     """``train`` and ``validation``: ``datasets.Dataset`` views of the built dataset's rows (columns ``json``, the line;
-    ``entry``, the index of the source that wrote it or -1; ``label``, its ``expert_label`` or None)."""
+    ``entry``, the index of the source that wrote it or -1; ``label``, its ``expert_label`` or None; ``digest``, a hash
+    of the line, so a cache key over the records need not read them again)."""
 
     train: Any
     validation: Any
@@ -61,7 +66,10 @@ def _split_tables(config: Config, path: Path, cache: Path) -> SplitTables:
         for _ in read_records(path):
             pass
         raise
+    # Worker processes read the lines for the large datasets, so this process never touches their mapped pages.
+    processes = min(config.data.num_workers or os.cpu_count() or 1, len(lines) // MIN_LINES_PER_PROCESS)
     facts = lines.map(_record_facts, batched=True, batch_size=1000, with_indices=True, remove_columns=["text"],
+                      num_proc=processes if processes > 1 else None,
                       fn_kwargs={"path": str(path), "seed": config.training.seed}, desc="Reading records")
     table = concatenate_datasets([lines.rename_column("text", "json"), facts], axis=1)
     ranks = facts.data.column("rank")
@@ -74,7 +82,7 @@ def _split_tables(config: Config, path: Path, cache: Path) -> SplitTables:
     if config.validation.validation_split > 0 and n_val == 0 and len(units) > 1:
         n_val = 1
     held_out = pc.is_in(kept, value_set=units[:n_val]).to_numpy(zero_copy_only=False)
-    columns = ["json", "entry", "label"]
+    columns = ["json", "entry", "label", "digest"]
     return SplitTables(table.select(positions[~held_out]).select_columns(columns),
                        table.select(positions[held_out]).select_columns(columns))
 
@@ -110,8 +118,9 @@ def _record_facts(batch: dict[str, list], indices: list[int], path: str, seed: i
     from moetune.data.records import check_record
     from moetune.data.split import ranked, split_unit
 
-    out: dict[str, list] = {"rank": [], "entry": [], "label": []}
+    out: dict[str, list] = {"rank": [], "entry": [], "label": [], "digest": []}
     for line, index in zip(batch["text"], indices, strict=True):
+        out["digest"].append(hashlib.blake2b(line.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest())
         if not line.strip():
             out["rank"].append("")
             out["entry"].append(-1)
