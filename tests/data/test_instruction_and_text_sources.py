@@ -9,6 +9,7 @@ import pytest
 
 from moetune.config import load_config
 from moetune.data.build import build_dataset, stats_path_for
+from moetune.data.dataloaders import build_train_eval_datasets, data_lines
 from moetune.data.encode import encode
 from moetune.data.mixing import mix_by_weight
 from moetune.data.tokenizer import train_bpe_tokenizer
@@ -85,5 +86,12 @@ def test_sources_mix_by_weight(tmp_path: Path):
     assert sorted(set(beta)) == sorted(f"beta {i}" for i in range(10)) and len(beta) == 30  # every one three times
     assert mix_by_weight(records, config.data.sources, seed=7)[0] == mixed
     assert mix_by_weight(records, config.data.sources, seed=8)[0] != mixed  # another seed, another sample of alpha
+    # The trainer mixes its Arrow table of the training split the same way, and says so.
+    trained = load_config(tmp_path / "config.yaml", ["validation.validation_split=0", "training.seed=7"])
+    data = build_train_eval_datasets(trained, train_bpe_tokenizer([r["text"] for r in records], 260),
+                                     cache_dir=tmp_path / "cache")
+    assert data.stats["mixture"] == counts and data.stats["train_samples"] == 40
+    assert data_lines(data.stats)[-1] == f"mixture: data.sources[1] (text: {tmp_path / 'b.jsonl'}) weight 3: 30 samples per " \
+                                         "epoch from 10 records"
     with pytest.raises(ConfigError, match=r"data.sources\[1\].weight is not set while another source's is"):
         _config(tmp_path, [sources[0], {"type": "text", "path": "b.jsonl"}])
