@@ -75,11 +75,13 @@ def optimizer_state_bytes(param: torch.Tensor, optim: str) -> int:
         return 2 * size + STEP_BYTES
     if optim == "sgd":
         return size  # the momentum buffer
-    if optim == "adafactor":  # transformers' Adafactor without beta1: factored second moments for 2-D and up
+    if optim == "adafactor":
+        # transformers' Adafactor without beta1: factored second moments for 2-D and up, and the
+        # weight's RMS as a float32 scalar tensor.
         if param.dim() >= 2:
             shape = param.shape
-            return (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]) * param.element_size()
-        return size
+            return (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]) * param.element_size() + 4
+        return size + 4
     if optim == "adamw_8bit":  # bitsandbytes: 8-bit states in blocks of 256 from 4,096 elements on, else 32-bit
         if param.numel() >= 4096:
             return 2 * (param.numel() + 4 * math.ceil(param.numel() / 256) + 256 * 4)
