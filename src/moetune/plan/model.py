@@ -71,7 +71,7 @@ def build_planned_model(config, model_config: str | Path | None = None) -> Plann
     dtype = _weights_dtype(section.torch_dtype, hf_config)
     attn = _meta_attention(family)
     base, traits = _build_base(family, config, hf_config, dtype, attn)
-    counts = count_base(base, family, experts_per_token(hf_config))  # before LoRA and saved copies join it
+    counts = count_base(base, family, experts_per_token(base.config))  # before LoRA and saved copies join it
     quantized = quantize_on_meta(base, section) if wants_quantization(section) else {}
     with torch.device("meta"), _quiet("moetune.models.trainable"):
         model = apply_training_plan(base, config, traits, family)
