@@ -333,6 +333,11 @@ class TrainingConfig:
     auto_find_batch_size: bool = opt(
         False, "On out-of-memory, retry with half the per-device batch and twice the accumulation (same effective batch)."
     )
+    plan_check: Literal["warn", "error"] = opt(
+        "warn", "On a GPU machine, before loading weights, the run is planned as `moetune plan` does; a plan over the "
+        "visible GPUs' memory is one paragraph (the parts, the largest micro-batch that fits, the knobs): a warning, "
+        "or with error a refusal (exit 2)."
+    )
 
     def __post_init__(self) -> None:
         t = "training."

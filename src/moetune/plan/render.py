@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from moetune.plan.gpus import GIB, resolve_gpu
 from moetune.plan.launch import read_launch
