@@ -100,7 +100,7 @@ def make_plan(config, *, model_config: str | Path | None = None, launch: Launch,
     planned = build_planned_model(config, model_config)
     plan = _plan(config, planned, launch, gpu, mfu)
     if remedies and plan.fits is False:
-        plan.remedies = what_would_fit(config, planned, plan)
+        plan.remedies = what_would_fit(config, planned, plan, model_config)
     return plan
 
 
@@ -148,7 +148,7 @@ def _deepspeed_buckets(launch: Launch, planned: PlannedModel, text, compute_byte
     return compute_bytes * (min(reduce, trained) + min(allgather, math.ceil(trained / launch.processes)))
 
 
-def what_would_fit(config, planned: PlannedModel, plan: Plan) -> list[str]:
+def what_would_fit(config, planned: PlannedModel, plan: Plan, model_config=None) -> list[str]:
     """The single changes that would make ``plan`` fit at micro-batch 1, each with its planned total."""
     capacity = plan.gpu.memory
     found = []
@@ -162,16 +162,16 @@ def what_would_fit(config, planned: PlannedModel, plan: Plan) -> list[str]:
     if plan.batch > 1 and plan.total(1) <= capacity:
         found.append(f"training.per_device_train_batch_size={plan.largest_batch()} (raise gradient_accumulation_steps "
                      f"to keep the effective batch): {gib(plan.total(plan.largest_batch()))}")
-    processes = max(plan.launch.processes, 1)
-    for gpus in sorted({processes, 2, 4, 8, 16}):
-        if gpus < processes:
+    processes = max(plan.launch.processes, 2)
+    for gpus in sorted({processes, 4, 8, 16}):
+        if gpus < processes or planned.quantized:  # ZeRO-3 cannot partition bitsandbytes' 4-bit weights
             continue
         for offload in (False, True):
             zero3 = Launch(processes=gpus, engine="deepspeed", zero_stage=3, offload_optimizer=offload, offload_params=offload,
                            described="configs/accelerate/zero3.yaml")
             other = _with_launch(config, planned, plan, zero3)
             if other.total(1) <= capacity:
-                where = f"{gpus} GPUs" if gpus != processes else f"the same {gpus} GPUs"
+                where = f"{gpus} GPUs" if gpus != plan.launch.processes else f"the same {gpus} GPUs"
                 knob = " and advanced.use_cpu_offload=true" if offload else ""
                 found.append(f"DeepSpeed ZeRO-3 on {where} (configs/accelerate/zero3.yaml{knob}): {gib(other.total(1))} "
                              "at micro-batch 1")
@@ -187,13 +187,21 @@ def what_would_fit(config, planned: PlannedModel, plan: Plan) -> list[str]:
         if other.total(1) <= capacity:
             found.append(f"model.max_seq_length={shorter}: {gib(other.total(1))} at micro-batch 1")
             break
+    notes = []
     linears = _linear_share(planned)
-    if not config.model.load_in_4bit and linears < 0.5:
-        found.append(f"(model.load_in_4bit would not help: bitsandbytes quantises nn.Linear layers only, {linears:.0%} of "
-                     "this model's weights; its fused experts stay unquantised and PEFT casts them to float32)")
+    why = (f"bitsandbytes quantises nn.Linear layers only, {linears:.0%} of this model's weights; the fused experts "
+           "stay unquantised and PEFT's preparation for 4-bit training casts them to float32")
+    if linears < 0.5 and not planned.quantized:
+        notes.append(f"(model.load_in_4bit would not help: {why})")
+    elif linears < 0.5:
+        plain = dataclasses.replace(config, model=dataclasses.replace(config.model, load_in_4bit=False, load_in_8bit=False))
+        other = make_plan(plain, model_config=model_config, launch=plan.launch, gpu=plan.gpu, mfu=plan.mfu, remedies=False)
+        (found if other.total(1) <= capacity else notes).append(
+            f"model.load_in_4bit=false: {gib(other.total(1))} at micro-batch 1 ({why})")
     if not found:
-        found.append("nothing single fits: combine the above, or more GPUs with ZeRO-3 and CPU offload")
-    return found
+        found.append("nothing single fits: combine changes (shorter rows, checkpointing, ZeRO-3 with CPU offload on "
+                     "more GPUs)")
+    return found + notes
 
 
 def _with_launch(config, planned: PlannedModel, plan: Plan, launch: Launch) -> Plan:
