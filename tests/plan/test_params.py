@@ -13,6 +13,10 @@ Published figures and where they are stated:
   https://huggingface.co/deepseek-ai/DeepSeek-V2-Lite; paper appendix, https://arxiv.org/abs/2405.04434).
   Without the input embedding, as for DeepSeek-V2's 21B.
 
+* GLM-4.5-Air (no shipped config; its hub config.json is test data for the families): 106B total, 12B active
+  (Zhipu, https://github.com/zai-org/GLM-4.5 README). The count: 106.85B total; 12.80B active without the
+  input embedding, 13.42B with it, so "12B" is the first convention cut to whole billions.
+
 Qwen's 3.3B and DeepSeek's 2.4B are the counts cut (not rounded) to two digits: 3.353B and 2.451B, 1.6% and
 2.1% above them; the other figures agree within 0.2%.
 """
@@ -60,6 +64,13 @@ def test_counts_of_the_shipped_configs_match_the_published_figures(counts, confi
         scale = 10 ** (math.floor(math.log10(ours)) - 1)
         assert math.floor(ours / scale) * scale == pytest.approx(active)
         assert ours == pytest.approx(active, rel=0.025)
+
+
+def test_glm_4_5_air_total_matches_the_published_figure():
+    config = load_config(None, ["model.name=zai-org/GLM-4.5-Air"])
+    planned = build_planned_model(config, HUB / "glm-4.5-air" / "config.json").counts
+    assert planned.total == pytest.approx(106e9, rel=0.01)
+    assert math.floor(planned.active_without_input_embedding / 1e9) == 12
 
 
 def test_the_other_convention_is_reported_beside_it(counts):
