@@ -132,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                     help="Save the upcycled model in this dtype (default: the dense checkpoint's).")
     checks = [verb("validate", "check a config and exit 0 (valid) or 2 (invalid)",
-                   "Load and validate the config with any overrides; print what is wrong, where.", _run_validate),
+                   "Load and validate the config with any overrides, and run every check train makes before it\n"
+                   "loads a weight: the output_dir, the packages the config needs, and, when the model's config\n"
+                   "is local (model.random_init or a folder with a config.json), the config against that model\n"
+                   "built on the meta device (LoRA targets, experts, shared experts, router bias, context length).\n"
+                   "Print what is wrong, where.", _run_validate),
               verb("print-config", "print the fully resolved config (defaults included) as YAML",
                    "Print the config after defaults and overrides; the output loads back to the same config.",
                    _run_print_config)]
@@ -155,11 +159,9 @@ def _load(args: argparse.Namespace, *extra: str):
 
 
 def _run_validate(args: argparse.Namespace) -> int:
-    from moetune.train.output_dir import check_output_dir
+    from moetune.train.preflight import validate
 
-    config = _load(args)
-    check_output_dir(config.training.output_dir)
-    print(f"{args.config}: valid ({len(config.data.sources)} data source(s), output_dir {config.training.output_dir})")
+    print(validate(_load(args), args.config))
     return 0
 
 

@@ -207,6 +207,9 @@ class MoeConfig:
                   "the experts.json of `moetune experts` when moe.expert_training is esft")
         check(self.expert_parallel_size >= 1, "moe.expert_parallel_size", self.expert_parallel_size, "a positive integer")
         if self.backend == "deepspeed":
+            if self.upcycling.num_experts % self.expert_parallel_size:
+                raise ConfigError("moe.expert_parallel_size", f"moe.upcycling.num_experts ({self.upcycling.num_experts}) "
+                                  f"must be divisible by moe.expert_parallel_size ({self.expert_parallel_size}).")
             # DeepSpeed's gate would compute something else than the native mpt_moe model the run is saved as.
             check(self.upcycling.top_k == 2, "moe.upcycling.top_k", self.upcycling.top_k,
                   "2 with moe.backend: deepspeed (its top-1 gate scales each expert output by the router probability; "
@@ -461,6 +464,13 @@ class Config:
         if self.moe.upcycling.enabled and self.model.architecture not in (None, "mpt"):
             raise ConfigError("moe.upcycling.enabled", "moe.upcycling.enabled turns a dense MPT model into an MoE; "
                               f"model.architecture is {self.model.architecture!r}, which is already an MoE.")
+        self._check_what_trains()
+        if self.moe.backend == "deepspeed" and self.model.architecture not in (None, "mpt"):
+            raise ConfigError("moe.backend", deepspeed_backend_message(self.model.architecture))
+        if self.advanced.torch_compile and self.moe.backend == "deepspeed":
+            raise ConfigError("advanced.torch_compile", "advanced.torch_compile does not apply to moe.backend: deepspeed, "
+                              "whose MoE layers exchange tokens between ranks inside the forward pass; use "
+                              "moe.backend: native to compile.")
         if self.moe.expert_training == "esft" and (self.lora.enabled or self.moe.backend != "native"):
             raise ConfigError("moe.expert_training", "moe.expert_training: esft trains the selected experts themselves "
                               "and freezes everything else, so it takes lora.enabled: false and moe.backend: native.")
@@ -474,3 +484,26 @@ class Config:
             raise ConfigError("model.architecture", "model.random_init builds a model from config, so it needs "
                               f"model.architecture ({' | '.join(FAMILY_NAMES)}) and usually model.config_overrides "
                               "(e.g. {num_hidden_layers: 2, hidden_size: 64}).")
+
+    def _check_what_trains(self) -> None:
+        """What an adapter, quantised weights and upcycling need of each other (no model needed to tell)."""
+        quantised = self.model.load_in_4bit or self.model.load_in_8bit
+        if quantised and not self.lora.enabled:
+            raise ConfigError("lora.enabled", "model.load_in_4bit/load_in_8bit freeze the base weights in a quantised "
+                              "format, so only an adapter can train: set lora.enabled: true.")
+        if quantised and self.moe.upcycling.enabled:
+            raise ConfigError("moe.upcycling.enabled", "moe.upcycling.enabled copies dense FFN weights into experts, "
+                              "which cannot be done on 4/8-bit weights; upcycle first (`moetune upcycle`), then train "
+                              "the saved model.")
+        if self.moe.expert_training == "lora" and not self.lora.enabled:
+            raise ConfigError("moe.expert_training", "moe.expert_training is 'lora' but lora.enabled is false; enable "
+                              "LoRA or choose moe.expert_training: full or frozen.")
+        if self.moe.train_shared_experts and self.moe.shared_expert_training == "lora" and not self.lora.enabled:
+            raise ConfigError("moe.shared_expert_training", "moe.shared_expert_training is 'lora' but lora.enabled is "
+                              "false; enable LoRA or choose moe.shared_expert_training: full.")
+
+
+def deepspeed_backend_message(family: str) -> str:
+    """Why ``moe.backend: deepspeed`` is refused for ``family``: only upcycled MPT has blocks it can swap."""
+    return (f"moe.backend: deepspeed swaps the MoE blocks of upcycled MPT models; {family} keeps its own blocks "
+            "(use backend: native).")

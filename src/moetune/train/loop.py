@@ -47,6 +47,7 @@ from moetune.train.optim import (
 )
 from moetune.train.out_of_memory import AttemptFiles, halved_batch, out_of_memory_message
 from moetune.train.output_dir import check_output_dir, save_run_config
+from moetune.train.preflight import check_before_training
 from moetune.train.run_lock import RunLock
 from moetune.train.run_log import RunLog
 from moetune.train.signals import StopSignals
@@ -64,6 +65,9 @@ def train(config: Config) -> int:
     """
     stop, run_lock = StopSignals(), RunLock(config.training.output_dir)
     try:
+        # What validate checks, before anything is built or loaded: the config against the run folder and
+        # against its model on the meta device (a hub model's config is read for it).
+        check_before_training(config, read_hub=True)
         return _train_retrying(config, stop, run_lock)
     finally:
         run_lock.release()

@@ -34,7 +34,7 @@ def local_model_config(model_section, family: FamilySpec) -> PreTrainedConfig | 
     return apply_overrides(hf_config, model_section.config_overrides)
 
 
-def build_on_meta(hf_config: PreTrainedConfig) -> nn.Module:
+def build_on_meta(hf_config: PreTrainedConfig, trust_remote_code: bool = False) -> nn.Module:
     """The model of ``hf_config`` with every parameter on the meta device (shapes and names, no storage)."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config)
+        return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
