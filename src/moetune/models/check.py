@@ -41,6 +41,7 @@ class ModelCheck:
     context: int | None = None
     trainable: int = 0
     total: int = 0
+    random_init: bool = False
     skipped: str | None = None
     """Why no model was checked (its config.json is not local); None when one was."""
 
@@ -50,8 +51,10 @@ class ModelCheck:
             return self.skipped
         moe = f"{self.moe_layers} MoE layers of {self.experts} experts" if self.moe_layers else "no MoE layer"
         context = f", context {self.context:,} positions" if self.context else ""
+        # A random model's embeddings take the size of the tokenizer the run trains or loads.
+        vocabulary = " at the config's vocab_size" if self.random_init else ""
         return (f"checked against the model: {self.family} family, {self.model_type!r} from {self.source}: {moe}"
-                f"{context}; {self.trainable:,} of {self.total:,} parameters train "
+                f"{context}; {self.trainable:,} of {self.total:,} parameters train{vocabulary} "
                 f"({100 * self.trainable / max(self.total, 1):.2f}%)")
 
 
@@ -74,7 +77,6 @@ def check_config_against_model(config, *, read_hub: bool = False) -> ModelCheck:
     from moetune.models.load.factory import check_context_length, check_router_bias_update, resolve_family
     from moetune.models.load.meta import build_on_meta, local_model_config
     from moetune.models.load.pretrained import (
-        check_model_type,
         check_not_quantised_twice,
         pretrained_shape,
         read_model_config,
@@ -87,8 +89,8 @@ def check_config_against_model(config, *, read_hub: bool = False) -> ModelCheck:
     # context, the training plan, DeepSpeed's blocks, then what the first step checks.
     family = resolve_family(spec)
     check_router_bias_update(family, config)
-    hf_config = local_model_config(spec, family) if model_config_is_local(spec) else read_model_config(spec, family)
-    check_model_type(spec, family, hf_config.model_type)
+    # A folder's or a hub model's config is read as the build reads it; random_init's is built as the build builds it.
+    hf_config = local_model_config(spec, family) if spec.random_init else read_model_config(spec, family)
     check_not_quantised_twice(spec, family, hf_config)
     hf_config, traits = (family.shape or pretrained_shape)(family, config, hf_config)
     model = build_on_meta(hf_config, trust_remote_code=spec.trust_remote_code)
@@ -106,7 +108,8 @@ def check_config_against_model(config, *, read_hub: bool = False) -> ModelCheck:
     trainable, total = count_parameters(model)
     source = "model.random_init" if spec.random_init else spec.name
     return ModelCheck(family=family.name, model_type=hf_config.model_type, source=source, moe_layers=len(blocks),
-                      experts=experts, context=family.context_length(hf_config), trainable=trainable, total=total)
+                      experts=experts, context=family.context_length(hf_config), trainable=trainable, total=total,
+                      random_init=spec.random_init)
 
 
 def check_packages(config) -> None:
