@@ -135,7 +135,8 @@ class MoeConfig:
     )
     train_shared_experts: bool = opt(
         False, "Train the shared experts (Qwen2-MoE, DeepSeek, GLM) and save them with the adapter, as "
-        "moe.shared_expert_training says. Routed experts follow moe.expert_training."
+        "moe.shared_expert_training says; an error on a model without shared experts. Routed experts follow "
+        "moe.expert_training."
     )
     shared_expert_training: Literal["full", "lora"] = opt(
         "full", "How moe.train_shared_experts trains them: full (PEFT modules_to_save when lora.enabled) or lora "
