@@ -22,9 +22,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 from moetune.cli import main
 from moetune.config import load_config
 from moetune.errors import ConfigError, UserError
-from moetune.models.families import family_for_model_type
+from moetune.models.check import check_config_against_model
+from moetune.models.families import family_for_model_type, family_of
+from moetune.models.layout import find_moe_blocks, innermost_model
 from moetune.models.load.factory import build_model
 from moetune.models.routing.supervision import label_targets
+from moetune.models.trainable.counts import count_parameters
 from moetune.train.loop import train
 from moetune.train.optim import build_optimizer
 from moetune.train.output_dir import check_output_dir
@@ -356,13 +359,17 @@ def test_validate_raises_what_train_raises_before_its_first_step(case, tmp_path,
 
 
 @pytest.mark.parametrize(("base", "overrides"), ACCEPTED, ids=lambda v: v if isinstance(v, str) else "-".join(v) or "as is")
-def test_validate_accepts_what_the_model_has_and_says_what_it_checked(base, overrides, tmp_path, folders):
+def test_validate_accepts_what_the_model_has_and_counts_what_the_run_trains(base, overrides, tmp_path, folders):
     config = config_of(base, overrides, tmp_path, folders)
-    lines = validate(config, "config.yaml").splitlines()
-    assert lines[0] == f"config.yaml: valid ({len(config.data.sources)} data source(s), output_dir {tmp_path / 'out'})"
-    family = "mpt" if base == "mpt" else family_for_model_type("mixtral" if base == "quickstart" else base).name
-    assert lines[1].startswith(f"checked against the model: {family} family")
-    build_model(config, seed=0)  # the run's build accepts it too
+    checked = check_config_against_model(config)
+    assert validate(config, "config.yaml").splitlines() == [
+        f"config.yaml: valid ({len(config.data.sources)} data source(s), output_dir {tmp_path / 'out'})", checked.summary()]
+    real = build_model(config, seed=0)  # the run's build accepts it too, and the plan on the meta device was its plan
+    family = family_of(real)
+    blocks = find_moe_blocks(innermost_model(real), (family.router_name,))
+    assert (checked.family, checked.model_type) == (family.name, innermost_model(real).config.model_type)
+    assert (checked.trainable, checked.total) == count_parameters(real) and checked.trainable > 0
+    assert checked.moe_layers == len(blocks) > 0
 
 
 def test_validate_of_a_hub_model_checks_the_config_only_and_says_so(tmp_path):

@@ -73,7 +73,7 @@ def check_config_against_model(config, *, read_hub: bool = False) -> ModelCheck:
         return ModelCheck(skipped=f"config only: model.name {spec.name!r} is not a local folder with a config.json, "
                                   "so train checks the config against the model (LoRA targets, experts, context "
                                   "length) once it has read the model's config.")
-    from moetune.models.layout import EXPERTS_NAME, count_experts, find_moe_blocks, innermost_model
+    from moetune.models.layout import EXPERTS_NAME, count_experts, find_moe_blocks
     from moetune.models.load.factory import check_context_length, check_router_bias_update, resolve_family
     from moetune.models.load.meta import build_on_meta, local_model_config
     from moetune.models.load.pretrained import (
@@ -95,14 +95,14 @@ def check_config_against_model(config, *, read_hub: bool = False) -> ModelCheck:
     hf_config, traits = (family.shape or pretrained_shape)(family, config, hf_config)
     model = build_on_meta(hf_config, trust_remote_code=spec.trust_remote_code)
     check_context_length(model, spec.max_seq_length, family.context_key)
+    blocks = find_moe_blocks(model, (family.router_name,))  # before the plan, whose wrappers hold more than experts
+    experts = count_experts(getattr(blocks[0].module, EXPERTS_NAME)) if blocks else 0
     with _quiet():  # the run logs what trains; the same lines from a model without weights would read as a run's
         model = apply_training_plan(model, config, traits, family)
     if config.moe.backend == "deepspeed":
         from moetune.models.families.mpt.deepspeed_moe import check_deepspeed_conversion
 
         check_deepspeed_conversion(model)
-    blocks = find_moe_blocks(innermost_model(model), (family.router_name,))
-    experts = count_experts(getattr(blocks[0].module, EXPERTS_NAME)) if blocks else 0
     if config.moe.router_supervision_weight > 0 and blocks:
         check_label_experts(config.moe.label_to_expert, experts)
     trainable, total = count_parameters(model)
