@@ -69,7 +69,7 @@ def plan_overrides(plan: str, experts_json: Path) -> list[str]:
         return ["moe.expert_training=lora"]
     if plan == "full-experts":
         return ["moe.expert_training=full"]
-    return ["lora.enabled=false", "moe.expert_training=esft", f"moe.esft_experts={experts_json}"]
+    return ["lora.enabled=false", "moe.expert_training=esft", f"moe.esft.experts={experts_json}"]
 
 
 def run_plan(plan: str, args) -> dict:

@@ -1,5 +1,5 @@
 """Label-guided routing on the sample QA data: an upcycled tiny MPT (4 experts, top-1) trained 60 steps
-with and without moe.router_supervision_weight, then the routing report of each on the validation split.
+with and without moe.router_supervision.weight, then the routing report of each on the validation split.
 
     PYTHONPATH=src python scripts/bench_router_supervision.py [--weight 0.5] [--steps 60] [--out DIR]
 
@@ -34,8 +34,7 @@ moe:
   expert_training: full
   use_auxiliary_loss: true
   auxiliary_loss_weight: 0.01
-  router_supervision_weight: {weight}
-  label_to_expert: auto
+  router_supervision: {{weight: {weight}, label_to_expert: auto}}
 data:
   output_path: {data}
   sources: [{{type: qa_jsonl, path: {qa}}}]

@@ -102,7 +102,7 @@ model:
                      num_attention_heads: {args.heads}, num_key_value_heads: {args.kv_heads}, num_local_experts: {args.experts},
                      num_experts_per_tok: {args.top_k}, max_position_embeddings: {args.seq * 2}{head_dim}}}
 lora: {{r: 16, lora_alpha: 32, lora_dropout: 0.0}}
-moe: {{use_auxiliary_loss: true, auxiliary_loss_weight: 0.001, log_expert_metrics: false}}
+moe: {{use_auxiliary_loss: true, auxiliary_loss_weight: 0.001, monitor: {{log_metrics: false}}}}
 data: {{output_path: {data}}}
 validation: {{validation_split: 0}}
 training:

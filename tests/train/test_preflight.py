@@ -71,8 +71,8 @@ CASES = [
          "lora.target_modules names 'no_such_proj', but this model has no Linear module of that name"),
     Case("router_bias_mixtral", "quickstart", ("moe.router_bias_update_rate=0.01",), ConfigError,
          "moe.router_bias_update_rate", "correction bias, which 'mixtral' models do not have"),
-    Case("shared_experts_mixtral", "quickstart", ("moe.train_shared_experts=true",), ConfigError,
-         "moe.train_shared_experts", "this 'mixtral' model (mixtral family) has no shared experts: its MoE blocks "
+    Case("shared_experts_mixtral", "quickstart", ("moe.shared_experts.train=true",), ConfigError,
+         "moe.shared_experts.train", "this 'mixtral' model (mixtral family) has no shared experts: its MoE blocks "
          "(model.layers.0.mlp, one of 2) hold gate, experts"),
     # More of what the model's config decides, on the same model.
     Case("context", "quickstart", ("model.max_seq_length=1024",), ConfigError, "model.max_seq_length",
@@ -87,27 +87,27 @@ CASES = [
     Case("override_invalid_on_a_checkpoint", "qwen3_moe", ("model.config_overrides={num_hidden_layers: two}",),
          ConfigError, "model.config_overrides.num_hidden_layers", "model.config_overrides.num_hidden_layers: 'two' is "
          "not valid for Qwen3MoeConfig"),
-    Case("esft_no_file", "quickstart", ("moe.expert_training=esft", "lora.enabled=false", "moe.esft_experts={tmp}/none.json"),
-         UserError, None, "moe.esft_experts: {tmp}/none.json does not exist"),
+    Case("esft_no_file", "quickstart", ("moe.expert_training=esft", "lora.enabled=false", "moe.esft.experts={tmp}/none.json"),
+         UserError, None, "moe.esft.experts: {tmp}/none.json does not exist"),
     Case("esft_selects_nothing", "quickstart", ("moe.expert_training=esft", "lora.enabled=false",
-                                                "moe.esft_experts={tmp}/empty.json"),
+                                                "moe.esft.experts={tmp}/empty.json"),
          UserError, None, "selects no expert in any layer"),
-    Case("esft_layers", "quickstart", ("moe.expert_training=esft", "lora.enabled=false", "moe.esft_experts={tmp}/three.json"),
-         ConfigError, "moe.esft_experts", "selects experts for 3 MoE layers but this model has 2"),
-    Case("esft_expert", "quickstart", ("moe.expert_training=esft", "lora.enabled=false", "moe.esft_experts={tmp}/nine.json"),
-         ConfigError, "moe.esft_experts", "selects expert 9 in model.layers.0.mlp, which has 4 experts"),
-    Case("label_to_expert", "quickstart", ("moe.router_supervision_weight=0.1", "moe.label_to_expert={payments: [7]}"),
-         ConfigError, "moe.label_to_expert.payments", "names expert 7, but the model's MoE layers have 4 experts",
+    Case("esft_layers", "quickstart", ("moe.expert_training=esft", "lora.enabled=false", "moe.esft.experts={tmp}/three.json"),
+         ConfigError, "moe.esft.experts", "selects experts for 3 MoE layers but this model has 2"),
+    Case("esft_expert", "quickstart", ("moe.expert_training=esft", "lora.enabled=false", "moe.esft.experts={tmp}/nine.json"),
+         ConfigError, "moe.esft.experts", "selects expert 9 in model.layers.0.mlp, which has 4 experts"),
+    Case("label_to_expert", "quickstart", ("moe.router_supervision.weight=0.1", "moe.router_supervision.label_to_expert={payments: [7]}"),
+         ConfigError, "moe.router_supervision.label_to_expert.payments", "names expert 7, but the model's MoE layers have 4 experts",
          real="step"),
     Case("output_dir_is_a_file", "quickstart", ("training.output_dir={tmp}/a_file",), UserError, None,
          "is a file, not a folder", real="folder"),
     Case("optimizer_package", "quickstart", ("training.optim=adamw_8bit",), UserError, None,
          "training.optim: adamw_8bit needs bitsandbytes", real="optimizer", hide="bitsandbytes"),
     # MPT, dense and upcycled on the meta device.
-    Case("deepspeed_dense_mpt", "mpt", ("moe.backend=deepspeed",), ConfigError, "moe.backend",
-         "moe.backend: deepspeed found no MoE block to replace"),
-    Case("deepspeed_package", "mpt", ("moe.upcycling.enabled=true", "moe.backend=deepspeed"), UserError, None,
-         "moe.backend: deepspeed needs the deepspeed package", hide="deepspeed"),
+    Case("deepspeed_dense_mpt", "mpt", ("moe.expert_parallel.backend=deepspeed",), ConfigError, "moe.expert_parallel.backend",
+         "moe.expert_parallel.backend: deepspeed found no MoE block to replace"),
+    Case("deepspeed_package", "mpt", ("moe.upcycling.enabled=true", "moe.expert_parallel.backend=deepspeed"), UserError, None,
+         "moe.expert_parallel.backend: deepspeed needs the deepspeed package", hide="deepspeed"),
     Case("expert_lora_dense_mpt", "mpt", ("moe.expert_training=lora",), ConfigError, "moe.expert_training",
          "this model has no MoE block"),
     Case("full_experts_dense_mpt", "mpt", ("moe.expert_training=full",), ConfigError, "moe.expert_training",
@@ -118,17 +118,17 @@ CASES = [
          "model.max_seq_length", "the model's context (max_seq_len: 128 in its config)"),
     Case("router_bias_upcycled", "mpt", ("moe.upcycling.enabled=true", "moe.router_bias_update_rate=0.01"), ConfigError,
          "moe.router_bias_update_rate", "which 'mpt' models do not have"),
-    Case("shared_experts_upcycled", "mpt", ("moe.upcycling.enabled=true", "moe.train_shared_experts=true"), ConfigError,
-         "moe.train_shared_experts", "this 'mpt_moe' model (mpt family) has no shared experts: its MoE blocks "
+    Case("shared_experts_upcycled", "mpt", ("moe.upcycling.enabled=true", "moe.shared_experts.train=true"), ConfigError,
+         "moe.shared_experts.train", "this 'mpt_moe' model (mpt family) has no shared experts: its MoE blocks "
          "(transformer.blocks.0.ffn, one of 2) hold router, experts"),
     # A checkpoint folder (architecture detected from its config.json).
-    Case("shared_experts_qwen3", "qwen3_moe", ("moe.train_shared_experts=true",), ConfigError, "moe.train_shared_experts",
+    Case("shared_experts_qwen3", "qwen3_moe", ("moe.shared_experts.train=true",), ConfigError, "moe.shared_experts.train",
          "this 'qwen3_moe' model (qwen_moe family) has no shared experts"),
     Case("router_bias_deepseek_v2", "deepseek_v2", ("moe.router_bias_update_rate=0.01",), ConfigError,
          "moe.router_bias_update_rate", "which 'deepseek_v2' models do not have"),
     Case("architecture_mismatch", "qwen3_moe", ("model.architecture=mixtral",), ConfigError, "model.architecture",
          "model.architecture is 'mixtral' but model.name"),
-    Case("deepspeed_backend_detected", "qwen3_moe", ("moe.backend=deepspeed",), ConfigError, "moe.backend",
+    Case("deepspeed_backend_detected", "qwen3_moe", ("moe.expert_parallel.backend=deepspeed",), ConfigError, "moe.expert_parallel.backend",
          "qwen_moe keeps its own blocks"),
     Case("upcycling_detected", "qwen3_moe", ("moe.upcycling.enabled=true",), ConfigError, "moe.upcycling.enabled",
          "model.name is a qwen_moe model, which is already an MoE"),
@@ -142,24 +142,24 @@ CASES = [
     # The config alone tells (the schema): load_config refuses them for both.
     Case("expert_lora_without_lora", "quickstart", ("moe.expert_training=lora", "lora.enabled=false"), ConfigError,
          "moe.expert_training", "moe.expert_training is 'lora' but lora.enabled is false", real=None),
-    Case("shared_lora_without_lora", "qwen2_moe", ("moe.train_shared_experts=true", "moe.shared_expert_training=lora",
+    Case("shared_lora_without_lora", "qwen2_moe", ("moe.shared_experts.train=true", "moe.shared_experts.method=lora",
                                                    "lora.enabled=false"),
-         ConfigError, "moe.shared_expert_training", "moe.shared_expert_training is 'lora' but lora.enabled is false",
+         ConfigError, "moe.shared_experts.method", "moe.shared_experts.method is 'lora' but lora.enabled is false",
          real=None),
     Case("quantised_without_lora", "mixtral", ("model.load_in_4bit=true", "lora.enabled=false"), ConfigError,
          "lora.enabled", "only an adapter can train: set lora.enabled: true", real=None),
     Case("upcycling_quantised", "mpt", ("model.random_init=false", "model.load_in_8bit=true",
                                         "moe.upcycling.enabled=true"),
          ConfigError, "moe.upcycling.enabled", "cannot be done on 4/8-bit weights", real=None),
-    Case("deepspeed_backend_mixtral", "quickstart", ("moe.backend=deepspeed",), ConfigError, "moe.backend",
+    Case("deepspeed_backend_mixtral", "quickstart", ("moe.expert_parallel.backend=deepspeed",), ConfigError, "moe.expert_parallel.backend",
          "mixtral keeps its own blocks (use backend: native)", real=None),
-    Case("deepspeed_expert_parallel", "mpt", ("moe.upcycling.enabled=true", "moe.backend=deepspeed",
-                                              "moe.expert_parallel_size=3"),
-         ConfigError, "moe.expert_parallel_size", "moe.upcycling.num_experts (4) must be divisible by "
-         "moe.expert_parallel_size (3)", real=None),
-    Case("compile_deepspeed_backend", "mpt", ("moe.upcycling.enabled=true", "moe.backend=deepspeed",
+    Case("deepspeed_expert_parallel", "mpt", ("moe.upcycling.enabled=true", "moe.expert_parallel.backend=deepspeed",
+                                              "moe.expert_parallel.size=3"),
+         ConfigError, "moe.expert_parallel.size", "moe.upcycling.num_experts (4) must be divisible by "
+         "moe.expert_parallel.size (3)", real=None),
+    Case("compile_deepspeed_backend", "mpt", ("moe.upcycling.enabled=true", "moe.expert_parallel.backend=deepspeed",
                                               "advanced.torch_compile=true"),
-         ConfigError, "advanced.torch_compile", "advanced.torch_compile does not apply to moe.backend: deepspeed",
+         ConfigError, "advanced.torch_compile", "advanced.torch_compile does not apply to moe.expert_parallel.backend: deepspeed",
          real=None),
 ]
 
@@ -167,7 +167,7 @@ CASES = [
 ACCEPTED = [
     ("quickstart", ()),
     ("mpt", ("moe.upcycling.enabled=true", "moe.expert_training=lora", "lora.lora_dropout=0.1")),  # per-expert Linears
-    ("qwen2_moe", ("moe.train_shared_experts=true",)),
+    ("qwen2_moe", ("moe.shared_experts.train=true",)),
     ("deepseek_v3", ("moe.router_bias_update_rate=0.01",)),
 ]
 
@@ -220,7 +220,7 @@ PRE_STEP_RAISES = {
     "train/checkpoint.py::prepare_output_dir": (1, "state: another run's checkpoints in training.output_dir"),
     "train/accelerator.py::apply_cpu_offload": (2, "launch: advanced.use_cpu_offload needs a DeepSpeed / FSDP launch"),
     "train/accelerator.py::check_compile_launch": (1, "launch: advanced.torch_compile under ZeRO-3"),
-    "train/accelerator.py::check_deepspeed_moe_launch": (4, "launch: moe.backend deepspeed's launch and process count"),
+    "train/accelerator.py::check_deepspeed_moe_launch": (4, "launch: moe.expert_parallel.backend deepspeed's launch and process count"),
     "data/tokenizer.py::load_or_train_tokenizer": (1, "data: the tokenizer is trained on the data file"),
     "data/tokenizer.py::_from_pretrained": (1, "files: model.tokenizer / model.name's tokenizer files"),
     "data/packing.py::_supervised_labels": (1, "data: labelled samples in the data file"),
@@ -324,7 +324,7 @@ def run_real(case: Case, config) -> None:
     if case.real == "build":
         build_model(config, seed=0)
     elif case.real == "step":
-        label_targets(config.moe.label_to_expert, torch.zeros(4, dtype=torch.long), num_experts=4)
+        label_targets(config.moe.router_supervision.label_to_expert, torch.zeros(4, dtype=torch.long), num_experts=4)
     elif case.real == "optimizer":
         build_optimizer(torch.nn.Linear(2, 2), config.training)
     elif case.real == "folder":
@@ -380,9 +380,9 @@ def test_validate_of_a_hub_model_checks_the_config_only_and_says_so(tmp_path):
 
 
 def test_the_command_line_refuses_shared_experts_mixtral_has_not_in_one_paragraph(capsys):
-    assert main(["validate", "--config", str(QUICKSTART), "moe.train_shared_experts=true"]) == 2
+    assert main(["validate", "--config", str(QUICKSTART), "moe.shared_experts.train=true"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "Traceback" not in err
     assert err.splitlines() == [
-        "error: moe.train_shared_experts is true, but this 'mixtral' model (mixtral family) has no shared experts: its "
-        "MoE blocks (model.layers.0.mlp, one of 2) hold gate, experts. Set moe.train_shared_experts: false."]
+        "error: moe.shared_experts.train is true, but this 'mixtral' model (mixtral family) has no shared experts: its "
+        "MoE blocks (model.layers.0.mlp, one of 2) hold gate, experts. Set moe.shared_experts.train: false."]

@@ -248,15 +248,15 @@ def build_dataloaders(config: Config, tokenizer, *, packs_by_position_ids: bool 
 
 def _supervised_labels(config: Config, train_records: list[dict]) -> tuple[str, ...]:
     """The label vocabulary of label-guided routing; () when it is off. No labelled sample is bad input."""
-    if config.moe.router_supervision_weight <= 0:
+    if config.moe.router_supervision.weight <= 0:
         return ()
-    vocabulary = label_vocabulary(train_records, config.moe.label_to_expert)
+    vocabulary = label_vocabulary(train_records, config.moe.router_supervision.label_to_expert)
     if not any(label in vocabulary for label in (r.get("expert_label") for r in train_records)):
-        named = ("none of the labels moe.label_to_expert names (" + ", ".join(vocabulary) + ")"
-                 if isinstance(config.moe.label_to_expert, dict) else "an expert_label")
-        raise UserError(f"moe.router_supervision_weight is {config.moe.router_supervision_weight} but no training sample "
+        named = ("none of the labels moe.router_supervision.label_to_expert names (" + ", ".join(vocabulary) + ")"
+                 if isinstance(config.moe.router_supervision.label_to_expert, dict) else "an expert_label")
+        raise UserError(f"moe.router_supervision.weight is {config.moe.router_supervision.weight} but no training sample "
                         f"of {config.data.output_path} carries {named}, so the routing would be supervised by nothing; "
-                        "add labelled samples (qa_jsonl lines with expert_label) or set moe.router_supervision_weight: 0.")
+                        "add labelled samples (qa_jsonl lines with expert_label) or set moe.router_supervision.weight: 0.")
     return vocabulary
 
 

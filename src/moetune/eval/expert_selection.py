@@ -217,7 +217,7 @@ def run_expert_selection(config: Config, adapter_path: str | None = None, method
     summary = report["summary"]
     print(f"experts: {summary['selected']} of {summary['of']} experts selected; per MoE layer: "
           f"{' '.join(str(n) for n in summary['experts_per_layer'])}")
-    _say(f"experts: wrote {out} and {heatmap}; train them with moe.expert_training=esft moe.esft_experts={out} "
+    _say(f"experts: wrote {out} and {heatmap}; train them with moe.expert_training=esft moe.esft.experts={out} "
          "lora.enabled=false")
     return 0
 

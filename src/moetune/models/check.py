@@ -8,7 +8,7 @@ build makes (an upcycled MPT when ``moe.upcycling.enabled``), and the training p
 it, so LoRA targets, expert LoRA, shared experts and the ESFT selection are decided by the code that
 decides them in the run, with the same errors. The checks the run makes later against the built model
 follow: the context length, the router correction bias, DeepSpeed's MoE blocks, the experts
-``moe.label_to_expert`` names, and the packages the config needs.
+``moe.router_supervision.label_to_expert`` names, and the packages the config needs.
 
 The model's config comes from ``model.random_init`` (built from model.config_overrides) or a local folder
 holding a config.json. A hub id's config is read only with ``read_hub`` (train, which downloads it
@@ -99,12 +99,12 @@ def check_config_against_model(config, *, read_hub: bool = False) -> ModelCheck:
     experts = count_experts(getattr(blocks[0].module, EXPERTS_NAME)) if blocks else 0
     with _quiet():  # the run logs what trains; the same lines from a model without weights would read as a run's
         model = apply_training_plan(model, config, traits, family)
-    if config.moe.backend == "deepspeed":
+    if config.moe.expert_parallel.backend == "deepspeed":
         from moetune.models.families.mpt.deepspeed_moe import check_deepspeed_conversion
 
         check_deepspeed_conversion(model)
-    if config.moe.router_supervision_weight > 0 and blocks:
-        check_label_experts(config.moe.label_to_expert, experts)
+    if config.moe.router_supervision.weight > 0 and blocks:
+        check_label_experts(config.moe.router_supervision.label_to_expert, experts)
     trainable, total = count_parameters(model)
     source = "model.random_init" if spec.random_init else spec.name
     return ModelCheck(family=family.name, model_type=hf_config.model_type, source=source, moe_layers=len(blocks),
@@ -118,7 +118,7 @@ def check_packages(config) -> None:
         from moetune.models.load.quant import require_bitsandbytes
 
         require_bitsandbytes(config.model)
-    if config.moe.backend == "deepspeed":
+    if config.moe.expert_parallel.backend == "deepspeed":
         from moetune.models.families.mpt.deepspeed_moe import require_deepspeed
 
         require_deepspeed()

@@ -12,7 +12,7 @@ from moetune.train.output_dir import final_files_or_no_space
 
 def save_final(accelerator, model, tokenizer, config: Config) -> None:
     """The final adapter (or model) and tokenizer into output_dir; the merged model when asked for.
-    Always in the native layout (``moe.backend: deepspeed`` blocks are converted back)."""
+    Always in the native layout (``moe.expert_parallel.backend: deepspeed`` blocks are converted back)."""
     from moetune.models.trainable.esft import merge_esft
 
     t = config.training

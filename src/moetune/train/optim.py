@@ -30,7 +30,7 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def split_expert_parallel_groups(groups: list[dict], model: torch.nn.Module) -> list[dict]:
-    """Move the expert parameters of ``model``'s DeepSpeed MoE blocks (``moe.backend: deepspeed``) into
+    """Move the expert parameters of ``model``'s DeepSpeed MoE blocks (``moe.expert_parallel.backend: deepspeed``) into
     their own groups.
 
     ZeRO requires them there (groups marked ``moe``, one per expert-parallel group name): it reduces

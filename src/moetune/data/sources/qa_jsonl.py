@@ -96,17 +96,5 @@ def routing_group(record: dict) -> str:
     return f"label:{record.get('expert_label') or 'none'}"
 
 
-SOURCE = SourceKind(
-    name="qa_jsonl",
-    config_class=QaJsonlSourceConfig,
-    path_is="file",
-    path_holds="a JSONL file",
-    add_samples=add_samples,
-    new_stats=new_stats,
-    summary_lines=summary_lines,
-    describe_empty=describe_empty,
-    input_files=input_files,
-    split_unit=split_unit,
-    routing_group=routing_group,
-    evaluation="answer",
-)
+SOURCE = SourceKind.from_module(__name__, name="qa_jsonl", config_class=QaJsonlSourceConfig, path_is="file",
+                                path_holds="a JSONL file", evaluation="answer")

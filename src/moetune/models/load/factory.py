@@ -4,7 +4,7 @@ Steps, in order: pick the family (``model.architecture`` or the model's config.j
 :mod:`moetune.models.families`), load the weights or build from config (``model.random_init``),
 quantise (QLoRA), let the family finish the model (MPT upcycles), enable non-reentrant gradient
 checkpointing, decide what trains (:mod:`moetune.models.trainable.plan`), then swap in DeepSpeed MoE blocks
-(``moe.backend: deepspeed``).
+(``moe.expert_parallel.backend: deepspeed``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def build_model(config, tokenizer=None, *, seed: int, gradient_checkpointing: bo
     if gradient_checkpointing and not wants_quantization(config.model):
         enable_gradient_checkpointing(model)
     model = apply_training_plan(model, config, traits, family)
-    if config.moe.backend == "deepspeed":
+    if config.moe.expert_parallel.backend == "deepspeed":
         from moetune.models.families.mpt.deepspeed_moe import convert_to_deepspeed_moe
 
         # After the plan: LoRA and modules_to_save then name the native modules, so the adapter
@@ -53,7 +53,7 @@ def build_base_model(config, tokenizer=None, *, seed: int) -> nn.Module:
     exactly as for training (with training's ``seed`` the weights are identical), for evaluation:
     without gradient checkpointing. Load a saved adapter onto it with
     ``peft.PeftModel.from_pretrained(build_base_model(config, seed=...), adapter_dir)``. It always
-    has native MoE blocks: ``moe.backend: deepspeed`` runs also save in that layout."""
+    has native MoE blocks: ``moe.expert_parallel.backend: deepspeed`` runs also save in that layout."""
     model, _ = _build_family(resolve_family(config.model), config, tokenizer, seed=seed, gradient_checkpointing=False)
     return model
 

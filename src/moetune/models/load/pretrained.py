@@ -131,8 +131,8 @@ def _special_token_ids(tokenizer) -> dict[str, int | None]:
 
 def check_pretrained_settings(family: FamilySpec, config) -> None:
     """What a family loaded as is cannot take: the settings that apply to upcycled MPT only."""
-    if config.moe.backend != "native":
-        raise ConfigError("moe.backend", deepspeed_backend_message(family.name))
+    if config.moe.expert_parallel.backend != "native":
+        raise ConfigError("moe.expert_parallel.backend", deepspeed_backend_message(family.name))
     if config.moe.upcycling.enabled:
         raise ConfigError("moe.upcycling.enabled", "moe.upcycling.enabled turns a dense MPT model into an MoE; "
                           f"model.name is a {family.name} model, which is already an MoE.")

@@ -9,7 +9,7 @@ each (``lora.ParamWrapper``) with rank ``r`` *per expert*: ``lora_A`` is (r·E, 
 from the experts module's ``is_transposed``. Biases of fused experts are not adapted.
 
 Per-expert layout (upcycled MPT, ``experts.N.up_proj``): each expert's Linears are ordinary LoRA
-target modules. Shared experts with ``moe.shared_expert_training: lora`` get LoRA on their Linears'
+target modules. Shared experts with ``moe.shared_experts.method: lora`` get LoRA on their Linears'
 weights, also given as ``target_parameters`` (2-D, one "expert"; see :func:`plan_expert_adapters`).
 LoRA on a parameter cannot have dropout, so these need ``lora.lora_dropout: 0``.
 
@@ -59,8 +59,8 @@ def plan_expert_adapters(model: nn.Module, config, family, blocks: list[MoeBlock
     plan = ExpertAdapters()
     exclude = config.lora.exclude_modules
     if expert_mode == "lora":
-        rank = config.moe.expert_lora_r or config.lora.r
-        alpha = config.moe.expert_lora_alpha or config.lora.lora_alpha
+        rank = config.moe.expert_lora.r or config.lora.r
+        alpha = config.moe.expert_lora.alpha or config.lora.lora_alpha
         fused = [name for name in fused_expert_parameters(blocks, family) if not is_excluded(name, exclude)]
         linears = [name for name in expert_linears(model, family) if not is_excluded(name, exclude)]
         if not fused and not linears:
@@ -85,7 +85,7 @@ def plan_expert_adapters(model: nn.Module, config, family, blocks: list[MoeBlock
     if train_shared:
         shared = family.shared_experts if family is not None else ()
         paths = [f"{block.path}.{name}" for block in blocks for name in shared if hasattr(block.module, name)]
-        if config.moe.shared_expert_training == "lora":
+        if config.moe.shared_experts.method == "lora":
             # As parameters, not modules: on model types PEFT converts from the transformers v4 layout
             # (deepseek_v2/v3, glm4_moe, qwen3_moe, olmoe), a target module ending in down_proj / gate_proj /
             # up_proj is rewritten into a bare "down_proj" target parameter, which takes the routed experts'

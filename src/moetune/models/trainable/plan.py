@@ -6,8 +6,8 @@ projections only, every routed and shared expert frozen, the router frozen unles
 ``moe.freeze_router`` is false, in which case PEFT's ``modules_to_save`` trains a copy of it and
 saves it in the adapter (plain ``requires_grad`` would train it but leave it out of the adapter file,
 so a reloaded adapter would route differently). ``moe.expert_training`` (lora | full) trains the
-routed experts as well, ``moe.train_shared_experts`` the shared experts
-(``moe.shared_expert_training``: full | lora); what that adds to the PEFT config is decided in
+routed experts as well, ``moe.shared_experts.train`` the shared experts
+(``moe.shared_experts.method``: full | lora); what that adds to the PEFT config is decided in
 :mod:`moetune.models.trainable.expert_lora`. ``moe.router_bias_update_rate`` saves the router (with its
 correction bias) in the adapter even when the router's weight stays frozen.
 
@@ -69,7 +69,7 @@ def apply_training_plan(model: nn.Module, config, traits: Traits | None = None, 
     train_router = bool(blocks) and router_trains(config, traits.router_is_new)
     save_router = bool(blocks) and (train_router or config.moe.router_bias_update_rate > 0)
     expert_mode = config.moe.expert_training or ("full" if traits.experts_must_train else "frozen")
-    train_shared = config.moe.train_shared_experts
+    train_shared = config.moe.shared_experts.train
     if train_shared:
         check_shared_experts(model, blocks, family)
     if config.lora.enabled:
@@ -90,7 +90,7 @@ def apply_training_plan(model: nn.Module, config, traits: Traits | None = None, 
 
 
 def check_shared_experts(model: nn.Module, blocks: list[MoeBlockInfo], family) -> None:
-    """``moe.train_shared_experts`` needs a model whose MoE blocks hold shared experts (Qwen2-MoE, DeepSeek, GLM):
+    """``moe.shared_experts.train`` needs a model whose MoE blocks hold shared experts (Qwen2-MoE, DeepSeek, GLM):
     on any other it would train nothing it names."""
     names = family.shared_experts if family is not None else ()
     if any(hasattr(block.module, name) for block in blocks for name in names):
@@ -104,8 +104,8 @@ def check_shared_experts(model: nn.Module, blocks: list[MoeBlockInfo], family) -
         has = f"its MoE blocks ({blocks[0].path}, one of {len(blocks)}) hold {children}"
     else:
         has = "it has no MoE block"
-    raise ConfigError("moe.train_shared_experts", f"moe.train_shared_experts is true, but {what} has no shared "
-                      f"experts: {has}. Set moe.train_shared_experts: false.")
+    raise ConfigError("moe.shared_experts.train", f"moe.shared_experts.train is true, but {what} has no shared "
+                      f"experts: {has}. Set moe.shared_experts.train: false.")
 
 
 def freeze_experts_named(model: nn.Module, shared: tuple[str, ...]) -> None:
@@ -163,5 +163,5 @@ def _check_experts(model: nn.Module, expert_mode: str, frozen_shared: tuple[str,
     if expert_mode == "frozen" and routed:
         raise RuntimeError(f"expert parameters are trainable although experts should be frozen: {routed[:3]}")
     if shared:
-        raise RuntimeError(f"shared expert parameters are trainable although moe.train_shared_experts is false: "
+        raise RuntimeError(f"shared expert parameters are trainable although moe.shared_experts.train is false: "
                            f"{shared[:3]}")

@@ -2,7 +2,7 @@
 
 A checkpoint and a run's final save hold these files; training resumes from them and evaluation
 loads them onto the base model. They are always in the native MoE layout, so a model with
-DeepSpeed MoE blocks (``moe.backend: deepspeed``) reads them through
+DeepSpeed MoE blocks (``moe.expert_parallel.backend: deepspeed``) reads them through
 :func:`~moetune.models.families.mpt.deepspeed_moe.native_moe_layout`.
 """
 
