@@ -5,6 +5,10 @@ Steps, in order: pick the family (``model.architecture`` or the model's config.j
 quantise (QLoRA), let the family finish the model (MPT upcycles), enable non-reentrant gradient
 checkpointing, decide what trains (:mod:`moetune.models.trainable.plan`), then swap in DeepSpeed MoE blocks
 (``moe.expert_parallel.backend: deepspeed``).
+
+Every check on the way that needs no weight also runs, with the same functions, on the model built on
+the meta device (:mod:`moetune.models.check`): ``moetune validate`` runs it, and train runs it before it
+loads anything.
 """
 
 from __future__ import annotations
