@@ -17,6 +17,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from moetune.run_dir import METRICS_FILE
+
 ROOT = Path(__file__).resolve().parent.parent
 
 CONFIG = """
@@ -78,7 +80,7 @@ def run(root: Path, name: str, weight: float, steps: int) -> dict:
     model = load_tuned(config, tuned, tokenizer)
     score = score_records(model, tokenizer, validation, config.model.max_seq_length, 16)
     report = build_routing_report(score.routing_counts, score.top_k)
-    metrics = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (root / name / METRICS_FILE).read_text().splitlines()]
     train = [r for r in metrics if "lm_loss" in r]
     return {"specialisation": report.specialisation, "eval_loss": score.loss, "train_seconds": round(seconds, 1),
             "first_logged": {k: train[0].get(k) for k in ("lm_loss", "aux_loss", "router_supervision_loss")},

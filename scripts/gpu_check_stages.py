@@ -54,7 +54,9 @@ def peak_gib(ctx: Context) -> float | None:
 
 def read_metrics(output_dir: Path) -> list[dict]:
     """The records of a run's metrics.jsonl."""
-    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    from moetune.run_dir import METRICS_FILE
+
+    return [json.loads(line) for line in (Path(output_dir) / METRICS_FILE).read_text().splitlines()]
 
 
 def import_status(module: str) -> str:

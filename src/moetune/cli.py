@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
               "router, and save config + safetensors + tokenizer in the dense checkpoint's dtype. Other\n"
               "moe.* settings come from --config when one is given, else from the defaults.",
               _run_upcycle, config_help="YAML config for the other moe.* settings (default: none; the moe.* defaults).")
-    up.add_argument("--model", required=True, metavar="DIR", help="Dense MPT checkpoint (directory or hub id).")
+    up.add_argument("--model", required=True, metavar="DIR", help="Folder of a dense MPT checkpoint (config.json + weights); "
+                    "a hub id must be downloaded first.")
     up.add_argument("--output", required=True, metavar="DIR", help="Where the upcycled checkpoint is written.")
     up.add_argument("--num-experts", type=int, metavar="N", help="Experts per MoE block (moe.upcycling.num_experts).")
     up.add_argument("--top-k", type=int, metavar="K", help="Experts per token, 1 or 2 (moe.upcycling.top_k).")
@@ -194,7 +195,7 @@ def _run_eval(args: argparse.Namespace) -> int | None:
 
 def _run_generate(args: argparse.Namespace) -> int | None:
     config = _load(args)
-    generate = _library("moetune.eval.prompting", "generate_from_prompts")
+    generate = _library("moetune.eval.generate", "generate_from_prompts")
     return generate(config, adapter_path=args.adapter_path, prompt=args.prompt, prompts_file=args.prompts,
                     interactive=args.interactive, output=args.output, compare_base=args.compare_base)
 

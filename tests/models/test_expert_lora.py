@@ -173,6 +173,19 @@ def test_shared_experts_take_lora_without_touching_the_routed_experts(checkpoint
         assert torch.allclose(model.merge_and_unload()(tokens()).logits, expected, atol=1e-5)
 
 
+def test_without_lora_full_routed_experts_train_and_the_shared_ones_stay_frozen(checkpoint):
+    # lora.enabled: false trains the model itself; moe.train_shared_experts: false freezes only the shared experts.
+    shared = family_for_model_type("qwen2_moe").shared_experts
+    model = build_model(config_for(checkpoint("qwen2_moe"), "lora.enabled=false", "moe.expert_training=full"), seed=42)
+    params = dict(model.named_parameters())
+    shared_names = [n for n in params if is_shared_expert_parameter(n, shared)]
+    routed_names = [n for n in params if is_expert_parameter(n)]
+    assert shared_names and routed_names
+    assert not any(params[n].requires_grad for n in shared_names)
+    assert all(params[n].requires_grad for n in routed_names)
+    assert params["model.embed_tokens.weight"].requires_grad
+
+
 def test_the_trainable_line_splits_attention_router_experts_and_shared_experts(checkpoint, caplog):
     with caplog.at_level(logging.INFO, logger="moetune"):
         build_model(expert_lora_config(checkpoint("qwen2_moe"), "moe.freeze_router=false", "moe.shared_experts.train=true"),

@@ -10,7 +10,8 @@ import torch
 
 from moetune.config import load_config
 from moetune.data.expert_labels import NO_LABEL, label_ids_of, label_vocabulary
-from moetune.data.packing import PackedCollator, PackedDataset, PaddingCollator, SampleDataset
+from moetune.data.packing import PackedCollator, PackedDataset
+from moetune.data.padding import PaddingCollator, SampleDataset
 from moetune.errors import ConfigError, UserError
 from moetune.models.load.factory import build_model
 from moetune.models.loss.objective import LossParts, compute_losses

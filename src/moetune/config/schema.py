@@ -290,8 +290,6 @@ class MoeConfig:
 # ---------------------------------------------------------------------------------------- data
 
 
-
-
 @dataclass(frozen=True)
 class DataConfig:
     """Where the training data comes from and where the built dataset goes."""
@@ -326,9 +324,6 @@ class DataConfig:
 
 
 # ------------------------------------------------------------------------------------ training
-
-SCHEDULERS = ("cosine", "linear", "constant", "cosine_with_restarts")
-OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adafactor", "sgd", "adamw_8bit")
 
 
 @dataclass(frozen=True)
@@ -424,7 +419,9 @@ class TrainingConfig:
 class ValidationConfig:
     """The held-out split used for eval loss and perplexity."""
 
-    validation_split: float = opt(0.05, "Fraction of source files held out for validation (split by file, seeded).")
+    validation_split: float = opt(
+        0.05, "Fraction of split units held out for validation, seeded: each source kind names its unit (a Rust "
+        "source file, a QA question), and all samples of one unit land on the same side.")
     max_eval_samples: int | None = opt(None, "Cap on validation samples per evaluation; null = all.")
 
     def __post_init__(self) -> None:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from moetune.config import Config
+from moetune.run_dir import MERGED_DIR
 from moetune.train.checkpoint import save_trainable_files
 from moetune.train.output_dir import final_files_or_no_space
 
@@ -18,7 +19,7 @@ def save_final(accelerator, model, tokenizer, config: Config) -> None:
     t = config.training
 
     def merge(unwrapped) -> None:
-        merged_dir = Path(config.post_training.merged_output_dir or Path(t.output_dir) / "merged")
+        merged_dir = Path(config.post_training.merged_output_dir or Path(t.output_dir) / MERGED_DIR)
         merged = unwrapped.merge_and_unload() if hasattr(unwrapped, "merge_and_unload") else merge_esft(unwrapped)
         model_bytes = sum(p.numel() * p.element_size() for p in merged.parameters())
         with final_files_or_no_space(merged_dir, model_bytes):

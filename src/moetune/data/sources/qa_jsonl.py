@@ -3,6 +3,8 @@
 Reading and checking the lines is :mod:`moetune.data.qa_lines`; this module counts what it read,
 reports bad lines, and says how QA records are split (by question), grouped (by ``expert_label``)
 and evaluated (the answer is generated and scored).
+
+Its records carry ``expert_label`` (null when the line had none), ``file`` and ``line``.
 """
 
 from __future__ import annotations

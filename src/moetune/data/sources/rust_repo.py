@@ -3,6 +3,9 @@
 The walk is :mod:`moetune.data.walk`; reading, redacting and parsing each file is
 :mod:`moetune.data.rust_samples` (a pool of worker processes). Both need tree-sitter, pathspec and re2,
 so they are imported when a build reads a repository, never when a config is loaded.
+
+Its records carry ``repo``, ``crate``, ``path`` (relative to the repository root), ``name``, ``module``,
+``start_line`` and ``end_line``; instruction samples add ``item_kind``.
 """
 
 from __future__ import annotations

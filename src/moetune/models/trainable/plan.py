@@ -81,7 +81,7 @@ def apply_training_plan(model: nn.Module, config, traits: Traits | None = None, 
         if expert_mode == "frozen":
             freeze_experts(model, () if train_shared else shared)
         elif not train_shared:
-            freeze_experts_named(model, shared)
+            freeze_shared_experts(model, shared)
         set_router_trainable(model, train_router, router_names)
     _check_experts(model, expert_mode, () if train_shared else shared, blocks, family)
     log_trainable_parameters(model)
@@ -108,7 +108,7 @@ def check_shared_experts(model: nn.Module, blocks: list[MoeBlockInfo], family) -
                       f"experts: {has}. Set moe.shared_experts.train: false.")
 
 
-def freeze_experts_named(model: nn.Module, shared: tuple[str, ...]) -> None:
+def freeze_shared_experts(model: nn.Module, shared: tuple[str, ...]) -> None:
     """Freeze only the shared experts (the routed ones train)."""
     for name, param in model.named_parameters():
         if is_shared_expert_parameter(name, shared):
