@@ -222,16 +222,17 @@ PRE_STEP_RAISES = {
     "train/accelerator.py::check_compile_launch": (1, "launch: advanced.torch_compile under ZeRO-3"),
     "train/accelerator.py::check_deepspeed_moe_launch": (4, "launch: moe.expert_parallel.backend deepspeed's launch and process count"),
     "data/tokenizer.py::load_or_train_tokenizer": (1, "data: the tokenizer is trained on the data file"),
-    "data/tokenizer.py::_from_pretrained": (1, "files: model.tokenizer / model.name's tokenizer files"),
-    "data/packing.py::_supervised_labels": (1, "data: labelled samples in the data file"),
-    "data/packing.py::_raise_empty_train": (1, "data: the data file's training split"),
+    "data/tokenizer.py::load_run_tokenizer": (1, "state: the tokenizer a run saved"),
+    "data/tokenizer.py::_from_pretrained": (2, "files: model.tokenizer / model.name's tokenizer files"),
+    "data/dataloaders.py::_supervised_labels": (1, "data: labelled samples in the data file"),
+    "data/dataloaders.py::_raise_empty_train": (1, "data: the data file's training split"),
     "data/records.py::read_records": (3, "data: the data file's lines"),
     "data/records.py::_check_record": (3, "data: the data file's records"),
 }
 SCANNED = ["models/load", "models/trainable", "models/families", "models/routing/supervision.py", "models/layout.py",
            "models/check.py", "train/preflight.py", "train/loop.py", "train/inputs.py", "train/accelerator.py",
            "train/output_dir.py", "train/checkpoint.py", "train/run_lock.py", "train/optim.py", "data/tokenizer.py",
-           "data/packing.py", "data/records.py"]
+           "data/packing.py", "data/padding.py", "data/dataloaders.py", "data/records.py"]
 
 
 def user_error_raises() -> dict[str, int]:
