@@ -7,8 +7,9 @@ states, activations, LM loss; the allowance is memory torch does not allocate) b
 over a training step (the second, when the optimizer's states exist), and their ratio. The goal is within 10%.
 With ``--cpu`` the model is tiny and only the plan is recorded (there is no allocator to read).
 
-Registration (scripts/gpu_check.py keeps the table of stages): import this module beside bench_train and add
-``Stage(8, "plan vs max_memory_allocated", plan_gpu_stage.stage_plan_memory, 60)`` to ``STAGES``. The stage
+Registration (scripts/gpu_check.py keeps the table of stages): `from plan_gpu_stage import stage_plan_memory` beside
+the other stage imports there, and
+``Stage(8, "plan vs max_memory_allocated", stage_plan_memory, 60)`` in ``STAGES``. The stage
 uses only what gpu_check's ``Context`` offers: ``cpu``, ``put``, ``variant`` and ``summary``.
 """
 

@@ -3,7 +3,6 @@ raises, crashes or hangs is reported FAILED with its error and the stages after 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -17,13 +16,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def scripts(monkeypatch):
+    """scripts/ leading sys.path, as Python sets it when it runs a script there: its modules import each other."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
 
 
 def test_cpu_mode_runs_every_stage_and_reports_values(tmp_path):
@@ -76,7 +72,9 @@ def test_cpu_mode_runs_every_stage_and_reports_values(tmp_path):
     assert "===== stage 4" in (tmp_path / "gpu_check.log").read_text()
 
 
-def test_a_failing_crashing_or_hanging_stage_never_stops_the_next(gpu_check, tmp_path, monkeypatch):
+def test_a_failing_crashing_or_hanging_stage_never_stops_the_next(scripts, tmp_path, monkeypatch):
+    import gpu_check
+
     def raises(ctx):
         ctx.put("measured", 1.5)
         raise ValueError("the kernel returned NaN\nsecond line")
@@ -102,3 +100,27 @@ def test_a_failing_crashing_or_hanging_stage_never_stops_the_next(gpu_check, tmp
     assert "exit code -9" in stages[1]["error"]
     assert stages[2]["error"].startswith("timed out after 1 s") and stages[2]["results"] == {"before the hang": True}
     assert stages[3]["summary"] == "fine" and "| 4 | works | ok |" in (tmp_path / "gpu_report.md").read_text()
+
+
+def test_a_slimmed_wheel_keeps_only_the_named_libraries_and_their_record_lines(scripts, tmp_path):
+    import zipfile
+
+    from gpu_check_wheels import keep_libraries
+
+    wheel = tmp_path / "bitsandbytes-0.49.0-py3-none-manylinux_2_24_x86_64.whl"
+    libraries = ["libbitsandbytes_cpu.so", "libbitsandbytes_cuda124.so", "libbitsandbytes_cuda130.so"]
+    record = "".join(f"bitsandbytes/{name},sha256=x,1\n" for name in ["__init__.py", *libraries])
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("bitsandbytes/__init__.py", "")
+        for name in libraries:
+            archive.writestr(f"bitsandbytes/{name}", name)
+        archive.writestr("bitsandbytes-0.49.0.dist-info/RECORD", record)
+    keep_libraries(wheel, ("_cpu", "_cuda13"))
+    with zipfile.ZipFile(wheel) as archive:
+        assert archive.namelist() == ["bitsandbytes/__init__.py", "bitsandbytes/libbitsandbytes_cpu.so",
+                                      "bitsandbytes/libbitsandbytes_cuda130.so", "bitsandbytes-0.49.0.dist-info/RECORD"]
+        assert archive.read("bitsandbytes/libbitsandbytes_cuda130.so") == b"libbitsandbytes_cuda130.so"
+        assert archive.read("bitsandbytes-0.49.0.dist-info/RECORD").decode().splitlines() == [
+            "bitsandbytes/__init__.py,sha256=x,1", "bitsandbytes/libbitsandbytes_cpu.so,sha256=x,1",
+            "bitsandbytes/libbitsandbytes_cuda130.so,sha256=x,1"]
+    assert not wheel.with_suffix(".slim").exists()

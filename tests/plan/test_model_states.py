@@ -25,8 +25,8 @@ PLANS = [(model_type, (ROUTER_TRAINS,)) for model_type in MODEL_TYPES if model_t
     ("mixtral", ("moe.expert_training=lora",)),
     ("mixtral", ("moe.expert_training=full",)),  # a trained copy of the experts beside the frozen ones
     ("gpt_oss", ("lora.enabled=false", "moe.expert_training=full")),
-    ("qwen2_moe", ("moe.train_shared_experts=true", "moe.shared_expert_training=lora")),
-    ("deepseek_v3", ("moe.train_shared_experts=true",)),
+    ("qwen2_moe", ("moe.shared_experts.train=true", "moe.shared_experts.method=lora")),
+    ("deepseek_v3", ("moe.shared_experts.train=true",)),
     ("olmoe", ("training.optim=sgd",)),
     ("qwen3_moe", ("training.optim=adafactor",)),
 ]
@@ -60,7 +60,7 @@ def test_planned_model_states_are_the_bytes_of_the_real_tensors(config_for, mode
 def test_esft_plans_the_selected_experts_states(config_for, tmp_path):
     (tmp_path / "experts.json").write_text(json.dumps({"selected": [[0, 3], [1]]}))
     config = config_for("qwen3_moe", "lora.enabled=false", "moe.expert_training=esft",
-                        f"moe.esft_experts={tmp_path / 'experts.json'}")
+                        f"moe.esft.experts={tmp_path / 'experts.json'}")
     planned = build_planned_model(config)
     states = model_states(planned.model, Launch(), config.training.optim)
     assert planned.counts.trainable["experts"] == 3 * 3 * 64 * 32  # three experts, gate/up/down of 64 x 32

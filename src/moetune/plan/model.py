@@ -1,7 +1,7 @@
 """The model a run trains, on the meta device: the family's build as it would be, then the real training plan.
 
-Nothing is read but config.json (:func:`moetune.models.load.meta.read_model_config`); the family's
-build is followed where it changes the architecture (MPT sparse upcycling), and
+Nothing is read but config.json (:func:`moetune.models.load.meta.offline_model_config`); the family's
+``shape`` is followed where the build changes the architecture (MPT sparse upcycling), and
 :func:`moetune.models.trainable.plan.apply_training_plan` runs unchanged on the meta model, so the
 trainable parameters are exactly those a run trains: attention LoRA, expert LoRA, full experts, ESFT
 with its experts.json, routers saved with the adapter.
@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedConfig
 
-from moetune.errors import ConfigError, UserError
+from moetune.errors import ConfigError
 from moetune.models.families import family_for_model_type, get_family, known_model_types
 from moetune.models.families._spec import FamilySpec, Traits
-from moetune.models.load.meta import build_on_meta, read_model_config
+from moetune.models.load.meta import build_on_meta, offline_model_config
 from moetune.models.load.quant import wants_quantization
 from moetune.models.trainable.plan import apply_training_plan
 from moetune.plan.params import ParameterCounts, count_base, experts_per_token, with_trainable
@@ -66,7 +66,7 @@ def build_planned_model(config, model_config: str | Path | None = None) -> Plann
     """The model ``config`` trains, on the meta device, with its training plan applied."""
     section = config.model
     family = get_family(section.architecture) if section.architecture is not None else None
-    hf_config = read_model_config(section, family, model_config)
+    hf_config = offline_model_config(section, family, model_config)
     family = family or plan_family(section, hf_config)
     dtype = _weights_dtype(section.torch_dtype, hf_config)
     attn = _meta_attention(family)
@@ -81,28 +81,15 @@ def build_planned_model(config, model_config: str | Path | None = None) -> Plann
 
 
 def _build_base(family: FamilySpec, config, hf_config, dtype, attn) -> tuple[nn.Module, Traits]:
+    # The family's shape is what its build makes of the checkpoint (MPT: the upcycled architecture).
+    from moetune.models.load.pretrained import check_not_quantised_twice, pretrained_shape
+
+    check_not_quantised_twice(config.model, family, hf_config)
+    hf_config, traits = (family.shape or pretrained_shape)(family, config, hf_config)
     kwargs = {"attn_implementation": attn}
     if family.fused_experts:
         kwargs["experts_implementation"] = META_EXPERTS_KERNEL
-    if family.name == "mpt":
-        return _build_mpt(config, hf_config, dtype, kwargs)
-    return build_on_meta(hf_config, dtype, **kwargs), Traits()
-
-
-def _build_mpt(config, hf_config, dtype, kwargs) -> tuple[nn.Module, Traits]:
-    # The family's build (models.families.mpt.build_mpt) upcycles the loaded dense model: here the
-    # upcycled architecture is built directly.
-    from moetune.models.families.mpt.modeling import MptMoeForCausalLM
-    from moetune.models.families.mpt.upcycle import upcycled_config
-
-    if config.moe.upcycling.enabled and hf_config.model_type == "mpt":
-        with torch.device("meta"):
-            model = MptMoeForCausalLM(upcycled_config(hf_config, config.moe)).to(dtype)
-        return model, Traits(router_is_new=True, experts_must_train=True)
-    if hf_config.model_type == "mpt_moe":
-        with torch.device("meta"):
-            return MptMoeForCausalLM(hf_config).to(dtype), Traits(experts_must_train=True)
-    return build_on_meta(hf_config, dtype, **kwargs), Traits()
+    return build_on_meta(hf_config, config.model.trust_remote_code, dtype, **kwargs), traits
 
 
 def quantize_on_meta(base: nn.Module, model_section) -> dict[int, int]:
@@ -116,10 +103,6 @@ def quantize_on_meta(base: nn.Module, model_section) -> dict[int, int]:
     from transformers.quantizers.quantizers_utils import should_convert_module
 
     bits = 4 if model_section.load_in_4bit else 8
-    if getattr(base.config, "quantization_config", None) is not None:
-        raise UserError(f"model.name {model_section.name!r} is already quantised; model.load_in_4bit/load_in_8bit "
-                        "cannot quantise it again. Set both to false (or plan a 16-bit copy of the checkpoint with "
-                        "--model-config).")
     skip = HfQuantizer.get_modules_to_not_convert(base, None, base._keep_in_fp32_modules)
     quantized = {id(module.weight): bits for name, module in base.named_modules()
                  if type(module) is nn.Linear and should_convert_module(name, skip)}

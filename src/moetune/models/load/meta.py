@@ -27,7 +27,11 @@ def local_model_config(model_section, family: FamilySpec) -> PreTrainedConfig | 
     folder = Path(model_section.name)
     if not (folder / "config.json").is_file():
         return None
-    return _read_config(folder / "config.json", model_section)
+    try:
+        hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=model_section.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{folder / 'config.json'} could not be read as a model config ({first_line(err)}).") from None
+    return apply_overrides(hf_config, model_section.config_overrides)
 
 
 def cached_config_file(name: str) -> Path | None:
@@ -43,7 +47,8 @@ def cached_config_file(name: str) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
-def read_model_config(model_section, family: FamilySpec | None, model_config: str | Path | None = None) -> PreTrainedConfig:
+def offline_model_config(model_section, family: FamilySpec | None,
+                         model_config: str | Path | None = None) -> PreTrainedConfig:
     """The Hugging Face config a run of ``model_section`` builds, with ``model.config_overrides`` applied,
     from the first of: ``model_config`` (a config.json given by hand), ``model.random_init`` (built from
     the overrides; needs ``family``), a local folder's config.json, the Hugging Face cache. A UserError
@@ -67,14 +72,15 @@ def read_model_config(model_section, family: FamilySpec | None, model_config: st
     return _read_config(found, model_section)
 
 
-def build_on_meta(hf_config: PreTrainedConfig, dtype: torch.dtype | None = None, **kwargs) -> nn.Module:
+def build_on_meta(hf_config: PreTrainedConfig, trust_remote_code: bool = False, dtype: torch.dtype | None = None,
+                  **kwargs) -> nn.Module:
     """The model of ``hf_config`` with every parameter on the meta device (shapes and names, no storage),
     its floating-point parameters in ``dtype`` when given (else the config's default, float32).
     ``kwargs`` go to ``from_config`` (``attn_implementation``, ``experts_implementation``)."""
     if dtype is not None:
         kwargs["dtype"] = dtype
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config, **kwargs)
+        return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code, **kwargs)
 
 
 def _read_config(path: Path, model_section) -> PreTrainedConfig:
