@@ -5,7 +5,7 @@ Memory per GPU = model states (:mod:`moetune.plan.memory`) + activations at the 
 (:mod:`moetune.plan.activations`) + the LM loss (:mod:`moetune.plan.loss`) + the allowance: 1 GiB for the
 CUDA context and the cuBLAS / NCCL workspaces, DeepSpeed's gradient and parameter buckets, and 5% of the
 rest for the caching allocator's fragmentation. Everything but the allowance is memory torch allocates, what
-``torch.cuda.max_memory_allocated`` reports (scripts/plan_gpu_stage.py compares the two).
+``torch.cuda.max_memory_allocated`` reports (scripts/gpu_check_plan.py compares the two).
 """
 
 from __future__ import annotations

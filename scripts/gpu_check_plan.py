@@ -7,10 +7,8 @@ states, activations, LM loss; the allowance is memory torch does not allocate) b
 over a training step (the second, when the optimizer's states exist), and their ratio. The goal is within 10%.
 With ``--cpu`` the model is tiny and only the plan is recorded (there is no allocator to read).
 
-Registration (scripts/gpu_check.py keeps the table of stages): `from plan_gpu_stage import stage_plan_memory` beside
-the other stage imports there, and
-``Stage(8, "plan vs max_memory_allocated", stage_plan_memory, 60)`` in ``STAGES``. The stage
-uses only what gpu_check's ``Context`` offers: ``cpu``, ``put``, ``variant`` and ``summary``.
+Stage 8 of scripts/gpu_check.py. The stage uses only what gpu_check's ``Context`` offers: ``cpu``, ``put``,
+``variant`` and ``summary``.
 """
 
 from __future__ import annotations
@@ -98,7 +96,7 @@ def stage_plan_memory(ctx) -> None:
     ctx.summary = "; ".join(lines)
 
 
-if __name__ == "__main__":  # alone: python scripts/plan_gpu_stage.py [--cpu]
+if __name__ == "__main__":  # alone: python scripts/gpu_check_plan.py [--cpu]
     import contextlib
     import sys
     from types import SimpleNamespace
