@@ -17,6 +17,7 @@ attention LoRA: loss difference to eager, steady-state tokens/s, MFU (scripts/be
 FLOP count), peak memory; 5 QLoRA 4-bit against bf16 LoRA on the 2-layer full-width Mixtral (peak
 memory, loss after 10 steps); 6 DeepSpeed ZeRO-2 through ``NUM_GPUS=1 bash train.sh`` for 10 steps;
 7 expert LoRA and ESFT tokens/s beside attention LoRA at the Mixtral shape.
+8 `moetune plan`'s memory beside torch.cuda.max_memory_allocated at Mixtral-8x7B layer shapes, micro-batches 1, 2, 4.
 
 Run it as a script (a fresh interpreter): each stage runs in a process of its own, forked from one that
 has run no torch op, so no OpenMP or CUDA state crosses a fork, with a share of ``--budget`` (470 s),
@@ -46,6 +47,7 @@ from pathlib import Path
 # The modules beside this script, found as Python finds a script's neighbours (its folder leads sys.path).
 from gpu_check_harness import Stage, run_stages
 from gpu_check_kernels import stage_experts_kernels, stage_packed_rows
+from gpu_check_plan import stage_plan_memory
 from gpu_check_report import markdown
 from gpu_check_stages import stage_deepspeed, stage_environment, stage_expert_training, stage_qlora, stage_quickstart
 from gpu_check_wheels import download_wheels
@@ -58,6 +60,7 @@ STAGES = [
     Stage(5, "QLoRA 4-bit vs bf16 LoRA", stage_qlora, 110),
     Stage(6, "DeepSpeed ZeRO-2 through train.sh", stage_deepspeed, 100),
     Stage(7, "expert LoRA and ESFT tokens/s", stage_expert_training, 30),
+    Stage(8, "plan vs max_memory_allocated", stage_plan_memory, 60),
 ]
 """The check, in order; the last number is a stage's cap on CUDA in seconds (its share of --budget at most)."""
 

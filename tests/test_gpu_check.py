@@ -30,9 +30,9 @@ def test_cpu_mode_runs_every_stage_and_reports_values(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_report.json").read_text())
     stages = {s["number"]: s for s in report["stages"]}
-    assert report["mode"] == "cpu (tiny shapes)" and sorted(stages) == [1, 2, 3, 4, 5, 6, 7]
+    assert report["mode"] == "cpu (tiny shapes)" and sorted(stages) == [1, 2, 3, 4, 5, 6, 7, 8]
     assert {n: s["status"] for n, s in stages.items()} == {1: "ok", 2: "ok", 3: "ok", 4: "ok", 5: "ok", 6: "skipped",
-                                                           7: "ok"}
+                                                           7: "ok", 8: "ok"}
 
     env = stages[1]["results"]
     assert env["versions"]["torch"] and set(env["imports"]) >= {"flash-attn", "bitsandbytes", "deepspeed", "datasets"}
@@ -66,6 +66,12 @@ def test_cpu_mode_runs_every_stage_and_reports_values(tmp_path):
     plans = stages[7]["results"]["mixtral-8x7b (tiny)"]
     assert sorted(plans) == ["ESFT (2 experts per layer)", "attention LoRA", "expert LoRA"]
     assert all(p["status"] == "ok" and p["tokens_per_second"] > 0 and len(p["lm_losses"]) == 2 for p in plans.values())
+
+    # Stage 8 plans the tiny shape at each micro-batch (in CPU mode there is no allocator to read).
+    planned = [stages[8]["results"]["micro_batches"][f"batch {b}"] for b in (1, 2, 4)]
+    assert [p["planned_gib"]["weights"] for p in planned] == [planned[0]["planned_gib"]["weights"]] * 3
+    assert planned[0]["planned_gib"]["activations"] < planned[1]["planned_gib"]["activations"] < planned[2]["planned_gib"]["activations"]
+    assert all(p["max_memory_allocated_gib"] is None for p in planned)
 
     markdown = (tmp_path / "gpu_report.md").read_text()
     assert "| 2 | quickstart on CUDA, bf16 | ok |" in markdown and "| 7 | expert LoRA and ESFT tokens/s | ok |" in markdown

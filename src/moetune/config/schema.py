@@ -276,6 +276,9 @@ class MoeConfig:
             check(self.esft.experts is not None, "moe.esft.experts", self.esft.experts,
                   "the experts.json of `moetune experts` when moe.expert_training is esft")
         if self.expert_parallel.backend == "deepspeed":
+            if self.upcycling.num_experts % self.expert_parallel.size:
+                raise ConfigError("moe.expert_parallel.size", f"moe.upcycling.num_experts ({self.upcycling.num_experts}) "
+                                  f"must be divisible by moe.expert_parallel.size ({self.expert_parallel.size}).")
             # DeepSpeed's gate would compute something else than the native mpt_moe model the run is saved as.
             check(self.upcycling.top_k == 2, "moe.upcycling.top_k", self.upcycling.top_k,
                   "2 with moe.expert_parallel.backend: deepspeed (its top-1 gate scales each expert output by the router "
@@ -395,6 +398,11 @@ class TrainingConfig:
     ddp_timeout: int = opt(1800, "Seconds a collective may wait before failing.")
     auto_find_batch_size: bool = opt(
         False, "On out-of-memory, retry with half the per-device batch and twice the accumulation (same effective batch)."
+    )
+    plan_check: Literal["warn", "error"] = opt(
+        "warn", "On a GPU machine, before loading weights, the run is planned as `moetune plan` does; a plan over the "
+        "visible GPUs' memory is one paragraph (the parts, the largest micro-batch that fits, the knobs): a warning, "
+        "or with error a refusal (exit 2)."
     )
 
     def __post_init__(self) -> None:
@@ -527,6 +535,14 @@ class Config:
         if self.moe.upcycling.enabled and self.model.architecture not in (None, "mpt"):
             raise ConfigError("moe.upcycling.enabled", "moe.upcycling.enabled turns a dense MPT model into an MoE; "
                               f"model.architecture is {self.model.architecture!r}, which is already an MoE.")
+        self._check_what_trains()
+        backend = self.moe.expert_parallel.backend
+        if backend == "deepspeed" and self.model.architecture not in (None, "mpt"):
+            raise ConfigError("moe.expert_parallel.backend", deepspeed_backend_message(self.model.architecture))
+        if self.advanced.torch_compile and backend == "deepspeed":
+            raise ConfigError("advanced.torch_compile", "advanced.torch_compile does not apply to "
+                              "moe.expert_parallel.backend: deepspeed, whose MoE layers exchange tokens between ranks "
+                              "inside the forward pass; use moe.expert_parallel.backend: native to compile.")
         if self.moe.expert_training == "esft" and (self.lora.enabled or self.moe.expert_parallel.backend != "native"):
             raise ConfigError("moe.expert_training", "moe.expert_training: esft trains the selected experts themselves "
                               "and freezes everything else, so it takes lora.enabled: false and moe.expert_parallel.backend: native.")
@@ -540,3 +556,28 @@ class Config:
             raise ConfigError("model.architecture", "model.random_init builds a model from config, so it needs "
                               f"model.architecture ({' | '.join(FAMILY_NAMES)}) and usually model.config_overrides "
                               "(e.g. {num_hidden_layers: 2, hidden_size: 64}).")
+
+    def _check_what_trains(self) -> None:
+        """What an adapter, quantised weights and upcycling need of each other (no model needed to tell)."""
+        quantised = self.model.load_in_4bit or self.model.load_in_8bit
+        if quantised and not self.lora.enabled:
+            raise ConfigError("lora.enabled", "model.load_in_4bit/load_in_8bit freeze the base weights in a quantised "
+                              "format, so only an adapter can train: set lora.enabled: true.")
+        if quantised and self.moe.upcycling.enabled:
+            raise ConfigError("moe.upcycling.enabled", "moe.upcycling.enabled copies dense FFN weights into experts, "
+                              "which cannot be done on 4/8-bit weights; upcycle first (`moetune upcycle`), then train "
+                              "the saved model.")
+        if self.moe.expert_training == "lora" and not self.lora.enabled:
+            raise ConfigError("moe.expert_training", "moe.expert_training is 'lora' but lora.enabled is false; enable "
+                              "LoRA or choose moe.expert_training: full or frozen.")
+        shared = self.moe.shared_experts
+        if shared.train and shared.method == "lora" and not self.lora.enabled:
+            raise ConfigError("moe.shared_experts.method", "moe.shared_experts.method is 'lora' but lora.enabled is "
+                              "false; enable LoRA or choose moe.shared_experts.method: full.")
+
+
+def deepspeed_backend_message(family: str) -> str:
+    """Why ``moe.expert_parallel.backend: deepspeed`` is refused for ``family``: only upcycled MPT has blocks it
+    can swap."""
+    return (f"moe.expert_parallel.backend: deepspeed swaps the MoE blocks of upcycled MPT models; {family} keeps its "
+            "own blocks (use backend: native).")

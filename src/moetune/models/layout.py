@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from moetune.errors import UserError
+from moetune.errors import ConfigError
 
 ROUTER_NAMES = ("gate", "router")
 EXPERTS_NAME = "experts"
@@ -61,6 +61,14 @@ def find_moe_blocks(model: nn.Module, router_names: tuple[str, ...] = ROUTER_NAM
         if router is not None:
             blocks.append(MoeBlockInfo(path=path, router_name=router, module=module))
     return blocks
+
+
+def count_experts(experts: nn.Module) -> int:
+    """How many routed experts a block's ``experts`` child holds: modules of a ModuleList, or dim 0 of its fused
+    (E, ...) tensors."""
+    if isinstance(experts, nn.ModuleList):
+        return len(experts)
+    return next(iter(experts.parameters())).shape[0]
 
 
 def is_expert_parameter(name: str) -> bool:
@@ -116,8 +124,8 @@ def resolve_target_modules(model: nn.Module, targets: tuple[str, ...], exclude: 
         # Every alias the model has: DeepSeek's "q_proj" is q_a_proj and q_b_proj together.
         found = [a for a in (ATTENTION_ALIASES if aliases is None else aliases).get(target, ()) if a in leaf_names]
         if not found:
-            raise UserError(f"{key} names {target!r}, but this model has no Linear module of that name; its Linear "
-                            f"modules are called {sorted(leaf_names)}.")
+            raise ConfigError(key, f"{key} names {target!r}, but this model has no Linear module of that name; its "
+                              f"Linear modules are called {sorted(leaf_names)}.")
         wanted.update(found)
     chosen = []
     for name in linears:
@@ -126,7 +134,8 @@ def resolve_target_modules(model: nn.Module, targets: tuple[str, ...], exclude: 
             continue
         chosen.append(name)
     if not chosen:
-        raise UserError(f"{key} {list(targets)} with lora.exclude_modules {list(exclude)} leaves no module to adapt.")
+        raise ConfigError(key, f"{key} {list(targets)} with lora.exclude_modules {list(exclude)} leaves no module to "
+                          "adapt.")
     return chosen
 
 

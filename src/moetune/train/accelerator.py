@@ -153,15 +153,13 @@ def log_cpu_offload(accelerator) -> None:
 
 
 def check_compile_launch(config: Config, accelerator) -> None:
-    """``advanced.torch_compile`` compiles decoder layers; refuse the launches where that cannot trace."""
+    """``advanced.torch_compile`` compiles decoder layers; refuse the launches where that cannot trace (the
+    config's own conflict, with ``moe.expert_parallel.backend: deepspeed``, is the schema's)."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None and plugin.zero_stage == 3:
         raise UserError("advanced.torch_compile does not apply under ZeRO-3: its parameters are gathered by hooks "
                         "around every module, which torch.compile cannot trace through layer by layer. Use ZeRO-2 "
                         "(accelerate_config.yaml) or set advanced.torch_compile: false.")
-    if config.moe.expert_parallel.backend == "deepspeed":
-        raise UserError("advanced.torch_compile does not apply to moe.expert_parallel.backend: deepspeed, whose MoE layers exchange "
-                        "tokens between ranks inside the forward pass; use moe.expert_parallel.backend: native to compile.")
 
 
 def check_deepspeed_moe_launch(config: Config, accelerator) -> None:

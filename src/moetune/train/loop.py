@@ -47,6 +47,8 @@ from moetune.train.optim import (
 )
 from moetune.train.out_of_memory import AttemptFiles, halved_batch, out_of_memory_message
 from moetune.train.output_dir import check_output_dir, save_run_config
+from moetune.train.plan_check import check_plan
+from moetune.train.preflight import check_before_training
 from moetune.train.run_lock import RunLock
 from moetune.train.run_log import RunLog
 from moetune.train.signals import StopSignals
@@ -64,6 +66,9 @@ def train(config: Config) -> int:
     """
     stop, run_lock = StopSignals(), RunLock(config.training.output_dir)
     try:
+        # What validate checks, before anything is built or loaded: the config against the run folder and
+        # against its model on the meta device (a hub model's config is read for it).
+        check_before_training(config, read_hub=True)
         return _train_retrying(config, stop, run_lock)
     finally:
         run_lock.release()
@@ -101,6 +106,7 @@ def _train_once(config: Config, stop: StopSignals, run_lock: RunLock, files: Att
     check_output_dir(t.output_dir)  # before anything is created or built
     files.record()
     accelerator = build_accelerator(config)
+    check_plan(config, accelerator)  # on a GPU machine, before any weight is loaded
     if files.failed:  # only what the attempt that ran out of memory wrote
         if accelerator.is_main_process:
             files.remove_added()

@@ -5,6 +5,10 @@ Steps, in order: pick the family (``model.architecture`` or the model's config.j
 quantise (QLoRA), let the family finish the model (MPT upcycles), enable non-reentrant gradient
 checkpointing, decide what trains (:mod:`moetune.models.trainable.plan`), then swap in DeepSpeed MoE blocks
 (``moe.expert_parallel.backend: deepspeed``).
+
+Every check on the way that needs no weight also runs, with the same functions, on the model built on
+the meta device (:mod:`moetune.models.check`): ``moetune validate`` runs it, and train runs it before it
+loads anything.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import logging
 
 from torch import nn
 
-from moetune.errors import ConfigError, UserError
+from moetune.errors import ConfigError
 from moetune.models.families import FAMILY_NAMES, family_for_model_type, get_family, known_model_types
 from moetune.models.families._spec import FamilySpec, Traits
 from moetune.models.load.pretrained import build_pretrained, read_model_type
@@ -34,9 +38,6 @@ def build_model(config, tokenizer=None, *, seed: int, gradient_checkpointing: bo
     Raises UserError for anything the user can fix (unknown architecture, bad override key,
     missing package, path).
     """
-    if wants_quantization(config.model) and not config.lora.enabled:
-        raise UserError("model.load_in_4bit/load_in_8bit freeze the base weights in a quantised format, so only an "
-                        "adapter can train: set lora.enabled: true.")
     family = resolve_family(config.model)
     model, traits = _build_family(family, config, tokenizer, seed=seed, gradient_checkpointing=gradient_checkpointing)
     if gradient_checkpointing and not wants_quantization(config.model):
@@ -70,12 +71,14 @@ def _build_family(family: FamilySpec, config, tokenizer, *, seed: int,
     return model, traits
 
 
-def check_router_bias_update(family: FamilySpec, config) -> None:
-    """``moe.router_bias_update_rate`` needs a router with a correction bias (DeepSeek-V3, GLM-4.5)."""
+def check_router_bias_update(family: FamilySpec, config, model_type: str | None = None) -> None:
+    """``moe.router_bias_update_rate`` needs a router with a correction bias (DeepSeek-V3, GLM-4.5).
+    ``model_type``: the model's, when known (else read from model.random_init or the model's config)."""
     if config.moe.router_bias_update_rate <= 0:
         return
-    model_type = (family.random_init_model_type if config.model.random_init
-                  else read_model_type(config.model.name, config.model.trust_remote_code))
+    if model_type is None:
+        model_type = (family.random_init_model_type if config.model.random_init
+                      else read_model_type(config.model.name, config.model.trust_remote_code))
     if not family.has_correction_bias(model_type):
         raise ConfigError("moe.router_bias_update_rate", f"moe.router_bias_update_rate moves a router's correction "
                           f"bias, which {model_type!r} models do not have (sigmoid routers such as DeepSeek-V3's and "

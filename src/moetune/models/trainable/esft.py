@@ -25,7 +25,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from moetune.errors import ConfigError, UserError
-from moetune.models.layout import EXPERTS_NAME, ROUTER_NAMES, MoeBlockInfo, find_moe_blocks, innermost_model
+from moetune.models.layout import (
+    EXPERTS_NAME,
+    ROUTER_NAMES,
+    MoeBlockInfo,
+    count_experts,
+    find_moe_blocks,
+    innermost_model,
+)
 from moetune.models.trainable.counts import log_trainable_parameters
 from moetune.run_dir import ESFT_FILES
 
@@ -85,7 +92,7 @@ def install_selection(model: nn.Module, selection: list[list[int]], family=None,
     model.requires_grad_(False)
     for block, experts in zip(blocks, selection, strict=True):
         module = getattr(block.module, EXPERTS_NAME)
-        count = _num_experts(module)
+        count = count_experts(module)
         if experts and max(experts) >= count:
             raise ConfigError(key, f"{key} selects expert {max(experts)} in {block.path}, which has {count} experts.")
         if not experts:
@@ -195,9 +202,3 @@ def expert_blocks(model: nn.Module, family=None) -> list[MoeBlockInfo]:
 
     family = family if family is not None else family_of(model)
     return find_moe_blocks(innermost_model(model), (family.router_name,) if family is not None else ROUTER_NAMES)
-
-
-def _num_experts(module: nn.Module) -> int:
-    if isinstance(module, nn.ModuleList):
-        return len(module)
-    return next(iter(module.parameters())).shape[0]

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from moetune.errors import UserError
+from moetune.errors import ConfigError
 from moetune.models.layout import (
     EXPERTS_NAME,
     MoeBlockInfo,
@@ -64,7 +64,7 @@ def plan_expert_adapters(model: nn.Module, config, family, blocks: list[MoeBlock
         fused = [name for name in fused_expert_parameters(blocks, family) if not is_excluded(name, exclude)]
         linears = [name for name in expert_linears(model, family) if not is_excluded(name, exclude)]
         if not fused and not linears:
-            raise UserError(no_expert_match_message(blocks, family, exclude))
+            raise ConfigError("moe.expert_training", no_expert_match_message(blocks, family, exclude))
         plan.target_parameters = fused
         plan.target_modules = linears
         for name in fused + linears:
@@ -80,7 +80,7 @@ def plan_expert_adapters(model: nn.Module, config, family, blocks: list[MoeBlock
             plan.modules_to_save = [f"{EXPERTS_NAME}.{index}" for index in range(num_experts)]
         else:
             if not fused_expert_parameters(blocks, family):
-                raise UserError(no_expert_match_message(blocks, family, exclude))
+                raise ConfigError("moe.expert_training", no_expert_match_message(blocks, family, exclude))
             plan.modules_to_save = [block.experts_path for block in blocks]
     if train_shared:
         shared = family.shared_experts if family is not None else ()
@@ -98,9 +98,9 @@ def plan_expert_adapters(model: nn.Module, config, family, blocks: list[MoeBlock
             # "mlp.shared_experts.down_proj" against the routed experts' fused "mlp.experts.down_proj".
             plan.modules_to_save += paths
     if plan.target_parameters and config.lora.lora_dropout:
-        raise UserError(f"LoRA on expert parameters ({plan.target_parameters[0]}, ...) cannot be combined with "
-                        f"dropout (PEFT's ParamWrapper refuses it); set lora.lora_dropout: 0 "
-                        f"(it is {config.lora.lora_dropout}).")
+        raise ConfigError("lora.lora_dropout", f"LoRA on expert parameters ({plan.target_parameters[0]}, ...) cannot be "
+                          f"combined with dropout (PEFT's ParamWrapper refuses it); set lora.lora_dropout: 0 "
+                          f"(it is {config.lora.lora_dropout}).")
     return plan
 
 

@@ -24,10 +24,11 @@ import warnings
 from torch import nn
 from transformers import PreTrainedModel
 
-from moetune.errors import UserError
+from moetune.errors import ConfigError
 from moetune.models.families._spec import Traits
 from moetune.models.layout import (
     ROUTER_NAMES,
+    MoeBlockInfo,
     find_moe_blocks,
     freeze_experts,
     is_expert_parameter,
@@ -68,13 +69,9 @@ def apply_training_plan(model: nn.Module, config, traits: Traits | None = None, 
     train_router = bool(blocks) and router_trains(config, traits.router_is_new)
     save_router = bool(blocks) and (train_router or config.moe.router_bias_update_rate > 0)
     expert_mode = config.moe.expert_training or ("full" if traits.experts_must_train else "frozen")
-    train_shared = config.moe.shared_experts.train and bool(shared)
-    if expert_mode == "lora" and not config.lora.enabled:
-        raise UserError("moe.expert_training is 'lora' but lora.enabled is false; enable LoRA or choose "
-                        "moe.expert_training: full or frozen.")
-    if train_shared and config.moe.shared_experts.method == "lora" and not config.lora.enabled:
-        raise UserError("moe.shared_experts.method is 'lora' but lora.enabled is false; enable LoRA or choose "
-                        "moe.shared_experts.method: full.")
+    train_shared = config.moe.shared_experts.train
+    if train_shared:
+        check_shared_experts(model, blocks, family)
     if config.lora.enabled:
         model = _wrap_with_lora(model, config, family, save_router, expert_mode, train_shared)
         if save_router and not train_router:
@@ -90,6 +87,25 @@ def apply_training_plan(model: nn.Module, config, traits: Traits | None = None, 
     log_trainable_parameters(model)
     logger.info(format_trainable_parts(trainable_parts(model, find_moe_blocks(model, router_names), shared)))
     return model
+
+
+def check_shared_experts(model: nn.Module, blocks: list[MoeBlockInfo], family) -> None:
+    """``moe.shared_experts.train`` needs a model whose MoE blocks hold shared experts (Qwen2-MoE, DeepSeek, GLM):
+    on any other it would train nothing it names."""
+    names = family.shared_experts if family is not None else ()
+    if any(hasattr(block.module, name) for block in blocks for name in names):
+        return
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    what = f"this {model_type!r} model" if model_type else "this model"
+    if family is not None:
+        what += f" ({family.name} family)"
+    if blocks:
+        children = ", ".join(name for name, _ in blocks[0].module.named_children())
+        has = f"its MoE blocks ({blocks[0].path}, one of {len(blocks)}) hold {children}"
+    else:
+        has = "it has no MoE block"
+    raise ConfigError("moe.shared_experts.train", f"moe.shared_experts.train is true, but {what} has no shared "
+                      f"experts: {has}. Set moe.shared_experts.train: false.")
 
 
 def freeze_shared_experts(model: nn.Module, shared: tuple[str, ...]) -> None:
@@ -143,7 +159,7 @@ def _check_experts(model: nn.Module, expert_mode: str, frozen_shared: tuple[str,
     shared = [name for name in trainable if is_shared_expert_parameter(name, frozen_shared)]
     if expert_mode != "frozen" and not any(is_expert_parameter(name) for name in trainable):
         # Never a run that trains nothing it was asked to train.
-        raise UserError(no_expert_match_message(blocks, family, ()))
+        raise ConfigError("moe.expert_training", no_expert_match_message(blocks, family, ()))
     if expert_mode == "frozen" and routed:
         raise RuntimeError(f"expert parameters are trainable although experts should be frozen: {routed[:3]}")
     if shared:

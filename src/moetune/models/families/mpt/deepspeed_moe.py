@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetune.errors import UserError
+from moetune.errors import ConfigError, UserError
 from moetune.models.families.mpt.modeling import MoeFeedForward
 
 
@@ -121,18 +121,22 @@ def _all_experts(local: list[nn.Module], moe, ep_rank: int) -> list[nn.Module]:
 def convert_to_deepspeed_moe(model: nn.Module, moe) -> nn.Module:
     """Replace every native MoE block by a DeepSpeed one that runs the same router and this rank's
     experts; call it after the training plan (LoRA, modules_to_save) so PEFT names stay native."""
-    require_deepspeed()
-    if moe.upcycling.num_experts % moe.expert_parallel.size:
-        raise UserError(f"moe.upcycling.num_experts ({moe.upcycling.num_experts}) must be divisible by "
-                        f"moe.expert_parallel.size ({moe.expert_parallel.size}).")
+    check_deepspeed_conversion(model)
     rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
     # DeepSpeed's default expert-parallel groups are runs of consecutive ranks.
     ep_rank = rank % moe.expert_parallel.size
-    replaced = _swap_blocks(model, MoeFeedForward, lambda block: DeepSpeedMoeFeedForward(block, moe, ep_rank))
-    if not replaced:
-        raise UserError("moe.expert_parallel.backend: deepspeed found no MoE block to replace; it applies to upcycled MPT models "
-                        "(moe.upcycling.enabled: true or an mpt_moe checkpoint).")
+    _swap_blocks(model, MoeFeedForward, lambda block: DeepSpeedMoeFeedForward(block, moe, ep_rank))
     return model
+
+
+def check_deepspeed_conversion(model: nn.Module) -> None:
+    """What :func:`convert_to_deepspeed_moe` needs: the deepspeed package and native MoE blocks in ``model``
+    (which may be on the meta device)."""
+    require_deepspeed()
+    if not any(isinstance(module, MoeFeedForward) for module in model.modules()):
+        raise ConfigError("moe.expert_parallel.backend", "moe.expert_parallel.backend: deepspeed found no MoE block to "
+                          "replace; it applies to upcycled MPT models (moe.upcycling.enabled: true or an mpt_moe "
+                          "checkpoint).")
 
 
 @contextmanager
