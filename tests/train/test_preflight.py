@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from moetune.cli import main
 from moetune.config import load_config
+from moetune.data.chat_templates import read_chat_template
 from moetune.errors import ConfigError, UserError
 from moetune.models.check import check_config_against_model
 from moetune.models.families import family_for_model_type, family_of
@@ -48,7 +49,8 @@ class Case:
     """A config train refuses before its first step: ``base`` (quickstart, mpt, or a model_type whose tiny
     checkpoint folder is model.name) with ``overrides`` ({tmp} is a scratch folder); the error expected;
     ``real``: the code that raises it in the run (build: build_model on weights, step: the routing targets
-    of the first step, optimizer: build_optimizer, folder: the output_dir check; None: the schema, so
+    of the first step, optimizer: build_optimizer, folder: the output_dir check, template: reading
+    data.chat_template when the tokenizer loads; None: the schema, so
     load_config); ``hide``: a package
     made to look uninstalled."""
 
@@ -101,6 +103,9 @@ CASES = [
          real="step"),
     Case("output_dir_is_a_file", "quickstart", ("training.output_dir={tmp}/a_file",), UserError, None,
          "is a file, not a folder", real="folder"),
+    Case("chat_template_file", "quickstart", ("data.chat_template={tmp}/none.jinja",), UserError, None,
+         "data.chat_template: '{tmp}/none.jinja' is neither a template shipped with moetune (chatml) nor a file",
+         real="template"),
     Case("optimizer_package", "quickstart", ("training.optim=adamw_8bit",), UserError, None,
          "training.optim: adamw_8bit needs bitsandbytes", real="optimizer", hide="bitsandbytes"),
     # MPT, dense and upcycled on the meta device.
@@ -232,12 +237,22 @@ PRE_STEP_RAISES = {
     "data/dataloaders.py::_supervised_labels": (1, "data: labelled samples in the data file"),
     "data/dataloaders.py::_raise_empty_train": (1, "data: the data file's training split"),
     "data/records.py::read_records": (3, "data: the data file's lines"),
-    "data/records.py::_check_record": (3, "data: the data file's records"),
+    "data/records.py::check_record": (4, "data: the data file's records"),
+    "data/record_table.py::load_split_tables": (1, "data: data.output_path is written by `moetune data`"),
+    "data/record_table.py::_record_facts": (1, "data: the data file's lines"),
+    "data/encode.py::_encode_batch": (1, "data: a conversation the chat template cannot render, under data.strict"),
+    "data/encode.py::_tokenize_slow": (1, "files: a tokenizer without offsets (no tokenizer.json) met with a conversation"),
+    "data/chat_templates.py::read_chat_template": (2, ["chat_template_file"]),
+    "data/chat_templates.py::apply_chat_template_setting": (1, "files: data.chat_template's control tokens against the "
+                                                               "tokenizer's vocabulary"),
+    "data/chat_templates.py::require_chat_template": (1, "data: a conversation in the data file met with a tokenizer "
+                                                         "that has no chat template"),
 }
 SCANNED = ["models/load", "models/trainable", "models/families", "models/routing/supervision.py", "models/layout.py",
            "models/check.py", "train/preflight.py", "train/loop.py", "train/inputs.py", "train/accelerator.py",
            "train/output_dir.py", "train/checkpoint.py", "train/plan_check.py", "train/run_lock.py", "train/optim.py", "data/tokenizer.py",
-           "data/packing.py", "data/padding.py", "data/dataloaders.py", "data/records.py"]
+           "data/packing.py", "data/padding.py", "data/dataloaders.py", "data/records.py", "data/record_table.py",
+           "data/encode.py", "data/rendering.py", "data/chat_templates.py", "data/chat_render.py", "data/mixing.py"]
 
 
 def user_error_raises() -> dict[str, int]:
@@ -335,6 +350,8 @@ def run_real(case: Case, config) -> None:
         build_optimizer(torch.nn.Linear(2, 2), config.training)
     elif case.real == "folder":
         check_output_dir(config.training.output_dir)
+    elif case.real == "template":
+        read_chat_template(config.data.chat_template)
 
 
 def write_selections(tmp_path: Path) -> None:

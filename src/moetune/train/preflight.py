@@ -1,7 +1,7 @@
 """What ``moetune train`` checks before it builds anything, which is exactly what ``moetune validate`` checks.
 
 A config that loads (the schema's checks) is then checked against the run folder
-(:func:`~moetune.train.output_dir.check_output_dir`), the packages it needs, and the model it names
+(:func:`~moetune.train.output_dir.check_output_dir`), the chat template it names, the packages it needs, and the model it names
 (:func:`moetune.models.check.check_config_against_model`: the model built on the meta device, the
 training plan run on it). Train runs this before its accelerator, its tokenizer or a weight; validate
 runs the same function, without the network, so both raise the same error with the same message.
@@ -23,6 +23,10 @@ def check_before_training(config: Config, *, read_hub: bool) -> ModelCheck:
     that need the weights, the launch, the data file or a checkpoint. ``read_hub``: a hub model's config is
     read to check against (train); without it only local ones are (validate)."""
     check_output_dir(config.training.output_dir)
+    if config.data.chat_template is not None:  # a shipped template's name, or a .jinja file that must be there
+        from moetune.data.chat_templates import read_chat_template
+
+        read_chat_template(config.data.chat_template)
     if config.training.optim == "adamw_8bit":  # only then: the optimizer module imports torch
         from moetune.train.optim import require_optimizer_package
 
