@@ -1,10 +1,9 @@
 """What ``moetune train`` checks before it builds anything, which is exactly what ``moetune validate`` checks.
 
 A config that loads (the schema's checks) is then checked against the run folder
-(:func:`~moetune.train.output_dir.check_output_dir`), the chat template it names, the packages it needs, and
-the model it names
-(:func:`moetune.models.check.check_config_against_model`: the model built on the meta device, the
-training plan run on it). Train runs this before its accelerator, its tokenizer or a weight; validate
+(:func:`~moetune.train.output_dir.check_output_dir`), the chat template it names, the packages it needs,
+and the model it names (:func:`moetune.models.check.check_config_against_model`: the model built on the
+meta device, the training plan run on it). Train runs this before its accelerator, its tokenizer or a weight; validate
 runs the same function, without the network, so both raise the same error with the same message.
 """
 
