@@ -17,12 +17,12 @@ import moetune.models.families.mpt.modeling  # noqa: F401  (registers mpt_moe wi
 from moetune.cli import main
 from moetune.data.tokenizer import train_bpe_tokenizer
 from moetune.models.families import all_families, family_for_model_type
+from moetune.models.layout import find_moe_blocks
+from moetune.models.routing.balance import switch_balance_loss
 
 from .conftest import read_metrics, write_dataset
 
 CASES = [model_type for spec in all_families() for model_type in spec.tiny_configs]
-# MoE layers of each tiny config (DeepSeek and GLM keep their first layer dense; MPT is dense).
-MOE_LAYERS = {"mpt": 0, "deepseek_v2": 1, "deepseek_v3": 1, "glm4_moe": 1}
 
 RUN_CONFIG = """
 model: {{name: {model}, torch_dtype: float32, max_seq_length: 64}}
@@ -72,6 +72,14 @@ def save_hub_checkpoint(folder: Path, model_type: str, tokenizer, **extra) -> Pa
     return folder
 
 
+def moe_layers(model_type: str) -> int:
+    """How many MoE blocks the tiny ``model_type`` model has (dense layers and dense MPT have none)."""
+    spec = family_for_model_type(model_type)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **spec.tiny_configs[model_type]))
+    return len(find_moe_blocks(model, spec.router_name))
+
+
 def write_run_config(root: Path, model: Path, data: Path, name: str) -> tuple[Path, Path]:
     out = root / f"run-{name}"
     config = root / f"{name}.yaml"
@@ -89,7 +97,7 @@ def test_train_logs_losses_and_expert_usage_and_eval_writes_the_report(workspace
     records = read_metrics(out)
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
-    layers = MOE_LAYERS.get(model_type, 2)
+    layers = moe_layers(model_type)
     for r in train:
         assert math.isfinite(r["loss"]) and math.isfinite(r["lm_loss"])
         assert r["loss"] == pytest.approx(r["lm_loss"] + 0.01 * r["aux_loss"], rel=1e-5)
@@ -100,7 +108,8 @@ def test_train_logs_losses_and_expert_usage_and_eval_writes_the_report(workspace
         assert all(sum(layer) == pytest.approx(1.0, abs=1e-3) for layer in r["expert_usage"])
         # Switch (pooled over layers): even routing gives top_k = 2; DeepSeek's sequence-wise loss:
         # about 1 per MoE layer. A zero here would mean the routing was never captured.
-        low = 1.0 if family_for_model_type(model_type).balance_loss == "switch" else 0.5 * layers
+        router = family_for_model_type(model_type).router_of(AutoConfig.from_pretrained(checkpoint))
+        low = 1.0 if router.balance_loss is switch_balance_loss else 0.5 * layers
         assert low <= r["aux_loss"] < 4.0 * layers
     assert train[-1]["lm_loss"] < train[0]["lm_loss"]
     assert [r["step"] for r in records if "eval_loss" in r] == [4]

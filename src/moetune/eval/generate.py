@@ -119,8 +119,7 @@ def generate_completions(model, tokenizer, prompts: list[str], inference: Infere
     kwargs = generation_kwargs(inference, tokenizer)
     if streamer is not None:
         kwargs["streamer"] = streamer
-    family = family_of(model)
-    context = family.context_length(model.config) if family is not None else None
+    context = family_of(model).context_length(model.config)
     if context is not None:
         max_prompt_tokens = min(max_prompt_tokens, context - 1)
     encoded = [ids[-max_prompt_tokens:] for ids in encode_prompts(tokenizer, prompts, chat_template)]

@@ -14,7 +14,7 @@ import logging
 from torch import nn
 
 from moetune.errors import ConfigError, UserError
-from moetune.models.families import FAMILY_NAMES, family_for_model_type, get_family, known_model_types
+from moetune.models.families import attach_family, family_for_model_type, get_family, known_model_types
 from moetune.models.families._spec import FamilySpec, Traits
 from moetune.models.load.pretrained import build_pretrained, read_model_type
 from moetune.models.load.quant import wants_quantization
@@ -63,23 +63,25 @@ def build_base_model(config, tokenizer=None, *, seed: int) -> nn.Module:
 
 def _build_family(family: FamilySpec, config, tokenizer, *, seed: int,
                   gradient_checkpointing: bool) -> tuple[nn.Module, Traits]:
-    check_router_bias_update(family, config)
     build = family.build or build_pretrained
     model, traits = build(family, config, tokenizer, seed=seed, gradient_checkpointing=gradient_checkpointing)
+    attach_family(model, family)
+    check_router_bias_update(family, config, model.config)
     check_context_length(model, config.model.max_seq_length, family.context_key)
     return model, traits
 
 
-def check_router_bias_update(family: FamilySpec, config) -> None:
-    """``moe.router_bias_update_rate`` needs a router with a correction bias (DeepSeek-V3, GLM-4.5)."""
-    if config.moe.router_bias_update_rate <= 0:
+def check_router_bias_update(family: FamilySpec, config, hf_config) -> None:
+    """``moe.router_bias_update_rate`` needs a correction bias inside the router, which the adapter saves
+    with it (DeepSeek-V3, GLM-4.5 and the other sigmoid routers of that shape)."""
+    if config.moe.router_bias_update_rate <= 0 or family.movable_bias(hf_config) is not None:
         return
-    model_type = (family.random_init_model_type if config.model.random_init
-                  else read_model_type(config.model.name, config.model.trust_remote_code))
-    if not family.has_correction_bias(model_type):
-        raise ConfigError("moe.router_bias_update_rate", f"moe.router_bias_update_rate moves a router's correction "
-                          f"bias, which {model_type!r} models do not have (sigmoid routers such as DeepSeek-V3's and "
-                          "GLM-4.5's do); set it to 0.")
+    bias = family.router_of(hf_config).correction_bias
+    where = (f"its correction bias ({bias}) sits outside the router ({family.router_name}), so no adapter could save "
+             "it" if bias else "they have none")
+    raise ConfigError("moe.router_bias_update_rate", f"moe.router_bias_update_rate moves a router's correction bias, "
+                      f"which {hf_config.model_type!r} models cannot do: {where} (sigmoid routers such as DeepSeek-V3's "
+                      "and GLM-4.5's can); set it to 0.")
 
 
 def check_context_length(model: nn.Module, max_seq_length: int, key: str = "max_position_embeddings") -> None:
@@ -110,8 +112,6 @@ def resolve_family(model_config) -> FamilySpec:
     family = family_for_model_type(model_type)
     if family is None:
         raise ConfigError("model.architecture", f"model.name {model_config.name!r} is a {model_type!r} model, which "
-                          f"moetune does not know (it loads {', '.join(known_model_types())}); set model.architecture "
-                          f"to one of {list(FAMILY_NAMES)} if it has that shape.")
+                          f"moetune does not support; it supports {', '.join(known_model_types())} (README, Supported "
+                          "model families, lists the MoE types transformers has that moetune leaves out, and why).")
     return family
-
-

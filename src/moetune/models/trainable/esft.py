@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from moetune.errors import ConfigError, UserError
-from moetune.models.layout import EXPERTS_NAME, ROUTER_NAMES, MoeBlockInfo, find_moe_blocks, innermost_model
+from moetune.models.layout import EXPERTS_NAME, MoeBlockInfo, find_moe_blocks, innermost_model
 from moetune.models.trainable.counts import log_trainable_parameters
 from moetune.run_dir import ESFT_FILES
 
@@ -193,8 +193,8 @@ def expert_blocks(model: nn.Module, family=None) -> list[MoeBlockInfo]:
     """The MoE blocks of ``model`` in layer order (the order routing capture reports them in)."""
     from moetune.models.families import family_of
 
-    family = family if family is not None else family_of(model)
-    return find_moe_blocks(innermost_model(model), (family.router_name,) if family is not None else ROUTER_NAMES)
+    inner = innermost_model(model)
+    return find_moe_blocks(inner, (family or family_of(inner)).router_name)
 
 
 def _num_experts(module: nn.Module) -> int:

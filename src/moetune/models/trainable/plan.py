@@ -11,7 +11,7 @@ routed experts as well, ``moe.train_shared_experts`` the shared experts
 :mod:`moetune.models.trainable.expert_lora`. ``moe.router_bias_update_rate`` saves the router (with its
 correction bias) in the adapter even when the router's weight stays frozen.
 
-Upcycled MPT (the family reports ``experts_must_train``): the experts start identical, so they must
+Upcycled MPT (the family reports ``experts_train_by_default``): the experts start identical, so they must
 train for the MoE to become more than the dense model (``moe.expert_training`` defaults to full); a
 router created by upcycling (``router_is_new``) always trains. See docs/upcycling.md.
 """
@@ -27,9 +27,10 @@ from transformers import PreTrainedModel
 from moetune.errors import UserError
 from moetune.models.families._spec import Traits
 from moetune.models.layout import (
-    ROUTER_NAMES,
     find_moe_blocks,
+    freeze_block_tensor,
     freeze_experts,
+    innermost_model,
     is_expert_parameter,
     is_shared_expert_parameter,
     resolve_target_modules,
@@ -55,19 +56,21 @@ def router_trains(config, router_is_new: bool) -> bool:
 
 def apply_training_plan(model: nn.Module, config, traits: Traits | None = None, family=None) -> nn.Module:
     """Freeze / wrap ``model`` as ``config.lora`` and ``config.moe`` say; returns the model to train
-    (a PeftModel when lora.enabled). ``traits`` and ``family`` come from the family's build (a model
-    no family describes gets the defaults). Logs the trainable-parameter line."""
+    (a PeftModel when lora.enabled). ``traits`` come from the family's build; ``family`` is the
+    model's own unless given. Logs the trainable-parameter line."""
+    from moetune.models.families import family_of
+
     traits = traits or Traits()
+    family = family or family_of(model)
     if config.moe.expert_training == "esft":
         from moetune.models.trainable.esft import apply_esft_plan
 
         return apply_esft_plan(model, config, family)
-    router_names = (family.router_name,) if family is not None else ROUTER_NAMES
-    shared = family.shared_experts if family is not None else ()
-    blocks = find_moe_blocks(model, router_names)
+    shared = family.shared_experts
+    blocks = find_moe_blocks(model, family.router_name)
     train_router = bool(blocks) and router_trains(config, traits.router_is_new)
     save_router = bool(blocks) and (train_router or config.moe.router_bias_update_rate > 0)
-    expert_mode = config.moe.expert_training or ("full" if traits.experts_must_train else "frozen")
+    expert_mode = config.moe.expert_training or ("full" if traits.experts_train_by_default else "frozen")
     train_shared = config.moe.train_shared_experts and bool(shared)
     if expert_mode == "lora" and not config.lora.enabled:
         raise UserError("moe.expert_training is 'lora' but lora.enabled is false; enable LoRA or choose "
@@ -78,17 +81,20 @@ def apply_training_plan(model: nn.Module, config, traits: Traits | None = None, 
     if config.lora.enabled:
         model = _wrap_with_lora(model, config, family, save_router, expert_mode, train_shared)
         if save_router and not train_router:
-            set_router_trainable(model, False, router_names)  # saved for its bias only
+            set_router_trainable(model, False, family.router_name)  # saved for its bias only
     else:
         model.requires_grad_(True)
         if expert_mode == "frozen":
             freeze_experts(model, () if train_shared else shared)
         elif not train_shared:
             freeze_experts_named(model, shared)
-        set_router_trainable(model, train_router, router_names)
+        set_router_trainable(model, train_router, family.router_name)
+    bias = family.router_of(getattr(innermost_model(model), "config", None)).correction_bias
+    if bias is not None:
+        freeze_block_tensor(model, family.router_name, bias)
     _check_experts(model, expert_mode, () if train_shared else shared, blocks, family)
     log_trainable_parameters(model)
-    logger.info(format_trainable_parts(trainable_parts(model, find_moe_blocks(model, router_names), shared)))
+    logger.info(format_trainable_parts(trainable_parts(model, find_moe_blocks(model, family.router_name), family)))
     return model
 
 
@@ -104,11 +110,9 @@ def _wrap_with_lora(model: nn.Module, config, family, save_router: bool, expert_
     from peft import LoraConfig, get_peft_model
 
     lora = config.lora
-    router_names = (family.router_name,) if family is not None else ROUTER_NAMES
-    shared = family.shared_experts if family is not None else ()
-    aliases = dict(family.attention) if family is not None and family.attention else None
-    blocks = find_moe_blocks(model, router_names)
-    targets = [name for name in resolve_target_modules(model, lora.target_modules, lora.exclude_modules, aliases=aliases)
+    shared = family.shared_experts
+    blocks = find_moe_blocks(model, family.router_name)
+    targets = [name for name in resolve_target_modules(model, lora.target_modules, family.attention, lora.exclude_modules)
                if not is_expert_parameter(name + ".weight") and not is_shared_expert_parameter(name + ".weight", shared)]
     experts = plan_expert_adapters(model, config, family, blocks, expert_mode, train_shared)
     # Full paths: PEFT matches modules_to_save as name suffixes, and "gate" would also take Qwen2-MoE's
