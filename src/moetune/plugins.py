@@ -29,11 +29,17 @@ SOURCE_MODULES: dict[str, str] = {
 kinds in error messages, the config reference, the stats file and the build summary."""
 
 FAMILY_MODULES: dict[str, str] = {
+    "cohere_moe": "moetune.models.families.cohere_moe",
     "deepseek": "moetune.models.families.deepseek",
+    "ernie": "moetune.models.families.ernie",
     "gpt_oss": "moetune.models.families.gpt_oss",
+    "granite": "moetune.models.families.granite",
+    "hunyuan": "moetune.models.families.hunyuan",
+    "minimax_m2": "moetune.models.families.minimax_m2",
     "mixtral": "moetune.models.families.mixtral",
     "mpt": "moetune.models.families.mpt",
     "olmoe": "moetune.models.families.olmoe",
+    "phimoe": "moetune.models.families.phimoe",
     "qwen_moe": "moetune.models.families.qwen_moe",
 }
 """``model.architecture`` -> the module exporting that family's ``SPEC``."""

@@ -29,7 +29,13 @@ import moetune.models.families.mpt.modeling  # noqa: F401  (registers mpt_moe wi
 from moetune.config import load_config
 from moetune.errors import ConfigError
 from moetune.models.families import FAMILY_NAMES, all_families, family_for_model_type, known_model_types, packs_by_position_ids
-from moetune.models.layout import find_moe_blocks, innermost_model, is_expert_parameter, is_shared_expert_parameter
+from moetune.models.layout import (
+    find_moe_blocks,
+    innermost_model,
+    is_expert_parameter,
+    is_shared_expert_parameter,
+    shared_expert_paths,
+)
 from moetune.models.load.factory import build_base_model, build_model, resolve_family
 from moetune.models.loss.objective import compute_losses
 from moetune.models.routing.balance import sequence_balance_loss, switch_balance_loss
@@ -51,6 +57,13 @@ MODEL_TYPES: dict[str, tuple[frozenset[str], bool]] = {
     "deepseek_v2": (frozenset({"q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}), True),  # V2-Lite: no q LoRA
     "deepseek_v3": (MLA, True),
     "glm4_moe": (QKVO, True),
+    "hunyuan_v1_moe": (QKVO, True),
+    "phimoe": (QKVO, False),
+    "granitemoe": (QKVO, False),
+    "granitemoeshared": (QKVO, True),
+    "cohere2_moe": (QKVO, False),
+    "ernie4_5_moe": (QKVO, True),
+    "minimax_m2": (QKVO, False),
     "mpt": (frozenset({"Wqkv", "out_proj"}), False),
     "mpt_moe": (frozenset({"Wqkv", "out_proj"}), False),
 }
@@ -139,7 +152,7 @@ def test_the_family_is_detected_from_config_json_and_its_facts_hold(checkpoint, 
         assert "position_ids" in inspect.signature(model.forward).parameters
     blocks = find_moe_blocks(model, spec.router_name)
     assert (len(blocks) > 0) == (model_type != "mpt")
-    assert any(hasattr(block.module, name) for block in blocks for name in spec.shared_experts) == MODEL_TYPES[model_type][1]
+    assert bool(shared_expert_paths(model, blocks, spec.shared_experts)) == MODEL_TYPES[model_type][1]
     dense = spec.dense_layers(hf_config)
     if dense:  # the dense FFN layers come first, then every layer is an MoE layer
         assert [int(re.search(r"\.(\d+)\.", block.path + ".").group(1)) for block in blocks][0] == dense

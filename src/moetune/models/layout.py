@@ -52,8 +52,23 @@ def is_expert_parameter(name: str) -> bool:
     return f".{EXPERTS_NAME}." in f".{name}"
 
 
+def shared_expert_paths(model: nn.Module, blocks: list[MoeBlockInfo], shared_names: tuple[str, ...]) -> list[str]:
+    """Full paths of the shared experts named ``shared_names``: children of each MoE block, or of the
+    layer that holds the block (Granite's ``shared_mlp`` sits beside ``block_sparse_moe``)."""
+    paths = []
+    for block in blocks:
+        parent_path = block.path.rsplit(".", 1)[0] if "." in block.path else ""
+        parent = model.get_submodule(parent_path)
+        for name in shared_names:
+            if hasattr(block.module, name):
+                paths.append(f"{block.path}.{name}")
+            elif hasattr(parent, name) and f"{parent_path}.{name}" not in paths:
+                paths.append(f"{parent_path}.{name}")
+    return paths
+
+
 def is_shared_expert_parameter(name: str, shared_names: tuple[str, ...]) -> bool:
-    """True for a parameter under one of the MoE block children ``shared_names`` (shared experts)."""
+    """True for a parameter under one of the shared experts ``shared_names``."""
     return any(f".{shared}." in f".{name}" for shared in shared_names)
 
 

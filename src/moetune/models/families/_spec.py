@@ -114,9 +114,11 @@ class FamilySpec:
     fused_experts: bool = True
     """Experts are fused 3-D parameters (transformers' ``experts_implementation`` applies)."""
     shared_experts: tuple[str, ...] = ()
-    """Children of the MoE block that every token goes through (shared expert and its gate)."""
+    """Children of the MoE block, or of the layer that holds it, that every token goes through (shared
+    expert and its gate): frozen with the routed experts unless ``moe.train_shared_experts``."""
     dense_layers_key: str | None = None
-    """Config key of the number of dense FFN layers before the first MoE layer, if the family has them."""
+    """Config key that says how many dense FFN layers come before the first MoE layer, if the family
+    has them: their number (``first_k_dense_replace``) or each layer's kind (``mlp_layer_types``)."""
     context_key: str = "max_position_embeddings"
     """Config key of the model's context length."""
     packs_by_position_ids: bool = True
@@ -154,7 +156,9 @@ class FamilySpec:
 
     def dense_layers(self, hf_config) -> int:
         """How many dense FFN layers come before the first MoE layer of ``hf_config``."""
-        value = getattr(hf_config, self.dense_layers_key, 0) if self.dense_layers_key else 0
+        value = getattr(hf_config, self.dense_layers_key, None) if self.dense_layers_key else None
+        if isinstance(value, (list, tuple)):
+            return next((index for index, kind in enumerate(value) if kind != "dense"), len(value))
         return value if isinstance(value, int) else 0
 
     def attention_linears(self) -> frozenset[str]:

@@ -34,6 +34,7 @@ from moetune.models.layout import (
     is_excluded,
     is_expert_parameter,
     linear_module_names,
+    shared_expert_paths,
 )
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def plan_expert_adapters(model: nn.Module, config, family, blocks: list[MoeBlock
                 raise UserError(no_expert_match_message(blocks, family, exclude))
             plan.modules_to_save = [block.experts_path for block in blocks]
     if train_shared:
-        paths = [f"{block.path}.{name}" for block in blocks for name in family.shared_experts if hasattr(block.module, name)]
+        paths = shared_expert_paths(model, blocks, family.shared_experts)
         if config.moe.shared_expert_training == "lora":
             # As parameters, not modules: on model types PEFT converts from the transformers v4 layout
             # (deepseek_v2/v3, glm4_moe, qwen3_moe, olmoe), a target module ending in down_proj / gate_proj /
