@@ -29,6 +29,7 @@ SOURCE_MODULES: dict[str, str] = {
 kinds in error messages, the config reference, the stats file and the build summary."""
 
 FAMILY_MODULES: dict[str, str] = {
+    "afmoe": "moetune.models.families.afmoe",
     "cohere_moe": "moetune.models.families.cohere_moe",
     "deepseek": "moetune.models.families.deepseek",
     "ernie": "moetune.models.families.ernie",

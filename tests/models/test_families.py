@@ -56,7 +56,12 @@ MODEL_TYPES: dict[str, tuple[frozenset[str], bool]] = {
     "gpt_oss": (QKVO, False),
     "deepseek_v2": (frozenset({"q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}), True),  # V2-Lite: no q LoRA
     "deepseek_v3": (MLA, True),
+    "deepseek_v32": (MLA, True),
     "glm4_moe": (QKVO, True),
+    "glm4_moe_lite": (MLA, True),
+    "dots1": (QKVO, True),
+    "exaone_moe": (QKVO, True),
+    "solar_open": (QKVO, True),
     "hunyuan_v1_moe": (QKVO, True),
     "phimoe": (QKVO, False),
     "granitemoe": (QKVO, False),
@@ -64,6 +69,7 @@ MODEL_TYPES: dict[str, tuple[frozenset[str], bool]] = {
     "cohere2_moe": (QKVO, False),
     "ernie4_5_moe": (QKVO, True),
     "minimax_m2": (QKVO, False),
+    "afmoe": (QKVO, True),
     "mpt": (frozenset({"Wqkv", "out_proj"}), False),
     "mpt_moe": (frozenset({"Wqkv", "out_proj"}), False),
 }

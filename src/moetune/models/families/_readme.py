@@ -23,7 +23,7 @@ def render_family_table() -> str:
         cells = [f"`{spec.name}`", ", ".join(spec.model_types), _attention(spec),
                  _per_type(routers, Router.describe), _per_type(routers, _balance),
                  ", ".join(f"`{name}`" for name in spec.shared_experts) or "none",
-                 f"`{spec.dense_layers_key}`" if spec.dense_layers_key else "none", _rows(spec),
+                 " or ".join(f"`{key}`" for key in spec.dense_layers_keys) or "none", _rows(spec),
                  spec.example_config or ""]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"

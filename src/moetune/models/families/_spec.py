@@ -116,9 +116,10 @@ class FamilySpec:
     shared_experts: tuple[str, ...] = ()
     """Children of the MoE block, or of the layer that holds it, that every token goes through (shared
     expert and its gate): frozen with the routed experts unless ``moe.train_shared_experts``."""
-    dense_layers_key: str | None = None
-    """Config key that says how many dense FFN layers come before the first MoE layer, if the family
-    has them: their number (``first_k_dense_replace``) or each layer's kind (``mlp_layer_types``)."""
+    dense_layers_keys: tuple[str, ...] = ()
+    """Config keys that say how many dense FFN layers come before the first MoE layer, if the family has
+    them, the first one a config has counting: their number (``first_k_dense_replace``) or each
+    layer's kind (``mlp_layer_types``)."""
     context_key: str = "max_position_embeddings"
     """Config key of the model's context length."""
     packs_by_position_ids: bool = True
@@ -156,7 +157,8 @@ class FamilySpec:
 
     def dense_layers(self, hf_config) -> int:
         """How many dense FFN layers come before the first MoE layer of ``hf_config``."""
-        value = getattr(hf_config, self.dense_layers_key, None) if self.dense_layers_key else None
+        value = next((getattr(hf_config, key) for key in self.dense_layers_keys if getattr(hf_config, key, None)
+                      is not None), None)
         if isinstance(value, (list, tuple)):
             return next((index for index, kind in enumerate(value) if kind != "dense"), len(value))
         return value if isinstance(value, int) else 0

@@ -18,5 +18,5 @@ SPEC = FamilySpec(
     random_init_model_type="ernie4_5_moe",
     router=softmax_router(transformers_aux_loss=True, correction_bias="gate.moe_statics.e_score_correction_bias"),
     shared_experts=("shared_experts",),
-    dense_layers_key="moe_layer_start_index",
+    dense_layers_keys=("moe_layer_start_index",),
 )
