@@ -70,6 +70,8 @@ MODEL_TYPES: dict[str, tuple[frozenset[str], bool]] = {
     "ernie4_5_moe": (QKVO, True),
     "minimax_m2": (QKVO, False),
     "afmoe": (QKVO, True),
+    "llama4_text": (QKVO, True),
+    "gemma4_text": (QKVO, False),
     "mpt": (frozenset({"Wqkv", "out_proj"}), False),
     "mpt_moe": (frozenset({"Wqkv", "out_proj"}), False),
 }
