@@ -36,14 +36,21 @@ FAMILY_MODULES: dict[str, str] = {
     "gemma4": "moetune.models.families.gemma4",
     "gpt_oss": "moetune.models.families.gpt_oss",
     "granite": "moetune.models.families.granite",
+    "granite_hybrid": "moetune.models.families.granite_hybrid",
     "hunyuan": "moetune.models.families.hunyuan",
+    "jamba": "moetune.models.families.jamba",
+    "kimi_linear": "moetune.models.families.kimi_linear",
+    "lfm2_moe": "moetune.models.families.lfm2_moe",
     "llama4": "moetune.models.families.llama4",
+    "minimax": "moetune.models.families.minimax",
     "minimax_m2": "moetune.models.families.minimax_m2",
     "mixtral": "moetune.models.families.mixtral",
     "mpt": "moetune.models.families.mpt",
+    "nemotron_h": "moetune.models.families.nemotron_h",
     "olmoe": "moetune.models.families.olmoe",
     "phimoe": "moetune.models.families.phimoe",
     "qwen_moe": "moetune.models.families.qwen_moe",
+    "qwen_next": "moetune.models.families.qwen_next",
 }
 """``model.architecture`` -> the module exporting that family's ``SPEC``."""
 

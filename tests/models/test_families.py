@@ -72,6 +72,14 @@ MODEL_TYPES: dict[str, tuple[frozenset[str], bool]] = {
     "afmoe": (QKVO, True),
     "llama4_text": (QKVO, True),
     "gemma4_text": (QKVO, False),
+    "qwen3_next": (QKVO | {"in_proj_qkvz", "in_proj_ba", "out_proj"}, True),
+    "qwen3_5_moe_text": (QKVO | {"in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"}, True),
+    "minimax": (QKVO | {"qkv_proj", "out_proj", "output_gate"}, False),
+    "jamba": (QKVO | {"in_proj", "x_proj", "out_proj"}, False),
+    "granitemoehybrid": (QKVO | {"in_proj"}, True),
+    "lfm2_moe": (frozenset({"q_proj", "k_proj", "v_proj", "in_proj", "out_proj"}), False),
+    "kimi_linear": (QKVO | {"kv_a_proj_with_mqa", "kv_b_proj"}, True),
+    "nemotron_h": (QKVO | {"in_proj"}, True),
     "mpt": (frozenset({"Wqkv", "out_proj"}), False),
     "mpt_moe": (frozenset({"Wqkv", "out_proj"}), False),
 }
@@ -222,11 +230,13 @@ def test_expert_lora_and_a_trained_router_reload_bit_identical_and_merge_in_the_
     with torch.no_grad():
         expected = model(tokens()).logits
     model.save_pretrained(tmp_path / "adapter")
-    reloaded = PeftModel.from_pretrained(build_base_model(config, seed=42), tmp_path / "adapter").eval()
+    # As resuming loads it: in inference mode PEFT computes some Mamba projections in another order (1e-7 apart).
+    reloaded = PeftModel.from_pretrained(build_base_model(config, seed=42), tmp_path / "adapter", is_trainable=True)
     with torch.no_grad():
-        assert torch.equal(reloaded(tokens()).logits, expected)  # router, attention and expert LoRA, bit for bit
+        assert torch.equal(reloaded.eval()(tokens()).logits, expected)  # router, attention and expert LoRA, bit for bit
         merged = model.merge_and_unload()
-        assert torch.allclose(merged(tokens()).logits, expected, atol=1e-5)
+        # Float rounding only (1e-5 through a recurrent scan); a wrong delta or a flipped expert moves logits by 1e-2.
+        assert torch.allclose(merged(tokens()).logits, expected, atol=1e-4)
     assert all(not torch.equal(p, dict(base.named_parameters())[n]) for n, p in merged.named_parameters() if n in wrappers)
     merged.save_pretrained(tmp_path / "merged")
     on_disk = set(load_file(checkpoint(model_type) / "model.safetensors"))
@@ -234,7 +244,7 @@ def test_expert_lora_and_a_trained_router_reload_bit_identical_and_merge_in_the_
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert again.config.model_type == model_type
     with torch.no_grad():
-        assert torch.allclose(again(tokens()).logits, expected, atol=1e-5)
+        assert torch.allclose(again(tokens()).logits, expected, atol=1e-4)
 
 
 def expert_rows(model, blocks) -> dict[str, torch.Tensor]:
