@@ -44,6 +44,7 @@ FAMILY_MODULES: dict[str, str] = {
     "llama4": "moetune.models.families.llama4",
     "minimax": "moetune.models.families.minimax",
     "minimax_m2": "moetune.models.families.minimax_m2",
+    "mistral4": "moetune.models.families.mistral4",
     "mixtral": "moetune.models.families.mixtral",
     "mpt": "moetune.models.families.mpt",
     "nemotron_h": "moetune.models.families.nemotron_h",

@@ -37,6 +37,7 @@ from moetune.models.layout import (
     shared_expert_paths,
 )
 from moetune.models.load.factory import build_base_model, build_model, resolve_family
+from moetune.models.load.pretrained import causal_lm_class, model_from_config
 from moetune.models.loss.objective import compute_losses
 from moetune.models.routing.balance import sequence_balance_loss, switch_balance_loss
 from moetune.models.routing.capture import expert_token_counts
@@ -62,6 +63,7 @@ MODEL_TYPES: dict[str, tuple[frozenset[str], bool]] = {
     "dots1": (QKVO, True),
     "exaone_moe": (QKVO, True),
     "solar_open": (QKVO, True),
+    "mistral4": (MLA, True),
     "hunyuan_v1_moe": (QKVO, True),
     "phimoe": (QKVO, False),
     "granitemoe": (QKVO, False),
@@ -99,7 +101,7 @@ def tiny_model(model_type: str, seed: int = 0):
     spec = family_for_model_type(model_type)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **spec.tiny_configs[model_type]))
+        model = model_from_config(AutoConfig.for_model(model_type, **spec.tiny_configs[model_type]))
     bias = spec.router_of(model.config).correction_bias
     if bias is not None:
         with torch.no_grad():  # a bias that changes the choice, so counting from logits alone would be wrong
@@ -212,7 +214,10 @@ def test_expert_lora_and_a_trained_router_reload_bit_identical_and_merge_in_the_
     config = family_config(checkpoint(model_type), "moe.expert_training=lora", "moe.expert_lora_r=2",
                            "moe.freeze_router=false")
     model = build_model(config, seed=42)
-    base = AutoModelForCausalLM.from_pretrained(checkpoint(model_type))
+    # AutoModelForCausalLM, or (Mistral 4, which it does not map) the class config.json names.
+    auto = causal_lm_class(AutoConfig.from_pretrained(checkpoint(model_type)))
+    assert (auto is AutoModelForCausalLM) == (model_type != "mistral4")
+    base = auto.from_pretrained(checkpoint(model_type))
     shapes = {n: p.shape for n, p in base.named_parameters()}
     wrappers = param_wrappers(model)
     assert set(wrappers) == {n for n in shapes if is_expert_parameter(n) and len(shapes[n]) == 3
@@ -241,7 +246,7 @@ def test_expert_lora_and_a_trained_router_reload_bit_identical_and_merge_in_the_
     merged.save_pretrained(tmp_path / "merged")
     on_disk = set(load_file(checkpoint(model_type) / "model.safetensors"))
     assert set(load_file(tmp_path / "merged" / "model.safetensors")) == on_disk  # the checkpoint's own layout
-    again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    again = auto.from_pretrained(tmp_path / "merged").eval()
     assert again.config.model_type == model_type
     with torch.no_grad():
         assert torch.allclose(again(tokens()).logits, expected, atol=1e-4)

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
+from transformers import AutoConfig, PreTrainedConfig
 
 from moetune.errors import UserError, first_line
 from moetune.models.families._spec import FamilySpec
 from moetune.models.load.hf_config import apply_overrides, build_random_init_config
+from moetune.models.load.pretrained import model_from_config
 
 
 def local_model_config(model_section, family: FamilySpec) -> PreTrainedConfig | None:
@@ -37,4 +38,4 @@ def local_model_config(model_section, family: FamilySpec) -> PreTrainedConfig | 
 def build_on_meta(hf_config: PreTrainedConfig) -> nn.Module:
     """The model of ``hf_config`` with every parameter on the meta device (shapes and names, no storage)."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config)
+        return model_from_config(hf_config)
