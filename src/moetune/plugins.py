@@ -15,6 +15,8 @@ transformers) at module level, since ``moetune validate`` imports it to build th
 
 Adding a model family: write ``moetune/models/families/<name>.py`` exporting a
 :class:`moetune.models.families._spec.FamilySpec` as ``SPEC`` and add it to :data:`FAMILY_MODULES`.
+A model type of a shape a family already has goes into that family's module instead. Either way the
+type also gets its line in the test matrix (tests/models/test_families.py), and nothing else changes.
 
 In both tables the key must equal the name the module's description carries; the loaders check it.
 """

@@ -191,3 +191,45 @@ def test_the_readmes_family_table_is_the_one_the_specs_generate():
     for spec in all_families():
         row = next(line for line in table.splitlines() if line.startswith(f"| `{spec.name}` |"))
         assert all(model_type in row for model_type in spec.model_types), spec.name
+
+
+def test_a_multimodal_qwen3_5_checkpoint_trains_its_language_model(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from moetune.models.families import family_of
+
+    spec = family_for_model_type("qwen3_5_moe")
+    hf_config = AutoConfig.for_model("qwen3_5_moe", text_config=dict(spec.tiny_configs["qwen3_5_moe_text"]),
+                                     vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                                        out_hidden_size=64))
+    torch.manual_seed(0)
+    vision_language = AutoModelForImageTextToText.from_config(hf_config).eval()
+    vision_language.save_pretrained(tmp_path / "qwen3.5")
+    model = build_model(family_config(tmp_path / "qwen3.5"), seed=42)
+    assert family_of(model).name == "qwen_next" and model.config.model_type == "qwen3_5_moe_text"
+    assert not any("visual" in n for n, _ in model.named_parameters())
+    # The checkpoint's own language model, weight for weight (moetune runs the experts kernel fastest on CPU).
+    with torch.no_grad(), model.disable_adapter():
+        assert torch.allclose(model.eval()(tokens()).logits, vision_language(input_ids=tokens()).logits, atol=1e-5)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable(model)} >= {"q_proj", "in_proj_qkv", "out_proj"}
+
+
+def test_every_moe_type_transformers_ships_is_supported_or_named_in_the_readme_as_left_out():
+    import transformers
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from moetune.models.families import known_model_types
+
+    models = Path(transformers.__file__).parent / "models"
+    shipped = set()
+    for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        module = model_type_to_module_name(model_type)
+        source = models / module / f"modeling_{module}.py"
+        if source.is_file() and "self.experts = " in source.read_text():  # a routed-experts module
+            shipped.add(model_type)
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    left_out = readme.split("\nLeft out (refused", 1)[1].split("\n\n", 1)[0]
+    missing = sorted(t for t in shipped - set(known_model_types()) if f"`{t}`" not in left_out)
+    assert not missing, f"transformers ships MoE types the README neither supports nor leaves out: {missing}"
+    assert len(set(known_model_types()) & shipped) >= 25

@@ -39,8 +39,10 @@ def all_families() -> list[FamilySpec]:
 
 
 def family_for_model_type(model_type: str | None) -> FamilySpec | None:
-    """The family that loads config.json ``model_type``, or None when no family does."""
-    return next((spec for spec in all_families() if model_type in spec.model_types), None)
+    """The family that loads config.json ``model_type`` (a text model's, or a multimodal checkpoint's
+    whose text model it trains), or None when no family does."""
+    return next((spec for spec in all_families() if model_type in spec.model_types or model_type in spec.multimodal_types),
+                None)
 
 
 def attach_family(model: nn.Module, family: FamilySpec) -> None:
@@ -83,8 +85,8 @@ def packs_by_position_ids(model) -> bool:
 
 
 def known_model_types() -> list[str]:
-    """Every model_type some family loads, sorted (for error messages)."""
-    return sorted(t for spec in all_families() for t in spec.model_types)
+    """Every config.json model_type some family loads, multimodal checkpoints' included, sorted (for error messages)."""
+    return sorted(t for spec in all_families() for t in (*spec.model_types, *spec.multimodal_types))
 
 
 @cache

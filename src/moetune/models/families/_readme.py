@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from moetune.config.reference import replace_between_markers
 from moetune.models.families import all_families
 from moetune.models.families._spec import FamilySpec, Router
 
@@ -20,7 +21,8 @@ def render_family_table() -> str:
             "|---|---|---|---|---|---|---|---|---|"]
     for spec in all_families():
         routers = {model_type: spec.router_of(_tiny_hf_config(spec, model_type)) for model_type in spec.model_types}
-        cells = [f"`{spec.name}`", ", ".join(spec.model_types), _attention(spec),
+        multimodal = [f"{checkpoint} (its {text})" for checkpoint, text in spec.multimodal_types.items()]
+        cells = [f"`{spec.name}`", ", ".join((*spec.model_types, *multimodal)), _attention(spec),
                  _per_type(routers, Router.describe), _per_type(routers, _balance),
                  ", ".join(f"`{name}`" for name in spec.shared_experts) or "none",
                  " or ".join(f"`{key}`" for key in spec.dense_layers_keys) or "none", _rows(spec),
@@ -31,11 +33,7 @@ def render_family_table() -> str:
 
 def replace_family_table(readme: str) -> str:
     """``readme`` with the text between the family-table markers regenerated."""
-    head, start, rest = readme.partition(START)
-    _, end, tail = rest.partition(END)
-    if not start or not end:
-        raise ValueError(f"README lacks the markers {START!r} ... {END!r}")
-    return f"{head}{START}\n\n{render_family_table()}\n{END}{tail}"
+    return replace_between_markers(readme, START, END, render_family_table())
 
 
 def _tiny_hf_config(spec: FamilySpec, model_type: str):

@@ -98,6 +98,9 @@ class FamilySpec:
     router: Router | Callable[[Any], Router]
     """How the family routes: one :class:`Router`, or ``router(hf_config) -> Router`` where the
     model type or a config value decides (see :meth:`router_of`)."""
+    multimodal_types: Mapping[str, str] = field(default_factory=dict)
+    """config.json ``model_type`` of a multimodal checkpoint -> the text model type it loads as:
+    AutoModelForCausalLM takes its language model and leaves the vision tower out (``qwen3_5_moe``)."""
     attention: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """The generic LoRA targets (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, the default
     ``lora.target_modules``) mapped to every Linear of this family that plays that part (MLA's
@@ -172,3 +175,10 @@ class FamilySpec:
         inside the router, which the adapter saves with it; None when the router has none there."""
         bias = self.router_of(hf_config).correction_bias
         return bias if bias is not None and bias.startswith(f"{self.router_name}.") else None
+
+
+def one_type_family(name: str, model_type: str, tiny_config: Mapping[str, Any], **facts) -> FamilySpec:
+    """The spec of a family of one model type (most of them): ``model.random_init`` builds that type,
+    and ``tiny_config`` is its tiny test model."""
+    return FamilySpec(name=name, model_types=(model_type,), tiny_configs={model_type: tiny_config},
+                      random_init_model_type=model_type, **facts)

@@ -10,15 +10,14 @@ name with the MLPs' ``gate_proj``, so the default targets leave it out; name it 
 masks without the ``position_ids``, so, as for gpt-oss, rows are packed only for the flash kernels.
 """
 
-from moetune.models.families._spec import FamilySpec, sigmoid_router
+from moetune.models.families._spec import one_type_family, sigmoid_router
 from moetune.models.families._tiny import tiny_config
 
-SPEC = FamilySpec(
-    name="afmoe",
-    model_types=("afmoe",),
-    tiny_configs={"afmoe": tiny_config(moe_intermediate_size=32, head_dim=16, num_shared_experts=1,
-                                       num_dense_layers=1)},
-    random_init_model_type="afmoe",
+SPEC = one_type_family(
+    "afmoe",
+    "afmoe",
+    tiny_config=tiny_config(moe_intermediate_size=32, head_dim=16, num_shared_experts=1,
+                            num_dense_layers=1),
     router=sigmoid_router(correction_bias="expert_bias"),
     router_name="router",
     shared_experts=("shared_experts",),

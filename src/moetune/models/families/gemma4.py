@@ -9,18 +9,17 @@ computes for softmax routers. The dense MLP is neither an expert nor a shared ex
 with everything else when ``lora.enabled`` is false.
 """
 
-from moetune.models.families._spec import FamilySpec, softmax_router
+from moetune.models.families._spec import one_type_family, softmax_router
 from moetune.models.families._tiny import tiny_config
 from moetune.models.routing.capture import read_probabilities
 
-SPEC = FamilySpec(
-    name="gemma4",
-    model_types=("gemma4_text",),
-    tiny_configs={"gemma4_text": tiny_config(enable_moe_block=True, top_k_experts=2, moe_intermediate_size=32,
-                                             head_dim=16, global_head_dim=16, sliding_window=16,
-                                             layer_types=["sliding_attention", "full_attention"],
-                                             hidden_size_per_layer_input=0, vocab_size_per_layer_input=128)},
-    random_init_model_type="gemma4_text",
+SPEC = one_type_family(
+    "gemma4",
+    "gemma4_text",
+    tiny_config=tiny_config(enable_moe_block=True, top_k_experts=2, moe_intermediate_size=32,
+                            head_dim=16, global_head_dim=16, sliding_window=16,
+                            layer_types=["sliding_attention", "full_attention"],
+                            hidden_size_per_layer_input=0, vocab_size_per_layer_input=128),
     router=softmax_router(read=read_probabilities),
     router_name="router",
 )

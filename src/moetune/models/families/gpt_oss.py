@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moetune.models.families._spec import FamilySpec, logger, softmax_router
+from moetune.models.families._spec import logger, one_type_family, softmax_router
 from moetune.models.families._tiny import tiny_config
 
 
@@ -33,15 +33,12 @@ def mxfp4_dequantised(hf_config) -> dict[str, Any]:
     return {"quantization_config": Mxfp4Config(dequantize=True)}
 
 
-SPEC = FamilySpec(
-    name="gpt_oss",
-    model_types=("gpt_oss",),
-    tiny_configs={
-        "gpt_oss": tiny_config("num_local_experts", intermediate_size=64, head_dim=16, sliding_window=16,
-                               layer_types=["sliding_attention", "full_attention"],
-                               rope_parameters={"rope_type": "default", "rope_theta": 150000.0}),
-    },
-    random_init_model_type="gpt_oss",
+SPEC = one_type_family(
+    "gpt_oss",
+    "gpt_oss",
+    tiny_config=tiny_config("num_local_experts", intermediate_size=64, head_dim=16, sliding_window=16,
+                            layer_types=["sliding_attention", "full_attention"],
+                            rope_parameters={"rope_type": "default", "rope_theta": 150000.0}),
     router=softmax_router(transformers_aux_loss=True, top_k_of_logits=True),
     router_name="router",
     expert_parameters=("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"),

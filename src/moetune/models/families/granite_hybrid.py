@@ -8,16 +8,15 @@ adapter (PEFT refuses it for Mamba models). transformers computes the Switch los
 from one packed sample into the next, so rows are padded, never packed.
 """
 
-from moetune.models.families._spec import FamilySpec, softmax_router
+from moetune.models.families._spec import one_type_family, softmax_router
 from moetune.models.families._tiny import tiny_config
 
-SPEC = FamilySpec(
-    name="granite_hybrid",
-    model_types=("granitemoehybrid",),
-    tiny_configs={"granitemoehybrid": tiny_config("num_local_experts", layer_types=["mamba", "attention"],
-                                                  shared_intermediate_size=64, mamba_n_heads=4, mamba_d_state=16,
-                                                  mamba_d_head=32, mamba_chunk_size=16)},
-    random_init_model_type="granitemoehybrid",
+SPEC = one_type_family(
+    "granite_hybrid",
+    "granitemoehybrid",
+    tiny_config=tiny_config("num_local_experts", layer_types=["mamba", "attention"],
+                            shared_intermediate_size=64, mamba_n_heads=4, mamba_d_state=16,
+                            mamba_d_head=32, mamba_chunk_size=16),
     router=softmax_router(transformers_aux_loss=True, top_k_of_logits=True),
     attention={
         "q_proj": ("q_proj", "in_proj"),

@@ -6,14 +6,13 @@ shared expert is ``mlp.shared_mlp``. transformers returns no aux loss for it, so
 the Switch loss moetune computes for softmax routers.
 """
 
-from moetune.models.families._spec import FamilySpec, softmax_router
+from moetune.models.families._spec import one_type_family, softmax_router
 from moetune.models.families._tiny import tiny_config
 
-SPEC = FamilySpec(
-    name="hunyuan",
-    model_types=("hunyuan_v1_moe",),
-    tiny_configs={"hunyuan_v1_moe": tiny_config(moe_topk=2, head_dim=16)},
-    random_init_model_type="hunyuan_v1_moe",
+SPEC = one_type_family(
+    "hunyuan",
+    "hunyuan_v1_moe",
+    tiny_config=tiny_config(moe_topk=2, head_dim=16),
     router=softmax_router(),
     shared_experts=("shared_mlp",),
 )

@@ -7,15 +7,14 @@ past any adapter. transformers computes the Switch loss. The Mamba
 scan carries its state from one packed sample into the next, so rows are padded, never packed.
 """
 
-from moetune.models.families._spec import FamilySpec, softmax_router
+from moetune.models.families._spec import one_type_family, softmax_router
 from moetune.models.families._tiny import tiny_config
 
-SPEC = FamilySpec(
-    name="jamba",
-    model_types=("jamba",),
-    tiny_configs={"jamba": tiny_config("num_experts", attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1,
-                                       expert_layer_offset=0, mamba_d_state=8, mamba_expand=2, use_mamba_kernels=False)},
-    random_init_model_type="jamba",
+SPEC = one_type_family(
+    "jamba",
+    "jamba",
+    tiny_config=tiny_config("num_experts", attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1,
+                            expert_layer_offset=0, mamba_d_state=8, mamba_expand=2, use_mamba_kernels=False),
     router=softmax_router(transformers_aux_loss=True),
     attention={
         "q_proj": ("q_proj", "in_proj", "x_proj"),

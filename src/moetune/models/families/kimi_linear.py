@@ -10,18 +10,17 @@ sequence-wise one. KDA carries a recurrent state from one packed sample into the
 padded, never packed.
 """
 
-from moetune.models.families._spec import FamilySpec, sigmoid_router
+from moetune.models.families._spec import one_type_family, sigmoid_router
 from moetune.models.families._tiny import tiny_config
 
-SPEC = FamilySpec(
-    name="kimi_linear",
-    model_types=("kimi_linear",),
-    tiny_configs={"kimi_linear": tiny_config(moe_intermediate_size=32, num_key_value_heads=4, n_shared_experts=1,
-                                             layer_types=["linear_attention", "full_attention"],
-                                             mlp_layer_types=["dense", "sparse"], linear_head_dim=16, linear_num_heads=4,
-                                             kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
-                                             pad_token_id=0)},
-    random_init_model_type="kimi_linear",
+SPEC = one_type_family(
+    "kimi_linear",
+    "kimi_linear",
+    tiny_config=tiny_config(moe_intermediate_size=32, num_key_value_heads=4, n_shared_experts=1,
+                            layer_types=["linear_attention", "full_attention"],
+                            mlp_layer_types=["dense", "sparse"], linear_head_dim=16, linear_num_heads=4,
+                            kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                            pad_token_id=0),
     router=sigmoid_router(correction_bias="gate.e_score_correction_bias", group_limited=True),
     attention={
         "k_proj": ("k_proj", "kv_a_proj_with_mqa", "kv_b_proj"),

@@ -9,18 +9,17 @@ DeepSeek's sequence-wise one on the normalised sigmoids. The causal convolution 
 of the previous packed sample, so rows are padded, never packed.
 """
 
-from moetune.models.families._spec import FamilySpec, sigmoid_router
+from moetune.models.families._spec import one_type_family, sigmoid_router
 from moetune.models.families._tiny import tiny_config
 
 BIASED = sigmoid_router(correction_bias="expert_bias")
 PLAIN = sigmoid_router()
 
-SPEC = FamilySpec(
-    name="lfm2_moe",
-    model_types=("lfm2_moe",),
-    tiny_configs={"lfm2_moe": tiny_config(moe_intermediate_size=32, num_dense_layers=1,
-                                          layer_types=["conv", "full_attention"])},
-    random_init_model_type="lfm2_moe",
+SPEC = one_type_family(
+    "lfm2_moe",
+    "lfm2_moe",
+    tiny_config=tiny_config(moe_intermediate_size=32, num_dense_layers=1,
+                            layer_types=["conv", "full_attention"]),
     router=lambda hf_config: BIASED if hf_config.use_expert_bias else PLAIN,
     attention={
         "q_proj": ("q_proj", "in_proj"),

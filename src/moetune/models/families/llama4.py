@@ -10,16 +10,15 @@ A multimodal Llama 4 checkpoint (``llama4``) is loaded through its text model's 
 ``llama4_text``.
 """
 
-from moetune.models.families._spec import FamilySpec, sigmoid_router
+from moetune.models.families._spec import one_type_family, sigmoid_router
 from moetune.models.families._tiny import tiny_config
 from moetune.models.routing.capture import read_scores_and_logits
 
-SPEC = FamilySpec(
-    name="llama4",
-    model_types=("llama4_text",),
-    tiny_configs={"llama4_text": tiny_config("num_local_experts", intermediate_size=32, intermediate_size_mlp=128,
-                                             head_dim=16, interleave_moe_layer_step=1)},
-    random_init_model_type="llama4_text",
+SPEC = one_type_family(
+    "llama4",
+    "llama4_text",
+    tiny_config=tiny_config("num_local_experts", intermediate_size=32, intermediate_size_mlp=128,
+                            head_dim=16, interleave_moe_layer_step=1),
     router=sigmoid_router(top_k_of_logits=True, read=read_scores_and_logits),
     router_name="router",
     shared_experts=("shared_expert",),

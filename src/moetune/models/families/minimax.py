@@ -7,15 +7,14 @@ layers' q/k/v/o_proj. transformers computes the Switch loss. The lightning atten
 decaying key-value state from one token to the next, across packed samples too, so rows are padded.
 """
 
-from moetune.models.families._spec import FamilySpec, softmax_router
+from moetune.models.families._spec import one_type_family, softmax_router
 from moetune.models.families._tiny import tiny_config
 
-SPEC = FamilySpec(
-    name="minimax",
-    model_types=("minimax",),
-    tiny_configs={"minimax": tiny_config("num_local_experts", head_dim=16, block_size=16,
-                                         layer_types=["linear_attention", "full_attention"])},
-    random_init_model_type="minimax",
+SPEC = one_type_family(
+    "minimax",
+    "minimax",
+    tiny_config=tiny_config("num_local_experts", head_dim=16, block_size=16,
+                            layer_types=["linear_attention", "full_attention"]),
     router=softmax_router(transformers_aux_loss=True),
     attention={
         "q_proj": ("q_proj", "qkv_proj"),

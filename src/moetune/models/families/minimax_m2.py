@@ -6,13 +6,12 @@ lies outside the router, the adapter cannot save it, so ``moe.router_bias_update
 transformers computes the Switch loss on its logits, which moetune keeps.
 """
 
-from moetune.models.families._spec import FamilySpec, sigmoid_router
+from moetune.models.families._spec import one_type_family, sigmoid_router
 from moetune.models.families._tiny import tiny_config
 
-SPEC = FamilySpec(
-    name="minimax_m2",
-    model_types=("minimax_m2",),
-    tiny_configs={"minimax_m2": tiny_config("num_local_experts", head_dim=16)},
-    random_init_model_type="minimax_m2",
+SPEC = one_type_family(
+    "minimax_m2",
+    "minimax_m2",
+    tiny_config=tiny_config("num_local_experts", head_dim=16),
     router=sigmoid_router(transformers_aux_loss=True, correction_bias="e_score_correction_bias"),
 )

@@ -8,17 +8,16 @@ class to ``mistral4`` in transformers 5.25: moetune loads it with the class conf
 ``Mistral4ForCausalLM`` (:func:`moetune.models.load.pretrained.causal_lm_class`).
 """
 
-from moetune.models.families._spec import FamilySpec, softmax_router
+from moetune.models.families._spec import one_type_family, softmax_router
 from moetune.models.families._tiny import tiny_config
 from moetune.models.families.deepseek import MLA_ATTENTION
 
-SPEC = FamilySpec(
-    name="mistral4",
-    model_types=("mistral4",),
-    tiny_configs={"mistral4": tiny_config("n_routed_experts", moe_intermediate_size=32, num_key_value_heads=4,
-                                          n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16,
-                                          qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, pad_token_id=0)},
-    random_init_model_type="mistral4",
+SPEC = one_type_family(
+    "mistral4",
+    "mistral4",
+    tiny_config=tiny_config("n_routed_experts", moe_intermediate_size=32, num_key_value_heads=4,
+                            n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16,
+                            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, pad_token_id=0),
     router=softmax_router(group_limited=True),
     attention=MLA_ATTENTION,
     shared_experts=("shared_experts",),

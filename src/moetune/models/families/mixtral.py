@@ -5,14 +5,13 @@ transformers 5.x: ``layers.N.mlp.gate`` (a router whose parameter is ``gate.weig
 (``block_sparse_moe.experts.N.w1/w2/w3``) are fused at load by transformers.
 """
 
-from moetune.models.families._spec import FamilySpec, softmax_router
+from moetune.models.families._spec import one_type_family, softmax_router
 from moetune.models.families._tiny import tiny_config
 
-SPEC = FamilySpec(
-    name="mixtral",
-    model_types=("mixtral",),
-    tiny_configs={"mixtral": tiny_config("num_local_experts")},
-    random_init_model_type="mixtral",
+SPEC = one_type_family(
+    "mixtral",
+    "mixtral",
+    tiny_config=tiny_config("num_local_experts"),
     router=softmax_router(transformers_aux_loss=True),
     example_config="config.yaml",
 )

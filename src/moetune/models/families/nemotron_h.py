@@ -11,17 +11,16 @@ is DeepSeek's sequence-wise one. The Mamba scan carries its state from one packe
 next, so rows are padded, never packed.
 """
 
-from moetune.models.families._spec import FamilySpec, sigmoid_router
+from moetune.models.families._spec import one_type_family, sigmoid_router
 from moetune.models.families._tiny import tiny_config
 
-SPEC = FamilySpec(
-    name="nemotron_h",
-    model_types=("nemotron_h",),
-    tiny_configs={"nemotron_h": tiny_config("n_routed_experts", layers_block_type=["mamba", "moe", "attention"],
-                                            moe_intermediate_size=32, moe_shared_expert_intermediate_size=32,
-                                            n_shared_experts=1, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16,
-                                            n_groups=1, chunk_size=16)},
-    random_init_model_type="nemotron_h",
+SPEC = one_type_family(
+    "nemotron_h",
+    "nemotron_h",
+    tiny_config=tiny_config("n_routed_experts", layers_block_type=["mamba", "moe", "attention"],
+                            moe_intermediate_size=32, moe_shared_expert_intermediate_size=32,
+                            n_shared_experts=1, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16,
+                            n_groups=1, chunk_size=16),
     router=sigmoid_router(correction_bias="gate.e_score_correction_bias", group_limited=True),
     attention={
         "q_proj": ("q_proj", "in_proj"),

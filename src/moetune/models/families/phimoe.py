@@ -5,14 +5,13 @@ the two largest logits. Either way the router (``mlp.router``) reports what it c
 expert usage and the balance loss read. transformers computes the Switch loss for it.
 """
 
-from moetune.models.families._spec import FamilySpec, softmax_router
+from moetune.models.families._spec import one_type_family, softmax_router
 from moetune.models.families._tiny import tiny_config
 
-SPEC = FamilySpec(
-    name="phimoe",
-    model_types=("phimoe",),
-    tiny_configs={"phimoe": tiny_config("num_local_experts")},
-    random_init_model_type="phimoe",
+SPEC = one_type_family(
+    "phimoe",
+    "phimoe",
+    tiny_config=tiny_config("num_local_experts"),
     router=softmax_router(transformers_aux_loss=True),
     router_name="router",
 )

@@ -1,5 +1,6 @@
-"""Qwen3-Next (``qwen3_next``, 80B-A3B) and Qwen3.5-MoE (``qwen3_5_moe_text``, e.g. Qwen3.5-35B-A3B, the
-text model of the multimodal ``qwen3_5_moe``): hybrids of Gated DeltaNet linear attention
+"""Qwen3-Next (``qwen3_next``, 80B-A3B) and Qwen3.5-MoE (``qwen3_5_moe_text``, e.g. Qwen3.5-35B-A3B: the
+hub checkpoints are the multimodal ``qwen3_5_moe``, whose language model AutoModelForCausalLM loads
+exactly, leaving the vision tower out): hybrids of Gated DeltaNet linear attention
 (``linear_attn``) and gated full attention (``self_attn``), with softmax-routed experts, a shared
 expert and its sigmoid gate in every layer.
 
@@ -20,6 +21,7 @@ _HYBRID = tiny_config(moe_intermediate_size=32, shared_expert_intermediate_size=
 SPEC = FamilySpec(
     name="qwen_next",
     model_types=("qwen3_next", "qwen3_5_moe_text"),
+    multimodal_types={"qwen3_5_moe": "qwen3_5_moe_text"},
     tiny_configs={"qwen3_next": _HYBRID, "qwen3_5_moe_text": _HYBRID},
     random_init_model_type="qwen3_next",
     router=softmax_router(transformers_aux_loss=True),

@@ -100,7 +100,7 @@ def _from_pretrained(spec, family: FamilySpec, dtype, kwargs: dict[str, Any], to
         hf_config = AutoConfig.from_pretrained(spec.name, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"model.name {spec.name!r} could not be loaded ({first_line(err)}).") from None
-    if hf_config.model_type not in family.model_types:
+    if hf_config.model_type not in family.model_types and hf_config.model_type not in family.multimodal_types:
         raise ConfigError("model.architecture", f"model.architecture is {family.name!r} but model.name "
                           f"{spec.name!r} is a {hf_config.model_type!r} model.")
     apply_overrides(hf_config, spec.config_overrides)
