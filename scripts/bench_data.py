@@ -70,7 +70,7 @@ def main() -> int:
 
 
 def _bench_packing(dataset: Path, max_seq_length: int) -> None:
-    from moetune.data.packing import build_train_eval_datasets
+    from moetune.data.dataloaders import build_train_eval_datasets
     from moetune.data.split import load_splits
     from moetune.data.tokenizer import load_or_train_tokenizer
 

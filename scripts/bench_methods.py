@@ -34,9 +34,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from moetune.run_dir import ADAPTER_WEIGHTS, ESFT_FILES, MERGED_DIR, METRICS_FILE
+
 ROOT = Path(__file__).resolve().parents[1]
 PLANS = ("attention-lora", "expert-lora", "esft-gate", "esft-token", "full-experts")
-ARTEFACTS = ("adapter_model.safetensors", "esft_experts.safetensors", "model.safetensors")
+ARTEFACTS = (ADAPTER_WEIGHTS[0], ESFT_FILES[1], "model.safetensors")  # each plan's final weights file
 
 
 def common_overrides(root: Path, out: Path, steps: int) -> list[str]:
@@ -56,7 +58,7 @@ def base_model_overrides(root: Path, args) -> list[str]:
 
 def plan_base_overrides(root: Path, out: Path, args) -> list[str]:
     """Every plan starts from the merged base, as from a pretrained model: embeddings and router frozen."""
-    merged = root / "base" / "merged"
+    merged = root / "base" / MERGED_DIR
     return [*common_overrides(root, out, args.steps), f"model.name={merged}", "model.random_init=false",
             f"model.tokenizer={merged}", "model.config_overrides={}", "lora.modules_to_save=[]",
             "moe.freeze_router=true"]
@@ -69,7 +71,7 @@ def plan_overrides(plan: str, experts_json: Path) -> list[str]:
         return ["moe.expert_training=lora"]
     if plan == "full-experts":
         return ["moe.expert_training=full"]
-    return ["lora.enabled=false", "moe.expert_training=esft", f"moe.esft_experts={experts_json}"]
+    return ["lora.enabled=false", "moe.expert_training=esft", f"moe.esft.experts={experts_json}"]
 
 
 def run_plan(plan: str, args) -> dict:
@@ -95,7 +97,7 @@ def run_plan(plan: str, args) -> dict:
         experts_json = Path()
     config = load_config(ROOT / "configs/quickstart.yaml", [*common, *plan_overrides(plan, experts_json)])
     train(config)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
     logged = [r for r in records if "tokens_seen" in r]
     evals = [r for r in records if "eval_loss" in r]
     first, last = logged[0], logged[-1]

@@ -1,5 +1,5 @@
 """Label-guided routing on the sample QA data: an upcycled tiny MPT (4 experts, top-1) trained 60 steps
-with and without moe.router_supervision_weight, then the routing report of each on the validation split.
+with and without moe.router_supervision.weight, then the routing report of each on the validation split.
 
     PYTHONPATH=src python scripts/bench_router_supervision.py [--weight 0.5] [--steps 60] [--out DIR]
 
@@ -16,6 +16,8 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+
+from moetune.run_dir import METRICS_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,8 +36,7 @@ moe:
   expert_training: full
   use_auxiliary_loss: true
   auxiliary_loss_weight: 0.01
-  router_supervision_weight: {weight}
-  label_to_expert: auto
+  router_supervision: {{weight: {weight}, label_to_expert: auto}}
 data:
   output_path: {data}
   sources: [{{type: qa_jsonl, path: {qa}}}]
@@ -79,7 +80,7 @@ def run(root: Path, name: str, weight: float, steps: int) -> dict:
     model = load_tuned(config, tuned, tokenizer)
     score = score_records(model, tokenizer, validation, config.model.max_seq_length, 16)
     report = build_routing_report(score.routing_counts, score.top_k)
-    metrics = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (root / name / METRICS_FILE).read_text().splitlines()]
     train = [r for r in metrics if "lm_loss" in r]
     return {"specialisation": report.specialisation, "eval_loss": score.loss, "train_seconds": round(seconds, 1),
             "first_logged": {k: train[0].get(k) for k in ("lm_loss", "aux_loss", "router_supervision_loss")},

@@ -47,6 +47,7 @@ import torch
 from moetune.config import load_config
 from moetune.data.tokenizer import load_or_train_tokenizer
 from moetune.models.load.factory import build_model
+from moetune.run_dir import METRICS_FILE, TOKENIZER_DIR
 from moetune.train.loop import train
 
 WORDS = ("payment amount currency refund capture authorize merchant customer connector webhook mandate "
@@ -102,7 +103,7 @@ model:
                      num_attention_heads: {args.heads}, num_key_value_heads: {args.kv_heads}, num_local_experts: {args.experts},
                      num_experts_per_tok: {args.top_k}, max_position_embeddings: {args.seq * 2}{head_dim}}}
 lora: {{r: 16, lora_alpha: 32, lora_dropout: 0.0}}
-moe: {{use_auxiliary_loss: true, auxiliary_loss_weight: 0.001, log_expert_metrics: false}}
+moe: {{use_auxiliary_loss: true, auxiliary_loss_weight: 0.001, monitor: {{log_metrics: false}}}}
 data: {{output_path: {data}}}
 validation: {{validation_split: 0}}
 training:
@@ -121,7 +122,7 @@ logging: {{tensorboard: false}}
 
 def bench_moetune(config) -> dict:
     train(config)
-    records = [json.loads(line) for line in (Path(config.training.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (Path(config.training.output_dir) / METRICS_FILE).read_text().splitlines()]
     last = records[-1]  # cumulative loss-bearing tokens and seconds since the loop started
     return {"useful_tokens": last["tokens_seen"], "seconds": last["elapsed_seconds"]}
 
@@ -197,7 +198,7 @@ def bench_trl(config, tokenizer, texts: list[str], out: Path) -> dict:
 
 def steady_rate(output_dir: Path) -> float:
     """Tokens/s between the first and the last logged step of a moetune run (warm-up left out)."""
-    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (output_dir / METRICS_FILE).read_text().splitlines()]
     logged = [r for r in records if "tokens_seen" in r]
     if len(logged) < 2:
         raise SystemExit(f"{output_dir}: fewer than two logged steps; raise --steps (steps are logged every 5).")
@@ -241,9 +242,9 @@ def bench_variants(args, root: Path, variants: dict[str, tuple[str | None, list[
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         train(config)
-        tokenizer_dir = tokenizer_dir or root / folder / "tokenizer"
+        tokenizer_dir = tokenizer_dir or root / folder / TOKENIZER_DIR
         rate = steady_rate(root / folder)
-        logged = [json.loads(line) for line in (root / folder / "metrics.jsonl").read_text().splitlines()]
+        logged = [json.loads(line) for line in (root / folder / METRICS_FILE).read_text().splitlines()]
         vocab = len(load_or_train_tokenizer(config, None, save_dir=tokenizer_dir))
         mfu = rate * flops_per_token(args, vocab) / peak if peak else None
         result = {"variant": label, "tokens_per_second": rate, "mfu": mfu, "vocab": vocab,
@@ -292,7 +293,7 @@ def compare_trainers(args, root: Path) -> None:
     process so no run inherits another's allocator or thread-pool state; medians and the range of ratios."""
     texts = make_dataset(root / "data.jsonl", args.samples, args.seq)
     (root / "bench.yaml").write_text(config_yaml(root / "data.jsonl", root / "moetune", args))
-    load_or_train_tokenizer(load_config(root / "bench.yaml"), iter(texts), save_dir=root / "tokenizer")
+    load_or_train_tokenizer(load_config(root / "bench.yaml"), iter(texts), save_dir=root / TOKENIZER_DIR)
     versions = peer_versions()
     trainers = [t for t in TRAINERS if t != "trl" or versions["trl"] != "not installed"]
     flags = [a for a in sys.argv[1:] if a != "--child"]

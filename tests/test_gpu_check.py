@@ -3,7 +3,6 @@ raises, crashes or hangs is reported FAILED with its error and the stages after 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -17,13 +16,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def scripts(monkeypatch):
+    """scripts/ leading sys.path, as Python sets it when it runs a script there: its modules import each other."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
 
 
 def test_cpu_mode_runs_every_stage_and_reports_values(tmp_path):
@@ -34,9 +30,9 @@ def test_cpu_mode_runs_every_stage_and_reports_values(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_report.json").read_text())
     stages = {s["number"]: s for s in report["stages"]}
-    assert report["mode"] == "cpu (tiny shapes)" and sorted(stages) == [1, 2, 3, 4, 5, 6, 7]
+    assert report["mode"] == "cpu (tiny shapes)" and sorted(stages) == [1, 2, 3, 4, 5, 6, 7, 8]
     assert {n: s["status"] for n, s in stages.items()} == {1: "ok", 2: "ok", 3: "ok", 4: "ok", 5: "ok", 6: "skipped",
-                                                           7: "ok"}
+                                                           7: "ok", 8: "ok"}
 
     env = stages[1]["results"]
     assert env["versions"]["torch"] and set(env["imports"]) >= {"flash-attn", "bitsandbytes", "deepspeed", "datasets"}
@@ -71,12 +67,20 @@ def test_cpu_mode_runs_every_stage_and_reports_values(tmp_path):
     assert sorted(plans) == ["ESFT (2 experts per layer)", "attention LoRA", "expert LoRA"]
     assert all(p["status"] == "ok" and p["tokens_per_second"] > 0 and len(p["lm_losses"]) == 2 for p in plans.values())
 
+    # Stage 8 plans the tiny shape at each micro-batch (in CPU mode there is no allocator to read).
+    planned = [stages[8]["results"]["micro_batches"][f"batch {b}"] for b in (1, 2, 4)]
+    assert [p["planned_gib"]["weights"] for p in planned] == [planned[0]["planned_gib"]["weights"]] * 3
+    assert planned[0]["planned_gib"]["activations"] < planned[1]["planned_gib"]["activations"] < planned[2]["planned_gib"]["activations"]
+    assert all(p["max_memory_allocated_gib"] is None for p in planned)
+
     markdown = (tmp_path / "gpu_report.md").read_text()
     assert "| 2 | quickstart on CUDA, bf16 | ok |" in markdown and "| 7 | expert LoRA and ESFT tokens/s | ok |" in markdown
     assert "===== stage 4" in (tmp_path / "gpu_check.log").read_text()
 
 
-def test_a_failing_crashing_or_hanging_stage_never_stops_the_next(gpu_check, tmp_path, monkeypatch):
+def test_a_failing_crashing_or_hanging_stage_never_stops_the_next(scripts, tmp_path, monkeypatch):
+    import gpu_check
+
     def raises(ctx):
         ctx.put("measured", 1.5)
         raise ValueError("the kernel returned NaN\nsecond line")
@@ -102,3 +106,27 @@ def test_a_failing_crashing_or_hanging_stage_never_stops_the_next(gpu_check, tmp
     assert "exit code -9" in stages[1]["error"]
     assert stages[2]["error"].startswith("timed out after 1 s") and stages[2]["results"] == {"before the hang": True}
     assert stages[3]["summary"] == "fine" and "| 4 | works | ok |" in (tmp_path / "gpu_report.md").read_text()
+
+
+def test_a_slimmed_wheel_keeps_only_the_named_libraries_and_their_record_lines(scripts, tmp_path):
+    import zipfile
+
+    from gpu_check_wheels import keep_libraries
+
+    wheel = tmp_path / "bitsandbytes-0.49.0-py3-none-manylinux_2_24_x86_64.whl"
+    libraries = ["libbitsandbytes_cpu.so", "libbitsandbytes_cuda124.so", "libbitsandbytes_cuda130.so"]
+    record = "".join(f"bitsandbytes/{name},sha256=x,1\n" for name in ["__init__.py", *libraries])
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("bitsandbytes/__init__.py", "")
+        for name in libraries:
+            archive.writestr(f"bitsandbytes/{name}", name)
+        archive.writestr("bitsandbytes-0.49.0.dist-info/RECORD", record)
+    keep_libraries(wheel, ("_cpu", "_cuda13"))
+    with zipfile.ZipFile(wheel) as archive:
+        assert archive.namelist() == ["bitsandbytes/__init__.py", "bitsandbytes/libbitsandbytes_cpu.so",
+                                      "bitsandbytes/libbitsandbytes_cuda130.so", "bitsandbytes-0.49.0.dist-info/RECORD"]
+        assert archive.read("bitsandbytes/libbitsandbytes_cuda130.so") == b"libbitsandbytes_cuda130.so"
+        assert archive.read("bitsandbytes-0.49.0.dist-info/RECORD").decode().splitlines() == [
+            "bitsandbytes/__init__.py,sha256=x,1", "bitsandbytes/libbitsandbytes_cpu.so,sha256=x,1",
+            "bitsandbytes/libbitsandbytes_cuda130.so,sha256=x,1"]
+    assert not wheel.with_suffix(".slim").exists()

@@ -1,4 +1,4 @@
-"""Imports point down the path config -> data -> models -> train -> eval, and no two modules of a stage
+"""Imports point down the path config -> data -> models -> plan -> train -> eval, and no two modules of a stage
 import each other, directly or around a circle.
 
 Every import in a stage's modules is read from the source, those inside functions and under
@@ -14,7 +14,7 @@ import pytest
 from moetune import plugins
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "moetune"
-STAGES = ("config", "data", "models", "train", "eval")
+STAGES = ("config", "data", "models", "plan", "train", "eval")
 NEUTRAL = {"errors", "run_dir", "plugins", "auto_classes"}
 
 

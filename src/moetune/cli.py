@@ -125,14 +125,37 @@ def build_parser() -> argparse.ArgumentParser:
               "router, and save config + safetensors + tokenizer in the dense checkpoint's dtype. Other\n"
               "moe.* settings come from --config when one is given, else from the defaults.",
               _run_upcycle, config_help="YAML config for the other moe.* settings (default: none; the moe.* defaults).")
-    up.add_argument("--model", required=True, metavar="DIR", help="Dense MPT checkpoint (directory or hub id).")
+    up.add_argument("--model", required=True, metavar="DIR", help="Folder of a dense MPT checkpoint (config.json + weights); "
+                    "a hub id must be downloaded first.")
     up.add_argument("--output", required=True, metavar="DIR", help="Where the upcycled checkpoint is written.")
     up.add_argument("--num-experts", type=int, metavar="N", help="Experts per MoE block (moe.upcycling.num_experts).")
     up.add_argument("--top-k", type=int, metavar="K", help="Experts per token, 1 or 2 (moe.upcycling.top_k).")
     up.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                     help="Save the upcycled model in this dtype (default: the dense checkpoint's).")
+    pl = verb("plan", "will this run fit its GPUs, and how long will it take (no weights read)",
+              "Build the model on the meta device from its config.json (a local folder, the Hugging Face cache, or\n"
+              "--model-config) and the run's training plan; report parameters (total, active, trainable by part),\n"
+              "memory per GPU by part (weights, gradients, optimizer states as the launch shards them, activations,\n"
+              "the LM loss, a stated allowance), whether it fits and the largest micro-batch that does, and model\n"
+              "FLOPs with steps per hour at a stated MFU. Exit 1 when it does not fit the named GPU.",
+              _run_plan)
+    pl.add_argument("--gpus", type=int, metavar="N", help="Processes (GPUs) in all (default: the accelerate config's, else 1).")
+    which = pl.add_mutually_exclusive_group()
+    which.add_argument("--gpu", metavar="NAME", help="h100 | h200 | a100-80 | l40s: its memory and peak FLOP/s.")
+    which.add_argument("--gpu-memory", type=float, metavar="GIB", help="Memory of each GPU in GiB (no steps per hour).")
+    pl.add_argument("--model-config", metavar="FILE", help="The model's config.json (default: model.name's, from a "
+                    "local folder or the Hugging Face cache; nothing is downloaded).")
+    pl.add_argument("--accelerate-config", metavar="FILE", help="The accelerate launch config (e.g. accelerate_config.yaml): "
+                    "processes, DeepSpeed ZeRO stage / offload from the JSON it names, or FSDP.")
+    pl.add_argument("--deepspeed-config", metavar="FILE", help="A DeepSpeed JSON (overrides the accelerate config's).")
+    pl.add_argument("--mfu", type=float, metavar="F", help="Model-FLOPs utilisation for steps per hour (default 0.30).")
+    pl.add_argument("--json", action="store_true", help="Print the plan as JSON.")
     checks = [verb("validate", "check a config and exit 0 (valid) or 2 (invalid)",
-                   "Load and validate the config with any overrides; print what is wrong, where.", _run_validate),
+                   "Load and validate the config with any overrides, and run every check train makes before it\n"
+                   "loads a weight: the output_dir, the packages the config needs, and, when the model's config\n"
+                   "is local (model.random_init or a folder with a config.json), the config against that model\n"
+                   "built on the meta device (LoRA targets, experts, shared experts, router bias, context length).\n"
+                   "Print what is wrong, where.", _run_validate),
               verb("print-config", "print the fully resolved config (defaults included) as YAML",
                    "Print the config after defaults and overrides; the output loads back to the same config.",
                    _run_print_config)]
@@ -155,11 +178,9 @@ def _load(args: argparse.Namespace, *extra: str):
 
 
 def _run_validate(args: argparse.Namespace) -> int:
-    from moetune.train.output_dir import check_output_dir
+    from moetune.train.preflight import validate
 
-    config = _load(args)
-    check_output_dir(config.training.output_dir)
-    print(f"{args.config}: valid ({len(config.data.sources)} data source(s), output_dir {config.training.output_dir})")
+    print(validate(_load(args), args.config))
     return 0
 
 
@@ -168,6 +189,14 @@ def _run_print_config(args: argparse.Namespace) -> int:
 
     sys.stdout.write(dump_config(_load(args)))
     return 0
+
+
+def _run_plan(args: argparse.Namespace) -> int | None:
+    config = _load(args)
+    run_plan = _library("moetune.plan.render", "run_plan")
+    return run_plan(config, model_config=args.model_config, accelerate_config=args.accelerate_config,
+                    deepspeed_config=args.deepspeed_config, gpus=args.gpus, gpu=args.gpu, gpu_memory=args.gpu_memory,
+                    mfu=args.mfu, as_json=args.json)
 
 
 def _run_data(args: argparse.Namespace) -> int | None:
@@ -192,7 +221,7 @@ def _run_eval(args: argparse.Namespace) -> int | None:
 
 def _run_generate(args: argparse.Namespace) -> int | None:
     config = _load(args)
-    generate = _library("moetune.eval.prompting", "generate_from_prompts")
+    generate = _library("moetune.eval.generate", "generate_from_prompts")
     return generate(config, adapter_path=args.adapter_path, prompt=args.prompt, prompts_file=args.prompts,
                     interactive=args.interactive, output=args.output, compare_base=args.compare_base)
 

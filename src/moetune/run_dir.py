@@ -2,16 +2,23 @@
 
 A run writes into its folder::
 
+    .moetune.lock            the lock one run holds for its lifetime
+    .moetune-run.json        who holds the lock (pid, host), written when a run claims the folder
     config.yaml              the resolved config
     metrics.jsonl            one JSON object per logged step
-    tokenizer/               a tokenizer trained on the data (random_init runs)
+    runs/                    TensorBoard (unless logging.logging_dir says elsewhere)
+    tokenizer/               the run's tokenizer (trained on the data for random_init runs)
     checkpoint-<step>/       a complete checkpoint, with trainer_state.json (checkpoint-step-<n> /
                              checkpoint-epoch-<n> under training.checkpoint_naming: kind)
     .partial-checkpoint-*/   a checkpoint being written, renamed when complete
-    adapter_config.json ...  the final adapter (or model.safetensors: the full model; esft_experts.*)
+    adapter_config.json ...  the final adapter (or model.safetensors: the full model; esft_experts.*),
+                             with its tokenizer files and PEFT's README.md
+    merged/                  the merged model (post_training.merge_and_save)
+    eval/                    `moetune eval`'s report (its default output folder)
 
-Only names and their order live here: which stage writes or reads what stays with that stage.
-Nothing here imports torch or another stage.
+Every name a run folder holds is here, and only names and their order: which stage writes or
+reads what stays with that stage (:mod:`moetune.train.output_dir` derives from them what moetune
+may overwrite). Nothing here imports torch or another stage.
 """
 
 from __future__ import annotations
@@ -20,8 +27,15 @@ import json
 import re
 from pathlib import Path
 
+LOCK_FILE = ".moetune.lock"
+RUN_FILE = ".moetune-run.json"  # written when a run claims the folder; names the run holding the lock
+CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
-TOKENIZER_DIR = "tokenizer"  # where a run keeps a tokenizer it trained, beside its checkpoints
+TMP_SUFFIX = ".tmp"  # config.yaml and metrics.jsonl are rewritten whole: into <name>.tmp, then renamed
+TENSORBOARD_DIR = "runs"
+TOKENIZER_DIR = "tokenizer"  # where a run keeps its tokenizer, beside its checkpoints
+MERGED_DIR = "merged"  # the merged model, unless post_training.merged_output_dir says elsewhere
+EVAL_DIR = "eval"  # `moetune eval` writes its report here, inside the folder it evaluates, unless told elsewhere
 STATE_FILE = "trainer_state.json"  # in every checkpoint: where the run stood
 PARTIAL_PREFIX = ".partial-"  # a checkpoint being written, renamed to its name when complete
 
@@ -32,8 +46,21 @@ CHECKPOINT_DIR = re.compile(f"^{CHECKPOINT_NAME}$")
 # What a finished run leaves in output_dir besides its checkpoints: a PEFT adapter, a whole model
 # (when no adapter trains), or the selected experts of an ESFT run (moetune.models.trainable.esft).
 ADAPTER_CONFIG = "adapter_config.json"
-FULL_MODEL_WEIGHTS = "model*.safetensors"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT writes one of them
+MODEL_CARD = "README.md"  # PEFT's save_pretrained writes a model card beside the adapter
+MODEL_CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
+FULL_MODEL_WEIGHTS = "model*.safetensors"  # model.safetensors, or shards model-00001-of-00002.safetensors ...
+FULL_MODEL_SHARD = r"model(?:-\d+-of-\d+)?\.safetensors"  # the same names, exactly
+FULL_MODEL_INDEX = "model.safetensors.index.json"  # beside the shards
 ESFT_FILES = ("esft_experts.json", "esft_experts.safetensors")
+
+# What a tokenizer's save_pretrained writes (transformers 5; the first four for a fast tokenizer:
+# the config, the whole tokenizer, the chat template and, when it has several, the folder of the
+# others). The rest come from tokenizers saved in the older per-vocabulary formats (slow BPE, SentencePiece)
+# and from transformers 4, whose folders moetune still reads and recognises.
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "chat_template.jinja", "additional_chat_templates",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 
 def checkpoint_dir_name(naming: str, step: int, epoch: int | None = None) -> str:
@@ -79,6 +106,11 @@ def checkpoint_order(path: Path) -> tuple[int, int, str]:
     except (OSError, ValueError, KeyError, TypeError):
         step = -1
     return step, 1, path.name
+
+
+def holds_tokenizer(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a saved tokenizer (any of :data:`TOKENIZER_FILES`)."""
+    return any((Path(folder) / name).exists() for name in TOKENIZER_FILES)
 
 
 def has_final_weights(output_dir: str | Path) -> bool:

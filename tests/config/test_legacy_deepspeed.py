@@ -35,13 +35,13 @@ def test_the_block_becomes_the_moe_settings_it_names(tmp_path, capsys):
     config = load_config(None, deepspeed_config=path)
     u = config.moe.upcycling
     assert (u.num_experts, u.top_k, u.every_n_blocks, u.capacity_factor, u.router_jitter) == (8, 2, 2, 1.25, 0.01)
-    assert (config.moe.expert_parallel_size, config.moe.auxiliary_loss_weight) == (4, 0.01)
-    assert config == load_config(None, ["moe.upcycling.num_experts=8", "moe.expert_parallel_size=4",
+    assert (config.moe.expert_parallel.size, config.moe.auxiliary_loss_weight) == (4, 0.01)
+    assert config == load_config(None, ["moe.upcycling.num_experts=8", "moe.expert_parallel.size=4",
                                         "moe.upcycling.capacity_factor=1.25", "moe.auxiliary_loss_weight=0.01",
                                         "moe.upcycling.every_n_blocks=2", "moe.upcycling.router_jitter=0.01"])
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert err.startswith('moetune: read moe.upcycling.num_experts=8, moe.upcycling.top_k=2, moe.expert_parallel_size=4, '
+    assert err.startswith('moetune: read moe.upcycling.num_experts=8, moe.upcycling.top_k=2, moe.expert_parallel.size=4, '
                           'moe.upcycling.capacity_factor=1.25, moe.auxiliary_loss_weight=0.01')
     assert f'from the "moe" block of {path}; move them to the moe section of the config.' in err
 

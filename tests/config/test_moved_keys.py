@@ -1,4 +1,5 @@
-"""The upcycling keys moved into moe.upcycling; configs, overrides and flags with the old names still load."""
+"""Keys that moved (the upcycling keys into moe.upcycling, the other flat moe keys into their groups); configs,
+overrides and flags with the old names still load."""
 
 import textwrap
 from pathlib import Path
@@ -26,6 +27,19 @@ moe:
   capacity_factor: 1.5
   router_jitter: 0.01
   auxiliary_loss_weight: 0.02
+  expert_lora_r: 4
+  expert_lora_alpha: 8
+  esft_experts: experts.json
+  train_shared_experts: true
+  shared_expert_training: lora
+  monitor_expert_usage: false
+  log_expert_metrics: false
+  starving_expert_share: 0.1
+  dominant_expert_share: 0.9
+  router_supervision_weight: 0.5
+  label_to_expert: {payments: [1, 2]}
+  backend: native
+  expert_parallel_size: 2
 """
 NEW = """\
 model:
@@ -41,6 +55,12 @@ moe:
     router_init_std: 0.03
     capacity_factor: 1.5
     router_jitter: 0.01
+  expert_lora: {r: 4, alpha: 8}
+  esft: {experts: experts.json}
+  shared_experts: {train: true, method: lora}
+  monitor: {expert_usage: false, log_metrics: false, starving_expert_share: 0.1, dominant_expert_share: 0.9}
+  router_supervision: {weight: 0.5, label_to_expert: {payments: [1, 2]}}
+  expert_parallel: {backend: native, size: 2}
 """
 
 

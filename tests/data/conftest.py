@@ -211,3 +211,23 @@ def qa_file(tmp_path: Path) -> Path:
     path = tmp_path / "qa.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
     return path
+
+
+# Records of both content shapes, for the encoding, packing and DataLoader tests.
+MIXED_RECORDS = [{"text": f"pub fn f{i}() -> u32 {{ {i} * {i} }}", "source": "rust_repo", "repo": "r",
+                  "path": f"src/f{i}.rs", "kind": "function"} for i in range(30)]
+MIXED_RECORDS += [{"prompt": f"Question: what is {i} squared?\nAnswer:", "completion": f" {i * i}", "source": "qa_jsonl",
+                   "kind": "qa", "expert_label": None} for i in range(10)]
+
+
+@pytest.fixture
+def mixed_records() -> list[dict]:
+    return [dict(record) for record in MIXED_RECORDS]
+
+
+@pytest.fixture
+def mixed_tokenizer():
+    """A byte-level BPE trained on MIXED_RECORDS (well under a second)."""
+    from moetune.data.tokenizer import train_bpe_tokenizer
+
+    return train_bpe_tokenizer([r.get("text") or r["prompt"] + r["completion"] for r in MIXED_RECORDS], 320)

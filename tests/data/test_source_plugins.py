@@ -3,6 +3,7 @@ patching moetune.plugins.SOURCE_MODULES, is loaded, built, split, grouped and ev
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -57,6 +58,10 @@ def add_samples(source, config, writer, stats):
     stats["sources"].append({"type": "plain_text", "path": source.path, "paragraphs": len(paragraphs)})
 
 
+def new_stats():
+    return {"paragraphs_read": 0, "paragraphs_too_short": 0}
+
+
 def summary_lines(stats):
     if not stats["paragraphs_read"]:
         return []
@@ -64,19 +69,24 @@ def summary_lines(stats):
     return [f"Created {made} paragraph samples ({stats['paragraphs_too_short']} too short)"]
 
 
-SOURCE = SourceKind(
-    name="plain_text",
-    config_class=PlainTextSourceConfig,
-    path_is="file",
-    path_holds="a text file",
-    add_samples=add_samples,
-    new_stats=lambda: {"paragraphs_read": 0, "paragraphs_too_short": 0},
-    summary_lines=summary_lines,
-    describe_empty=lambda stats: f"{stats['paragraphs_read']} paragraphs read",
-    input_files=lambda source: [Path(source.path)],
-    split_unit=lambda record: "plain_text:" + record["file"],
-    routing_group=lambda record: "document:" + Path(record["file"]).stem,
-)
+def describe_empty(stats):
+    return f"{stats['paragraphs_read']} paragraphs read"
+
+
+def input_files(source):
+    return [Path(source.path)]
+
+
+def split_unit(record):
+    return "plain_text:" + record["file"]
+
+
+def routing_group(record):
+    return "document:" + Path(record["file"]).stem
+
+
+SOURCE = SourceKind.from_module(__name__, name="plain_text", config_class=PlainTextSourceConfig, path_is="file",
+                                path_holds="a text file")
 '''
 
 
@@ -177,3 +187,13 @@ def test_records_of_a_kind_no_longer_registered_fall_back_as_before():
     assert group_of(old) == "kind:function"
     assert _evaluated_as(old) == "loss"
     assert split_unit({"prompt": "Q?", "completion": " A"}) == "text:Q?"
+
+
+def test_a_kind_module_missing_a_hook_is_named(tmp_path: Path, monkeypatch):
+    # The plain_text module above, less two of the functions every kind defines.
+    text = PLAIN_TEXT_SOURCE.replace("def summary_lines(", "def _summary_lines(").replace("def new_stats(", "def _new(")
+    (tmp_path / "moetune_test_incomplete_source.py").write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(TypeError, match="source kind module moetune_test_incomplete_source defines no new_stats, "
+                                        "summary_lines: each kind's module defines these functions"):
+        importlib.import_module("moetune_test_incomplete_source")

@@ -12,7 +12,7 @@ import pytest
 from moetune.cli import main
 from moetune.config import load_config
 from moetune.data.split import load_splits
-from moetune.eval.generate import rust_generation_prompt
+from moetune.eval.generation import rust_generation_prompt
 from moetune.eval.load import load_base, load_eval_tokenizer, load_tuned, resolve_tuned_model
 from moetune.eval.qa_metrics import exact_match, token_f1
 from moetune.eval.scoring import score_records

@@ -82,7 +82,7 @@ def test_experts_verb_writes_the_selection_and_heatmap_and_esft_trains_resumes_a
     assert main(["experts", "--config", str(config), "--method", "token", "--threshold", "1.5"]) == 2
     assert "--threshold must be in (0, 1], got 1.5" in capsys.readouterr().err
 
-    esft = ["moe.expert_training=esft", f"moe.esft_experts={experts}", "lora.enabled=false", "logging.tensorboard=false",
+    esft = ["moe.expert_training=esft", f"moe.esft.experts={experts}", "lora.enabled=false", "logging.tensorboard=false",
             "training.max_steps=2", "training.save_steps=1", "training.eval_steps=2"]
     assert main(["train", "--config", str(config), *esft]) == 0
     selection = json.loads((out / "esft_experts.json").read_text())["selected"]

@@ -1,82 +1,166 @@
-"""Prompts for Rust bodies, and batched left-padded generation with the inference settings."""
+"""`moetune generate`: prompts file -> JSONL, streamed prompts, --compare-base, and bad paths."""
+
+import io
+import json
+import shutil
+import sys
 
 import pytest
+import torch
 
-from moetune.config import InferenceConfig, load_config
-from moetune.eval.generate import generate_texts, generation_kwargs, rust_generation_prompt
-from moetune.eval.load import load_base, load_eval_tokenizer, resolve_tuned_model
+from moetune.cli import main
+from moetune.config import load_config
+from moetune.eval.generation import encode_prompts
+from moetune.eval.load import load_base, load_eval_tokenizer, load_tuned, resolve_tuned_model
 
+from .conftest import EVAL_OVERRIDES
 
-def test_rust_prompt_is_the_signature_and_doc_and_the_reference_is_the_body():
-    record = {"source": "rust_repo", "kind": "function", "name": "refund",
-              "text": "// crate: pay | file: src/lib.rs\n/// Refund a payment.\npub fn refund(p: &Payment) -> Result<()> {\n"
-                      "    if p.ok { return Ok(()) }\n    Err(e)\n}"}
-    prompt, reference = rust_generation_prompt(record)
-    assert prompt == "// crate: pay | file: src/lib.rs\n/// Refund a payment.\npub fn refund(p: &Payment) -> Result<()> {"
-    assert reference == "\n    if p.ok { return Ok(()) }\n    Err(e)\n"
+PROMPTS = ["fn f1() {", "    let v0 = payment(0);", "Question: what does refund do? Answer:"]  # one line each
+MAX_NEW_TOKENS = 8  # EVAL_OVERRIDES: greedy, 8 new tokens, no repetition penalty
 
 
-def test_a_method_keeps_its_impl_header_and_its_body_ends_at_its_own_brace():
-    record = {"source": "rust_repo", "kind": "function", "name": "amount",
-              "text": "impl Payment {\n    /// The amount.\n    fn amount(&self) -> u64 {\n        self.amount\n    }\n}"}
-    prompt, reference = rust_generation_prompt(record)
-    assert prompt.endswith("fn amount(&self) -> u64 {") and prompt.startswith("impl Payment {")
-    assert reference == "\n        self.amount\n    "
+def _read(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("record", [
-    {"source": "rust_repo", "kind": "struct", "name": "Unit", "text": "pub struct Unit;"},
-    {"source": "rust_repo", "kind": "file", "name": "lib.rs", "text": "fn a() {}"},
-    {"source": "qa_jsonl", "kind": "qa", "prompt": "Q", "completion": " A"},
-    {"source": "rust_repo", "kind": "function", "name": "cut", "text": "fn cut() {\n    let x = 1;"},
-])
-def test_items_without_a_complete_braced_body_give_no_prompt(record):
-    assert rust_generation_prompt(record) is None
+def _direct(model, tokenizer, prompt: str) -> tuple[int, list[int]]:
+    """(prompt tokens, new tokens) of plain greedy ``model.generate`` on one prompt encoded as in training."""
+    ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    model.config.output_router_logits = False
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+    return len(ids), out[0, len(ids):].tolist()
 
 
-def test_sampling_knobs_are_passed_only_when_sampling():
-    greedy = generation_kwargs(InferenceConfig(do_sample=False, max_new_tokens=5), _Tok())
-    assert greedy == {"max_new_tokens": 5, "do_sample": False, "repetition_penalty": 1.1, "use_cache": True,
-                      "pad_token_id": 0, "eos_token_id": 2}
-    sampled = generation_kwargs(InferenceConfig(temperature=0.7, top_k=10, top_p=0.9), _Tok())
-    assert (sampled["temperature"], sampled["top_k"], sampled["top_p"]) == (0.7, 10, 0.9)
+@pytest.fixture(scope="module")
+def direct(trained_run):
+    """Per prompt, what model.generate gives directly: {"tuned": [(prompt tokens, new tokens)], "base": [...]}."""
+    config_path, _, _ = trained_run
+    config = load_config(config_path, EVAL_OVERRIDES)
+    tuned_path = resolve_tuned_model(config, None)
+    tokenizer = load_eval_tokenizer(config, tuned_path)
+    tuned = load_tuned(config, tuned_path, tokenizer)
+    base = load_base(config, tokenizer)
+    return tokenizer, {name: [_direct(model, tokenizer, p) for p in PROMPTS] for name, model in (("tuned", tuned), ("base", base))}
 
 
-class _Tok:
-    pad_token_id, eos_token_id = 0, 2
+def test_prompts_file_gives_one_record_per_prompt_equal_to_model_generate(trained_run, direct, tmp_path):
+    config_path, run_dir, _ = trained_run
+    tokenizer, expected = direct
+    prompts = tmp_path / "test_prompts.txt"
+    prompts.write_text("\n\n".join(PROMPTS) + "\n   \n")
+    out = tmp_path / "out" / "generations.jsonl"
+    assert main(["generate", "--config", str(config_path), "--adapter-path", str(run_dir), "--prompts", str(prompts),
+                 "--output", str(out), *EVAL_OVERRIDES]) == 0
+    records = _read(out)
+    assert [r["prompt"] for r in records] == PROMPTS
+    for record, (prompt_tokens, new_tokens) in zip(records, expected["tuned"], strict=True):
+        assert set(record) == {"prompt", "completion", "prompt_tokens", "completion_tokens", "seconds"}
+        assert record["prompt_tokens"] == prompt_tokens
+        assert record["completion_tokens"] == len(new_tokens) and 1 <= len(new_tokens) <= MAX_NEW_TOKENS
+        assert record["completion"] == tokenizer.decode(new_tokens, skip_special_tokens=True)
+        assert record["seconds"] >= 0
 
 
-def test_left_padded_batches_generate_what_single_prompts_do(trained_run):
+def test_compare_base_records_both_completions_as_each_model_generates_them(trained_run, direct, tmp_path, capsys):
+    config_path, _, _ = trained_run
+    tokenizer, expected = direct
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS[0] + "\n")
+    assert main(["generate", "--config", str(config_path), "--prompts", str(prompts), "--compare-base", *EVAL_OVERRIDES]) == 0
+    [record] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]  # stdout without --output
+    (_, tuned_tokens), (_, base_tokens) = expected["tuned"][0], expected["base"][0]
+    assert record["completion"] == tokenizer.decode(tuned_tokens, skip_special_tokens=True)
+    assert record["base_completion"] == tokenizer.decode(base_tokens, skip_special_tokens=True)
+    assert record["base_completion_tokens"] == len(base_tokens) and record["base_seconds"] >= 0
+    assert tuned_tokens != base_tokens  # the adapter was switched off for the base, and back on
+
+
+def test_one_prompt_is_streamed_to_the_terminal(trained_run, direct, tmp_path, capsys):
+    config_path, _, _ = trained_run
+    tokenizer, expected = direct
+    out = tmp_path / "one.jsonl"
+    assert main(["generate", "--config", str(config_path), "--prompt", PROMPTS[1], "--output", str(out), *EVAL_OVERRIDES]) == 0
+    [record] = _read(out)
+    prompt_tokens, new_tokens = expected["tuned"][1]
+    assert (record["prompt"], record["prompt_tokens"], record["completion_tokens"]) == (PROMPTS[1], prompt_tokens, len(new_tokens))
+    assert capsys.readouterr().out == tokenizer.decode(new_tokens, skip_special_tokens=True) + "\n"
+
+
+def test_interactive_reads_prompts_from_stdin_until_eof(trained_run, direct, tmp_path, capsys, monkeypatch):
+    config_path, _, _ = trained_run
+    tokenizer, expected = direct
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{PROMPTS[0]}\n\n   \n{PROMPTS[0]}\n"))
+    out = tmp_path / "session.jsonl"
+    assert main(["generate", "--config", str(config_path), "--interactive", "--compare-base", "--output", str(out),
+                 "inference.use_chat_template=true", *EVAL_OVERRIDES]) == 0
+    records = _read(out)
+    tuned = tokenizer.decode(expected["tuned"][0][1], skip_special_tokens=True)
+    base = tokenizer.decode(expected["base"][0][1], skip_special_tokens=True)
+    assert [(r["prompt"], r["completion"], r["base_completion"]) for r in records] == [(PROMPTS[0], tuned, base)] * 2
+    captured = capsys.readouterr()
+    assert captured.out == f"[tuned] {tuned}\n[base] {base}\n" * 2
+    assert "the tokenizer has no chat template; prompts are used as written" in captured.err
+
+
+def test_chat_template_encodes_each_prompt_as_one_user_message(trained_run):
     config_path, _, _ = trained_run
     config = load_config(config_path)
     tokenizer = load_eval_tokenizer(config, resolve_tuned_model(config, None))
-    model = load_base(config, tokenizer)
-    model.config.output_router_logits = True  # as training leaves it; generation must switch it off
-    greedy = InferenceConfig(do_sample=False, max_new_tokens=6, repetition_penalty=1.0)
-    prompts = ["fn f1() {", "// crate demo: src/m3.rs\nfn f3() {\n    let v0 = payment(0);", "Question: what does fn do?\nAnswer:"]
-    batched = generate_texts(model, tokenizer, prompts, greedy, batch_size=3, max_prompt_tokens=100, seed=1)
-    single = [generate_texts(model, tokenizer, [p], greedy, batch_size=1, max_prompt_tokens=100, seed=1)[0] for p in prompts]
-    assert batched == single
-    assert all(len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= 1 for text in batched)
-    assert model.config.output_router_logits is True  # restored
-    sampled = InferenceConfig(do_sample=True, temperature=1.0, max_new_tokens=6)
-    first = generate_texts(model, tokenizer, prompts, sampled, batch_size=3, max_prompt_tokens=100, seed=5)
-    assert generate_texts(model, tokenizer, prompts, sampled, batch_size=3, max_prompt_tokens=100, seed=5) == first
+    tokenizer.chat_template = ("{% for m in messages %}<user>{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}<bot>{% endif %}")
+    [ids] = encode_prompts(tokenizer, ["fn refund() {"], chat_template=True)
+    assert ids == tokenizer("<user>fn refund() {<bot>", add_special_tokens=False)["input_ids"]
+    [plain] = encode_prompts(tokenizer, ["fn refund() {"])
+    assert plain == [tokenizer.bos_token_id] + tokenizer("fn refund() {", add_special_tokens=False)["input_ids"]
 
 
-def test_prompt_and_continuation_stay_within_the_model_context(trained_run):
-    # MPT's ALiBi bias is built for max_seq_len positions; generating past it fails inside the model.
-    import torch
-    from transformers import MptConfig, MptForCausalLM
+def test_bad_paths_exit_2_naming_the_path(trained_run, tmp_path, capsys):
+    config_path, run_dir, _ = trained_run
+    base_args = ["generate", "--config", str(config_path)]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("fn f1() {\n")
 
-    torch.manual_seed(0)
+    def fails(*args: str) -> str:
+        assert main([*base_args, *args]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return err
+
+    missing = tmp_path / "no-such-adapter"
+    assert f"--adapter-path {missing} is not a directory" in fails("--adapter-path", str(missing), "--prompts", str(prompts))
+    assert f"--prompts {tmp_path / 'nope.txt'}: no such file" in fails("--prompts", str(tmp_path / "nope.txt"))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"fn caf\xe9() {\n")
+    assert f"--prompts {latin1} is not UTF-8 text" in fails("--prompts", str(latin1))
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    assert f"--prompts {blank} holds no prompt" in fails("--prompts", str(blank))
+    assert f"--output {prompts} is the prompts file itself" in fails("--prompts", str(prompts), "--output", str(prompts))
+    assert prompts.read_text() == "fn f1() {\n"
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(run_dir, corrupt, ignore=shutil.ignore_patterns("checkpoint-*", "runs", "eval"))
+    (corrupt / "adapter_config.json").write_text("{not json")
+    assert f"{corrupt / 'adapter_config.json'} is corrupt" in fails("--adapter-path", str(corrupt), "--prompt", "fn f1() {")
+    (corrupt / "adapter_config.json").write_text((run_dir / "adapter_config.json").read_text())
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    assert f"The adapter in {corrupt} cannot be loaded" in fails("--adapter-path", str(corrupt), "--prompt", "fn f1() {")
+
+
+def test_a_merged_model_compares_with_a_base_built_beside_it(trained_run, direct, tmp_path):
     config_path, _, _ = trained_run
-    config = load_config(config_path)
-    tokenizer = load_eval_tokenizer(config, resolve_tuned_model(config, None))
-    model = MptForCausalLM(MptConfig(d_model=32, n_heads=4, n_layers=1, vocab_size=len(tokenizer), max_seq_len=24))
-    greedy = InferenceConfig(do_sample=False, max_new_tokens=50, repetition_penalty=1.0)
-    prompts = ["fn f1() {", "// crate demo: src/m3.rs\n" * 10 + "fn f3() {"]
-    texts = generate_texts(model, tokenizer, prompts, greedy, batch_size=2, max_prompt_tokens=100, seed=1)
-    longest_prompt = min(23, 1 + len(tokenizer(prompts[1], add_special_tokens=False)["input_ids"]))
-    assert max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts) <= 24 - longest_prompt
-    assert len(tokenizer(texts[0], add_special_tokens=False)["input_ids"]) >= 1
+    tokenizer, expected = direct
+    config = load_config(config_path, EVAL_OVERRIDES)
+    merged = tmp_path / "merged"
+    load_tuned(config, resolve_tuned_model(config, None), tokenizer).merge_and_unload().save_pretrained(merged)
+    tokenizer.save_pretrained(merged)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS[0] + "\n")
+    out = tmp_path / "merged.jsonl"
+    assert main(["generate", "--config", str(config_path), "--adapter-path", str(merged), "--prompts", str(prompts),
+                 "--compare-base", "--output", str(out), *EVAL_OVERRIDES]) == 0
+    [record] = _read(out)
+    assert record["completion"] == tokenizer.decode(expected["tuned"][0][1], skip_special_tokens=True)
+    assert record["base_completion"] == tokenizer.decode(expected["base"][0][1], skip_special_tokens=True)

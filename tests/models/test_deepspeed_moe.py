@@ -1,4 +1,4 @@
-"""moe.backend: deepspeed (an optional extra): refused where it cannot apply, equal to the native block where it does.
+"""moe.expert_parallel.backend: deepspeed (an optional extra): refused where it cannot apply, equal to the native block where it does.
 
 The older deepspeed_moe_config.json "moe" block is read by the config loader (tests/config/test_legacy_deepspeed.py)."""
 
@@ -23,12 +23,12 @@ def test_deepspeed_backend_without_deepspeed_says_how_to_install_it(mpt_config, 
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "deepspeed" else real_find_spec(name, *a))
     with pytest.raises(UserError, match=r"needs the deepspeed package.*pip install moetune\[deepspeed\]"):
-        build_model(mpt_config("moe.upcycling.enabled=true", "moe.backend=deepspeed"), seed=42)
+        build_model(mpt_config("moe.upcycling.enabled=true", "moe.expert_parallel.backend=deepspeed"), seed=42)
 
 
 def test_deepspeed_backend_is_for_upcycled_models(mixtral_config):
     with pytest.raises(UserError, match="mixtral keeps its own blocks"):
-        build_model(mixtral_config("moe.backend=deepspeed"), seed=42)
+        build_model(mixtral_config("moe.expert_parallel.backend=deepspeed"), seed=42)
 
 
 DEEPSPEED_SCRIPT = textwrap.dedent("""
@@ -45,7 +45,7 @@ DEEPSPEED_SCRIPT = textwrap.dedent("""
                  "lora.enabled=false"]
     torch.manual_seed(0)
     native = build_model(load_config(None, overrides), seed=42).eval()
-    model = build_model(load_config(None, overrides + ["moe.backend=deepspeed"]), seed=42).eval()
+    model = build_model(load_config(None, overrides + ["moe.expert_parallel.backend=deepspeed"]), seed=42).eval()
     for module in model.modules():
         if hasattr(module, "set_deepspeed_parallelism"):
             module.set_deepspeed_parallelism()

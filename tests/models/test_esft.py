@@ -31,7 +31,7 @@ def esft_config(tmp_path, selection):
     path = tmp_path / "experts.json"
     path.write_text(json.dumps({"selected": selection}))
     return load_config(None, ["model.architecture=mixtral", "model.random_init=true", "lora.enabled=false",
-                              "moe.expert_training=esft", f"moe.esft_experts={path}"])
+                              "moe.expert_training=esft", f"moe.esft.experts={path}"])
 
 
 def train_steps(model, tokens, steps=3):
@@ -71,7 +71,7 @@ def test_a_selection_for_another_model_or_nothing_is_refused(tmp_path):
 
 def test_config_requires_the_selection_and_no_lora():
     base = ["model.architecture=mixtral", "model.random_init=true", "moe.expert_training=esft"]
-    with pytest.raises(ConfigError, match="moe.esft_experts must be the experts.json"):
+    with pytest.raises(ConfigError, match="moe.esft.experts must be the experts.json"):
         load_config(None, [*base, "lora.enabled=false"])
     with pytest.raises(ConfigError, match="takes lora.enabled: false"):
-        load_config(None, [*base, "moe.esft_experts=e.json"])
+        load_config(None, [*base, "moe.esft.experts=e.json"])

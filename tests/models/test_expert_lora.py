@@ -1,4 +1,4 @@
-"""Routed and shared experts that train (moe.expert_training: lora | full, moe.shared_expert_training):
+"""Routed and shared experts that train (moe.expert_training: lora | full, moe.shared_experts.method):
 the expert LoRA's per-expert factors, full and shared-expert training, exact reloads, the
 trainable-parameter split, and the errors that stand in for a run that would train nothing. (Expert
 LoRA on every model type, with merging: the matrix in tests/models/test_families.py.)"""
@@ -49,8 +49,8 @@ def config_for(path, *overrides: str):
 
 
 def expert_lora_config(path, *overrides: str):
-    return config_for(path, "moe.expert_training=lora", f"moe.expert_lora_r={EXPERT_R}",
-                      f"moe.expert_lora_alpha={EXPERT_ALPHA}", *overrides)
+    return config_for(path, "moe.expert_training=lora", f"moe.expert_lora.r={EXPERT_R}",
+                      f"moe.expert_lora.alpha={EXPERT_ALPHA}", *overrides)
 
 
 def tokens() -> torch.Tensor:
@@ -96,7 +96,7 @@ def test_full_experts_train_every_expert_weight_and_reload_exactly(checkpoint, t
 @pytest.mark.parametrize("model_type", ["qwen2_moe", "deepseek_v3", "glm4_moe"])
 def test_shared_experts_take_lora_without_touching_the_routed_experts(checkpoint, tmp_path, model_type):
     shared = family_for_model_type(model_type).shared_experts
-    config = config_for(checkpoint(model_type), "moe.train_shared_experts=true", "moe.shared_expert_training=lora")
+    config = config_for(checkpoint(model_type), "moe.shared_experts.train=true", "moe.shared_experts.method=lora")
     model = build_model(config, seed=42)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     shared_lora = [n for n in names if is_shared_expert_parameter(n, shared)]
@@ -116,9 +116,22 @@ def test_shared_experts_take_lora_without_touching_the_routed_experts(checkpoint
         assert torch.allclose(model.merge_and_unload()(tokens()).logits, expected, atol=1e-5)
 
 
+def test_without_lora_full_routed_experts_train_and_the_shared_ones_stay_frozen(checkpoint):
+    # lora.enabled: false trains the model itself; moe.train_shared_experts: false freezes only the shared experts.
+    shared = family_for_model_type("qwen2_moe").shared_experts
+    model = build_model(config_for(checkpoint("qwen2_moe"), "lora.enabled=false", "moe.expert_training=full"), seed=42)
+    params = dict(model.named_parameters())
+    shared_names = [n for n in params if is_shared_expert_parameter(n, shared)]
+    routed_names = [n for n in params if is_expert_parameter(n)]
+    assert shared_names and routed_names
+    assert not any(params[n].requires_grad for n in shared_names)
+    assert all(params[n].requires_grad for n in routed_names)
+    assert params["model.embed_tokens.weight"].requires_grad
+
+
 def test_the_trainable_line_splits_attention_router_experts_and_shared_experts(checkpoint, caplog):
     with caplog.at_level(logging.INFO, logger="moetune"):
-        build_model(expert_lora_config(checkpoint("qwen2_moe"), "moe.freeze_router=false", "moe.train_shared_experts=true"),
+        build_model(expert_lora_config(checkpoint("qwen2_moe"), "moe.freeze_router=false", "moe.shared_experts.train=true"),
                     seed=42)
     hidden, inter, shared_inter, experts, layers = 64, 32, 64, 4, 2
     q, kv = 4 * 16, 2 * 16  # qwen2_moe tiny: 4 heads, 2 kv heads, head_dim 16
@@ -162,8 +175,8 @@ def test_expert_lora_with_dropout_is_refused_before_peft_sees_it(checkpoint):
 
 
 @pytest.mark.parametrize(("model_type", "overrides"), [
-    ("qwen3_moe", ("moe.expert_training=lora", f"moe.expert_lora_r={EXPERT_R}")),
-    ("deepseek_v2", ("moe.expert_training=full", "moe.train_shared_experts=true", "moe.shared_expert_training=lora")),
+    ("qwen3_moe", ("moe.expert_training=lora", f"moe.expert_lora.r={EXPERT_R}")),
+    ("deepseek_v2", ("moe.expert_training=full", "moe.shared_experts.train=true", "moe.shared_experts.method=lora")),
 ], ids=["qwen3_moe-lora", "deepseek_v2-full-shared-lora"])
 def test_a_checkpoint_loads_back_into_a_rebuilt_model_for_resuming(checkpoint, tmp_path, model_type, overrides):
     from moetune.models.trainable.weights import load_trainable_weights

@@ -214,7 +214,7 @@ def param_wrappers(model) -> dict[str, ParamWrapper]:
 def test_expert_lora_and_a_trained_router_reload_bit_identical_and_merge_in_the_on_disk_layout(checkpoint, tmp_path,
                                                                                                 model_type):
     spec = family_for_model_type(model_type)
-    config = family_config(checkpoint(model_type), "moe.expert_training=lora", "moe.expert_lora_r=2",
+    config = family_config(checkpoint(model_type), "moe.expert_training=lora", "moe.expert_lora.r=2",
                            "moe.freeze_router=false")
     model = build_model(config, seed=42)
     # AutoModelForCausalLM, or (Mistral 4, which it does not map) the class config.json names.
@@ -276,7 +276,7 @@ def test_esft_trains_only_the_selected_experts_and_reloads_and_merges_exactly(tm
     selection = [[0, 3]] + [[1]] * (len(blocks) - 1)
     (tmp_path / "experts.json").write_text(json.dumps({"selected": selection}))
     config = load_config(None, ["model.architecture=mixtral", "model.random_init=true", "lora.enabled=false",
-                                "moe.expert_training=esft", f"moe.esft_experts={tmp_path / 'experts.json'}"])
+                                "moe.expert_training=esft", f"moe.esft.experts={tmp_path / 'experts.json'}"])
     ids = tokens()
     with torch.no_grad():
         base_logits = model(ids).logits

@@ -126,7 +126,7 @@ def test_the_bias_update_is_refused_for_routers_without_a_bias(checkpoint, model
 @pytest.mark.parametrize("model_type", ["qwen2_moe", "deepseek_v2"])
 def test_shared_experts_train_when_asked_and_are_saved_with_the_adapter(checkpoint, tmp_path, model_type):
     shared = family_for_model_type(model_type).shared_experts
-    model = build_model(family_config(checkpoint(model_type), "moe.train_shared_experts=true"), seed=42)
+    model = build_model(family_config(checkpoint(model_type), "moe.shared_experts.train=true"), seed=42)
     trained = [n for n in trainable(model) if is_shared_expert_parameter(n, shared)]
     assert trained and all(".modules_to_save.default." in n for n in trained)
     assert not any(p.requires_grad for n, p in model.named_parameters() if is_expert_parameter(n))
@@ -139,7 +139,7 @@ def test_shared_experts_train_when_asked_and_are_saved_with_the_adapter(checkpoi
     model.save_pretrained(tmp_path / "adapter")
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(checkpoint(model_type)), tmp_path / "adapter")
     assert torch.equal(reloaded.eval()(tokens()).logits, expected)
-    full = build_model(family_config(checkpoint(model_type), "moe.train_shared_experts=true", "lora.enabled=false"), seed=42)
+    full = build_model(family_config(checkpoint(model_type), "moe.shared_experts.train=true", "lora.enabled=false"), seed=42)
     params = dict(full.named_parameters())
     assert all(params[n].requires_grad for n in params if is_shared_expert_parameter(n, shared))
     assert not any(params[n].requires_grad for n in params if is_expert_parameter(n))

@@ -51,7 +51,7 @@ def test_compute_losses_splits_hf_loss_without_double_counting(mixtral_config, t
 
 
 def test_aux_loss_off_leaves_the_total_equal_to_the_lm_loss(mixtral_config, tokens):
-    config = mixtral_config("moe.use_auxiliary_loss=false", "moe.monitor_expert_usage=false")
+    config = mixtral_config("moe.use_auxiliary_loss=false", "moe.monitor.expert_usage=false")
     parts = compute_losses(build_model(config, seed=42), {"input_ids": tokens}, config)
     assert parts.router_logits == () and parts.aux_loss.item() == 0.0
     assert torch.equal(parts.total, parts.lm_loss)

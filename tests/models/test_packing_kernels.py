@@ -11,7 +11,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from moetune.config import load_config
-from moetune.data.packing import PackedCollator, PaddingCollator, build_train_eval_datasets
+from moetune.data.dataloaders import build_train_eval_datasets
+from moetune.data.packing import PackedCollator
+from moetune.data.padding import PaddingCollator
 from moetune.data.tokenizer import train_bpe_tokenizer
 from moetune.models.families import get_family, packs_by_position_ids
 from moetune.models.load.factory import build_model

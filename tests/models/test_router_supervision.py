@@ -10,7 +10,8 @@ import torch
 
 from moetune.config import load_config
 from moetune.data.expert_labels import NO_LABEL, label_ids_of, label_vocabulary
-from moetune.data.packing import PackedCollator, PackedDataset, PaddingCollator, SampleDataset
+from moetune.data.packing import PackedCollator, PackedDataset
+from moetune.data.padding import PaddingCollator, SampleDataset
 from moetune.errors import ConfigError, UserError
 from moetune.models.load.factory import build_model
 from moetune.models.loss.objective import LossParts, compute_losses
@@ -134,8 +135,8 @@ def test_supervision_is_a_routed_token_weighted_part_of_the_objective():
 
 
 def test_compute_losses_supervises_the_router_and_keeps_label_ids_from_the_model(mpt_config, tokens):
-    config = mpt_config("moe.upcycling.enabled=true", "moe.upcycling.top_k=1", "moe.router_supervision_weight=0.5",
-                        "moe.label_to_expert={a: [1], b: [2, 3]}")
+    config = mpt_config("moe.upcycling.enabled=true", "moe.upcycling.top_k=1", "moe.router_supervision.weight=0.5",
+                        "moe.router_supervision.label_to_expert={a: [1], b: [2, 3]}")
     model = build_model(config, seed=42)
     label_ids = torch.tensor([[0] * tokens.shape[1], [1] * 4 + [NO_LABEL] * (tokens.shape[1] - 4)])
     parts = compute_losses(model, {"input_ids": tokens, "attention_mask": torch.ones_like(tokens),
@@ -152,24 +153,24 @@ def test_compute_losses_supervises_the_router_and_keeps_label_ids_from_the_model
 
 
 def test_config_accepts_auto_or_a_map_and_rejects_what_cannot_work():
-    assert load_config(None, []).moe.label_to_expert == "auto"
-    assert load_config(None, []).moe.router_supervision_weight == 0.0
+    assert load_config(None, []).moe.router_supervision.label_to_expert == "auto"
+    assert load_config(None, []).moe.router_supervision.weight == 0.0
     upcycled = ["moe.upcycling.enabled=true", "moe.upcycling.num_experts=4"]
-    moe = load_config(None, [*upcycled, "moe.label_to_expert={fees: [0, 1], rust: 3}"]).moe
-    assert moe.label_to_expert == {"fees": (0, 1), "rust": (3,)}
+    moe = load_config(None, [*upcycled, "moe.router_supervision.label_to_expert={fees: [0, 1], rust: 3}"]).moe
+    assert moe.router_supervision.label_to_expert == {"fees": (0, 1), "rust": (3,)}
     with pytest.raises(ConfigError,
-                       match=r"moe.label_to_expert.rust must be expert indices below moe.upcycling.num_experts \(4\)"):
-        load_config(None, [*upcycled, "moe.label_to_expert={rust: [4]}"])
-    with pytest.raises(ConfigError, match="moe.label_to_expert.fees must be a non-empty list of expert indices"):
-        load_config(None, ["moe.label_to_expert={fees: []}"])
-    with pytest.raises(ConfigError, match="moe.label_to_expert must be one of auto"):
-        load_config(None, ["moe.label_to_expert=atuo"])
-    with pytest.raises(ConfigError, match=r"moe.freeze_router must be false when moe.router_supervision_weight"):
-        load_config(None, ["moe.router_supervision_weight=0.5"])
-    with pytest.raises(ConfigError, match="moe.router_supervision_weight must be 0 or more"):
-        load_config(None, ["moe.router_supervision_weight=-1", "moe.freeze_router=false"])
+                       match=r"moe.router_supervision.label_to_expert.rust must be expert indices below moe.upcycling.num_experts \(4\)"):
+        load_config(None, [*upcycled, "moe.router_supervision.label_to_expert={rust: [4]}"])
+    with pytest.raises(ConfigError, match="moe.router_supervision.label_to_expert.fees must be a non-empty list of expert indices"):
+        load_config(None, ["moe.router_supervision.label_to_expert={fees: []}"])
+    with pytest.raises(ConfigError, match="moe.router_supervision.label_to_expert must be one of auto"):
+        load_config(None, ["moe.router_supervision.label_to_expert=atuo"])
+    with pytest.raises(ConfigError, match=r"moe.freeze_router must be false when moe.router_supervision.weight"):
+        load_config(None, ["moe.router_supervision.weight=0.5"])
+    with pytest.raises(ConfigError, match="moe.router_supervision.weight must be 0 or more"):
+        load_config(None, ["moe.router_supervision.weight=-1", "moe.freeze_router=false"])
 
 
 def test_an_explicit_expert_beyond_the_models_experts_is_bad_input():
-    with pytest.raises(UserError, match=r"moe.label_to_expert.b names expert 7, but the model's MoE layers have 4 experts"):
+    with pytest.raises(UserError, match=r"moe.router_supervision.label_to_expert.b names expert 7, but the model's MoE layers have 4 experts"):
         label_targets({"a": (0,), "b": (7,)}, torch.tensor([0, 1]), 4)

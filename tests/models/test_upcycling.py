@@ -239,6 +239,10 @@ def test_moetune_upcycle_command(mpt_config, tokens, tmp_path, monkeypatch, caps
     assert main(["upcycle", "--model", "dense", "--top-k", "3", "--output", "moe2"]) == 2
     assert "moe.upcycling.top_k must be 1 or 2, got 3." in capsys.readouterr().err
     assert not (tmp_path / "moe2").exists()
+    assert main(["upcycle", "--model", "mosaicml/mpt-7b", "--output", "moe3"]) == 2  # only a folder is read
+    err = capsys.readouterr().err
+    assert "--model mosaicml/mpt-7b: no such directory" in err and "hf download mosaicml/mpt-7b" in err
+    assert "Traceback" not in err and not (tmp_path / "moe3").exists()
 
 
 def test_upcycle_reads_a_config_only_when_given_and_keeps_the_dense_dtype(mpt_config, tokens, tmp_path, monkeypatch):

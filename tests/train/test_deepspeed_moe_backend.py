@@ -1,5 +1,5 @@
-"""moe.backend: deepspeed through the real trainer: an upcycled MPT trained by the DeepSpeed engine
-(ZeRO-2, CPU), saved in the native mpt_moe layout, reloaded with moe.backend: native, resumed exactly.
+"""moe.expert_parallel.backend: deepspeed through the real trainer: an upcycled MPT trained by the DeepSpeed engine
+(ZeRO-2, CPU), saved in the native mpt_moe layout, reloaded with moe.expert_parallel.backend: native, resumed exactly.
 
 The training runs go through tests/train/deepspeed_moe_probe.py, which records the trained model's
 logits (in the DeepSpeed layout) just before the final save: every reloaded artifact must reproduce them.
@@ -33,7 +33,7 @@ UPCYCLED_DEEPSPEED = [
     "model.architecture=mpt", f"model.config_overrides={MPT}", "moe.upcycling.enabled=true",
     "moe.upcycling.num_experts=4", "moe.upcycling.top_k=2", "moe.upcycling.expert_noise_std=0.01",
     "lora.target_modules=[Wqkv, out_proj]", "lora.modules_to_save=[wte]",
-    "moe.backend=deepspeed", "training.weight_decay=0.01", "training.max_steps=4", "training.save_steps=2",
+    "moe.expert_parallel.backend=deepspeed", "training.weight_decay=0.01", "training.max_steps=4", "training.save_steps=2",
     "training.eval_steps=4", "post_training.merge_and_save=true",
 ]
 
@@ -108,7 +108,7 @@ def test_zero2_run_trains_saves_native_files_that_reload_exactly_and_resumes(tin
 
     # What the trained DeepSpeed model computed, the native reloads compute (run config, then backend native).
     trained = probe(out)["logits"]
-    for overrides in ([], ["moe.backend=native"]):
+    for overrides in ([], ["moe.expert_parallel.backend=native"]):
         for kind, logits in reloaded_logits(out, probe(out)["ids"], *overrides).items():
             assert torch.allclose(logits, trained, atol=1e-5), (kind, overrides, (logits - trained).abs().max())
 
@@ -130,7 +130,7 @@ def test_two_processes_with_expert_parallelism_gather_every_expert_into_the_save
     # Enough rows that 4 steps x 2 micro-batches x 4 rows per rank stay inside the first epoch.
     write_dataset(Path(yaml.safe_load(config.read_text())["data"]["output_path"]), samples=480)
     # gloo: without it Accelerate sees no distributed backend on a CPU-only machine and counts one process.
-    settings = ["moe.expert_parallel_size=2", f"moe.expert_training={expert_training}",
+    settings = ["moe.expert_parallel.size=2", f"moe.expert_training={expert_training}",
                 f"training.gradient_checkpointing={str(checkpointing).lower()}", "training.ddp_backend=gloo"]
     port = 29543 if expert_training == "full" else 29545
     launch(tmp_path, config, port, *settings, processes=2)
@@ -163,7 +163,7 @@ def test_two_processes_with_expert_parallelism_gather_every_expert_into_the_save
 
     # Both ranks computed the same logits together; the native reloads, in one process, compute them too.
     assert torch.allclose(ranks[0]["logits"], ranks[1]["logits"], atol=1e-6)
-    for kind, logits in reloaded_logits(out, ranks[0]["ids"], "moe.backend=native").items():
+    for kind, logits in reloaded_logits(out, ranks[0]["ids"], "moe.expert_parallel.backend=native").items():
         assert torch.allclose(logits, ranks[0]["logits"], atol=1e-5), (kind, (logits - ranks[0]["logits"]).abs().max())
 
 
@@ -171,7 +171,7 @@ def test_deepspeed_backend_outside_a_deepspeed_launch_says_how_to_launch(tiny_ru
     config, out = tiny_run
     assert main(["train", "--config", str(config), *UPCYCLED_DEEPSPEED]) == 2
     err = capsys.readouterr().err
-    assert "moe.backend: deepspeed needs the run launched under DeepSpeed" in err
+    assert "moe.expert_parallel.backend: deepspeed needs the run launched under DeepSpeed" in err
     assert "accelerate launch --config_file accelerate_config.yaml" in err and "Traceback" not in err
     assert not out.exists()  # refused before anything was written
 
@@ -184,19 +184,19 @@ def fake_accelerator(zero_stage: int, processes: int, **ds_config):
 @pytest.mark.parametrize(("accelerator", "error", "message"), [
     (fake_accelerator(3, 1), UserError, "cannot run under ZeRO-3: DeepSpeed does not support its MoE layers"),
     (fake_accelerator(2, 1, use_data_before_expert_parallelism=True), UserError, "use_data_before_expert_parallelism"),
-    (fake_accelerator(2, 3), ConfigError, r"moe.expert_parallel_size \(2\) must divide the number of processes \(3\)"),
+    (fake_accelerator(2, 3), ConfigError, r"moe.expert_parallel.size \(2\) must divide the number of processes \(3\)"),
 ])
 def test_launches_deepspeed_moe_cannot_run_are_refused(accelerator, error, message):
-    config = load_config(None, UPCYCLED_DEEPSPEED + ["moe.expert_parallel_size=2"])
+    config = load_config(None, UPCYCLED_DEEPSPEED + ["moe.expert_parallel.size=2"])
     with pytest.raises(error, match=message):
         check_deepspeed_moe_launch(config, accelerator)
     check_deepspeed_moe_launch(config, fake_accelerator(2, 4))  # ZeRO-2, 4 processes: 2 groups of 2
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("moe.upcycling.top_k=1", r"moe.upcycling.top_k must be 2 with moe.backend: deepspeed \(its top-1 gate scales"),
-    ("moe.upcycling.router_jitter=0.1", r"moe.upcycling.router_jitter must be 0 or 0.01 with moe.backend: deepspeed"),
+    ("moe.upcycling.top_k=1", r"moe.upcycling.top_k must be 2 with moe.expert_parallel.backend: deepspeed \(its top-1 gate scales"),
+    ("moe.upcycling.router_jitter=0.1", r"moe.upcycling.router_jitter must be 0 or 0.01 with moe.expert_parallel.backend: deepspeed"),
 ])
 def test_settings_deepspeed_computes_differently_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, ["moe.backend=deepspeed", override])
+        load_config(None, ["moe.expert_parallel.backend=deepspeed", override])

@@ -16,7 +16,7 @@ QWEN3 = ("{num_hidden_layers: 2, hidden_size: 64, intermediate_size: 128, moe_in
 def test_train_with_expert_lora_saves_expert_weights_in_the_adapter(tiny_run):
     config, out = tiny_run
     assert main(["train", "--config", str(config), "model.architecture=qwen_moe", f"model.config_overrides={QWEN3}",
-                 "moe.expert_training=lora", "moe.expert_lora_r=2", "moe.expert_lora_alpha=4", "lora.lora_dropout=0",
+                 "moe.expert_training=lora", "moe.expert_lora.r=2", "moe.expert_lora.alpha=4", "lora.lora_dropout=0",
                  "training.max_steps=3", "training.save_steps=3", "training.eval_steps=3"]) == 0
     adapter = load_file(out / "adapter_model.safetensors")
     experts = {k: v for k, v in adapter.items() if ".mlp.experts." in k}

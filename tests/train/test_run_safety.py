@@ -14,9 +14,9 @@ import pytest
 
 from moetune.cli import main
 from moetune.errors import UserError
-from moetune.run_dir import list_checkpoints
+from moetune.run_dir import LOCK_FILE, RUN_FILE, list_checkpoints
 from moetune.train.checkpoint import TrainerState, resolve_resume, save_checkpoint
-from moetune.train.output_dir import LOCK_FILE, RUN_FILE, check_output_dir
+from moetune.train.output_dir import check_output_dir
 from moetune.train.run_lock import RunLock
 
 from .conftest import read_metrics, write_tiny_run

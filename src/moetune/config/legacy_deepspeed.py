@@ -32,8 +32,8 @@ LEGACY_KEYS = {
     "num_experts": "moe.upcycling.num_experts",
     "top_k": "moe.upcycling.top_k",
     "k": "moe.upcycling.top_k",
-    "ep_size": "moe.expert_parallel_size",
-    "expert_parallel_size": "moe.expert_parallel_size",
+    "ep_size": "moe.expert_parallel.size",
+    "expert_parallel_size": "moe.expert_parallel.size",
     "capacity_factor": "moe.upcycling.capacity_factor",
     "aux_loss_coef": "moe.auxiliary_loss_weight",
     "moe_loss_coeff": "moe.auxiliary_loss_weight",
@@ -115,7 +115,7 @@ def read_legacy_moe_block(path: str | Path) -> list[LegacySetting]:
         if json_key not in LEGACY_KEYS:
             raise UserError(f"{location}: \"moe\".\"{json_key}\" is not a known MoE setting. MoE settings now live in "
                             "the moe section of config.yaml (moe.upcycling.num_experts, moe.upcycling.top_k, "
-                            "moe.expert_parallel_size, ...); move it there and remove the \"moe\" block from the "
+                            "moe.expert_parallel.size, ...); move it there and remove the \"moe\" block from the "
                             "DeepSpeed file.")
         key = LEGACY_KEYS[json_key]
         earlier = settings.get(key)

@@ -25,6 +25,7 @@ from moetune.config.moved_keys import move_old_keys, new_key, same_value
 from moetune.config.schema import Config
 from moetune.config.sources import SOURCE_TYPES, SourceConfig
 from moetune.errors import ConfigError, UserError, yaml_problem
+from moetune.run_dir import CONFIG_FILE, TMP_SUFFIX
 
 _NONE = type(None)
 _SCALARS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -114,10 +115,10 @@ def dump_config(config: Config) -> str:
 
 
 def save_config(config: Config, directory: str | Path) -> Path:
-    """Write the resolved config to ``directory/config.yaml`` (a run's record of what it ran)."""
-    target = Path(directory) / "config.yaml"
+    """Write the resolved config to ``directory/config.yaml`` (a run's record of what it ran; written whole, then renamed)."""
+    target = Path(directory) / CONFIG_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".yaml.tmp")
+    tmp = target.with_name(CONFIG_FILE + TMP_SUFFIX)
     tmp.write_text(dump_config(config))
     tmp.replace(target)
     return target

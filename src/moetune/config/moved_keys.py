@@ -1,7 +1,9 @@
 """Config keys that moved: a config written with the old name loads as the new one, with one line on stderr.
 
 The sparse-upcycling settings were once flat keys of ``moe`` (``moe.num_experts``, ``moe.top_k``),
-which read as if they described any MoE model; they now live in ``moe.upcycling``. Old configs,
+which read as if they described any MoE model; they now live in ``moe.upcycling``. The other flat keys
+of ``moe`` are grouped by concern the same way (``moe.esft_experts`` is ``moe.esft.experts``,
+``moe.monitor_expert_usage`` is ``moe.monitor.expert_usage``, ...). Old configs,
 overrides and scripts keep working: the loader moves each old key to its new place in the raw
 YAML before building the Config, so validation, print-config and a run's saved config.yaml all
 speak the new names. A config that sets both names to different values is an error naming both.
@@ -25,6 +27,20 @@ MOVED_KEYS = {
     "moe.router_init_std": "moe.upcycling.router_init_std",
     "moe.capacity_factor": "moe.upcycling.capacity_factor",
     "moe.router_jitter": "moe.upcycling.router_jitter",
+    # The moe section grouped by concern.
+    "moe.expert_lora_r": "moe.expert_lora.r",
+    "moe.expert_lora_alpha": "moe.expert_lora.alpha",
+    "moe.esft_experts": "moe.esft.experts",
+    "moe.train_shared_experts": "moe.shared_experts.train",
+    "moe.shared_expert_training": "moe.shared_experts.method",
+    "moe.monitor_expert_usage": "moe.monitor.expert_usage",
+    "moe.log_expert_metrics": "moe.monitor.log_metrics",
+    "moe.starving_expert_share": "moe.monitor.starving_expert_share",
+    "moe.dominant_expert_share": "moe.monitor.dominant_expert_share",
+    "moe.router_supervision_weight": "moe.router_supervision.weight",
+    "moe.label_to_expert": "moe.router_supervision.label_to_expert",
+    "moe.backend": "moe.expert_parallel.backend",
+    "moe.expert_parallel_size": "moe.expert_parallel.size",
 }
 
 _ABSENT = object()

@@ -120,105 +120,79 @@ class UpcyclingConfig:
 
 
 @dataclass(frozen=True)
-class MoeConfig:
-    """Mixture-of-Experts settings: router losses, what trains, expert monitoring, and the sparse upcycling of a dense MPT."""
+class ExpertLoraConfig:
+    """The LoRA on each routed expert, with moe.expert_training: lora."""
 
-    use_auxiliary_loss: bool = opt(True, "Add the load-balancing (auxiliary) loss of the model's router to the LM "
-                                   "loss (see Supported model families: the Switch loss where transformers computes "
-                                   "one, else by the router's kind).")
-    auxiliary_loss_weight: float = opt(0.001, "Weight of the auxiliary loss (Mixtral's router_aux_loss_coef, "
-                                       "DeepSeek's aux_loss_alpha).")
-    freeze_router: bool = opt(True, "Keep the router frozen; false trains it and saves it in the adapter.")
-    router_bias_update_rate: float = opt(
-        0.0, "Aux-loss-free balancing (DeepSeek-V3): after each step every expert's router correction bias moves by "
-        "this much toward balanced load; saved with the adapter. Routers with a correction bias only (see Supported model "
-        "families); 0 = off."
+    r: int | None = opt(None, "LoRA rank of each routed expert; null = lora.r.")
+    alpha: float | None = opt(None, "LoRA alpha of the routed experts; null = lora.lora_alpha.")
+
+    def __post_init__(self) -> None:
+        if self.r is not None:
+            check(self.r >= 1, "moe.expert_lora.r", self.r, "a positive integer or null")
+        if self.alpha is not None:
+            check(self.alpha > 0, "moe.expert_lora.alpha", self.alpha, "greater than 0 or null")
+
+
+@dataclass(frozen=True)
+class EsftConfig:
+    """Expert-specialised fine-tuning, with moe.expert_training: esft."""
+
+    experts: str | None = opt(
+        None, "The experts.json `moetune experts` wrote: the experts to train per MoE layer."
     )
-    train_shared_experts: bool = opt(
-        False, "Train the shared experts (where the family has them) and save them with the adapter, as "
-        "moe.shared_expert_training says. Routed experts follow moe.expert_training."
+
+
+@dataclass(frozen=True)
+class SharedExpertsConfig:
+    """The shared experts some families run beside the routed ones (see Supported model families)."""
+
+    train: bool = opt(
+        False, "Train the shared experts and save them with the adapter, as moe.shared_experts.method says. Routed "
+        "experts follow moe.expert_training. The model must have shared experts."
     )
-    shared_expert_training: Literal["full", "lora"] = opt(
-        "full", "How moe.train_shared_experts trains them: full (PEFT modules_to_save when lora.enabled) or lora "
-        "(LoRA with lora.r / lora.lora_alpha on their Linears; needs lora.enabled)."
+    method: Literal["full", "lora"] = opt(
+        "full", "How they train: full (PEFT modules_to_save when lora.enabled) or lora (LoRA with lora.r / "
+        "lora.lora_alpha on their Linears; needs lora.enabled)."
     )
-    monitor_expert_usage: bool = opt(True, "Count routed tokens per expert and layer during training.")
-    log_expert_metrics: bool = opt(True, "Log expert usage and balance figures to the console and TensorBoard.")
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Watching the routing while training: expert usage and the warnings when it collapses."""
+
+    expert_usage: bool = opt(True, "Count routed tokens per expert and layer during training.")
+    log_metrics: bool = opt(True, "Log expert usage and balance figures to the console and TensorBoard.")
     starving_expert_share: float = opt(
         0.25, "Warn when an expert gets less than this fraction of its fair share (1 / num_experts)."
     )
     dominant_expert_share: float = opt(0.5, "Warn when one expert takes more than this fraction of a layer's routed tokens.")
-    router_z_loss_weight: float = opt(0.0, "Weight of the router z-loss (ST-MoE); 0 turns it off.")
-    expert_training: Literal["full", "lora", "frozen", "esft"] | None = opt(
-        None, "How the routed experts train: full (every expert weight; with lora.enabled a trained copy of the experts "
-        "is saved with the adapter, so they take twice their memory), lora (LoRA per expert with moe.expert_lora_r / "
-        "moe.expert_lora_alpha: on the fused 3-D expert parameters through PEFT target_parameters, or on each "
-        "expert's Linears), frozen, or esft: only the experts moe.esft_experts selects train, everything else frozen "
-        "(needs lora.enabled: false). null: frozen for pretrained models, full for upcycled MPT."
-    )
-    expert_lora_r: int | None = opt(None, "LoRA rank of each routed expert with moe.expert_training: lora; null = lora.r.")
-    expert_lora_alpha: float | None = opt(
-        None, "LoRA alpha of the routed experts with moe.expert_training: lora; null = lora.lora_alpha."
-    )
-    esft_experts: str | None = opt(
-        None, "With expert_training: esft, the experts.json `moetune experts` wrote (the experts to train per MoE layer)."
-    )
-    router_supervision_weight: float = opt(
-        0.0, "Weight of label-guided routing: a cross-entropy on every MoE layer's router logits toward the experts of "
-        "the sample's expert_label (moe.label_to_expert), over the tokens of labelled samples; unlabelled samples add "
-        "nothing. The router must train. 0 = off."
+
+    def __post_init__(self) -> None:
+        m = "moe.monitor."
+        check(0 <= self.starving_expert_share <= 1, m + "starving_expert_share", self.starving_expert_share, "in [0, 1]")
+        check(0 < self.dominant_expert_share <= 1, m + "dominant_expert_share", self.dominant_expert_share, "in (0, 1]")
+
+
+@dataclass(frozen=True)
+class RouterSupervisionConfig:
+    """Label-guided routing: teach the routers to send each expert_label to its experts."""
+
+    weight: float = opt(
+        0.0, "Weight of a cross-entropy on every MoE layer's router logits toward the experts of the sample's "
+        "expert_label (label_to_expert), over the tokens of labelled samples; unlabelled samples add nothing. "
+        "The router must train. 0 = off."
     )
     label_to_expert: Literal["auto"] | dict[str, tuple[int, ...]] = opt(
-        "auto", "Which experts each expert_label is routed to under moe.router_supervision_weight: auto gives the labels "
-        "seen in the training data, most frequent first (ties by name), experts 0, 1, 2, ... in turn (label i -> expert "
-        "i mod the number of experts); or a map {label: [expert, ...]}, where labels not in it count as unlabelled."
-    )
-    backend: Literal["native", "deepspeed"] = opt(
-        "native", "MoE block of upcycled MPT models (moe.upcycling.enabled, or an mpt_moe checkpoint) in training: "
-        "deepspeed splits the experts across ranks (needs a DeepSpeed launch, not ZeRO-3); runs save the native layout "
-        "either way."
-    )
-    expert_parallel_size: int = opt(
-        1, "With backend: deepspeed, how many ranks the experts are split across (each holds "
-        "moe.upcycling.num_experts / this many); it must divide the number of processes."
-    )
-    upcycling: UpcyclingConfig = opt(
-        UpcyclingConfig(), "Sparse upcycling of a dense MPT into an MoE, and the MoE blocks it creates."
+        "auto", "Which experts each expert_label is routed to: auto gives the labels seen in the training data, most "
+        "frequent first (ties by name), experts 0, 1, 2, ... in turn (label i -> expert i mod the number of "
+        "experts); or a map {label: [expert, ...]}, where labels not in it count as unlabelled."
     )
 
     def __post_init__(self) -> None:
-        check(self.auxiliary_loss_weight >= 0, "moe.auxiliary_loss_weight", self.auxiliary_loss_weight, "0 or more")
-        check(0 <= self.starving_expert_share <= 1, "moe.starving_expert_share", self.starving_expert_share, "in [0, 1]")
-        check(0 < self.dominant_expert_share <= 1, "moe.dominant_expert_share", self.dominant_expert_share, "in (0, 1]")
-        check(self.router_z_loss_weight >= 0, "moe.router_z_loss_weight", self.router_z_loss_weight, "0 or more")
-        check(self.router_bias_update_rate >= 0, "moe.router_bias_update_rate", self.router_bias_update_rate, "0 or more")
-        if self.expert_lora_r is not None:
-            check(self.expert_lora_r >= 1, "moe.expert_lora_r", self.expert_lora_r, "a positive integer or null")
-        if self.expert_lora_alpha is not None:
-            check(self.expert_lora_alpha > 0, "moe.expert_lora_alpha", self.expert_lora_alpha, "greater than 0 or null")
-        check(self.router_supervision_weight >= 0, "moe.router_supervision_weight", self.router_supervision_weight,
-              "0 or more")
-        self._check_label_to_expert()
-        if self.router_supervision_weight > 0:
-            # A frozen router cannot learn the routing it is told: the loss would be logged and do nothing.
-            check(self.upcycling.enabled or not self.freeze_router, "moe.freeze_router", self.freeze_router,
-                  "false when moe.router_supervision_weight is above 0 (the router must train to follow the labels)")
-        if self.expert_training == "esft":
-            check(self.esft_experts is not None, "moe.esft_experts", self.esft_experts,
-                  "the experts.json of `moetune experts` when moe.expert_training is esft")
-        check(self.expert_parallel_size >= 1, "moe.expert_parallel_size", self.expert_parallel_size, "a positive integer")
-        if self.backend == "deepspeed":
-            # DeepSpeed's gate would compute something else than the native mpt_moe model the run is saved as.
-            check(self.upcycling.top_k == 2, "moe.upcycling.top_k", self.upcycling.top_k,
-                  "2 with moe.backend: deepspeed (its top-1 gate scales each expert output by the router probability; "
-                  "the native block gives the chosen expert weight 1)")
-            check(self.upcycling.router_jitter in (0.0, 0.01), "moe.upcycling.router_jitter", self.upcycling.router_jitter,
-                  "0 or 0.01 with moe.backend: deepspeed (DeepSpeed's jitter has a fixed epsilon of 0.01)")
-
-    def _check_label_to_expert(self) -> None:
+        check(self.weight >= 0, "moe.router_supervision.weight", self.weight, "0 or more")
         if not isinstance(self.label_to_expert, dict):
             return
-        key = "moe.label_to_expert"
+        key = "moe.router_supervision.label_to_expert"
         check(bool(self.label_to_expert), key, self.label_to_expert, "auto or a non-empty map {label: [expert, ...]}")
         normalised = {}
         for label, experts in self.label_to_expert.items():
@@ -227,16 +201,94 @@ class MoeConfig:
             check(isinstance(experts, (list, tuple)) and bool(experts)
                   and all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in experts),
                   f"{key}.{label}", experts, "a non-empty list of expert indices (integers, 0 or more)")
-            if self.upcycling.enabled:
-                check(max(experts) < self.upcycling.num_experts, f"{key}.{label}", list(experts),
-                      f"expert indices below moe.upcycling.num_experts ({self.upcycling.num_experts})")
             normalised[label] = tuple(dict.fromkeys(experts))
         object.__setattr__(self, "label_to_expert", normalised)
 
 
+@dataclass(frozen=True)
+class ExpertParallelConfig:
+    """The MoE blocks of upcycled MPT models in training: native, or DeepSpeed MoE split across ranks."""
+
+    backend: Literal["native", "deepspeed"] = opt(
+        "native", "MoE block of upcycled MPT models (moe.upcycling.enabled, or an mpt_moe checkpoint) in training: "
+        "deepspeed splits the experts across ranks (needs a DeepSpeed launch, not ZeRO-3); runs save the native layout "
+        "either way."
+    )
+    size: int = opt(
+        1, "With backend: deepspeed, how many ranks the experts are split across (each holds "
+        "moe.upcycling.num_experts / this many); it must divide the number of processes."
+    )
+
+    def __post_init__(self) -> None:
+        check(self.size >= 1, "moe.expert_parallel.size", self.size, "a positive integer")
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Mixture-of-Experts settings: the balance losses, what trains, and the sections for each concern."""
+
+    use_auxiliary_loss: bool = opt(True, "Add the load-balancing (auxiliary) loss of the model's router to the LM "
+                                   "loss (see Supported model families: the Switch loss where transformers computes "
+                                   "one, else by the router's kind).")
+    auxiliary_loss_weight: float = opt(0.001, "Weight of the auxiliary loss (Mixtral's router_aux_loss_coef, "
+                                       "DeepSeek's aux_loss_alpha).")
+    router_z_loss_weight: float = opt(0.0, "Weight of the router z-loss (ST-MoE); 0 turns it off.")
+    router_bias_update_rate: float = opt(
+        0.0, "Aux-loss-free balancing (DeepSeek-V3): after each step every expert's router correction bias moves by "
+        "this much toward balanced load; saved with the adapter. Routers with a correction bias only (see Supported model "
+        "families); 0 = off."
+    )
+    freeze_router: bool = opt(True, "Keep the router frozen; false trains it and saves it in the adapter.")
+    expert_training: Literal["full", "lora", "frozen", "esft"] | None = opt(
+        None, "How the routed experts train: full (every expert weight; with lora.enabled a trained copy of the experts "
+        "is saved with the adapter, so they take twice their memory), lora (LoRA per expert with moe.expert_lora: on "
+        "the fused 3-D expert parameters through PEFT target_parameters, or on each expert's Linears), frozen, or "
+        "esft: only the experts moe.esft.experts selects train, everything else frozen (needs lora.enabled: false). "
+        "null: frozen for pretrained models, full for upcycled MPT."
+    )
+    expert_lora: ExpertLoraConfig = opt(ExpertLoraConfig(), "LoRA on the routed experts (moe.expert_training: lora).")
+    esft: EsftConfig = opt(EsftConfig(), "Expert-specialised fine-tuning (moe.expert_training: esft).")
+    shared_experts: SharedExpertsConfig = opt(SharedExpertsConfig(), "Training the shared experts.")
+    monitor: MonitorConfig = opt(MonitorConfig(), "Expert usage and collapse warnings during training.")
+    router_supervision: RouterSupervisionConfig = opt(
+        RouterSupervisionConfig(), "Label-guided routing from the samples' expert_label."
+    )
+    expert_parallel: ExpertParallelConfig = opt(
+        ExpertParallelConfig(), "The MoE blocks of upcycled MPT models: native, or DeepSpeed MoE across ranks."
+    )
+    upcycling: UpcyclingConfig = opt(
+        UpcyclingConfig(), "Sparse upcycling of a dense MPT into an MoE, and the MoE blocks it creates."
+    )
+
+    def __post_init__(self) -> None:
+        check(self.auxiliary_loss_weight >= 0, "moe.auxiliary_loss_weight", self.auxiliary_loss_weight, "0 or more")
+        check(self.router_z_loss_weight >= 0, "moe.router_z_loss_weight", self.router_z_loss_weight, "0 or more")
+        check(self.router_bias_update_rate >= 0, "moe.router_bias_update_rate", self.router_bias_update_rate, "0 or more")
+        supervision = self.router_supervision
+        if supervision.weight > 0:
+            # A frozen router cannot learn the routing it is told: the loss would be logged and do nothing.
+            check(self.upcycling.enabled or not self.freeze_router, "moe.freeze_router", self.freeze_router,
+                  "false when moe.router_supervision.weight is above 0 (the router must train to follow the labels)")
+        if self.upcycling.enabled and isinstance(supervision.label_to_expert, dict):
+            for label, experts in supervision.label_to_expert.items():
+                check(max(experts) < self.upcycling.num_experts, f"moe.router_supervision.label_to_expert.{label}",
+                      list(experts), f"expert indices below moe.upcycling.num_experts ({self.upcycling.num_experts})")
+        if self.expert_training == "esft":
+            check(self.esft.experts is not None, "moe.esft.experts", self.esft.experts,
+                  "the experts.json of `moetune experts` when moe.expert_training is esft")
+        if self.expert_parallel.backend == "deepspeed":
+            if self.upcycling.num_experts % self.expert_parallel.size:
+                raise ConfigError("moe.expert_parallel.size", f"moe.upcycling.num_experts ({self.upcycling.num_experts}) "
+                                  f"must be divisible by moe.expert_parallel.size ({self.expert_parallel.size}).")
+            # DeepSpeed's gate would compute something else than the native mpt_moe model the run is saved as.
+            check(self.upcycling.top_k == 2, "moe.upcycling.top_k", self.upcycling.top_k,
+                  "2 with moe.expert_parallel.backend: deepspeed (its top-1 gate scales each expert output by the router "
+                  "probability; the native block gives the chosen expert weight 1)")
+            check(self.upcycling.router_jitter in (0.0, 0.01), "moe.upcycling.router_jitter", self.upcycling.router_jitter,
+                  "0 or 0.01 with moe.expert_parallel.backend: deepspeed (DeepSpeed's jitter has a fixed epsilon of 0.01)")
+
+
 # ---------------------------------------------------------------------------------------- data
-
-
 
 
 @dataclass(frozen=True)
@@ -273,9 +325,6 @@ class DataConfig:
 
 
 # ------------------------------------------------------------------------------------ training
-
-SCHEDULERS = ("cosine", "linear", "constant", "cosine_with_restarts")
-OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adafactor", "sgd", "adamw_8bit")
 
 
 @dataclass(frozen=True)
@@ -334,6 +383,11 @@ class TrainingConfig:
     auto_find_batch_size: bool = opt(
         False, "On out-of-memory, retry with half the per-device batch and twice the accumulation (same effective batch)."
     )
+    plan_check: Literal["warn", "error"] = opt(
+        "warn", "On a GPU machine, before loading weights, the run is planned as `moetune plan` does; a plan over the "
+        "visible GPUs' memory is one paragraph (the parts, the largest micro-batch that fits, the knobs): a warning, "
+        "or with error a refusal (exit 2)."
+    )
 
     def __post_init__(self) -> None:
         t = "training."
@@ -371,7 +425,9 @@ class TrainingConfig:
 class ValidationConfig:
     """The held-out split used for eval loss and perplexity."""
 
-    validation_split: float = opt(0.05, "Fraction of source files held out for validation (split by file, seeded).")
+    validation_split: float = opt(
+        0.05, "Fraction of split units held out for validation, seeded: each source kind names its unit (a Rust "
+        "source file, a QA question), and all samples of one unit land on the same side.")
     max_eval_samples: int | None = opt(None, "Cap on validation samples per evaluation; null = all.")
 
     def __post_init__(self) -> None:
@@ -409,7 +465,7 @@ class AdvancedConfig:
     use_cpu_offload: bool = opt(False, "Offload optimizer state (ZeRO-1/2/3) and parameters (ZeRO-3, FSDP) to CPU "
                                 "memory. Needs a DeepSpeed or FSDP launch; refused in a plain or DDP run.")
     torch_compile: bool = opt(False, "Compile each decoder layer with torch.compile (regional compilation). Not "
-                              "with ZeRO-3 or moe.backend: deepspeed. About a minute of compiling first (docs/benchmarks.md).")
+                              "with ZeRO-3 or moe.expert_parallel.backend: deepspeed. About a minute of compiling first (docs/benchmarks.md).")
     early_stopping_patience: int | None = opt(None, "Stop after this many evaluations without improvement; null = off.")
     early_stopping_threshold: float = opt(0.0, "Smallest improvement of the metric that counts.")
     max_bad_steps: int = opt(10, "Consecutive NaN/inf-loss steps tolerated (each skipped) before saving and stopping.")
@@ -462,9 +518,17 @@ class Config:
         if self.moe.upcycling.enabled and self.model.architecture not in (None, "mpt"):
             raise ConfigError("moe.upcycling.enabled", "moe.upcycling.enabled turns a dense MPT model into an MoE; "
                               f"model.architecture is {self.model.architecture!r}, which is already an MoE.")
-        if self.moe.expert_training == "esft" and (self.lora.enabled or self.moe.backend != "native"):
+        self._check_what_trains()
+        backend = self.moe.expert_parallel.backend
+        if backend == "deepspeed" and self.model.architecture not in (None, "mpt"):
+            raise ConfigError("moe.expert_parallel.backend", deepspeed_backend_message(self.model.architecture))
+        if self.advanced.torch_compile and backend == "deepspeed":
+            raise ConfigError("advanced.torch_compile", "advanced.torch_compile does not apply to "
+                              "moe.expert_parallel.backend: deepspeed, whose MoE layers exchange tokens between ranks "
+                              "inside the forward pass; use moe.expert_parallel.backend: native to compile.")
+        if self.moe.expert_training == "esft" and (self.lora.enabled or self.moe.expert_parallel.backend != "native"):
             raise ConfigError("moe.expert_training", "moe.expert_training: esft trains the selected experts themselves "
-                              "and freezes everything else, so it takes lora.enabled: false and moe.backend: native.")
+                              "and freezes everything else, so it takes lora.enabled: false and moe.expert_parallel.backend: native.")
         if self.advanced.early_stopping_patience is not None and self.validation.validation_split == 0:
             raise ConfigError("advanced.early_stopping_patience", "advanced.early_stopping_patience needs a validation split; "
                               "validation.validation_split is 0.")
@@ -475,3 +539,28 @@ class Config:
             raise ConfigError("model.architecture", "model.random_init builds a model from config, so it needs "
                               f"model.architecture ({' | '.join(FAMILY_NAMES)}) and usually model.config_overrides "
                               "(e.g. {num_hidden_layers: 2, hidden_size: 64}).")
+
+    def _check_what_trains(self) -> None:
+        """What an adapter, quantised weights and upcycling need of each other (no model needed to tell)."""
+        quantised = self.model.load_in_4bit or self.model.load_in_8bit
+        if quantised and not self.lora.enabled:
+            raise ConfigError("lora.enabled", "model.load_in_4bit/load_in_8bit freeze the base weights in a quantised "
+                              "format, so only an adapter can train: set lora.enabled: true.")
+        if quantised and self.moe.upcycling.enabled:
+            raise ConfigError("moe.upcycling.enabled", "moe.upcycling.enabled copies dense FFN weights into experts, "
+                              "which cannot be done on 4/8-bit weights; upcycle first (`moetune upcycle`), then train "
+                              "the saved model.")
+        if self.moe.expert_training == "lora" and not self.lora.enabled:
+            raise ConfigError("moe.expert_training", "moe.expert_training is 'lora' but lora.enabled is false; enable "
+                              "LoRA or choose moe.expert_training: full or frozen.")
+        shared = self.moe.shared_experts
+        if shared.train and shared.method == "lora" and not self.lora.enabled:
+            raise ConfigError("moe.shared_experts.method", "moe.shared_experts.method is 'lora' but lora.enabled is "
+                              "false; enable LoRA or choose moe.shared_experts.method: full.")
+
+
+def deepspeed_backend_message(family: str) -> str:
+    """Why ``moe.expert_parallel.backend: deepspeed`` is refused for ``family``: only upcycled MPT has blocks it
+    can swap."""
+    return (f"moe.expert_parallel.backend: deepspeed swaps the MoE blocks of upcycled MPT models; {family} keeps its "
+            "own blocks (use backend: native).")

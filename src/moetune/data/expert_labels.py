@@ -1,7 +1,7 @@
-"""Which label id each training sample carries for label-guided routing (``moe.router_supervision_weight``).
+"""Which label id each training sample carries for label-guided routing (``moe.router_supervision.weight``).
 
 Label ids index a vocabulary: the ``expert_label`` values seen in the training records for
-``moe.label_to_expert: auto`` (most frequent first), or the explicit map's labels (sorted). Samples without a label, or with one
+``moe.router_supervision.label_to_expert: auto`` (most frequent first), or the explicit map's labels (sorted). Samples without a label, or with one
 the map does not name, get ``NO_LABEL``. :mod:`moetune.models.routing.supervision` turns an id into
 the label's experts with the same vocabulary order, so both sides agree without sharing state.
 """

@@ -2,11 +2,8 @@
 
 Every line of the built JSONL is one JSON object with either ``text`` (plain language-model
 samples) or ``prompt`` + ``completion`` (the loss is taken on the completion only), plus
-``source`` (``rust_repo`` | ``qa_jsonl``), ``kind`` and the source's metadata:
-
-- rust_repo: ``repo``, ``crate``, ``path`` (relative to the repository root), ``name``,
-  ``module``, ``start_line``, ``end_line``; instruction samples add ``item_kind``.
-- qa_jsonl: ``expert_label`` (null when the line had none), ``file``, ``line``.
+``source`` (the source kind that wrote it: a name of :data:`moetune.plugins.SOURCE_MODULES`),
+``kind`` and the source's metadata, which the kind's module in :mod:`moetune.data.sources` lists.
 """
 
 from __future__ import annotations

@@ -17,12 +17,13 @@ from pathlib import Path
 from moetune.config.schema import Config
 from moetune.data.sources import Evaluation, record_kind
 from moetune.errors import UserError
-from moetune.eval.generate import generate_texts, prompt_token_budget, rust_generation_prompt
+from moetune.eval.generation import generate_texts, prompt_token_budget, rust_generation_prompt
 from moetune.eval.load import load_base, load_eval_tokenizer, load_tuned, resolve_tuned_model
 from moetune.eval.qa_metrics import aggregate_scores, clean_prediction, exact_match, gold_answers, token_f1
 from moetune.eval.report import console_table, perplexity_section, write_report
 from moetune.eval.routing_report import build_routing_report, save_routing_heatmap
 from moetune.eval.scoring import ScoreResult, score_records
+from moetune.run_dir import EVAL_DIR
 
 
 @dataclass
@@ -46,7 +47,7 @@ def evaluate(config: Config, adapter_path: str | None = None, max_samples: int |
     if max_samples is not None and max_samples < 1:
         raise UserError(f"--max-samples must be a positive integer, got {max_samples}.")
     tuned_path = resolve_tuned_model(config, adapter_path)
-    out = Path(output_dir) if output_dir is not None else tuned_path.path / "eval"
+    out = Path(output_dir) if output_dir is not None else tuned_path.path / EVAL_DIR
     tokenizer = load_eval_tokenizer(config, tuned_path)
     validation = validation_records(config)
     samples = choose_samples(validation, max_samples, config.training.seed)

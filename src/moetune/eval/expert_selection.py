@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moetune.config.schema import Config
-from moetune.data.tokenizer import pad_token_id, with_pad_token
+from moetune.data.tokenizer import pad_token_id
 from moetune.errors import UserError
 
 METHODS = ("gate", "token")
@@ -71,7 +71,7 @@ def sample_scores(layers, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def score_experts(model, tokenizer, records: list[dict], max_seq_length: int, batch_size: int) -> ExpertScores:
     """The ESFT scores of ``model`` over ``records`` (dataset records), overall and per group."""
     from moetune.data.encode import encode_records
-    from moetune.data.packing import PaddingCollator
+    from moetune.data.padding import PaddingCollator
     from moetune.eval.routing_report import group_of
     from moetune.models.families import family_of
     from moetune.models.routing.capture import capture_routing
@@ -217,7 +217,7 @@ def run_expert_selection(config: Config, adapter_path: str | None = None, method
     summary = report["summary"]
     print(f"experts: {summary['selected']} of {summary['of']} experts selected; per MoE layer: "
           f"{' '.join(str(n) for n in summary['experts_per_layer'])}")
-    _say(f"experts: wrote {out} and {heatmap}; train them with moe.expert_training=esft moe.esft_experts={out} "
+    _say(f"experts: wrote {out} and {heatmap}; train them with moe.expert_training=esft moe.esft.experts={out} "
          "lora.enabled=false")
     return 0
 
@@ -230,20 +230,11 @@ def _load_model(config: Config, adapter_path: str | None, train_records: list[di
         tuned = resolve_tuned_model(config, adapter_path)
         tokenizer = load_eval_tokenizer(config, tuned)
         return load_tuned(config, tuned, tokenizer), tokenizer
-    from moetune.data.tokenizer import load_or_train_tokenizer
-    from moetune.run_dir import TOKENIZER_DIR
+    from moetune.data.tokenizer import load_run_tokenizer, tokenizer_training_texts
 
-    tokenizer_dir = Path(config.training.output_dir) / TOKENIZER_DIR
-    if config.model.random_init and config.model.tokenizer is None:
-        if (tokenizer_dir / "tokenizer.json").is_file():  # the run's own
-            tokenizer = load_or_train_tokenizer(config, None, save_dir=tokenizer_dir)
-        else:
-            # Trained on the training split as the training run will: the same texts give the same tokenizer.
-            texts = (r["text"] if "text" in r else r["prompt"] + r["completion"] for r in train_records)
-            tokenizer = load_or_train_tokenizer(config, texts)
-    else:
-        tokenizer = load_or_train_tokenizer(config)
-    tokenizer = with_pad_token(tokenizer)
+    # A tokenizer trained on the data and not saved yet is trained on the training split as the
+    # training run will: the same texts give the same tokenizer.
+    tokenizer = load_run_tokenizer(config, training_texts=lambda: tokenizer_training_texts(train_records))
     return load_base(config, tokenizer), tokenizer
 
 

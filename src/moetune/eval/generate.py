@@ -1,180 +1,190 @@
-"""Batched generation with the ``inference`` settings, and the prompts evaluation generates from.
+"""`moetune generate`: the fine-tuned model (and, on request, its base) on your own prompts.
 
-Prompts are left-padded so every row's last prompt token sits at the end of the batch and the
-new tokens line up; the KV cache is on. Router logits are switched off while generating:
-transformers' generation breaks when the model returns them.
+One prompt (``--prompt``) or prompts read from stdin (``--interactive``) are streamed to the
+terminal token by token; a prompts file (``--prompts``, one prompt per line, blank lines skipped)
+is generated in batches and written as JSON lines. The model is loaded as `moetune eval` loads it
+(:mod:`moetune.eval.load`) and generates with the ``inference`` settings. With ``--compare-base``
+the base model answers every prompt too: for an adapter that is the same model with the adapter
+switched off, so only one model is in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
-import time
-from collections.abc import Iterator
+import json
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
 
-import torch
-from tqdm.auto import tqdm
-
-from moetune.config.schema import InferenceConfig
-from moetune.data.tokenizer import pad_token_id
-from moetune.models.families import family_of
-
-# Items whose body sits between braces after a `keyword name` signature.
-_BODY_KEYWORDS = {"function": "fn", "struct": "struct", "enum": "enum", "trait": "trait", "module": "mod"}
+from moetune.config.schema import Config
+from moetune.errors import UserError
+from moetune.eval.generation import Completion, generate_completions, prompt_token_budget
+from moetune.eval.load import load_base, load_eval_tokenizer, load_tuned, resolve_tuned_model
 
 
-def rust_generation_prompt(record: dict) -> tuple[str, str] | None:
-    """(prompt, reference body) of a Rust item record, or None when it has no braced body.
+@dataclass
+class _Models:
+    """The fine-tuned model and how to run its base: ``base()`` is a context that yields the base model."""
 
-    The prompt is the record's text up to and including the item's opening brace: the file header,
-    doc comment, attributes, any ``impl`` header around a method, and the signature. The reference
-    is what lies between that brace and its matching closing brace.
+    tuned: object
+    base: Callable[[], contextlib.AbstractContextManager]
+
+
+def generate_from_prompts(config: Config, adapter_path: str | None = None, prompt: str | None = None,
+                          prompts_file: str | None = None, interactive: bool = False, output: str | None = None,
+                          compare_base: bool = False) -> int:
+    """Generate for ``prompt``, each line of ``prompts_file``, or each line read from stdin (``interactive``);
+    exactly one of the three. Returns the exit code (0).
+
+    ``adapter_path``: a PEFT adapter folder (default: the final adapter in training.output_dir) or a
+    merged model folder. ``output``: a JSONL file for the records (a prompts file's records go to
+    stdout without it). Each record has ``prompt``, ``completion``, ``prompt_tokens``,
+    ``completion_tokens`` and ``seconds``; with ``compare_base`` also ``base_completion``,
+    ``base_completion_tokens`` and ``base_seconds``.
     """
-    keyword = _BODY_KEYWORDS.get(record.get("kind", ""))
-    text, name = record.get("text"), record.get("name")
-    if keyword is None or not text or not name:
-        return None
-    signature = re.search(rf"\b{keyword}\s+{re.escape(name)}\b", text)
-    if signature is None:
-        return None
-    open_brace = text.find("{", signature.end())
-    close_brace = _matching_brace(text, open_brace) if open_brace >= 0 else -1
-    if close_brace < 0:
-        return None
-    return text[:open_brace + 1], text[open_brace + 1:close_brace]
+    if sum((prompt is not None, prompts_file is not None, interactive)) != 1:
+        raise UserError("Give exactly one of --prompt TEXT, --prompts FILE or --interactive.")
+    prompts = read_prompts(prompts_file) if prompts_file is not None else None
+    if prompts == []:
+        raise UserError(f"--prompts {prompts_file} holds no prompt (only blank lines).")
+    if output is not None and prompts_file is not None and Path(output).resolve() == Path(prompts_file).resolve():
+        raise UserError(f"--output {output} is the prompts file itself; writing there would destroy the prompts.")
+    tuned_path = resolve_tuned_model(config, adapter_path)
+    tokenizer = load_eval_tokenizer(config, tuned_path)
+    chat_template = _use_chat_template(config, tokenizer)
+    _say(f"generate: fine-tuned {tuned_path.kind}: {tuned_path.path}")
+    models = _load_models(config, tuned_path, tokenizer, compare_base)
+    with _open_output(output, default_stdout=prompts is not None) as sink:
+        if prompts is not None:
+            _generate_file(config, models, tokenizer, prompts, chat_template, compare_base, sink)
+        else:
+            lines = [prompt] if prompt is not None else _stdin_prompts()
+            for text in lines:
+                record = _generate_streamed(config, models, tokenizer, text, chat_template, compare_base)
+                _write(sink, record)
+    return 0
 
 
-def _matching_brace(text: str, open_index: int) -> int:
-    # Counting braces is wrong only for unbalanced braces inside string or char literals; such an
-    # item then gets a longer or shorter reference body, which is only shown, never scored.
-    depth = 0
-    for i in range(open_index, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-    return -1
+def read_prompts(path: str) -> list[str]:
+    """The prompts of a prompts file: one per line, blank lines skipped, line ends removed."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--prompts {path}: no such file.") from None
+    except IsADirectoryError:
+        raise UserError(f"--prompts {path} is a directory; pass a text file with one prompt per line.") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"--prompts {path} is not UTF-8 text (byte {err.start}); save it as UTF-8.") from None
+    except OSError as err:
+        raise UserError(f"--prompts {path} cannot be read ({err.strerror}).") from None
+    return [line for line in text.splitlines() if line.strip()]
 
 
-def prompt_token_budget(config) -> int:
-    """Most prompt tokens kept: room for the answer inside the context the model was trained on
-    (``model.max_seq_length``), but never less than half of it."""
-    max_len = config.model.max_seq_length
-    return max(max_len // 2, max_len - config.inference.max_new_tokens)
+def _load_models(config: Config, tuned_path, tokenizer, compare_base: bool) -> _Models:
+    if tuned_path.kind == "adapter":
+        tuned = load_tuned(config, tuned_path, tokenizer, base=load_base(config, tokenizer))
+
+        @contextlib.contextmanager
+        def base() -> Iterator[object]:
+            with tuned.disable_adapter():  # modules_to_save switch back too
+                yield tuned
+
+        return _Models(tuned, base)
+    tuned = load_tuned(config, tuned_path, tokenizer)
+    # A merged model holds no base weights of its own: the base is a second model, built only when asked for.
+    base_model = load_base(config, tokenizer) if compare_base else None
+    return _Models(tuned, lambda: contextlib.nullcontext(base_model))
 
 
-def generation_kwargs(inference: InferenceConfig, tokenizer) -> dict:
-    """``model.generate`` keyword arguments for the inference section (sampling knobs only when sampling)."""
-    kwargs = {"max_new_tokens": inference.max_new_tokens, "do_sample": inference.do_sample,
-              "repetition_penalty": inference.repetition_penalty, "use_cache": True,
-              "pad_token_id": pad_token_id(tokenizer),
-              "eos_token_id": tokenizer.eos_token_id}
-    if inference.do_sample:
-        kwargs.update(temperature=inference.temperature, top_k=inference.top_k, top_p=inference.top_p)
-    return kwargs
+def _use_chat_template(config: Config, tokenizer) -> bool:
+    if not config.inference.use_chat_template:
+        return False
+    if getattr(tokenizer, "chat_template", None):
+        return True
+    _say("generate: inference.use_chat_template is true but the tokenizer has no chat template; "
+         "prompts are used as written")
+    return False
 
 
-@dataclass(frozen=True)
-class Completion:
-    """One prompt's continuation: its text (special tokens removed), the tokens the model was given
-    (bos included, after truncation), the tokens it generated (up to and including eos), and the
-    wall time of the ``generate`` call that produced it (the whole batch's)."""
-
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    seconds: float
-
-
-def generate_texts(model, tokenizer, prompts: list[str], inference: InferenceConfig, batch_size: int,
-                   max_prompt_tokens: int, seed: int, desc: str = "generate") -> list[str]:
-    """The continuation of each prompt (special tokens removed), in prompt order; see :func:`generate_completions`."""
-    return [c.text for c in generate_completions(model, tokenizer, prompts, inference, batch_size, max_prompt_tokens,
-                                                 seed, desc=desc)]
+def _generate_file(config: Config, models: _Models, tokenizer, prompts: list[str], chat_template: bool,
+                   compare_base: bool, sink: IO[str]) -> None:
+    tuned = _run(config, models.tuned, tokenizer, prompts, chat_template, desc="tuned")
+    base: list[Completion] = []
+    if compare_base:
+        with models.base() as base_model:
+            base = _run(config, base_model, tokenizer, prompts, chat_template, desc="base")
+    for index, (text, completion) in enumerate(zip(prompts, tuned, strict=True)):
+        _write(sink, _record(text, completion, base[index] if base else None))
 
 
-@torch.no_grad()
-def generate_completions(model, tokenizer, prompts: list[str], inference: InferenceConfig, batch_size: int,
-                         max_prompt_tokens: int, seed: int, desc: str | None = "generate", chat_template: bool = False,
-                         streamer=None) -> list[Completion]:
-    """The :class:`Completion` of each prompt, in prompt order.
+def _generate_streamed(config: Config, models: _Models, tokenizer, text: str, chat_template: bool,
+                       compare_base: bool) -> dict:
+    from transformers import TextStreamer
 
-    Each prompt is encoded as in training (bos + tokens, no eos), or, with ``chat_template``, as one
-    user message in the tokenizer's chat template (which places its own special tokens), and keeps
-    its last ``max_prompt_tokens`` tokens. Prompt and continuation together stay within the model's
-    context (the length its family's context key gives): a model with learned or ALiBi positions fails past it.
-    Sampling is seeded with ``seed``, so the base and the tuned model draw from the same random
-    stream. ``streamer`` (a transformers ``TextStreamer``) receives the tokens as they come; it
-    takes one prompt at a time. ``desc`` None shows no progress bar.
-    """
-    if not prompts:
-        return []
-    if streamer is not None and len(prompts) != 1:
-        raise ValueError("a streamer takes exactly one prompt")
-    model.eval()
-    device = next(model.parameters()).device
-    kwargs = generation_kwargs(inference, tokenizer)
-    if streamer is not None:
-        kwargs["streamer"] = streamer
-    context = family_of(model).context_length(model.config)
-    if context is not None:
-        max_prompt_tokens = min(max_prompt_tokens, context - 1)
-    encoded = [ids[-max_prompt_tokens:] for ids in encode_prompts(tokenizer, prompts, chat_template)]
-    # Similar lengths together waste less padding; results go back in prompt order.
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    outputs: list[Completion | None] = [None] * len(prompts)
-    torch.manual_seed(seed)
-    with _router_logits_off(model):
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", dynamic_ncols=True,
-                          disable=desc is None):
-            rows = order[start:start + batch_size]
-            input_ids, attention_mask = _left_pad([encoded[i] for i in rows], kwargs["pad_token_id"])
-            if context is not None:
-                kwargs["max_new_tokens"] = min(inference.max_new_tokens, context - input_ids.shape[1])
-            started = time.perf_counter()
-            generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
-            seconds = time.perf_counter() - started
-            for i, new_tokens in zip(rows, generated[:, input_ids.shape[1]:].tolist(), strict=True):
-                new_tokens = new_tokens[:_completion_length(new_tokens, tokenizer.eos_token_id)]
-                outputs[i] = Completion(tokenizer.decode(new_tokens, skip_special_tokens=True), len(encoded[i]),
-                                        len(new_tokens), seconds)
-    return outputs
+    if compare_base:
+        print("[tuned] ", end="", flush=True)
+    tuned = _run(config, models.tuned, tokenizer, [text], chat_template, streamer=TextStreamer(
+        tokenizer, skip_prompt=True, skip_special_tokens=True))[0]
+    base = None
+    if compare_base:
+        print("[base] ", end="", flush=True)
+        with models.base() as base_model:
+            base = _run(config, base_model, tokenizer, [text], chat_template, streamer=TextStreamer(
+                tokenizer, skip_prompt=True, skip_special_tokens=True))[0]
+    return _record(text, tuned, base)
 
 
-def encode_prompts(tokenizer, prompts: list[str], chat_template: bool = False) -> list[list[int]]:
-    """Token ids of each prompt: bos + its tokens as in training, or its chat-template rendering as one user message."""
-    if chat_template:
-        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True, add_generation_prompt=True,
-                                              return_dict=False) for p in prompts]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return [bos + ids for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+def _run(config: Config, model, tokenizer, prompts: list[str], chat_template: bool, desc: str | None = None,
+         streamer=None) -> list[Completion]:
+    return generate_completions(model, tokenizer, prompts, config.inference, config.training.per_device_eval_batch_size,
+                                prompt_token_budget(config), config.training.seed, desc=desc,
+                                chat_template=chat_template, streamer=streamer)
 
 
-def _completion_length(new_tokens: list[int], eos_id: int | None) -> int:
-    # A row that ended early is filled up to the batch's length with padding, which may be eos itself.
-    if eos_id is not None and eos_id in new_tokens:
-        return new_tokens.index(eos_id) + 1
-    return len(new_tokens)
+def _record(prompt: str, tuned: Completion, base: Completion | None) -> dict:
+    record = {"prompt": prompt, "completion": tuned.text, "prompt_tokens": tuned.prompt_tokens,
+              "completion_tokens": tuned.completion_tokens, "seconds": round(tuned.seconds, 3)}
+    if base is not None:
+        record.update(base_completion=base.text, base_completion_tokens=base.completion_tokens,
+                      base_seconds=round(base.seconds, 3))
+    return record
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-    return ids, mask
+def _stdin_prompts() -> Iterator[str]:
+    """Lines typed (or piped) on stdin until EOF, blank ones skipped."""
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.rstrip("\n")
 
 
 @contextlib.contextmanager
-def _router_logits_off(model) -> Iterator[None]:
-    config = getattr(model, "config", None)
-    previous = getattr(config, "output_router_logits", None)
-    if previous:
-        config.output_router_logits = False
+def _open_output(output: str | None, default_stdout: bool) -> Iterator[IO[str] | None]:
+    if output is None:
+        yield sys.stdout if default_stdout else None
+        return
+    path = Path(output)
     try:
-        yield
-    finally:
-        if previous:
-            config.output_router_logits = previous
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sink = path.open("w", encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"--output {output} cannot be written ({err.strerror}).") from None
+    with sink:
+        yield sink
+    _say(f"generate: wrote {path}")
+
+
+def _write(sink: IO[str] | None, record: dict) -> None:
+    if sink is not None:
+        sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+        sink.flush()
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr)

@@ -16,12 +16,8 @@ from typing import Literal
 import torch
 
 from moetune.config.schema import Config
-from moetune.data.tokenizer import with_pad_token
 from moetune.errors import UserError, first_line
-from moetune.run_dir import ADAPTER_CONFIG, FULL_MODEL_WEIGHTS, TOKENIZER_DIR, latest_checkpoint
-
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+from moetune.run_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FULL_MODEL_WEIGHTS, MODEL_CONFIG, latest_checkpoint
 
 
 @dataclass(frozen=True)
@@ -50,7 +46,7 @@ def resolve_tuned_model(config: Config, adapter_path: str | Path | None) -> Tune
 
     if is_esft_folder(path):
         return TunedModelPath(path, "esft")
-    if (path / "config.json").is_file() and (any(path.glob(FULL_MODEL_WEIGHTS)) or any(path.glob("pytorch_model*.bin"))):
+    if (path / MODEL_CONFIG).is_file() and (any(path.glob(FULL_MODEL_WEIGHTS)) or any(path.glob("pytorch_model*.bin"))):
         return TunedModelPath(path, "merged")
     latest = latest_checkpoint(path)
     hint = f" It holds checkpoints; the run has not finished: pass --adapter-path {latest}." if latest else ""
@@ -95,29 +91,10 @@ def _is_names(value, allow_str: bool) -> bool:
 
 
 def load_eval_tokenizer(config: Config, tuned: TunedModelPath):
-    """The tokenizer the model was trained with.
+    """The tokenizer the model was trained with (:func:`moetune.data.tokenizer.saved_tokenizer_folder` decides)."""
+    from moetune.data.tokenizer import load_run_tokenizer
 
-    The folder's own tokenizer files when present (a run saves them beside its final adapter), else
-    the run's ``tokenizer/`` folder one level up (beside checkpoint-<step>), else what
-    :func:`moetune.data.tokenizer.load_or_train_tokenizer` gives for the config.
-    """
-    from transformers import AutoTokenizer
-
-    from moetune.data.tokenizer import load_or_train_tokenizer
-
-    for folder in (tuned.path, tuned.path.parent / TOKENIZER_DIR):
-        if any((folder / name).is_file() for name in TOKENIZER_FILES):
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=config.model.trust_remote_code)
-            except (OSError, ValueError) as err:
-                raise UserError(f"The tokenizer files in {folder} cannot be read ({err}).") from None
-            break
-    else:
-        trained_on_data = config.model.random_init and config.model.tokenizer is None
-        run_tokenizer = Path(config.training.output_dir) / TOKENIZER_DIR
-        tokenizer = load_or_train_tokenizer(config, None, save_dir=run_tokenizer if trained_on_data else None)
-    tokenizer = with_pad_token(tokenizer)
-    return tokenizer
+    return load_run_tokenizer(config, model_dir=tuned.path)
 
 
 def load_base(config: Config, tokenizer):

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moetune.data.encode import encode_records
-from moetune.data.packing import PaddingCollator
+from moetune.data.padding import PaddingCollator
 from moetune.data.tokenizer import pad_token_id
 from moetune.eval.routing_report import group_of
 from moetune.models.families import family_of

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from moetune.errors import UserError
+from moetune.errors import ConfigError
 
 EXPERTS_NAME = "experts"
 
@@ -45,6 +45,14 @@ def find_moe_blocks(model: nn.Module, router_name: str) -> list[MoeBlockInfo]:
         if EXPERTS_NAME in children and router_name in children:
             blocks.append(MoeBlockInfo(path=path, router_name=router_name, module=module))
     return blocks
+
+
+def count_experts(experts: nn.Module) -> int:
+    """How many routed experts a block's ``experts`` child holds: modules of a ModuleList, or dim 0 of its fused
+    (E, ...) tensors."""
+    if isinstance(experts, nn.ModuleList):
+        return len(experts)
+    return next(iter(experts.parameters())).shape[0]
 
 
 def is_expert_parameter(name: str) -> bool:
@@ -122,8 +130,8 @@ def resolve_target_modules(model: nn.Module, targets: tuple[str, ...], aliases: 
     for target in targets:
         found = [name for name in aliases.get(target, (target,)) if name in leaf_names]
         if not found:
-            raise UserError(f"{key} names {target!r}, but this model has no Linear module of that name; its Linear "
-                            f"modules are called {sorted(leaf_names)}.")
+            raise ConfigError(key, f"{key} names {target!r}, but this model has no Linear module of that name; its "
+                              f"Linear modules are called {sorted(leaf_names)}.")
         wanted.update(found)
     chosen = []
     for name in linears:
@@ -132,7 +140,8 @@ def resolve_target_modules(model: nn.Module, targets: tuple[str, ...], aliases: 
             continue
         chosen.append(name)
     if not chosen:
-        raise UserError(f"{key} {list(targets)} with lora.exclude_modules {list(exclude)} leaves no module to adapt.")
+        raise ConfigError(key, f"{key} {list(targets)} with lora.exclude_modules {list(exclude)} leaves no module to "
+                          "adapt.")
     return chosen
 
 

@@ -90,7 +90,7 @@ def build_accelerator(config: Config):
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None and plugin.deepspeed_config.get("gradient_clipping") == "auto":
         plugin.deepspeed_config["gradient_clipping"] = t.max_grad_norm  # accelerate would fill 1.0
-    if config.moe.backend == "deepspeed":
+    if config.moe.expert_parallel.backend == "deepspeed":
         check_deepspeed_moe_launch(config, accelerator)
     if config.advanced.use_cpu_offload:
         apply_cpu_offload(accelerator)
@@ -153,36 +153,34 @@ def log_cpu_offload(accelerator) -> None:
 
 
 def check_compile_launch(config: Config, accelerator) -> None:
-    """``advanced.torch_compile`` compiles decoder layers; refuse the launches where that cannot trace."""
+    """``advanced.torch_compile`` compiles decoder layers; refuse the launches where that cannot trace (the
+    config's own conflict, with ``moe.expert_parallel.backend: deepspeed``, is the schema's)."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None and plugin.zero_stage == 3:
         raise UserError("advanced.torch_compile does not apply under ZeRO-3: its parameters are gathered by hooks "
                         "around every module, which torch.compile cannot trace through layer by layer. Use ZeRO-2 "
                         "(accelerate_config.yaml) or set advanced.torch_compile: false.")
-    if config.moe.backend == "deepspeed":
-        raise UserError("advanced.torch_compile does not apply to moe.backend: deepspeed, whose MoE layers exchange "
-                        "tokens between ranks inside the forward pass; use moe.backend: native to compile.")
 
 
 def check_deepspeed_moe_launch(config: Config, accelerator) -> None:
-    """``moe.backend: deepspeed`` needs a DeepSpeed launch (not ZeRO-3) whose process count the
+    """``moe.expert_parallel.backend: deepspeed`` needs a DeepSpeed launch (not ZeRO-3) whose process count the
     expert-parallel size divides; anything else is a UserError before anything is built."""
     plugin = accelerator.state.deepspeed_plugin
-    ep_size = config.moe.expert_parallel_size
+    ep_size = config.moe.expert_parallel.size
     if plugin is None:
         # A DeepSpeed MoE layer gets its expert-parallel groups, and its experts their gradient
         # reduction, from the DeepSpeed engine; under DDP every rank would average other ranks' experts.
-        raise UserError("moe.backend: deepspeed needs the run launched under DeepSpeed: the DeepSpeed engine sets up "
+        raise UserError("moe.expert_parallel.backend: deepspeed needs the run launched under DeepSpeed: the DeepSpeed engine sets up "
                         "the expert-parallel groups and reduces expert gradients. Launch with an accelerate config "
                         "that uses DeepSpeed ZeRO-2, e.g. `accelerate launch --config_file accelerate_config.yaml -m "
-                        "moetune train --config <this config>` (or `bash train.sh`), or set moe.backend: native.")
+                        "moetune train --config <this config>` (or `bash train.sh`), or set moe.expert_parallel.backend: native.")
     if plugin.zero_stage == 3:
-        raise UserError("moe.backend: deepspeed cannot run under ZeRO-3: DeepSpeed does not support its MoE layers "
+        raise UserError("moe.expert_parallel.backend: deepspeed cannot run under ZeRO-3: DeepSpeed does not support its MoE layers "
                         "with ZeRO stage 3. Launch with ZeRO-2 (accelerate_config.yaml, deepspeed_moe_config.json) or "
-                        "use moe.backend: native, which ZeRO-3 supports.")
+                        "use moe.expert_parallel.backend: native, which ZeRO-3 supports.")
     if plugin.deepspeed_config.get("use_data_before_expert_parallelism"):
-        raise UserError("moe.backend: deepspeed places experts on runs of consecutive ranks; remove "
+        raise UserError("moe.expert_parallel.backend: deepspeed places experts on runs of consecutive ranks; remove "
                         "\"use_data_before_expert_parallelism\" from the DeepSpeed config.")
     if accelerator.num_processes % ep_size:
-        raise ConfigError("moe.expert_parallel_size", f"moe.expert_parallel_size ({ep_size}) must divide the number "
+        raise ConfigError("moe.expert_parallel.size", f"moe.expert_parallel.size ({ep_size}) must divide the number "
                           f"of processes ({accelerator.num_processes}); each group of {ep_size} ranks shares the experts.")

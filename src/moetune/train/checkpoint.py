@@ -192,7 +192,7 @@ def install_adapter_hooks(accelerator) -> None:
     Accelerate would otherwise save the whole state dict, frozen Mixtral experts included (~90 GB per
     checkpoint). Under DeepSpeed the engine saves its own shards; the PEFT files are written as well so
     every checkpoint loads with ``PeftModel.from_pretrained``, in the native MoE layout also under
-    ``moe.backend: deepspeed`` (the engine's own files keep DeepSpeed's names, for resuming).
+    ``moe.expert_parallel.backend: deepspeed`` (the engine's own files keep DeepSpeed's names, for resuming).
     """
 
     def save_hook(models, weights, output_dir):

@@ -1,7 +1,7 @@
 """Expert usage: how the routed tokens spread over experts, per layer, and how balanced that is.
 
 The trainer accumulates (layers, experts) top-k assignment counts on the device between log steps
-(``moetune.models.loss.objective.expert_token_counts``) and sums them across processes only when it logs,
+(``moetune.models.routing.capture.expert_token_counts``) and sums them across processes only when it logs,
 so counting costs no host sync per step. This module turns those counts into figures.
 """
 

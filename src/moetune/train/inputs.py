@@ -17,21 +17,18 @@ def build_training_inputs(config: Config, accelerator):
     """
     from transformers import AutoTokenizer
 
-    from moetune.data.packing import build_dataloaders
+    from moetune.data.dataloaders import build_dataloaders
     from moetune.data.split import load_splits
-    from moetune.data.tokenizer import load_or_train_tokenizer
+    from moetune.data.tokenizer import load_run_tokenizer, tokenizer_training_texts
     from moetune.models.families import packs_by_position_ids
     from moetune.models.load.factory import build_model
     from moetune.models.load.kernels import flattens_packed_rows
 
     tokenizer_dir = Path(config.training.output_dir) / TOKENIZER_DIR
     with accelerator.main_process_first():
-        if accelerator.is_main_process:
-            texts = None
-            if config.model.random_init and config.model.tokenizer is None and not (tokenizer_dir / "tokenizer.json").is_file():
-                train_records, _ = load_splits(config)
-                texts = (r["text"] if "text" in r else r["prompt"] + r["completion"] for r in train_records)
-            tokenizer = load_or_train_tokenizer(config, texts, save_dir=tokenizer_dir)
+        if accelerator.is_main_process:  # saved into the run folder, where checkpoints and evaluation find it
+            tokenizer = load_run_tokenizer(config, training_texts=lambda: tokenizer_training_texts(load_splits(config)[0]),
+                                           save_dir=tokenizer_dir)
         else:  # what the main process just saved (output_dir is on a filesystem every node sees)
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     model = build_model(config, tokenizer, seed=config.training.seed,

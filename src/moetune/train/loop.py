@@ -47,6 +47,8 @@ from moetune.train.optim import (
 )
 from moetune.train.out_of_memory import AttemptFiles, halved_batch, out_of_memory_message
 from moetune.train.output_dir import check_output_dir, save_run_config
+from moetune.train.plan_check import check_plan
+from moetune.train.preflight import check_before_training
 from moetune.train.run_lock import RunLock
 from moetune.train.run_log import RunLog
 from moetune.train.signals import StopSignals
@@ -64,6 +66,9 @@ def train(config: Config) -> int:
     """
     stop, run_lock = StopSignals(), RunLock(config.training.output_dir)
     try:
+        # What validate checks, before anything is built or loaded: the config against the run folder and
+        # against its model on the meta device (a hub model's config is read for it).
+        check_before_training(config, read_hub=True)
         return _train_retrying(config, stop, run_lock)
     finally:
         run_lock.release()
@@ -101,6 +106,7 @@ def _train_once(config: Config, stop: StopSignals, run_lock: RunLock, files: Att
     check_output_dir(t.output_dir)  # before anything is created or built
     files.record()
     accelerator = build_accelerator(config)
+    check_plan(config, accelerator)  # on a GPU machine, before any weight is loaded
     if files.failed:  # only what the attempt that ran out of memory wrote
         if accelerator.is_main_process:
             files.remove_added()
@@ -153,10 +159,10 @@ def _train_once(config: Config, stop: StopSignals, run_lock: RunLock, files: Att
                         parts = compute_losses(model, batch, config)
                         backward_share(accelerator, parts.objective(step_tokens))
                     window_log.add(parts, batch)
-                    if parts.routing and (config.moe.monitor_expert_usage or update_biases is not None):
+                    if parts.routing and (config.moe.monitor.expert_usage or update_biases is not None):
                         counts = expert_token_counts(parts.routing, batch.get("attention_mask"))
                         step_usage = counts if step_usage is None else step_usage + counts
-                if step_usage is not None and config.moe.monitor_expert_usage:
+                if step_usage is not None and config.moe.monitor.expert_usage:
                     usage = step_usage if usage is None else usage + step_usage
                 state.batches_done_in_epoch += len(window)
                 epoch_ended = state.batches_done_in_epoch >= len(train_loader)
@@ -391,10 +397,10 @@ def _add_expert_usage(record: dict, counts: torch.Tensor, config: Config, log: R
     """Shares per layer into the record; balance scalars, the heatmap and collapse warnings to the log."""
     balance = summarize_usage(counts)
     record["expert_usage"] = [list(b.shares) for b in balance]
-    if config.moe.log_expert_metrics:
+    if config.moe.monitor.log_metrics:
         record["expert_scalars"] = usage_scalars(balance)
         log.image("expert_usage/heatmap", usage_heatmap(balance), step)
-        for warning in usage_warnings(balance, config.moe.starving_expert_share, config.moe.dominant_expert_share):
+        for warning in usage_warnings(balance, config.moe.monitor.starving_expert_share, config.moe.monitor.dominant_expert_share):
             log.warn(warning)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import warnings
 
@@ -29,7 +30,7 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def split_expert_parallel_groups(groups: list[dict], model: torch.nn.Module) -> list[dict]:
-    """Move the expert parameters of ``model``'s DeepSpeed MoE blocks (``moe.backend: deepspeed``) into
+    """Move the expert parameters of ``model``'s DeepSpeed MoE blocks (``moe.expert_parallel.backend: deepspeed``) into
     their own groups.
 
     ZeRO requires them there (groups marked ``moe``, one per expert-parallel group name): it reduces
@@ -62,12 +63,17 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.
     if cfg.optim == "sgd":
         return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=cfg.adam_beta1)
     if cfg.optim == "adamw_8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError("training.optim: adamw_8bit needs bitsandbytes: pip install 'moetune[quant]'.") from None
+        require_optimizer_package(cfg)
+        import bitsandbytes as bnb
+
         return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon)
     raise AssertionError(f"unhandled optimizer {cfg.optim}")  # the config's Literal makes this unreachable
+
+
+def require_optimizer_package(cfg: TrainingConfig) -> None:
+    """The package ``training.optim`` needs beyond torch (bitsandbytes for adamw_8bit), installed."""
+    if cfg.optim == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("training.optim: adamw_8bit needs bitsandbytes: pip install 'moetune[quant]'.")
 
 
 def total_optimizer_steps(t: TrainingConfig, batches_per_epoch: int) -> int:

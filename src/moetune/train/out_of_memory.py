@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 
 from moetune.config import Config
-from moetune.run_dir import METRICS_FILE
-from moetune.train.output_dir import LOCK_FILE, RUN_FILE, is_own_entry
+from moetune.run_dir import LOCK_FILE, METRICS_FILE, RUN_FILE
+from moetune.train.output_dir import is_own_entry
 
 
 def out_of_memory_message(config: Config) -> str:

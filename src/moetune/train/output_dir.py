@@ -20,27 +20,25 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moetune import run_dir
 from moetune.errors import RunFailure, UserError
-from moetune.run_dir import CHECKPOINT_NAME, PARTIAL_PREFIX
+from moetune.run_dir import CHECKPOINT_NAME, LOCK_FILE, PARTIAL_PREFIX, RUN_FILE
 
 if TYPE_CHECKING:
     from moetune.config import Config
 
-LOCK_FILE = ".moetune.lock"
-RUN_FILE = ".moetune-run.json"  # written when a run claims the folder; names the run holding the lock
-
-# Everything a run (and `moetune eval` with its default output folder) writes into output_dir.
-_OWN_ENTRY = re.compile(rf"""^(
-    config\.yaml | config\.yaml\.tmp | metrics\.jsonl | metrics\.jsonl\.tmp | runs | tokenizer | merged | eval
-  | {CHECKPOINT_NAME} | {re.escape(PARTIAL_PREFIX)}{CHECKPOINT_NAME}
-  | adapter_model\.safetensors | adapter_model\.bin | adapter_config\.json | README\.md
-  | esft_experts\.json | esft_experts\.safetensors
-  | tokenizer\.json | tokenizer_config\.json | special_tokens_map\.json | added_tokens\.json | chat_template\.jinja
-  | vocab\.json | merges\.txt | tokenizer\.model
-  | config\.json | generation_config\.json | model(-\d+-of-\d+)?\.safetensors | model\.safetensors\.index\.json
-  | \.moetune\.lock | \.moetune-run\.json
-)$""", re.VERBOSE)
-_RUN_EVIDENCE = re.compile(f"^(metrics\\.jsonl|{CHECKPOINT_NAME}|{re.escape(PARTIAL_PREFIX)}{CHECKPOINT_NAME})$")
+# Everything a run (and `moetune eval` with its default output folder) writes into output_dir: every
+# name of moetune.run_dir, and the names its patterns match.
+OWN_NAMES = frozenset((
+    LOCK_FILE, RUN_FILE, run_dir.CONFIG_FILE, run_dir.METRICS_FILE,
+    run_dir.CONFIG_FILE + run_dir.TMP_SUFFIX, run_dir.METRICS_FILE + run_dir.TMP_SUFFIX,
+    run_dir.TENSORBOARD_DIR, run_dir.TOKENIZER_DIR, run_dir.MERGED_DIR, run_dir.EVAL_DIR,
+    run_dir.ADAPTER_CONFIG, *run_dir.ADAPTER_WEIGHTS, run_dir.MODEL_CARD, *run_dir.ESFT_FILES, *run_dir.TOKENIZER_FILES,
+    run_dir.MODEL_CONFIG, run_dir.GENERATION_CONFIG, run_dir.FULL_MODEL_INDEX,
+))
+OWN_PATTERNS = (CHECKPOINT_NAME, re.escape(PARTIAL_PREFIX) + CHECKPOINT_NAME, run_dir.FULL_MODEL_SHARD)
+_OWN_PATTERN = re.compile("^(?:" + "|".join(OWN_PATTERNS) + ")$")
+_RUN_EVIDENCE = re.compile(f"^(?:{re.escape(run_dir.METRICS_FILE)}|{CHECKPOINT_NAME}|{re.escape(PARTIAL_PREFIX)}{CHECKPOINT_NAME})$")
 
 
 def check_output_dir(output_dir: str | Path) -> None:
@@ -83,12 +81,12 @@ def foreign_entries(root: Path) -> list[str]:
     claimed = RUN_FILE in names or any(_RUN_EVIDENCE.match(n) for n in names)
     if not claimed:  # a moetune name in a folder no run claimed (config.yaml, README.md) is the user's
         return [n for n in names if n != LOCK_FILE]
-    return [n for n in names if not _OWN_ENTRY.match(n)]
+    return [n for n in names if not is_own_entry(n)]
 
 
 def is_own_entry(name: str) -> bool:
     """Whether an entry of that name in a run folder is one moetune writes (the lock and run record included)."""
-    return _OWN_ENTRY.match(name) is not None
+    return name in OWN_NAMES or _OWN_PATTERN.match(name) is not None
 
 
 def is_disk_full(err: BaseException, directory: Path, needed_bytes: int) -> bool:
@@ -134,9 +132,9 @@ def final_files_or_no_space(directory: Path, needed_bytes: int):
     except Exception as err:
         if not is_disk_full(err, directory, needed_bytes):
             raise
-        for path in (directory, directory / "merged"):
+        for path in (directory, directory / run_dir.MERGED_DIR):
             for entry in path.iterdir() if path.is_dir() else ():
-                if entry.is_file() and entry.stat().st_mtime >= started - 1 and _OWN_ENTRY.match(entry.name):
+                if entry.is_file() and entry.stat().st_mtime >= started - 1 and is_own_entry(entry.name):
                     entry.unlink()
         raise no_space_failure(directory, needed_bytes, "the final adapter / model (the checkpoints are intact)",
                                "resume with training.resume_from_checkpoint=latest to write them") from None
@@ -154,8 +152,8 @@ def save_run_config(config: Config, output_dir: str | Path) -> Path:
     try:
         return save_config(config, root)
     except OSError as err:
-        (root / "config.yaml.tmp").unlink(missing_ok=True)
+        (root / (run_dir.CONFIG_FILE + run_dir.TMP_SUFFIX)).unlink(missing_ok=True)
         needed = len(dump_config(config).encode())
         if is_disk_full(err, root, needed):
-            raise no_space_failure(root, needed, "config.yaml", "run the same command again") from None
+            raise no_space_failure(root, needed, run_dir.CONFIG_FILE, "run the same command again") from None
         raise

@@ -19,7 +19,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from moetune.errors import UserError
-from moetune.train.output_dir import LOCK_FILE, RUN_FILE
+from moetune.run_dir import LOCK_FILE, RUN_FILE
 
 
 class RunLock:

@@ -15,6 +15,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from moetune.config import Config, config_to_dict
+from moetune.run_dir import METRICS_FILE, TENSORBOARD_DIR, TMP_SUFFIX
 
 
 def tracker_names(config: Config) -> list[str]:
@@ -23,7 +24,7 @@ def tracker_names(config: Config) -> list[str]:
 
 
 def logging_dir(config: Config) -> Path:
-    return Path(config.logging.logging_dir or Path(config.training.output_dir) / "runs")
+    return Path(config.logging.logging_dir or Path(config.training.output_dir) / TENSORBOARD_DIR)
 
 
 class RunLog:
@@ -31,7 +32,7 @@ class RunLog:
 
     def __init__(self, accelerator, config: Config, resumed_at_step: int | None = None):
         self.accelerator = accelerator
-        self.path = Path(config.training.output_dir) / "metrics.jsonl"
+        self.path = Path(config.training.output_dir) / METRICS_FILE
         self.main = accelerator.is_main_process
         if self.main and resumed_at_step is not None:
             self._truncate_after(resumed_at_step)
@@ -84,7 +85,7 @@ class RunLog:
                     kept.append(line if line.endswith("\n") else line + "\n")
             except (json.JSONDecodeError, KeyError):
                 continue  # a line cut short by the kill
-        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp = self.path.with_name(self.path.name + TMP_SUFFIX)
         tmp.write_text("".join(kept))
         tmp.replace(self.path)
 

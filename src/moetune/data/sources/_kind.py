@@ -5,10 +5,14 @@ A source module (``rust_repo.py``, ``qa_jsonl.py``, or one's own module named in
 knows about that kind lives there: its config class, how it turns a source into samples, what it
 counts, and how its records are split, grouped and evaluated. The generic build (temporary files,
 duplicate removal, the stats file) is :mod:`moetune.data.build`; it calls the fields below.
+A module that defines its hooks as functions named like the fields ends with
+``SOURCE = SourceKind.from_module(__name__, name=..., config_class=..., path_is=..., path_holds=...)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,3 +80,22 @@ class SourceKind:
     """What ``moetune eval`` does with a validation record beyond its loss: ``answer``: generate the
     completion of a prompt/completion record and score it against the gold answers; ``body``: generate
     a Rust item's body from its signature; ``loss``: nothing more."""
+
+    @classmethod
+    def from_module(cls, module_name: str, **facts: Any) -> SourceKind:
+        """The kind whose hooks are the functions of module ``module_name`` named like the fields above
+        (``add_samples``, ``new_stats``, ``summary_lines`` and ``describe_empty``; ``input_files``,
+        ``split_unit`` and ``routing_group`` where it defines them, else their defaults); ``facts`` give
+        the rest (``name``, ``config_class``, ``path_is``, ``path_holds``, ``evaluation``)."""
+        module = sys.modules[module_name]
+        hooks = {name: getattr(module, name) for name in HOOKS if hasattr(module, name)}
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.name in HOOKS and f.default is dataclasses.MISSING and f.name not in hooks]
+        if required:
+            raise TypeError(f"source kind module {module_name} defines no {', '.join(required)}: each kind's module "
+                            "defines these functions (see moetune.data.sources.SourceKind)")
+        return cls(**facts, **hooks)
+
+
+HOOKS = ("add_samples", "new_stats", "summary_lines", "describe_empty", "input_files", "split_unit", "routing_group")
+"""The fields of :class:`SourceKind` that are functions, which :meth:`SourceKind.from_module` reads from a module."""

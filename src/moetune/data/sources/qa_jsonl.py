@@ -3,6 +3,8 @@
 Reading and checking the lines is :mod:`moetune.data.qa_lines`; this module counts what it read,
 reports bad lines, and says how QA records are split (by question), grouped (by ``expert_label``)
 and evaluated (the answer is generated and scored).
+
+Its records carry ``expert_label`` (null when the line had none), ``file`` and ``line``.
 """
 
 from __future__ import annotations
@@ -96,17 +98,5 @@ def routing_group(record: dict) -> str:
     return f"label:{record.get('expert_label') or 'none'}"
 
 
-SOURCE = SourceKind(
-    name="qa_jsonl",
-    config_class=QaJsonlSourceConfig,
-    path_is="file",
-    path_holds="a JSONL file",
-    add_samples=add_samples,
-    new_stats=new_stats,
-    summary_lines=summary_lines,
-    describe_empty=describe_empty,
-    input_files=input_files,
-    split_unit=split_unit,
-    routing_group=routing_group,
-    evaluation="answer",
-)
+SOURCE = SourceKind.from_module(__name__, name="qa_jsonl", config_class=QaJsonlSourceConfig, path_is="file",
+                                path_holds="a JSONL file", evaluation="answer")

@@ -3,6 +3,9 @@
 The walk is :mod:`moetune.data.walk`; reading, redacting and parsing each file is
 :mod:`moetune.data.rust_samples` (a pool of worker processes). Both need tree-sitter, pathspec and re2,
 so they are imported when a build reads a repository, never when a config is loaded.
+
+Its records carry ``repo``, ``crate``, ``path`` (relative to the repository root), ``name``, ``module``,
+``start_line`` and ``end_line``; instruction samples add ``item_kind``.
 """
 
 from __future__ import annotations
@@ -130,16 +133,6 @@ def _skip_breakdown(skipped: dict) -> str:
     return f"skipped {sum(skipped.values()):,}: {reasons}"
 
 
-SOURCE = SourceKind(
-    name="rust_repo",
-    config_class=RustRepoSourceConfig,
-    path_is="directory",
-    path_holds="the root of a Rust repository",
-    add_samples=add_samples,
-    new_stats=new_stats,
-    summary_lines=summary_lines,
-    describe_empty=describe_empty,
-    input_files=None,  # any file under the tree may change: a build always walks it again
-    split_unit=split_unit,
-    evaluation="body",
-)
+# No input_files: any file under the tree may change, so a build always walks it again.
+SOURCE = SourceKind.from_module(__name__, name="rust_repo", config_class=RustRepoSourceConfig, path_is="directory",
+                                path_holds="the root of a Rust repository", evaluation="body")

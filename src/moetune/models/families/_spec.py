@@ -142,6 +142,11 @@ class FamilySpec:
     build: Callable[..., tuple[Any, Traits]] | None = None
     """``build(spec, config, tokenizer, *, seed, gradient_checkpointing) -> (model, Traits)``; None loads
     the checkpoint as is. ``seed`` draws any weights the build creates."""
+    shape: Callable[..., tuple[Any, Traits]] | None = None
+    """``shape(spec, config, hf_config) -> (hf_config, Traits)``: the Hugging Face config of the model ``build``
+    makes from a checkpoint whose config is ``hf_config`` (MPT: upcycled), and its Traits, with the checks
+    ``build`` makes before reading a weight; validation builds that model on the meta device. A family
+    with a build of its own gives it; None: the checkpoint's model as is (``load.pretrained.pretrained_shape``)."""
     pretrained_kwargs: Callable[..., dict[str, Any]] | None = None
     """``pretrained_kwargs(hf_config) -> dict``: extra ``from_pretrained`` arguments (MXFP4)."""
     tap_routers: Callable[..., Callable[[], None]] | None = None

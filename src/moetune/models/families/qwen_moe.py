@@ -2,7 +2,7 @@
 
 Both route with a softmax over all experts and top-k. Qwen2-MoE adds one shared expert beside the
 routed ones, scaled per token by a sigmoid gate (``mlp.shared_expert`` and ``mlp.shared_expert_gate``);
-both are frozen with the routed experts unless ``moe.train_shared_experts``. Qwen3-MoE has none.
+both are frozen with the routed experts unless ``moe.shared_experts.train``. Qwen3-MoE has none.
 """
 
 from moetune.models.families._spec import FamilySpec, softmax_router

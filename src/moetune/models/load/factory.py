@@ -4,7 +4,11 @@ Steps, in order: pick the family (``model.architecture`` or the model's config.j
 :mod:`moetune.models.families`), load the weights or build from config (``model.random_init``),
 quantise (QLoRA), let the family finish the model (MPT upcycles), enable non-reentrant gradient
 checkpointing, decide what trains (:mod:`moetune.models.trainable.plan`), then swap in DeepSpeed MoE blocks
-(``moe.backend: deepspeed``).
+(``moe.expert_parallel.backend: deepspeed``).
+
+Every check on the way that needs no weight also runs, with the same functions, on the model built on
+the meta device (:mod:`moetune.models.check`): ``moetune validate`` runs it, and train runs it before it
+loads anything.
 """
 
 from __future__ import annotations
@@ -13,10 +17,10 @@ import logging
 
 from torch import nn
 
-from moetune.errors import ConfigError, UserError
+from moetune.errors import ConfigError
 from moetune.models.families import attach_family, family_for_model_type, get_family, known_model_types
 from moetune.models.families._spec import FamilySpec, Traits
-from moetune.models.load.pretrained import build_pretrained, read_model_type
+from moetune.models.load.pretrained import build_pretrained, read_model_config, read_model_type
 from moetune.models.load.quant import wants_quantization
 from moetune.models.trainable.plan import apply_training_plan
 
@@ -34,15 +38,12 @@ def build_model(config, tokenizer=None, *, seed: int, gradient_checkpointing: bo
     Raises UserError for anything the user can fix (unknown architecture, bad override key,
     missing package, path).
     """
-    if wants_quantization(config.model) and not config.lora.enabled:
-        raise UserError("model.load_in_4bit/load_in_8bit freeze the base weights in a quantised format, so only an "
-                        "adapter can train: set lora.enabled: true.")
     family = resolve_family(config.model)
     model, traits = _build_family(family, config, tokenizer, seed=seed, gradient_checkpointing=gradient_checkpointing)
     if gradient_checkpointing and not wants_quantization(config.model):
         enable_gradient_checkpointing(model)
     model = apply_training_plan(model, config, traits, family)
-    if config.moe.backend == "deepspeed":
+    if config.moe.expert_parallel.backend == "deepspeed":
         from moetune.models.families.mpt.deepspeed_moe import convert_to_deepspeed_moe
 
         # After the plan: LoRA and modules_to_save then name the native modules, so the adapter
@@ -56,25 +57,33 @@ def build_base_model(config, tokenizer=None, *, seed: int) -> nn.Module:
     exactly as for training (with training's ``seed`` the weights are identical), for evaluation:
     without gradient checkpointing. Load a saved adapter onto it with
     ``peft.PeftModel.from_pretrained(build_base_model(config, seed=...), adapter_dir)``. It always
-    has native MoE blocks: ``moe.backend: deepspeed`` runs also save in that layout."""
+    has native MoE blocks: ``moe.expert_parallel.backend: deepspeed`` runs also save in that layout."""
     model, _ = _build_family(resolve_family(config.model), config, tokenizer, seed=seed, gradient_checkpointing=False)
     return model
 
 
 def _build_family(family: FamilySpec, config, tokenizer, *, seed: int,
                   gradient_checkpointing: bool) -> tuple[nn.Module, Traits]:
+    check_router_bias_update(family, config)
     build = family.build or build_pretrained
     model, traits = build(family, config, tokenizer, seed=seed, gradient_checkpointing=gradient_checkpointing)
     attach_family(model, family)
-    check_router_bias_update(family, config, model.config)
     check_context_length(model, config.model.max_seq_length, family.context_key)
     return model, traits
 
 
-def check_router_bias_update(family: FamilySpec, config, hf_config) -> None:
+def check_router_bias_update(family: FamilySpec, config, hf_config=None) -> None:
     """``moe.router_bias_update_rate`` needs a correction bias inside the router, which the adapter saves
-    with it (DeepSeek-V3, GLM-4.5 and the other sigmoid routers of that shape)."""
-    if config.moe.router_bias_update_rate <= 0 or family.movable_bias(hf_config) is not None:
+    with it (DeepSeek-V3, GLM-4.5 and the other routers of that shape). ``hf_config``: the model's, when
+    known (else built from model.random_init or read from the model's config; no weight is read)."""
+    if config.moe.router_bias_update_rate <= 0:
+        return
+    if hf_config is None:
+        from moetune.models.load.hf_config import build_random_init_config
+
+        hf_config = (build_random_init_config(family.random_init_model_type, config.model.config_overrides)
+                     if config.model.random_init else read_model_config(config.model, family))
+    if family.movable_bias(hf_config) is not None:
         return
     bias = family.router_of(hf_config).correction_bias
     where = (f"its correction bias ({bias}) sits outside the router ({family.router_name}), so no adapter could save "
@@ -115,3 +124,5 @@ def resolve_family(model_config) -> FamilySpec:
                           f"moetune does not support; it supports {', '.join(known_model_types())} (README, Supported "
                           "model families, lists the MoE types transformers has that moetune leaves out, and why).")
     return family
+
+

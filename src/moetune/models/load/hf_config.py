@@ -13,12 +13,17 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers import PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from moetune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+
+# What a config class raises for a value it refuses: transformers' own checks (ValueError, TypeError, a
+# KeyError for missing rope_parameters keys) and the strict dataclass validation of transformers 5.x.
+INVALID_VALUE = (TypeError, ValueError, KeyError, StrictDataclassError)
 
 
 def config_keys(config_class: type[PreTrainedConfig]) -> set[str]:
@@ -64,14 +69,24 @@ def build_random_init_config(model_type: str, overrides: Mapping[str, Any], voca
         values["vocab_size"] = vocab_size
     try:
         return config_class(**values)
-    except (TypeError, ValueError) as err:
+    except INVALID_VALUE as err:
         raise ConfigError("model.config_overrides", f"model.config_overrides is not a valid {config_class.__name__}: "
-                          f"{err}") from None
+                          f"{_one_line(err)}") from None
 
 
 def apply_overrides(config: PreTrainedConfig, overrides: Mapping[str, Any]) -> PreTrainedConfig:
     """Set ``overrides`` on a loaded config (keys checked against its class first); returns it."""
     check_overrides(type(config), overrides)
     for key, value in overrides.items():
-        setattr(config, key, value)
+        try:
+            setattr(config, key, value)
+        except INVALID_VALUE as err:  # a strict config checks each value as it is set
+            raise ConfigError(f"model.config_overrides.{key}", f"model.config_overrides.{key}: {value!r} is not valid "
+                              f"for {type(config).__name__} ({_one_line(err)}).") from None
     return config
+
+
+def _one_line(err: BaseException) -> str:
+    # Hugging Face's validation errors spread one reason over several lines; a KeyError's str is quoted.
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())

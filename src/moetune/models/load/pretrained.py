@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from moetune.config.schema import deepspeed_backend_message
 from moetune.errors import ConfigError, UserError, first_line
 from moetune.models.families._spec import FamilySpec, Traits
 from moetune.models.load.dtypes import resolve_dtype
@@ -60,7 +61,10 @@ def causal_lm_class(hf_config):
 def model_from_config(hf_config, **kwargs) -> nn.Module:
     """A randomly initialised model of ``hf_config`` (``from_config``), through :func:`causal_lm_class`."""
     cls = causal_lm_class(hf_config)
-    return cls.from_config(hf_config, **kwargs) if cls is AutoModelForCausalLM else cls._from_config(hf_config, **kwargs)
+    if cls is AutoModelForCausalLM:
+        return cls.from_config(hf_config, **kwargs)
+    kwargs.pop("trust_remote_code", None)  # a class of transformers' own runs no remote code
+    return cls._from_config(hf_config, **kwargs)
 
 
 def load_base_model(config, family: FamilySpec, tokenizer=None, *, seed: int,
@@ -95,20 +99,38 @@ def load_base_model(config, family: FamilySpec, tokenizer=None, *, seed: int,
     return model
 
 
-def _from_pretrained(spec, family: FamilySpec, dtype, kwargs: dict[str, Any], tokenizer) -> nn.Module:
+def read_model_config(spec, family: FamilySpec) -> PreTrainedConfig:
+    """The Hugging Face config of ``model.name`` (a folder or a hub id), checked to be of ``family``, with
+    ``model.config_overrides`` applied."""
     try:
         hf_config = AutoConfig.from_pretrained(spec.name, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"model.name {spec.name!r} could not be loaded ({first_line(err)}).") from None
-    if hf_config.model_type not in family.model_types and hf_config.model_type not in family.multimodal_types:
+    check_model_type(spec, family, hf_config.model_type)
+    return apply_overrides(hf_config, spec.config_overrides)
+
+
+def check_model_type(spec, family: FamilySpec, model_type: str) -> None:
+    """``model.architecture`` must name the family of the model ``model.name`` is."""
+    if model_type not in family.model_types and model_type not in family.multimodal_types:
         raise ConfigError("model.architecture", f"model.architecture is {family.name!r} but model.name "
-                          f"{spec.name!r} is a {hf_config.model_type!r} model.")
-    apply_overrides(hf_config, spec.config_overrides)
-    quant = quantization_config(spec, None if dtype == "auto" else dtype)
-    family_kwargs = family.pretrained_kwargs(hf_config) if family.pretrained_kwargs else {}
-    if quant is not None and "quantization_config" in family_kwargs:
+                          f"{spec.name!r} is a {model_type!r} model.")
+
+
+def check_not_quantised_twice(spec, family: FamilySpec, hf_config: PreTrainedConfig) -> None:
+    """A checkpoint the family loads in its own quantisation (gpt-oss's MXFP4) takes no 4/8-bit on top."""
+    if not wants_quantization(spec) or family.pretrained_kwargs is None:
+        return
+    if "quantization_config" in family.pretrained_kwargs(hf_config):
         raise UserError(f"model.name {spec.name!r} is already quantised ({family.name}); model.load_in_4bit/"
                         "load_in_8bit cannot quantise it again. Set both to false.")
+
+
+def _from_pretrained(spec, family: FamilySpec, dtype, kwargs: dict[str, Any], tokenizer) -> nn.Module:
+    hf_config = read_model_config(spec, family)
+    check_not_quantised_twice(spec, family, hf_config)
+    quant = quantization_config(spec, None if dtype == "auto" else dtype)
+    family_kwargs = family.pretrained_kwargs(hf_config) if family.pretrained_kwargs else {}
     quant = family_kwargs.pop("quantization_config", quant)
     kwargs = {**kwargs, **family_kwargs}
     try:
@@ -131,15 +153,26 @@ def _special_token_ids(tokenizer) -> dict[str, int | None]:
     return {name: getattr(tokenizer, name, None) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
 
 
-def build_pretrained(family: FamilySpec, config, tokenizer=None, *, seed: int,
-                     gradient_checkpointing: bool) -> tuple[nn.Module, Traits]:
-    """The build of a pretrained MoE family: load as is; the training plan freezes the experts."""
-    if config.moe.backend != "native":
-        raise ConfigError("moe.backend", f"moe.backend: deepspeed swaps the MoE blocks of upcycled MPT models; "
-                          f"{family.name} keeps its own blocks (use backend: native).")
+def check_pretrained_settings(family: FamilySpec, config) -> None:
+    """What a family loaded as is cannot take: the settings that apply to upcycled MPT only."""
+    if config.moe.expert_parallel.backend != "native":
+        raise ConfigError("moe.expert_parallel.backend", deepspeed_backend_message(family.name))
     if config.moe.upcycling.enabled:
         raise ConfigError("moe.upcycling.enabled", "moe.upcycling.enabled turns a dense MPT model into an MoE; "
                           f"model.name is a {family.name} model, which is already an MoE.")
+
+
+def pretrained_shape(family: FamilySpec, config, hf_config: PreTrainedConfig) -> tuple[PreTrainedConfig, Traits]:
+    """What :func:`build_pretrained` makes of a checkpoint whose config is ``hf_config``: that model as is
+    (the ``shape`` of every family without a build of its own)."""
+    check_pretrained_settings(family, config)
+    return hf_config, Traits()
+
+
+def build_pretrained(family: FamilySpec, config, tokenizer=None, *, seed: int,
+                     gradient_checkpointing: bool) -> tuple[nn.Module, Traits]:
+    """The build of a pretrained MoE family: load as is; the training plan freezes the experts."""
+    check_pretrained_settings(family, config)
     model = load_base_model(config, family, tokenizer, seed=seed, gradient_checkpointing=gradient_checkpointing)
     # moetune's trainer weights the aux loss itself (compute_losses); keeping HF's coefficient equal
     # makes `out.loss` of a plain forward with labels agree with it.

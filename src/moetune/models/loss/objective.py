@@ -5,7 +5,7 @@ Hugging Face's ``out.loss`` already contains ``router_aux_loss_coef * aux_loss``
 logits are requested, so adding moetune's weighted aux loss to it would count the aux loss twice
 (with a weight the user never set). For one micro-batch the total is exactly
 ``lm_loss + moe.auxiliary_loss_weight * aux_loss + moe.router_z_loss_weight * z_loss``
-(``+ moe.router_supervision_weight * router_supervision_loss`` with label-guided routing).
+(``+ moe.router_supervision.weight * router_supervision_loss`` with label-guided routing).
 
 An optimizer step is a per-token mean over *all* of its micro-batches on every process, not a mean
 of per-micro-batch means (which would weigh a 20-token QA answer like a 400-token one). So the LM
@@ -122,8 +122,8 @@ def _labels(batch: Mapping[str, Any]) -> torch.Tensor:
 def wants_router_logits(config) -> bool:
     """Whether a forward pass must capture the routing for this config (losses, expert monitoring, bias update)."""
     moe = config.moe
-    return (moe.use_auxiliary_loss or moe.router_z_loss_weight > 0 or moe.monitor_expert_usage
-            or moe.router_bias_update_rate > 0 or moe.router_supervision_weight > 0)
+    return (moe.use_auxiliary_loss or moe.router_z_loss_weight > 0 or moe.monitor.expert_usage
+            or moe.router_bias_update_rate > 0 or moe.router_supervision.weight > 0)
 
 
 def compute_losses(model: torch.nn.Module, batch: Mapping[str, Any], config) -> LossParts:
@@ -146,13 +146,13 @@ def compute_losses(model: torch.nn.Module, batch: Mapping[str, Any], config) -> 
     router = family_of(model).router_of(innermost_model(model).config) if routing else None
     aux, z = router_losses(routing, router, batch, config, lm_loss_sum.new_zeros(()))
     supervision = None
-    if config.moe.router_supervision_weight > 0 and routing and "expert_label_ids" in batch:
+    if config.moe.router_supervision.weight > 0 and routing and "expert_label_ids" in batch:
         from moetune.models.routing.supervision import router_supervision_loss
 
         supervision = router_supervision_loss(tuple(layer.logits for layer in routing), batch["expert_label_ids"],
-                                              config.moe.label_to_expert)
+                                              config.moe.router_supervision.label_to_expert)
     return LossParts(lm_loss_sum=lm_loss_sum, loss_tokens=loss_tokens, aux_loss=aux, z_loss=z,
                      routed_tokens=routed_tokens, router_logits=tuple(layer.logits for layer in routing),
                      aux_weight=config.moe.auxiliary_loss_weight if config.moe.use_auxiliary_loss else 0.0,
                      z_weight=config.moe.router_z_loss_weight, routing=routing, router_supervision_loss=supervision,
-                     supervision_weight=config.moe.router_supervision_weight if supervision is not None else 0.0)
+                     supervision_weight=config.moe.router_supervision.weight if supervision is not None else 0.0)

@@ -1,7 +1,7 @@
 """Label-guided routing: a cross-entropy that teaches every MoE layer's router the experts of a sample's label.
 
 Upcycled experts start as exact copies, so the LM loss alone gives the router no reason to send
-one kind of sample anywhere in particular. With ``moe.router_supervision_weight`` each token of a
+one kind of sample anywhere in particular. With ``moe.router_supervision.weight`` each token of a
 labelled sample adds ``-log sum_{e in experts(label)} p_e``, ``p`` being the router's softmax over
 its logits: the probability the router gives the label's experts, as one class. Tokens of
 unlabelled samples (label id ``NO_LABEL``, padding too) add nothing.
@@ -19,9 +19,9 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from moetune.data.expert_labels import NO_LABEL
-from moetune.errors import UserError
+from moetune.errors import ConfigError
 
-__all__ = ["NO_LABEL", "label_targets", "router_supervision_loss"]
+__all__ = ["NO_LABEL", "check_label_experts", "label_targets", "router_supervision_loss"]
 
 
 def label_targets(label_to_expert: str | Mapping[str, Sequence[int]], label_ids: torch.Tensor,
@@ -30,17 +30,26 @@ def label_targets(label_to_expert: str | Mapping[str, Sequence[int]], label_ids:
     ids = label_ids.reshape(-1).long()
     labelled = ids != NO_LABEL
     if isinstance(label_to_expert, Mapping):
+        check_label_experts(label_to_expert, num_experts)
         table = torch.zeros(len(label_to_expert), num_experts, dtype=torch.bool)
         for row, label in enumerate(sorted(label_to_expert)):
-            experts = list(label_to_expert[label])
-            if max(experts) >= num_experts:
-                raise UserError(f"moe.label_to_expert.{label} names expert {max(experts)}, but the model's MoE layers "
-                                f"have {num_experts} experts (0 to {num_experts - 1}).")
-            table[row, experts] = True
+            table[row, list(label_to_expert[label])] = True
         targets = table.to(ids.device)[ids.clamp_min(0)]
     else:
         targets = torch.nn.functional.one_hot(ids.clamp_min(0) % num_experts, num_experts).bool()
     return targets & labelled[:, None]
+
+
+def check_label_experts(label_to_expert: str | Mapping[str, Sequence[int]], num_experts: int) -> None:
+    """Every expert an explicit ``moe.router_supervision.label_to_expert`` names must exist in the model's MoE layers."""
+    if not isinstance(label_to_expert, Mapping):
+        return
+    for label in sorted(label_to_expert):
+        highest = max(label_to_expert[label])
+        if highest >= num_experts:
+            key = f"moe.router_supervision.label_to_expert.{label}"
+            raise ConfigError(key, f"{key} names expert {highest}, but the model's MoE layers have {num_experts} experts "
+                              f"(0 to {num_experts - 1}).")
 
 
 def router_supervision_loss(router_logits: Sequence[torch.Tensor], label_ids: torch.Tensor,

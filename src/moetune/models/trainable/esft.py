@@ -1,6 +1,6 @@
 """Expert-specialised fine-tuning (ESFT, Wang et al. 2024): only the experts a task uses train.
 
-``moe.expert_training: esft`` reads the selection ``moetune experts`` wrote (``moe.esft_experts``:
+``moe.expert_training: esft`` reads the selection ``moetune experts`` wrote (``moe.esft.experts``:
 per MoE layer, the experts to train) and freezes everything else, the router and attention included.
 
 Fused experts (Mixtral, Qwen-MoE, OLMoE, gpt-oss, DeepSeek: one (E, ...) tensor per projection)
@@ -25,7 +25,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from moetune.errors import ConfigError, UserError
-from moetune.models.layout import EXPERTS_NAME, MoeBlockInfo, find_moe_blocks, innermost_model
+from moetune.models.layout import (
+    EXPERTS_NAME,
+    MoeBlockInfo,
+    count_experts,
+    find_moe_blocks,
+    innermost_model,
+)
 from moetune.models.trainable.counts import log_trainable_parameters
 from moetune.run_dir import ESFT_FILES
 
@@ -47,7 +53,7 @@ class SelectedExperts(nn.Module):
         return base.index_copy(0, self.index, self.selected.to(base.dtype))
 
 
-def read_selection(path: str | Path, key: str = "moe.esft_experts") -> list[list[int]]:
+def read_selection(path: str | Path, key: str = "moe.esft.experts") -> list[list[int]]:
     """The experts to train per MoE layer from an experts.json (``moetune experts``) or a saved
     :data:`SELECTION_FILE`; a UserError naming ``key`` for a missing or malformed file."""
     path = Path(path)
@@ -69,14 +75,14 @@ def read_selection(path: str | Path, key: str = "moe.esft_experts") -> list[list
 
 
 def apply_esft_plan(model: nn.Module, config, family=None) -> nn.Module:
-    """Freeze ``model`` but the experts ``moe.esft_experts`` selects; returns ``model``."""
-    selection = read_selection(config.moe.esft_experts)
-    install_selection(model, selection, family, key="moe.esft_experts")
+    """Freeze ``model`` but the experts ``moe.esft.experts`` selects; returns ``model``."""
+    selection = read_selection(config.moe.esft.experts)
+    install_selection(model, selection, family, key="moe.esft.experts")
     log_trainable_parameters(model)
     return model
 
 
-def install_selection(model: nn.Module, selection: list[list[int]], family=None, key: str = "moe.esft_experts") -> None:
+def install_selection(model: nn.Module, selection: list[list[int]], family=None, key: str = "moe.esft.experts") -> None:
     """Freeze every weight, then make the selected experts of each MoE layer trainable (see module doc)."""
     blocks = expert_blocks(model, family)
     if len(selection) != len(blocks):
@@ -85,7 +91,7 @@ def install_selection(model: nn.Module, selection: list[list[int]], family=None,
     model.requires_grad_(False)
     for block, experts in zip(blocks, selection, strict=True):
         module = getattr(block.module, EXPERTS_NAME)
-        count = _num_experts(module)
+        count = count_experts(module)
         if experts and max(experts) >= count:
             raise ConfigError(key, f"{key} selects expert {max(experts)} in {block.path}, which has {count} experts.")
         if not experts:
@@ -148,7 +154,7 @@ def load_esft(model: nn.Module, directory: str | Path) -> None:
     saved = read_selection(directory / SELECTION_FILE, key=str(directory))
     if saved != selection_of(model):
         raise UserError(f"{directory} holds experts {saved} but this run trains {selection_of(model)} "
-                        "(moe.esft_experts changed?); resume with the selection the run started with.")
+                        "(moe.esft.experts changed?); resume with the selection the run started with.")
     try:
         weights = load_file(str(directory / WEIGHTS_FILE))
     except (FileNotFoundError, SafetensorError, OSError) as err:
@@ -195,9 +201,3 @@ def expert_blocks(model: nn.Module, family=None) -> list[MoeBlockInfo]:
 
     inner = innermost_model(model)
     return find_moe_blocks(inner, (family or family_of(inner)).router_name)
-
-
-def _num_experts(module: nn.Module) -> int:
-    if isinstance(module, nn.ModuleList):
-        return len(module)
-    return next(iter(module.parameters())).shape[0]

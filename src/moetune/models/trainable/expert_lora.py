@@ -9,7 +9,7 @@ each (``lora.ParamWrapper``) with rank ``r`` *per expert*: ``lora_A`` is (r·E, 
 from the experts module's ``is_transposed``. Biases of fused experts are not adapted.
 
 Per-expert layout (upcycled MPT, ``experts.N.up_proj``): each expert's Linears are ordinary LoRA
-target modules. Shared experts with ``moe.shared_expert_training: lora`` get LoRA on their Linears'
+target modules. Shared experts with ``moe.shared_experts.method: lora`` get LoRA on their Linears'
 weights, also given as ``target_parameters`` (2-D, one "expert"; see :func:`plan_expert_adapters`).
 LoRA on a parameter cannot have dropout, so these need ``lora.lora_dropout: 0``.
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from moetune.errors import UserError
+from moetune.errors import ConfigError
 from moetune.models.layout import (
     EXPERTS_NAME,
     MoeBlockInfo,
@@ -57,12 +57,12 @@ def plan_expert_adapters(model: nn.Module, config, family, blocks: list[MoeBlock
     plan = ExpertAdapters()
     exclude = config.lora.exclude_modules
     if expert_mode == "lora":
-        rank = config.moe.expert_lora_r or config.lora.r
-        alpha = config.moe.expert_lora_alpha or config.lora.lora_alpha
+        rank = config.moe.expert_lora.r or config.lora.r
+        alpha = config.moe.expert_lora.alpha or config.lora.lora_alpha
         fused = [name for name in fused_expert_parameters(blocks, family) if not is_excluded(name, exclude)]
         linears = [name for name in expert_linears(model, family) if not is_excluded(name, exclude)]
         if not fused and not linears:
-            raise UserError(no_expert_match_message(blocks, family, exclude))
+            raise ConfigError("moe.expert_training", no_expert_match_message(blocks, family, exclude))
         plan.target_parameters = fused
         plan.target_modules = linears
         for name in fused + linears:
@@ -78,11 +78,11 @@ def plan_expert_adapters(model: nn.Module, config, family, blocks: list[MoeBlock
             plan.modules_to_save = [f"{EXPERTS_NAME}.{index}" for index in range(num_experts)]
         else:
             if not fused_expert_parameters(blocks, family):
-                raise UserError(no_expert_match_message(blocks, family, exclude))
+                raise ConfigError("moe.expert_training", no_expert_match_message(blocks, family, exclude))
             plan.modules_to_save = [block.experts_path for block in blocks]
     if train_shared:
         paths = shared_expert_paths(model, blocks, family.shared_experts)
-        if config.moe.shared_expert_training == "lora":
+        if config.moe.shared_experts.method == "lora":
             # As parameters, not modules: on model types PEFT converts from the transformers v4 layout
             # (deepseek_v2/v3, glm4_moe, qwen3_moe, olmoe), a target module ending in down_proj / gate_proj /
             # up_proj is rewritten into a bare "down_proj" target parameter, which takes the routed experts'
@@ -95,9 +95,9 @@ def plan_expert_adapters(model: nn.Module, config, family, blocks: list[MoeBlock
             # "mlp.shared_experts.down_proj" against the routed experts' fused "mlp.experts.down_proj".
             plan.modules_to_save += paths
     if plan.target_parameters and config.lora.lora_dropout:
-        raise UserError(f"LoRA on expert parameters ({plan.target_parameters[0]}, ...) cannot be combined with "
-                        f"dropout (PEFT's ParamWrapper refuses it); set lora.lora_dropout: 0 "
-                        f"(it is {config.lora.lora_dropout}).")
+        raise ConfigError("lora.lora_dropout", f"LoRA on expert parameters ({plan.target_parameters[0]}, ...) cannot be "
+                          f"combined with dropout (PEFT's ParamWrapper refuses it); set lora.lora_dropout: 0 "
+                          f"(it is {config.lora.lora_dropout}).")
     return plan
 
 

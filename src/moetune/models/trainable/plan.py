@@ -6,8 +6,8 @@ projections only, every routed and shared expert frozen, the router frozen unles
 ``moe.freeze_router`` is false, in which case PEFT's ``modules_to_save`` trains a copy of it and
 saves it in the adapter (plain ``requires_grad`` would train it but leave it out of the adapter file,
 so a reloaded adapter would route differently). ``moe.expert_training`` (lora | full) trains the
-routed experts as well, ``moe.train_shared_experts`` the shared experts
-(``moe.shared_expert_training``: full | lora); what that adds to the PEFT config is decided in
+routed experts as well, ``moe.shared_experts.train`` the shared experts
+(``moe.shared_experts.method``: full | lora); what that adds to the PEFT config is decided in
 :mod:`moetune.models.trainable.expert_lora`. ``moe.router_bias_update_rate`` saves the router (with its
 correction bias) in the adapter even when the router's weight stays frozen.
 
@@ -24,9 +24,10 @@ import warnings
 from torch import nn
 from transformers import PreTrainedModel
 
-from moetune.errors import UserError
+from moetune.errors import ConfigError
 from moetune.models.families._spec import Traits
 from moetune.models.layout import (
+    MoeBlockInfo,
     find_moe_blocks,
     freeze_block_tensor,
     freeze_experts,
@@ -35,6 +36,7 @@ from moetune.models.layout import (
     is_shared_expert_parameter,
     resolve_target_modules,
     set_router_trainable,
+    shared_expert_paths,
 )
 from moetune.models.trainable.counts import format_trainable_parts, log_trainable_parameters, trainable_parts
 from moetune.models.trainable.expert_lora import (
@@ -71,13 +73,9 @@ def apply_training_plan(model: nn.Module, config, traits: Traits | None = None, 
     train_router = bool(blocks) and router_trains(config, traits.router_is_new)
     save_router = bool(blocks) and (train_router or config.moe.router_bias_update_rate > 0)
     expert_mode = config.moe.expert_training or ("full" if traits.experts_train_by_default else "frozen")
-    train_shared = config.moe.train_shared_experts and bool(shared)
-    if expert_mode == "lora" and not config.lora.enabled:
-        raise UserError("moe.expert_training is 'lora' but lora.enabled is false; enable LoRA or choose "
-                        "moe.expert_training: full or frozen.")
-    if train_shared and config.moe.shared_expert_training == "lora" and not config.lora.enabled:
-        raise UserError("moe.shared_expert_training is 'lora' but lora.enabled is false; enable LoRA or choose "
-                        "moe.shared_expert_training: full.")
+    train_shared = config.moe.shared_experts.train
+    if train_shared:
+        check_shared_experts(model, blocks, family)
     if config.lora.enabled:
         model = _wrap_with_lora(model, config, family, save_router, expert_mode, train_shared)
         if save_router and not train_router:
@@ -87,7 +85,7 @@ def apply_training_plan(model: nn.Module, config, traits: Traits | None = None, 
         if expert_mode == "frozen":
             freeze_experts(model, () if train_shared else shared)
         elif not train_shared:
-            freeze_experts_named(model, shared)
+            freeze_shared_experts(model, shared)
         set_router_trainable(model, train_router, family.router_name)
     bias = family.router_of(getattr(innermost_model(model), "config", None)).correction_bias
     if bias is not None:
@@ -98,7 +96,24 @@ def apply_training_plan(model: nn.Module, config, traits: Traits | None = None, 
     return model
 
 
-def freeze_experts_named(model: nn.Module, shared: tuple[str, ...]) -> None:
+def check_shared_experts(model: nn.Module, blocks: list[MoeBlockInfo], family) -> None:
+    """``moe.shared_experts.train`` needs a model whose MoE blocks hold shared experts (the family names them):
+    on any other it would train nothing it names."""
+    if shared_expert_paths(model, blocks, family.shared_experts):
+        return
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    what = f"this {model_type!r} model" if model_type else "this model"
+    what += f" ({family.name} family)"
+    if blocks:
+        children = ", ".join(name for name, _ in blocks[0].module.named_children())
+        has = f"its MoE blocks ({blocks[0].path}, one of {len(blocks)}) hold {children}"
+    else:
+        has = "it has no MoE block"
+    raise ConfigError("moe.shared_experts.train", f"moe.shared_experts.train is true, but {what} has no shared "
+                      f"experts: {has}. Set moe.shared_experts.train: false.")
+
+
+def freeze_shared_experts(model: nn.Module, shared: tuple[str, ...]) -> None:
     """Freeze only the shared experts (the routed ones train)."""
     for name, param in model.named_parameters():
         if is_shared_expert_parameter(name, shared):
@@ -147,9 +162,9 @@ def _check_experts(model: nn.Module, expert_mode: str, frozen_shared: tuple[str,
     shared = [name for name in trainable if is_shared_expert_parameter(name, frozen_shared)]
     if expert_mode != "frozen" and not any(is_expert_parameter(name) for name in trainable):
         # Never a run that trains nothing it was asked to train.
-        raise UserError(no_expert_match_message(blocks, family, ()))
+        raise ConfigError("moe.expert_training", no_expert_match_message(blocks, family, ()))
     if expert_mode == "frozen" and routed:
         raise RuntimeError(f"expert parameters are trainable although experts should be frozen: {routed[:3]}")
     if shared:
-        raise RuntimeError(f"shared expert parameters are trainable although moe.train_shared_experts is false: "
+        raise RuntimeError(f"shared expert parameters are trainable although moe.shared_experts.train is false: "
                            f"{shared[:3]}")

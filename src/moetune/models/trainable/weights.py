@@ -2,7 +2,7 @@
 
 A checkpoint and a run's final save hold these files; training resumes from them and evaluation
 loads them onto the base model. They are always in the native MoE layout, so a model with
-DeepSpeed MoE blocks (``moe.backend: deepspeed``) reads them through
+DeepSpeed MoE blocks (``moe.expert_parallel.backend: deepspeed``) reads them through
 :func:`~moetune.models.families.mpt.deepspeed_moe.native_moe_layout`.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moetune.errors import UserError, first_line
+from moetune.run_dir import ADAPTER_WEIGHTS, FULL_MODEL_WEIGHTS
 
 
 def save_trainable_weights(model, directory, state_dict=None) -> None:
@@ -53,7 +54,7 @@ def _load_trainable_weights(model, directory: Path) -> None:
         try:
             weights = load_peft_weights(str(directory))
         except SafetensorError as err:
-            adapter = directory / "adapter_model.safetensors"
+            adapter = directory / ADAPTER_WEIGHTS[0]  # the one load_peft_weights reads as safetensors
             raise UserError(f"{adapter} is truncated or corrupt ({first_line(err)}).") from None
         except (FileNotFoundError, ValueError, OSError) as err:
             raise UserError(f"{directory} has no readable adapter ({err}).") from None
@@ -64,9 +65,9 @@ def _load_trainable_weights(model, directory: Path) -> None:
         return
     from safetensors.torch import load_file
 
-    files = sorted(directory.glob("model*.safetensors"))
+    files = sorted(directory.glob(FULL_MODEL_WEIGHTS))
     if not files:
-        raise UserError(f"{directory} has no model*.safetensors to resume the model weights from.")
+        raise UserError(f"{directory} has no {FULL_MODEL_WEIGHTS} to resume the model weights from.")
     state_dict = {}
     for file in files:
         try:

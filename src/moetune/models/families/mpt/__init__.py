@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from moetune.errors import UserError
 from moetune.models.families._spec import FamilySpec, Traits, logger, softmax_router
 
 
@@ -21,23 +20,27 @@ def build_mpt(spec: FamilySpec, config, tokenizer=None, *, seed: int, gradient_c
     (the new routers and expert noise drawn with ``seed``)."""
     from moetune.models.families.mpt.upcycle import upcycle_mpt
     from moetune.models.load.pretrained import load_base_model, whole_weights
-    from moetune.models.load.quant import wants_quantization
 
-    upcycle = config.moe.upcycling.enabled
-    if upcycle and wants_quantization(config.model):
-        raise UserError("moe.upcycling.enabled copies dense FFN weights into experts, which cannot be done on 4/8-bit "
-                        "weights; upcycle first (`moetune upcycle`), then train the saved model.")
     model = load_base_model(config, spec, tokenizer, seed=seed, gradient_checkpointing=gradient_checkpointing)
-    upcycled = model.config.model_type == "mpt_moe"
-    if upcycle and upcycled:
-        logger.info("model.name is already upcycled (mpt_moe); moe.upcycling.enabled has nothing left to do")
-        return model, Traits(experts_train_by_default=True)
-    if upcycle:
+    _, traits = shape_mpt(spec, config, model.config)
+    if traits.router_is_new:
         # Seeded, so evaluation rebuilds exactly the base the adapter was trained on.
         with whole_weights(model):
             model = upcycle_mpt(model, config.moe, generator=torch.Generator().manual_seed(seed))
-        return model, Traits(router_is_new=True, experts_train_by_default=True)
-    return model, Traits(experts_train_by_default=upcycled)
+    elif config.moe.upcycling.enabled:
+        logger.info("model.name is already upcycled (mpt_moe); moe.upcycling.enabled has nothing left to do")
+    return model, traits
+
+
+def shape_mpt(spec: FamilySpec, config, hf_config):
+    """The config and Traits of the model :func:`build_mpt` makes from a checkpoint whose config is ``hf_config``:
+    the upcycled one when ``moe.upcycling.enabled`` finds a dense MPT, else that model as is."""
+    upcycled = hf_config.model_type == "mpt_moe"
+    if config.moe.upcycling.enabled and not upcycled:
+        from moetune.models.families.mpt.upcycle import upcycled_config
+
+        return upcycled_config(hf_config, config.moe), Traits(router_is_new=True, experts_train_by_default=True)
+    return hf_config, Traits(experts_train_by_default=upcycled)
 
 
 def tap_moe_blocks(spec: FamilySpec, model):
@@ -92,5 +95,6 @@ SPEC = FamilySpec(
     attention_kernels=("eager",),
     example_config="configs/mpt7b_moe.yaml",
     build=build_mpt,
+    shape=shape_mpt,
     tap_routers=tap_moe_blocks,
 )

@@ -1,9 +1,9 @@
-"""Expert parallelism for upcycled MPT through DeepSpeed MoE (``moe.backend: deepspeed``).
+"""Expert parallelism for upcycled MPT through DeepSpeed MoE (``moe.expert_parallel.backend: deepspeed``).
 
 The native :class:`~moetune.models.families.mpt.modeling.MoeFeedForward` stays the default: it needs no extra
 package and saves to the ``mpt_moe`` checkpoint format. The DeepSpeed block splits the experts
-over ``moe.expert_parallel_size`` ranks while training; what a run saves is written through
-:func:`native_moe_layout`, so it is in the ``mpt_moe`` layout too and loads with ``moe.backend: native``.
+over ``moe.expert_parallel.size`` ranks while training; what a run saves is written through
+:func:`native_moe_layout`, so it is in the ``mpt_moe`` layout too and loads with ``moe.expert_parallel.backend: native``.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetune.errors import UserError
+from moetune.errors import ConfigError, UserError
 from moetune.models.families.mpt.modeling import MoeFeedForward
 
 
 def require_deepspeed() -> None:
     """Raise a UserError saying how to install DeepSpeed when it is missing."""
     if importlib.util.find_spec("deepspeed") is None:
-        raise UserError("moe.backend: deepspeed needs the deepspeed package, which is not installed. Install it with "
-                        "`pip install moetune[deepspeed]`, or use moe.backend: native.")
+        raise UserError("moe.expert_parallel.backend: deepspeed needs the deepspeed package, which is not installed. Install it with "
+                        "`pip install moetune[deepspeed]`, or use moe.expert_parallel.backend: native.")
 
 
 class DeepSpeedMoeFeedForward(nn.Module):
@@ -50,7 +50,7 @@ class DeepSpeedMoeFeedForward(nn.Module):
             hidden_size=block.router.weight.shape[1],
             expert=nn.Identity(),
             num_experts=upcycling.num_experts,
-            ep_size=moe.expert_parallel_size,
+            ep_size=moe.expert_parallel.size,
             k=upcycling.top_k,
             capacity_factor=upcycling.capacity_factor or 1.0,
             min_capacity=1,  # the native capacity: max(1, ceil(capacity_factor * tokens * top_k / num_experts))
@@ -121,25 +121,29 @@ def _all_experts(local: list[nn.Module], moe, ep_rank: int) -> list[nn.Module]:
 def convert_to_deepspeed_moe(model: nn.Module, moe) -> nn.Module:
     """Replace every native MoE block by a DeepSpeed one that runs the same router and this rank's
     experts; call it after the training plan (LoRA, modules_to_save) so PEFT names stay native."""
-    require_deepspeed()
-    if moe.upcycling.num_experts % moe.expert_parallel_size:
-        raise UserError(f"moe.upcycling.num_experts ({moe.upcycling.num_experts}) must be divisible by "
-                        f"moe.expert_parallel_size ({moe.expert_parallel_size}).")
+    check_deepspeed_conversion(model)
     rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
     # DeepSpeed's default expert-parallel groups are runs of consecutive ranks.
-    ep_rank = rank % moe.expert_parallel_size
-    replaced = _swap_blocks(model, MoeFeedForward, lambda block: DeepSpeedMoeFeedForward(block, moe, ep_rank))
-    if not replaced:
-        raise UserError("moe.backend: deepspeed found no MoE block to replace; it applies to upcycled MPT models "
-                        "(moe.upcycling.enabled: true or an mpt_moe checkpoint).")
+    ep_rank = rank % moe.expert_parallel.size
+    _swap_blocks(model, MoeFeedForward, lambda block: DeepSpeedMoeFeedForward(block, moe, ep_rank))
     return model
+
+
+def check_deepspeed_conversion(model: nn.Module) -> None:
+    """What :func:`convert_to_deepspeed_moe` needs: the deepspeed package and native MoE blocks in ``model``
+    (which may be on the meta device)."""
+    require_deepspeed()
+    if not any(isinstance(module, MoeFeedForward) for module in model.modules()):
+        raise ConfigError("moe.expert_parallel.backend", "moe.expert_parallel.backend: deepspeed found no MoE block to "
+                          "replace; it applies to upcycled MPT models (moe.upcycling.enabled: true or an mpt_moe "
+                          "checkpoint).")
 
 
 @contextmanager
 def native_moe_layout(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the ``with``, ``model`` has its native MoE blocks back, with every expert, under the
     ``mpt_moe`` names: ``save_pretrained``, ``merge_and_unload`` and adapter loading then read and
-    write what ``moe.backend: native`` and ``AutoModelForCausalLM`` load. The DeepSpeed blocks return
+    write what ``moe.expert_parallel.backend: native`` and ``AutoModelForCausalLM`` load. The DeepSpeed blocks return
     on exit. With expert parallelism every rank must enter (the experts are gathered). A no-op for a
     model without DeepSpeed blocks.
     """

@@ -139,7 +139,7 @@ class MptMoeForCausalLM(MptForCausalLM):
         self.post_init()
 
     def moe_blocks(self) -> list[nn.Module]:
-        """The MoE blocks in forward order (native, or DeepSpeed after ``moe.backend: deepspeed``)."""
+        """The MoE blocks in forward order (native, or DeepSpeed after ``moe.expert_parallel.backend: deepspeed``)."""
         return [block.ffn for block in self.transformer.blocks if hasattr(block.ffn, "router_logits_sink")]
 
     def forward(self, input_ids=None, *, attention_mask=None, inputs_embeds=None, labels=None, use_cache=None,

@@ -20,11 +20,9 @@ from moetune.errors import UserError
 from moetune.models.families.mpt.modeling import MptMoeConfig, MptMoeForCausalLM
 from moetune.models.load.dtypes import resolve_dtype
 from moetune.models.load.loading_info import check_loading_info
+from moetune.run_dir import holds_tokenizer
 
 logger = logging.getLogger(__name__)
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-
 
 def moe_layer_indices(num_layers: int, every: int) -> list[int]:
     """Blocks that become MoE: every ``every``-th, counting from 1 (every=2 -> blocks 1, 3, 5, ...)."""
@@ -119,7 +117,8 @@ def upcycle_checkpoint(config, model_dir: str, output_dir: str, dtype: str | Non
     source = Path(model_dir)
     if not source.is_dir():
         raise UserError(f"--model {model_dir}: no such directory. Pass the folder of a dense MPT checkpoint "
-                        "(config.json + weights).")
+                        "(config.json + weights); a hub id is not downloaded here: fetch it first, e.g. "
+                        f"`hf download {model_dir} --local-dir DIR`, and pass DIR.")
     config_file = source / "config.json"
     if not config_file.is_file():
         raise UserError(f"--model {model_dir} has no config.json; it is not a Hugging Face model folder.")
@@ -142,7 +141,7 @@ def upcycle_checkpoint(config, model_dir: str, output_dir: str, dtype: str | Non
     target = Path(output_dir)
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target)
-    if any((source / name).is_file() for name in TOKENIZER_FILES):
+    if holds_tokenizer(source):
         AutoTokenizer.from_pretrained(source).save_pretrained(target)
     # The verb's result: printed, as `moetune validate` prints its verdict, whatever the log level.
     print(f"upcycled {model.config.name_or_path or model_dir}: {len(model.moe_blocks())} MoE blocks x "
