@@ -15,6 +15,8 @@ transformers) at module level, since ``moetune validate`` imports it to build th
 
 Adding a model family: write ``moetune/models/families/<name>.py`` exporting a
 :class:`moetune.models.families._spec.FamilySpec` as ``SPEC`` and add it to :data:`FAMILY_MODULES`.
+A model type of a shape a family already has goes into that family's module instead. Either way the
+type also gets its line in the test matrix (tests/models/test_families.py), and nothing else changes.
 
 In both tables the key must equal the name the module's description carries; the loaders check it.
 """
@@ -32,12 +34,29 @@ SOURCE_MODULES: dict[str, str] = {
 kinds in error messages, the config reference, the stats file and the build summary."""
 
 FAMILY_MODULES: dict[str, str] = {
+    "afmoe": "moetune.models.families.afmoe",
+    "cohere_moe": "moetune.models.families.cohere_moe",
     "deepseek": "moetune.models.families.deepseek",
+    "ernie": "moetune.models.families.ernie",
+    "gemma4": "moetune.models.families.gemma4",
     "gpt_oss": "moetune.models.families.gpt_oss",
+    "granite": "moetune.models.families.granite",
+    "granite_hybrid": "moetune.models.families.granite_hybrid",
+    "hunyuan": "moetune.models.families.hunyuan",
+    "jamba": "moetune.models.families.jamba",
+    "kimi_linear": "moetune.models.families.kimi_linear",
+    "lfm2_moe": "moetune.models.families.lfm2_moe",
+    "llama4": "moetune.models.families.llama4",
+    "minimax": "moetune.models.families.minimax",
+    "minimax_m2": "moetune.models.families.minimax_m2",
+    "mistral4": "moetune.models.families.mistral4",
     "mixtral": "moetune.models.families.mixtral",
     "mpt": "moetune.models.families.mpt",
+    "nemotron_h": "moetune.models.families.nemotron_h",
     "olmoe": "moetune.models.families.olmoe",
+    "phimoe": "moetune.models.families.phimoe",
     "qwen_moe": "moetune.models.families.qwen_moe",
+    "qwen_next": "moetune.models.families.qwen_next",
 }
 """``model.architecture`` -> the module exporting that family's ``SPEC``."""
 

@@ -30,7 +30,7 @@ def _samples() -> list[list[int]]:
 @pytest.mark.parametrize("flatten", [False, True])
 def test_logits_of_packed_samples_equal_logits_of_each_sample_alone(attn_implementation: str, flatten: bool):
     model = _tiny_mixtral(attn_implementation)
-    assert get_family("mixtral").accepts_position_ids  # where the trainer's packs_by_position_ids starts
+    assert get_family("mixtral").packs_by_position_ids  # where the trainer's packs_by_position_ids starts
     samples = _samples()
     encoded = {"input_ids": samples, "labels": samples}
     rows = plan_packed_rows([len(s) for s in samples], 24)

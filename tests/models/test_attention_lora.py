@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from moetune.errors import UserError
+from moetune.models.families import get_family
 from moetune.models.layout import find_moe_blocks, is_expert_parameter
 from moetune.models.load.factory import build_model
 from moetune.models.trainable.plan import apply_training_plan
@@ -109,8 +110,8 @@ def test_fused_layout_trains_attention_lora_only(mixtral_config):
 
 def test_legacy_layout_experts_frozen_and_router_saved(mixtral_config):
     config = mixtral_config("moe.freeze_router=false")
-    model = apply_training_plan(LegacyMixtral(), config)
-    assert [b.path for b in find_moe_blocks(model)] == [
+    model = apply_training_plan(LegacyMixtral(), config, family=get_family("mixtral"))
+    assert [b.path for b in find_moe_blocks(model, "gate")] == [
         "base_model.model.model.layers.0.block_sparse_moe", "base_model.model.model.layers.1.block_sparse_moe"]
     expert_params = [(n, p) for n, p in model.named_parameters() if is_expert_parameter(n)]
     assert len(expert_params) == 2 * 4 * 3  # layers * experts * (w1, w2, w3)

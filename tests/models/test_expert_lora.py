@@ -1,6 +1,7 @@
-"""Routed and shared experts that train (moe.expert_training: lora | full, moe.shared_experts.method)
-on every family with fused experts: where LoRA lands and with what rank, merging, exact reloads,
-the trainable-parameter split, and the errors that stand in for a run that would train nothing."""
+"""Routed and shared experts that train (moe.expert_training: lora | full, moe.shared_experts.method):
+the expert LoRA's per-expert factors, full and shared-expert training, exact reloads, the
+trainable-parameter split, and the errors that stand in for a run that would train nothing. (Expert
+LoRA on every model type, with merging: the matrix in tests/models/test_families.py.)"""
 
 from __future__ import annotations
 
@@ -11,17 +12,15 @@ import pytest
 import torch
 from peft import PeftModel
 from peft.tuners.lora.layer import ParamWrapper
-from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moetune.config import load_config
 from moetune.errors import UserError
-from moetune.models.families import all_families, family_for_model_type
+from moetune.models.families import family_for_model_type
 from moetune.models.layout import is_expert_parameter, is_shared_expert_parameter
 from moetune.models.load.factory import build_base_model, build_model
 from moetune.models.trainable.plan import apply_training_plan
 
-FUSED = [t for spec in all_families() if spec.fused_experts for t in spec.tiny_configs]
 EXPERT_R, EXPERT_ALPHA, R, ALPHA = 2, 8.0, 4, 32.0
 
 
@@ -71,62 +70,6 @@ def param_wrappers(model) -> dict[str, ParamWrapper]:
     """Every fused expert LoRA, by the parameter it adapts (``model.layers.0.mlp.experts.down_proj``)."""
     return {f"{name.replace('base_model.model.', '', 1).replace('.base_layer', '')}.{m.parameter_name}": m
             for name, m in model.named_modules() if isinstance(m, ParamWrapper) and ".experts" in name}
-
-
-@pytest.mark.parametrize("model_type", FUSED)
-def test_expert_lora_lands_on_every_fused_expert_parameter_with_rank_r_per_expert(checkpoint, model_type):
-    spec = family_for_model_type(model_type)
-    model = build_model(expert_lora_config(checkpoint(model_type)), seed=42)
-    wrappers = param_wrappers(model)
-    base = AutoModelForCausalLM.from_pretrained(checkpoint(model_type))
-    expected = {n for n, p in base.named_parameters() if is_expert_parameter(n) and p.dim() == 3
-                and n.rsplit(".", 1)[-1] in spec.expert_parameters}
-    assert set(wrappers) == expected and len(expected) >= 2
-    for name, wrapper in wrappers.items():
-        experts, *_ = dict(base.named_parameters())[name].shape
-        assert wrapper.num_experts == experts == 4
-        lora_a, lora_b = wrapper.lora_A["default"].weight, wrapper.lora_B["default"].weight
-        assert lora_a.shape == (EXPERT_R * experts, wrapper.in_features)
-        assert lora_b.shape == (wrapper.out_features, EXPERT_R * experts)
-        assert wrapper.scaling["default"] == EXPERT_ALPHA / EXPERT_R
-        with torch.no_grad():  # expert e's update is B[:, e::E] @ A[e*r:(e+1)*r], laid out as the parameter
-            lora_b.normal_()
-            delta = wrapper.get_delta_weight("default")
-            assert delta.shape == dict(base.named_parameters())[name].shape
-            for e in range(experts):
-                update = EXPERT_ALPHA / EXPERT_R * lora_b[:, e::experts] @ lora_a[e * EXPERT_R:(e + 1) * EXPERT_R]
-                transposed = model_type == "gpt_oss"  # gpt-oss stores its experts (E, in, out)
-                assert torch.allclose(delta[e], update.T if transposed else update, atol=1e-6)
-    attention = [m for n, m in model.named_modules() if n.endswith("o_proj") and hasattr(m, "scaling")]
-    assert attention and all(m.scaling["default"] == ALPHA / R and m.r["default"] == R for m in attention)
-    trainable_experts = [n for n, p in model.named_parameters() if p.requires_grad and is_expert_parameter(n)]
-    assert trainable_experts and all(".lora_A." in n or ".lora_B." in n for n in trainable_experts)
-
-
-@pytest.mark.parametrize("model_type", FUSED)
-def test_expert_lora_merges_with_its_deltas_and_reloads_exactly(checkpoint, tmp_path, model_type):
-    config = expert_lora_config(checkpoint(model_type))
-    model = build_model(config, seed=42)
-    perturb_trainable(model)
-    model.eval()
-    with torch.no_grad():
-        expected = model(tokens()).logits
-        with model.disable_adapter():
-            base_logits = model(tokens()).logits
-    model.save_pretrained(tmp_path / "adapter")
-    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
-    assert any(".experts." in k and "lora_A" in k for k in saved)
-    reloaded = PeftModel.from_pretrained(build_base_model(config, seed=42), tmp_path / "adapter")
-    with torch.no_grad():
-        assert torch.equal(reloaded.eval()(tokens()).logits, expected)
-        merged = model.merge_and_unload()
-        merged_logits = merged(tokens()).logits
-    assert torch.allclose(merged_logits, expected, atol=1e-5)
-    assert not torch.allclose(merged_logits, base_logits, atol=1e-3)
-    merged_experts = {n: p for n, p in merged.named_parameters() if is_expert_parameter(n) and p.dim() == 3}
-    base_experts = dict(build_base_model(config, seed=42).named_parameters())
-    # The expert deltas are in the merged expert weights (biases are not adapted), not only the attention's.
-    assert merged_experts and all(not torch.equal(p, base_experts[n]) for n, p in merged_experts.items())
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss", "deepseek_v3"])

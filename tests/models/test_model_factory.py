@@ -80,7 +80,7 @@ def test_architecture_is_read_from_config_json(mixtral_config, mpt_config, tmp_p
     config = mixtral_config("model.architecture=null", "model.random_init=false", f"model.name={tmp_path}")
     assert resolve_family(config.model).name == "mixtral"
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ConfigError, match="is a 'bert' model, which moetune does not know"):
+    with pytest.raises(ConfigError, match="is a 'bert' model, which moetune does not support; it supports afmoe, "):
         resolve_family(config.model)
 
 

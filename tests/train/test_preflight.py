@@ -72,7 +72,7 @@ CASES = [
     Case("unknown_target", "quickstart", ("lora.target_modules=[no_such_proj]",), ConfigError, "lora.target_modules",
          "lora.target_modules names 'no_such_proj', but this model has no Linear module of that name"),
     Case("router_bias_mixtral", "quickstart", ("moe.router_bias_update_rate=0.01",), ConfigError,
-         "moe.router_bias_update_rate", "correction bias, which 'mixtral' models do not have"),
+         "moe.router_bias_update_rate", "correction bias, which 'mixtral' models cannot do: they have none"),
     Case("shared_experts_mixtral", "quickstart", ("moe.shared_experts.train=true",), ConfigError,
          "moe.shared_experts.train", "this 'mixtral' model (mixtral family) has no shared experts: its MoE blocks "
          "(model.layers.0.mlp, one of 2) hold gate, experts"),
@@ -122,7 +122,7 @@ CASES = [
     Case("context_upcycled", "mpt", ("moe.upcycling.enabled=true", "model.max_seq_length=256"), ConfigError,
          "model.max_seq_length", "the model's context (max_seq_len: 128 in its config)"),
     Case("router_bias_upcycled", "mpt", ("moe.upcycling.enabled=true", "moe.router_bias_update_rate=0.01"), ConfigError,
-         "moe.router_bias_update_rate", "which 'mpt' models do not have"),
+         "moe.router_bias_update_rate", "which 'mpt' models cannot do: they have none"),
     Case("shared_experts_upcycled", "mpt", ("moe.upcycling.enabled=true", "moe.shared_experts.train=true"), ConfigError,
          "moe.shared_experts.train", "this 'mpt_moe' model (mpt family) has no shared experts: its MoE blocks "
          "(transformer.blocks.0.ffn, one of 2) hold router, experts"),
@@ -130,7 +130,7 @@ CASES = [
     Case("shared_experts_qwen3", "qwen3_moe", ("moe.shared_experts.train=true",), ConfigError, "moe.shared_experts.train",
          "this 'qwen3_moe' model (qwen_moe family) has no shared experts"),
     Case("router_bias_deepseek_v2", "deepseek_v2", ("moe.router_bias_update_rate=0.01",), ConfigError,
-         "moe.router_bias_update_rate", "which 'deepseek_v2' models do not have"),
+         "moe.router_bias_update_rate", "which 'deepseek_v2' models cannot do: they have none"),
     Case("architecture_mismatch", "qwen3_moe", ("model.architecture=mixtral",), ConfigError, "model.architecture",
          "model.architecture is 'mixtral' but model.name"),
     Case("deepspeed_backend_detected", "qwen3_moe", ("moe.expert_parallel.backend=deepspeed",), ConfigError, "moe.expert_parallel.backend",
@@ -140,7 +140,7 @@ CASES = [
     Case("quantisation_package", "mixtral", ("model.load_in_4bit=true",), UserError, None,
          "model.load_in_4bit needs the bitsandbytes package", hide="bitsandbytes"),
     Case("unknown_model_type", "llama", (), ConfigError, "model.architecture",
-         "is a 'llama' model, which moetune does not know"),
+         "is a 'llama' model, which moetune does not support"),
     Case("unreadable_config_json", "broken", (), UserError, None, "config.json has no readable model_type"),
     Case("unloadable_config_json", "no_such_type", ("model.architecture=mixtral",), UserError, None,
          "could not be loaded"),
@@ -389,7 +389,7 @@ def test_validate_accepts_what_the_model_has_and_counts_what_the_run_trains(base
         f"config.yaml: valid ({len(config.data.sources)} data source(s), output_dir {tmp_path / 'out'})", checked.summary()]
     real = build_model(config, seed=0)  # the run's build accepts it too, and the plan on the meta device was its plan
     family = family_of(real)
-    blocks = find_moe_blocks(innermost_model(real), (family.router_name,))
+    blocks = find_moe_blocks(innermost_model(real), family.router_name)
     assert (checked.family, checked.model_type) == (family.name, innermost_model(real).config.model_type)
     assert (checked.trainable, checked.total) == count_parameters(real) and checked.trainable > 0
     assert checked.moe_layers == len(blocks) > 0

@@ -30,11 +30,16 @@ def render_reference() -> str:
 
 def replace_reference(readme: str) -> str:
     """``readme`` with the text between the reference markers regenerated."""
-    head, start, rest = readme.partition(START)
-    _, end, tail = rest.partition(END)
-    if not start or not end:
-        raise ValueError(f"README lacks the markers {START!r} ... {END!r}")
-    return f"{head}{START}\n\n{render_reference()}\n{END}{tail}"
+    return replace_between_markers(readme, START, END, render_reference())
+
+
+def replace_between_markers(text: str, start: str, end: str, body: str) -> str:
+    """``text`` with what lies between the lines ``start`` and ``end`` replaced by ``body`` (generated parts of the README)."""
+    head, found_start, rest = text.partition(start)
+    _, found_end, tail = rest.partition(end)
+    if not found_start or not found_end:
+        raise ValueError(f"README lacks the markers {start!r} ... {end!r}")
+    return f"{head}{start}\n\n{body}\n{end}{tail}"
 
 
 def _doc(cls: type) -> str:

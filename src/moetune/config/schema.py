@@ -144,7 +144,7 @@ class EsftConfig:
 
 @dataclass(frozen=True)
 class SharedExpertsConfig:
-    """The shared experts some families run beside the routed ones (Qwen2-MoE, DeepSeek, GLM)."""
+    """The shared experts some families run beside the routed ones (see Supported model families)."""
 
     train: bool = opt(
         False, "Train the shared experts and save them with the adapter, as moe.shared_experts.method says. Routed "
@@ -227,15 +227,16 @@ class ExpertParallelConfig:
 class MoeConfig:
     """Mixture-of-Experts settings: the balance losses, what trains, and the sections for each concern."""
 
-    use_auxiliary_loss: bool = opt(True, "Add the family's load-balancing (auxiliary) loss to the LM loss: the Switch "
-                                   "loss of Mixtral, Qwen-MoE, OLMoE, gpt-oss and MPT, DeepSeek's sequence-wise loss "
-                                   "for the deepseek family.")
+    use_auxiliary_loss: bool = opt(True, "Add the load-balancing (auxiliary) loss of the model's router to the LM "
+                                   "loss (see Supported model families: the Switch loss where transformers computes "
+                                   "one, else by the router's kind).")
     auxiliary_loss_weight: float = opt(0.001, "Weight of the auxiliary loss (Mixtral's router_aux_loss_coef, "
                                        "DeepSeek's aux_loss_alpha).")
     router_z_loss_weight: float = opt(0.0, "Weight of the router z-loss (ST-MoE); 0 turns it off.")
     router_bias_update_rate: float = opt(
         0.0, "Aux-loss-free balancing (DeepSeek-V3): after each step every expert's router correction bias moves by "
-        "this much toward balanced load; saved with the adapter. Sigmoid routers only (deepseek_v3, glm4_moe); 0 = off."
+        "this much toward balanced load; saved with the adapter. Routers with a correction bias only (see Supported model "
+        "families); 0 = off."
     )
     freeze_router: bool = opt(True, "Keep the router frozen; false trains it and saves it in the adapter.")
     expert_training: Literal["full", "lora", "frozen", "esft"] | None = opt(

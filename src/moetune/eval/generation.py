@@ -147,8 +147,7 @@ def generate_from_ids(model, tokenizer, prompt_ids: list[list[int]], inference: 
     kwargs = generation_kwargs(inference, tokenizer)
     if streamer is not None:
         kwargs["streamer"] = streamer
-    family = family_of(model)
-    context = family.context_length(model.config) if family is not None else None
+    context = family_of(model).context_length(model.config)
     if context is not None:
         max_prompt_tokens = min(max_prompt_tokens, context - 1)
     encoded = [ids[-max_prompt_tokens:] for ids in prompt_ids]

@@ -142,13 +142,16 @@ def load_tuned(config: Config, tuned: TunedModelPath, tokenizer, base=None):
 
 def _load_merged(config: Config, path: Path, tokenizer):
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from moetune.models.load.dtypes import resolve_dtype
+    from moetune.models.load.pretrained import causal_lm_class
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(config.model.torch_dtype),
-                                                     trust_remote_code=config.model.trust_remote_code)
+        hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=config.model.trust_remote_code)
+        model = causal_lm_class(hf_config).from_pretrained(str(path), config=hf_config,
+                                                           dtype=resolve_dtype(config.model.torch_dtype),
+                                                           trust_remote_code=config.model.trust_remote_code)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
         raise UserError(f"The merged model in {path} cannot be loaded ({first_line(err)}).") from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:

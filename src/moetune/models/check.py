@@ -95,7 +95,7 @@ def check_config_against_model(config, *, read_hub: bool = False) -> ModelCheck:
     hf_config, traits = (family.shape or pretrained_shape)(family, config, hf_config)
     model = build_on_meta(hf_config, trust_remote_code=spec.trust_remote_code)
     check_context_length(model, spec.max_seq_length, family.context_key)
-    blocks = find_moe_blocks(model, (family.router_name,))  # before the plan, whose wrappers hold more than experts
+    blocks = find_moe_blocks(model, family.router_name)  # before the plan, whose wrappers hold more than experts
     experts = count_experts(getattr(blocks[0].module, EXPERTS_NAME)) if blocks else 0
     with _quiet():  # the run logs what trains; the same lines from a model without weights would read as a run's
         model = apply_training_plan(model, config, traits, family)

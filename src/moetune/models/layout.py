@@ -1,35 +1,22 @@
-"""Find the parts of an MoE model by probing its module tree, not by trusting a version string.
+"""Find the parts of an MoE model by probing its module tree, with the names its family gives
+(:class:`moetune.models.families._spec.FamilySpec`), not by trusting a version string.
 
-Three layouts must work with the same code:
-
-* transformers 5.x Mixtral: ``layers.N.mlp`` holds ``gate`` (a router whose parameter is
-  ``gate.weight``) and ``experts`` with fused 3-D ``gate_up_proj`` / ``down_proj`` parameters;
-* older Mixtral code and checkpoints: ``layers.N.block_sparse_moe`` with ``gate`` (nn.Linear) and
-  ``experts.N.w1/w2/w3``;
-* upcycled MPT (:mod:`moetune.models.families.mpt.modeling`): ``blocks.N.ffn`` with ``router`` and ``experts.N.up_proj/down_proj``.
-
-An MoE block is any module with an ``experts`` child and a router child (``gate`` or ``router``).
+An MoE block is any module with an ``experts`` child and a router child of the family's
+``router_name`` (``gate`` in most families, ``router`` in gpt-oss, Granite, Llama-4); its routed
+experts are fused 3-D parameters (``experts.gate_up_proj``) or one module per expert
+(``experts.N.up_proj``, upcycled MPT).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from torch import nn
 
 from moetune.errors import ConfigError
 
-ROUTER_NAMES = ("gate", "router")
 EXPERTS_NAME = "experts"
-
-# Attention projections under the names other families use, so the default
-# lora.target_modules (q/k/v/o_proj) means "attention" on MPT too, whose QKV is one fused Linear.
-ATTENTION_ALIASES = {
-    "q_proj": ("Wqkv", "qkv_proj", "c_attn"),
-    "k_proj": ("Wqkv", "qkv_proj", "c_attn"),
-    "v_proj": ("Wqkv", "qkv_proj", "c_attn"),
-    "o_proj": ("out_proj", "dense", "c_proj"),
-}
 
 
 @dataclass(frozen=True)
@@ -49,17 +36,14 @@ class MoeBlockInfo:
         return f"{self.path}.{EXPERTS_NAME}"
 
 
-def find_moe_blocks(model: nn.Module, router_names: tuple[str, ...] = ROUTER_NAMES) -> list[MoeBlockInfo]:
-    """Every MoE block of ``model`` in forward order (empty for a dense model); ``router_names``:
-    what the router child may be called (a family's spec names its own)."""
+def find_moe_blocks(model: nn.Module, router_name: str) -> list[MoeBlockInfo]:
+    """Every MoE block of ``model`` in forward order (empty for a dense model); ``router_name``: what
+    its family calls the router child."""
     blocks = []
     for path, module in model.named_modules():
         children = dict(module.named_children())
-        if EXPERTS_NAME not in children:
-            continue
-        router = next((name for name in router_names if name in children), None)
-        if router is not None:
-            blocks.append(MoeBlockInfo(path=path, router_name=router, module=module))
+        if EXPERTS_NAME in children and router_name in children:
+            blocks.append(MoeBlockInfo(path=path, router_name=router_name, module=module))
     return blocks
 
 
@@ -76,8 +60,23 @@ def is_expert_parameter(name: str) -> bool:
     return f".{EXPERTS_NAME}." in f".{name}"
 
 
+def shared_expert_paths(model: nn.Module, blocks: list[MoeBlockInfo], shared_names: tuple[str, ...]) -> list[str]:
+    """Full paths of the shared experts named ``shared_names``: children of each MoE block, or of the
+    layer that holds the block (Granite's ``shared_mlp`` sits beside ``block_sparse_moe``)."""
+    paths = []
+    for block in blocks:
+        parent_path = block.path.rsplit(".", 1)[0] if "." in block.path else ""
+        parent = model.get_submodule(parent_path)
+        for name in shared_names:
+            if hasattr(block.module, name):
+                paths.append(f"{block.path}.{name}")
+            elif hasattr(parent, name) and f"{parent_path}.{name}" not in paths:
+                paths.append(f"{parent_path}.{name}")
+    return paths
+
+
 def is_shared_expert_parameter(name: str, shared_names: tuple[str, ...]) -> bool:
-    """True for a parameter under one of the MoE block children ``shared_names`` (shared experts)."""
+    """True for a parameter under one of the shared experts ``shared_names``."""
     return any(f".{shared}." in f".{name}" for shared in shared_names)
 
 
@@ -92,11 +91,22 @@ def freeze_experts(model: nn.Module, shared_names: tuple[str, ...] = ()) -> int:
     return frozen
 
 
-def set_router_trainable(model: nn.Module, trainable: bool, router_names: tuple[str, ...] = ROUTER_NAMES) -> None:
+def set_router_trainable(model: nn.Module, trainable: bool, router_name: str) -> None:
     """Turn the gradient of every router weight on or off."""
-    for block in find_moe_blocks(model, router_names):
+    for block in find_moe_blocks(model, router_name):
         for param in getattr(block.module, block.router_name).parameters():
             param.requires_grad_(trainable)
+
+
+def freeze_block_tensor(model: nn.Module, router_name: str, path: str) -> None:
+    """Keep the parameter at ``path`` under every MoE block frozen (ERNIE's correction bias is a
+    Parameter that only aux-loss-free balancing moves, never a gradient), in a PEFT-wrapped router's
+    original and trained copies too (``gate.modules_to_save.default.<rest>``)."""
+    head, _, rest = path.partition(".")
+    for block in find_moe_blocks(model, router_name):
+        for name, param in block.module.named_parameters():
+            if name == path or (name.startswith(f"{head}.") and name.endswith(f".{rest}")):
+                param.requires_grad_(False)
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -104,12 +114,12 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
-def resolve_target_modules(model: nn.Module, targets: tuple[str, ...], exclude: tuple[str, ...] = (),
-                           key: str = "lora.target_modules",
-                           aliases: dict[str, tuple[str, ...]] | None = None) -> list[str]:
-    """Full dotted names of the Linears that get LoRA: ``targets`` matched by last name component
-    (falling back to ``aliases``, a family's attention names, default :data:`ATTENTION_ALIASES`),
-    minus names ending in an ``exclude`` entry (PEFT's rule: ``o_proj`` or ``layers.0.self_attn.q_proj``).
+def resolve_target_modules(model: nn.Module, targets: tuple[str, ...], aliases: Mapping[str, tuple[str, ...]],
+                           exclude: tuple[str, ...] = (), key: str = "lora.target_modules") -> list[str]:
+    """Full dotted names of the Linears that get LoRA: each of ``targets`` stands for the Linears its
+    family's ``aliases`` map it to (DeepSeek's "q_proj" is q_a_proj and q_b_proj, a hybrid's takes the
+    linear-attention projections too), or for itself; names ending in an ``exclude`` entry are left out
+    (PEFT's rule: ``o_proj`` or ``layers.0.self_attn.q_proj``).
 
     Matching is done here rather than left to PEFT so an unknown name is an error, not an adapter
     that silently trains nothing. Expert Linears only match when a target names them explicitly.
@@ -118,11 +128,7 @@ def resolve_target_modules(model: nn.Module, targets: tuple[str, ...], exclude: 
     leaf_names = {name.rsplit(".", 1)[-1] for name in linears}
     wanted: set[str] = set()
     for target in targets:
-        if target in leaf_names:
-            wanted.add(target)
-            continue
-        # Every alias the model has: DeepSeek's "q_proj" is q_a_proj and q_b_proj together.
-        found = [a for a in (ATTENTION_ALIASES if aliases is None else aliases).get(target, ()) if a in leaf_names]
+        found = [name for name in aliases.get(target, (target,)) if name in leaf_names]
         if not found:
             raise ConfigError(key, f"{key} names {target!r}, but this model has no Linear module of that name; its "
                               f"Linear modules are called {sorted(leaf_names)}.")

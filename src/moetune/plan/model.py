@@ -57,8 +57,9 @@ def plan_family(model_section, hf_config: PreTrainedConfig | None = None) -> Fam
     family = family_for_model_type(hf_config.model_type)
     if family is None:
         raise ConfigError("model.architecture", f"model.name {model_section.name!r} is a {hf_config.model_type!r} model, "
-                          f"which moetune does not know (it loads {', '.join(known_model_types())}); set "
-                          "model.architecture if it has one of those shapes.")
+                          f"which moetune does not support; it supports {', '.join(known_model_types())} (README, "
+                          "Supported model families, lists the MoE types transformers has that moetune leaves out, and "
+                          "why).")
     return family
 
 

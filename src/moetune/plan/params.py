@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from moetune.models.layout import EXPERTS_NAME, ROUTER_NAMES, find_moe_blocks
+from moetune.models.layout import EXPERTS_NAME, find_moe_blocks
 from moetune.models.trainable.counts import trainable_parts
 
 
@@ -66,7 +66,7 @@ class ParameterCounts:
 def count_base(base: nn.Module, family, top_k: int) -> ParameterCounts:
     """Counts of ``base``, the model before the training plan adds adapters and saved copies (nothing
     trains yet). ``top_k``: experts per token (:func:`experts_per_token`)."""
-    blocks = tuple(_routed_experts(block, top_k) for block in find_moe_blocks(base, _router_names(family)))
+    blocks = tuple(_routed_experts(block, top_k) for block in find_moe_blocks(base, family.router_name))
     embedding = base.get_input_embeddings()
     output = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     tied = output is not None and output.weight is embedding.weight
@@ -76,13 +76,8 @@ def count_base(base: nn.Module, family, top_k: int) -> ParameterCounts:
 
 def with_trainable(counts: ParameterCounts, model: nn.Module, family) -> ParameterCounts:
     """``counts`` with what trains in ``model`` (after the training plan), by part."""
-    shared = family.shared_experts if family is not None else ()
-    parts = trainable_parts(model, find_moe_blocks(model, _router_names(family)), shared)
+    parts = trainable_parts(model, find_moe_blocks(model, family.router_name), family)
     return dataclasses.replace(counts, trainable=parts)
-
-
-def _router_names(family) -> tuple[str, ...]:
-    return (family.router_name,) if family is not None else ROUTER_NAMES
 
 
 def experts_per_token(hf_config, default: int = 1) -> int:

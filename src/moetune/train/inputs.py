@@ -60,9 +60,11 @@ def _register_zero3_leaf_modules(accelerator, model) -> None:
         return
     from deepspeed.utils import set_z3_leaf_modules
 
+    from moetune.models.families import family_of
     from moetune.models.layout import find_moe_blocks
 
-    classes = sorted({type(block.module) for block in find_moe_blocks(model)}, key=lambda c: c.__name__)
+    blocks = find_moe_blocks(model, family_of(model).router_name)
+    classes = sorted({type(block.module) for block in blocks}, key=lambda c: c.__name__)
     if classes:
         set_z3_leaf_modules(model, classes)
         if accelerator.is_main_process:

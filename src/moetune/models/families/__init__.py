@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
     from moetune.models.families._spec import FamilySpec
 
-__all__ = ["FAMILY_NAMES", "all_families", "family_for_model_type", "family_of", "get_family", "known_model_types",
-           "packs_by_position_ids"]
+__all__ = ["FAMILY_NAMES", "all_families", "attach_family", "family_for_model_type", "family_of", "get_family",
+           "known_model_types", "packs_by_position_ids"]
 
 # The family of each model seen, looked up from its config once: the loss asks on every micro-batch.
 _FAMILY_OF_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -39,38 +39,54 @@ def all_families() -> list[FamilySpec]:
 
 
 def family_for_model_type(model_type: str | None) -> FamilySpec | None:
-    """The family that loads config.json ``model_type``, or None when no family does."""
-    return next((spec for spec in all_families() if model_type in spec.model_types), None)
+    """The family that loads config.json ``model_type`` (a text model's, or a multimodal checkpoint's
+    whose text model it trains), or None when no family does."""
+    return next((spec for spec in all_families() if model_type in spec.model_types or model_type in spec.multimodal_types),
+                None)
 
 
-def family_of(model: nn.Module) -> FamilySpec | None:
-    """The family of ``model`` (through DDP, DeepSpeed and PEFT wrappers), from its config's ``model_type``;
-    None for a model no family describes. Looked up once per model."""
+def attach_family(model: nn.Module, family: FamilySpec) -> None:
+    """Make ``family`` the one :func:`family_of` gives for ``model`` (the build does, once per model)."""
+    from moetune.models.layout import innermost_model
+
+    _FAMILY_OF_MODEL[innermost_model(model)] = family
+
+
+def family_of(model: nn.Module) -> FamilySpec:
+    """The family of ``model`` (through DDP, DeepSpeed and PEFT wrappers): the one its build attached,
+    else the one that loads its config's ``model_type`` (a model loaded by other means). Looked up
+    once per model."""
     from moetune.models.layout import innermost_model
 
     inner = innermost_model(model)
     if inner not in _FAMILY_OF_MODEL:
-        _FAMILY_OF_MODEL[inner] = family_for_model_type(getattr(getattr(inner, "config", None), "model_type", None))
+        model_type = getattr(getattr(inner, "config", None), "model_type", None)
+        family = family_for_model_type(model_type)
+        if family is None:
+            raise ValueError(f"no moetune family describes a {model_type!r} model; it loads "
+                             f"{', '.join(known_model_types())}")
+        _FAMILY_OF_MODEL[inner] = family
     return _FAMILY_OF_MODEL[inner]
 
 
 def packs_by_position_ids(model) -> bool:
     """Whether samples packed into one row with restarting ``position_ids`` and no attention mask
-    stay apart in ``model`` as built: its family's forward takes ``position_ids`` (MPT's ALiBi
-    attention does not) and the attention kernel it runs, after any fallback, honours them (for
-    gpt-oss only the flash kernels do: see its family module)."""
+    stay apart in ``model`` as built: its family's forward keeps them apart (MPT's ALiBi attention
+    takes no position_ids, a hybrid's recurrent state would run from one sample into the next) and
+    the attention kernel it runs, after any fallback, honours them (for gpt-oss only the flash
+    kernels do: see its family module)."""
     from moetune.models.load.kernels import PACKING_KERNELS, attention_kernel
 
     family = family_of(model)
-    if family is None or not family.accepts_position_ids:
+    if not family.packs_by_position_ids:
         return False
     kernel = attention_kernel(model)
     return kernel in PACKING_KERNELS and (family.packing_kernels is None or kernel in family.packing_kernels)
 
 
 def known_model_types() -> list[str]:
-    """Every model_type some family loads, sorted (for error messages)."""
-    return sorted(t for spec in all_families() for t in spec.model_types)
+    """Every config.json model_type some family loads, multimodal checkpoints' included, sorted (for error messages)."""
+    return sorted(t for spec in all_families() for t in (*spec.model_types, *spec.multimodal_types))
 
 
 @cache

@@ -7,14 +7,17 @@ attention sinks (``self_attn.sinks``) are not Linears and stay frozen; transform
 no sinks, so ``sdpa`` runs as ``eager`` (or pick flash_attention_2 / flex_attention). Its forward
 builds the causal and sliding-window masks without the ``position_ids``, so eager and flex attention
 would let packed samples attend to each other: rows are packed only for the flash kernels, which
-split a flattened row at the restarting positions themselves; otherwise samples are padded.
+split a flattened row at the restarting positions themselves; otherwise samples are padded. The
+experts are stored transposed, (E, H, 2I) and (E, I, H), with biases; PEFT reads the layout from
+the experts module's ``is_transposed``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from moetune.models.families._spec import FamilySpec, logger
+from moetune.models.families._spec import logger, one_type_family, softmax_router
+from moetune.models.families._tiny import tiny_config
 
 
 def mxfp4_dequantised(hf_config) -> dict[str, Any]:
@@ -30,26 +33,17 @@ def mxfp4_dequantised(hf_config) -> dict[str, Any]:
     return {"quantization_config": Mxfp4Config(dequantize=True)}
 
 
-SPEC = FamilySpec(
-    name="gpt_oss",
-    model_types=("gpt_oss",),
-    summary="gpt-oss-20b / 120b: MXFP4 experts dequantised to bf16, LoRA on q/k/v/o_proj, experts and sinks frozen, "
-            "Switch load-balancing loss (as transformers).",
-    tiny_configs={
-        "gpt_oss": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=64, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
-                        vocab_size=128, max_position_embeddings=128, sliding_window=16,
-                        layer_types=["sliding_attention", "full_attention"],
-                        rope_parameters={"rope_type": "default", "rope_theta": 150000.0}),
-    },
-    random_init_model_type="gpt_oss",
-    attention={},
+SPEC = one_type_family(
+    "gpt_oss",
+    "gpt_oss",
+    tiny_config=tiny_config("num_local_experts", intermediate_size=64, head_dim=16, sliding_window=16,
+                            layer_types=["sliding_attention", "full_attention"],
+                            rope_parameters={"rope_type": "default", "rope_theta": 150000.0}),
+    router=softmax_router(transformers_aux_loss=True, top_k_of_logits=True),
     router_name="router",
-    routing="logits with a bias, top-k, softmax over the chosen k",
     expert_parameters=("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"),
-    expert_layout="fused 3-D, transposed (E, H, 2I) / (E, I, H), with biases",
     attention_kernels=("eager", "flash_attention_2", "flex_attention"),
     packing_kernels=("flash_attention_2", "flash_attention_3"),
+    example_config="configs/gpt-oss-20b.yaml",
     pretrained_kwargs=mxfp4_dequantised,
-    notes=("attention sinks (self_attn.sinks) stay frozen",),
 )

@@ -18,9 +18,9 @@ import logging
 from torch import nn
 
 from moetune.errors import ConfigError
-from moetune.models.families import FAMILY_NAMES, family_for_model_type, get_family, known_model_types
+from moetune.models.families import attach_family, family_for_model_type, get_family, known_model_types
 from moetune.models.families._spec import FamilySpec, Traits
-from moetune.models.load.pretrained import build_pretrained, read_model_type
+from moetune.models.load.pretrained import build_pretrained, read_model_config, read_model_type
 from moetune.models.load.quant import wants_quantization
 from moetune.models.trainable.plan import apply_training_plan
 
@@ -67,22 +67,30 @@ def _build_family(family: FamilySpec, config, tokenizer, *, seed: int,
     check_router_bias_update(family, config)
     build = family.build or build_pretrained
     model, traits = build(family, config, tokenizer, seed=seed, gradient_checkpointing=gradient_checkpointing)
+    attach_family(model, family)
     check_context_length(model, config.model.max_seq_length, family.context_key)
     return model, traits
 
 
-def check_router_bias_update(family: FamilySpec, config, model_type: str | None = None) -> None:
-    """``moe.router_bias_update_rate`` needs a router with a correction bias (DeepSeek-V3, GLM-4.5).
-    ``model_type``: the model's, when known (else read from model.random_init or the model's config)."""
+def check_router_bias_update(family: FamilySpec, config, hf_config=None) -> None:
+    """``moe.router_bias_update_rate`` needs a correction bias inside the router, which the adapter saves
+    with it (DeepSeek-V3, GLM-4.5 and the other routers of that shape). ``hf_config``: the model's, when
+    known (else built from model.random_init or read from the model's config; no weight is read)."""
     if config.moe.router_bias_update_rate <= 0:
         return
-    if model_type is None:
-        model_type = (family.random_init_model_type if config.model.random_init
-                      else read_model_type(config.model.name, config.model.trust_remote_code))
-    if not family.has_correction_bias(model_type):
-        raise ConfigError("moe.router_bias_update_rate", f"moe.router_bias_update_rate moves a router's correction "
-                          f"bias, which {model_type!r} models do not have (sigmoid routers such as DeepSeek-V3's and "
-                          "GLM-4.5's do); set it to 0.")
+    if hf_config is None:
+        from moetune.models.load.hf_config import build_random_init_config
+
+        hf_config = (build_random_init_config(family.random_init_model_type, config.model.config_overrides)
+                     if config.model.random_init else read_model_config(config.model, family))
+    if family.movable_bias(hf_config) is not None:
+        return
+    bias = family.router_of(hf_config).correction_bias
+    where = (f"its correction bias ({bias}) sits outside the router ({family.router_name}), so no adapter could save "
+             "it" if bias else "they have none")
+    raise ConfigError("moe.router_bias_update_rate", f"moe.router_bias_update_rate moves a router's correction bias, "
+                      f"which {hf_config.model_type!r} models cannot do: {where} (sigmoid routers such as DeepSeek-V3's "
+                      "and GLM-4.5's can); set it to 0.")
 
 
 def check_context_length(model: nn.Module, max_seq_length: int, key: str = "max_position_embeddings") -> None:
@@ -113,8 +121,8 @@ def resolve_family(model_config) -> FamilySpec:
     family = family_for_model_type(model_type)
     if family is None:
         raise ConfigError("model.architecture", f"model.name {model_config.name!r} is a {model_type!r} model, which "
-                          f"moetune does not know (it loads {', '.join(known_model_types())}); set model.architecture "
-                          f"to one of {list(FAMILY_NAMES)} if it has that shape.")
+                          f"moetune does not support; it supports {', '.join(known_model_types())} (README, Supported "
+                          "model families, lists the MoE types transformers has that moetune leaves out, and why).")
     return family
 
 

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
+from transformers import AutoConfig, PreTrainedConfig
 
 from moetune.errors import UserError, first_line
 from moetune.models.families._spec import FamilySpec
 from moetune.models.load.hf_config import apply_overrides, build_random_init_config
+from moetune.models.load.pretrained import model_from_config
 
 
 def local_model_config(model_section, family: FamilySpec) -> PreTrainedConfig | None:
@@ -80,7 +81,7 @@ def build_on_meta(hf_config: PreTrainedConfig, trust_remote_code: bool = False, 
     if dtype is not None:
         kwargs["dtype"] = dtype
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code, **kwargs)
+        return model_from_config(hf_config, trust_remote_code=trust_remote_code, **kwargs)
 
 
 def _read_config(path: Path, model_section) -> PreTrainedConfig:

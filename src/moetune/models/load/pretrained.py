@@ -7,6 +7,7 @@ family modules with a build of their own (MPT) call :func:`load_base_model` from
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from moetune.config.schema import deepspeed_backend_message
 from moetune.errors import ConfigError, UserError, first_line
@@ -43,6 +45,28 @@ def read_model_type(name: str, trust_remote_code: bool = False) -> str:
                         f"({first_line(err)}). Set model.architecture, or fix the path.") from None
 
 
+def causal_lm_class(hf_config):
+    """The class that builds and loads ``hf_config``'s model: AutoModelForCausalLM, or where it maps no
+    class to the config's type (Mistral 4 in transformers 5.25) the causal LM class of the config's own
+    modeling module, the one config.json's ``architectures`` names."""
+    if type(hf_config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return AutoModelForCausalLM
+    modeling = importlib.import_module(type(hf_config).__module__.replace(".configuration_", ".modeling_"))
+    names = [*(hf_config.architectures or ()), *(name for name in dir(modeling) if name.endswith("ForCausalLM"))]
+    found = next((getattr(modeling, name) for name in names if getattr(getattr(modeling, name, None), "config_class",
+                                                                        None) is type(hf_config)), None)
+    return found or AutoModelForCausalLM
+
+
+def model_from_config(hf_config, **kwargs) -> nn.Module:
+    """A randomly initialised model of ``hf_config`` (``from_config``), through :func:`causal_lm_class`."""
+    cls = causal_lm_class(hf_config)
+    if cls is AutoModelForCausalLM:
+        return cls.from_config(hf_config, **kwargs)
+    kwargs.pop("trust_remote_code", None)  # a class of transformers' own runs no remote code
+    return cls._from_config(hf_config, **kwargs)
+
+
 def load_base_model(config, family: FamilySpec, tokenizer=None, *, seed: int,
                     gradient_checkpointing: bool) -> nn.Module:
     """The family's model from weights (model.name) or from config (model.random_init, drawn with
@@ -65,7 +89,7 @@ def load_base_model(config, family: FamilySpec, tokenizer=None, *, seed: int,
         # adapter was trained on, whatever ran before.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32 if dtype == "auto" else dtype,
+            model = model_from_config(hf_config, dtype=torch.float32 if dtype == "auto" else dtype,
                                                      **kwargs)
     else:
         model = _from_pretrained(spec, family, dtype, kwargs, tokenizer)
@@ -88,7 +112,7 @@ def read_model_config(spec, family: FamilySpec) -> PreTrainedConfig:
 
 def check_model_type(spec, family: FamilySpec, model_type: str) -> None:
     """``model.architecture`` must name the family of the model ``model.name`` is."""
-    if model_type not in family.model_types:
+    if model_type not in family.model_types and model_type not in family.multimodal_types:
         raise ConfigError("model.architecture", f"model.architecture is {family.name!r} but model.name "
                           f"{spec.name!r} is a {model_type!r} model.")
 
@@ -110,7 +134,7 @@ def _from_pretrained(spec, family: FamilySpec, dtype, kwargs: dict[str, Any], to
     quant = family_kwargs.pop("quantization_config", quant)
     kwargs = {**kwargs, **family_kwargs}
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
+        model, info = causal_lm_class(hf_config).from_pretrained(
             spec.name, config=hf_config, dtype=dtype, quantization_config=quant,
             trust_remote_code=spec.trust_remote_code, output_loading_info=True, **kwargs)
     except OSError as err:

@@ -118,6 +118,8 @@ def _chunkable_lm_head(inner: torch.nn.Module) -> torch.nn.Module | None:
     if (head is None or "logits_to_keep" not in inspect.signature(inner.forward).parameters
             or not hasattr(inner, "get_decoder")):
         reason = "the model computes its logits in one piece (no logits_to_keep)"
+    elif inner.get_decoder() is inner:  # Llama-4's text model names no decoder whose output is the hidden states
+        reason = "the model has no separate decoder to take the hidden states from"
     else:
         try:
             weight, _ = lm_head_weight_and_bias(head)

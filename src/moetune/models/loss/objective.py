@@ -136,14 +136,15 @@ def compute_losses(model: torch.nn.Module, batch: Mapping[str, Any], config) -> 
     """
     inputs = {k: v for k, v in batch.items() if k not in LOSS_ONLY_KEYS}
     labels = _labels(batch)
-    family = family_of(model) if wants_router_logits(config) else None
-    capturing = capture_routing(model, family) if family is not None else contextlib.nullcontext(CapturedRouting())
+    routed = wants_router_logits(config)
+    capturing = capture_routing(model, family_of(model)) if routed else contextlib.nullcontext(CapturedRouting())
     with capturing as captured:
         _, lm_loss_sum = forward_with_lm_loss(model, {**inputs, "use_cache": False}, labels,
                                               config.training.label_smoothing_factor)
     loss_tokens, routed_tokens = step_token_counts(batch).to(lm_loss_sum.device).unbind()
     routing = captured.layers
-    aux, z = router_losses(routing, family, innermost_model(model), batch, config, lm_loss_sum.new_zeros(()))
+    router = family_of(model).router_of(innermost_model(model).config) if routing else None
+    aux, z = router_losses(routing, router, batch, config, lm_loss_sum.new_zeros(()))
     supervision = None
     if config.moe.router_supervision.weight > 0 and routing and "expert_label_ids" in batch:
         from moetune.models.routing.supervision import router_supervision_loss

@@ -1,14 +1,20 @@
-"""Keeping experts evenly loaded: each family's balance loss, and DeepSeek-V3's aux-loss-free bias update.
+"""Keeping experts evenly loaded: the balance losses a family's router names, and DeepSeek-V3's
+aux-loss-free bias update.
 
-* ``switch``: :func:`load_balancing_loss`, what transformers computes for
-  Mixtral, Qwen-MoE, OLMoE and gpt-oss (pooled over layers; balanced routing gives top_k).
-* ``sequence``: :func:`sequence_balance_loss`, DeepSeek's per-sequence balance loss (DeepSeek-V2's
-  ``seq_aux`` loss, and eq. 17-20 of the DeepSeek-V3 report for sigmoid routers), summed over
-  MoE layers as DeepSeek adds it; balanced routing gives 1 per layer.
-* :func:`update_router_biases`: after each optimizer step, each expert's correction bias moves by
-  ``rate`` toward balanced load (DeepSeek-V3, section 2.1.2): down when the expert got more than
-  the mean load, up when it got less. The bias only changes which experts are chosen, never
-  their weights, so it balances without a gradient that competes with the LM loss.
+Each :class:`moetune.models.families._spec.Router` carries one of these as its ``balance_loss``,
+called as ``balance_loss(routing, scores, batch, token_mask)``:
+
+* :func:`switch_balance_loss`: the Switch-Transformer loss (:func:`load_balancing_loss`), what
+  transformers computes for Mixtral, Qwen-MoE, OLMoE, gpt-oss and the others that return an
+  ``aux_loss`` (pooled over layers; balanced routing gives top_k);
+* :func:`sequence_balance_loss`: DeepSeek's per-sequence balance loss (DeepSeek-V2's ``seq_aux``
+  loss, and eq. 17-20 of the DeepSeek-V3 report for sigmoid routers), summed over MoE layers as
+  DeepSeek adds it; balanced routing gives 1 per layer.
+
+:func:`update_router_biases`: after each optimizer step, each expert's correction bias moves by
+``rate`` toward balanced load (DeepSeek-V3, section 2.1.2): down when the expert got more than the
+mean load, up when it got less. The bias only changes which experts are chosen, never their
+weights, so it balances without a gradient that competes with the LM loss.
 """
 
 from __future__ import annotations
@@ -54,8 +60,8 @@ def sequence_ids(batch_shape: tuple[int, int], position_ids: torch.Tensor | None
     return ids, weight.to(ids.device)
 
 
-def sequence_balance_loss(routing: tuple[LayerRouting, ...], sequences: torch.Tensor, token_weight: torch.Tensor,
-                          sigmoid: bool) -> torch.Tensor:
+def per_sequence_balance_loss(routing: tuple[LayerRouting, ...], sequences: torch.Tensor, token_weight: torch.Tensor,
+                              sigmoid: bool) -> torch.Tensor:
     """DeepSeek's sequence-wise balance loss, summed over layers.
 
     Per layer and sequence of T tokens: ``sum_i f_i * P_i`` with ``f_i = E / (k T) * (tokens of the
@@ -90,17 +96,20 @@ def update_router_biases(model: nn.Module, family, counts: torch.Tensor, rate: f
     """Move each MoE layer's correction bias by ``rate`` toward balanced load.
 
     ``counts``: (layers, experts) tokens routed in the optimizer step, summed over every process
-    (so every rank applies the same update). A PEFT-wrapped router keeps the bias in both its
+    (so every rank applies the same update). The bias is the one ``family.movable_bias`` names,
+    a buffer or a frozen parameter of the router. A PEFT-wrapped router keeps it in both its
     original and its trained copy; both move, so the saved adapter holds the updated bias.
     """
     from moetune.models.layout import innermost_model
 
-    routers = router_modules(innermost_model(model), family)
+    inner = innermost_model(model)
+    within_router = family.movable_bias(inner.config).split(".", 1)[1]
+    routers = router_modules(inner, family)
     for router, load in zip(routers, counts, strict=True):
         step = rate * torch.sign(load.mean() - load)
-        for name, buffer in router.named_buffers():
-            if name.rsplit(".", 1)[-1] == family.correction_bias:
-                buffer.add_(step.to(buffer.device, buffer.dtype))
+        for name, tensor in [*router.named_buffers(), *router.named_parameters()]:
+            if name == within_router or name.endswith(f".{within_router}"):
+                tensor.add_(step.to(tensor.device, tensor.dtype).reshape(tensor.shape))
 
 
 def load_balancing_loss(router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor], num_experts: int, top_k: int,
@@ -143,21 +152,35 @@ def router_z_loss(router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor],
     return torch.stack(per_layer).mean()
 
 
-def router_losses(routing: tuple[LayerRouting, ...], family, model, batch: Mapping[str, Any], config,
+def switch_balance_loss(routing: tuple[LayerRouting, ...], scores: str, batch: Mapping[str, Any],
+                        token_mask: torch.Tensor | None) -> torch.Tensor:
+    """The Switch loss of one forward pass (:func:`load_balancing_loss` on the captured logits): what
+    transformers adds for the model types that return an ``aux_loss``, whatever their scores."""
+    logits = tuple(layer.logits for layer in routing)
+    return load_balancing_loss(logits, routing[0].num_experts, routing[0].experts.shape[-1], token_mask)
+
+
+def sequence_balance_loss(routing: tuple[LayerRouting, ...], scores: str, batch: Mapping[str, Any],
+                          token_mask: torch.Tensor | None) -> torch.Tensor:
+    """DeepSeek's sequence-wise loss of one forward pass (:func:`per_sequence_balance_loss`), with the
+    router's ``scores`` (softmax, or sigmoids normalised) as the affinities; a packed row's samples
+    count as sequences of their own."""
+    sequences, weight = sequence_ids(tuple(batch["input_ids"].shape), batch.get("position_ids"), token_mask)
+    return per_sequence_balance_loss(routing, sequences, weight, scores == "sigmoid")
+
+
+def router_losses(routing: tuple[LayerRouting, ...], router, batch: Mapping[str, Any], config,
                   zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(aux loss, z loss) of one forward pass: the family's balance loss on the captured routing."""
+    """(aux loss, z loss) of one forward pass: the balance loss of the model's ``router``
+    (:class:`moetune.models.families._spec.Router`) on the captured routing."""
     if not routing:
         return zero, zero
     mask = batch.get("attention_mask")
     # A 2-D 0/1 mask is a padding mask; packed batches may carry other shapes, which pool every token.
     token_mask = mask if mask is not None and mask.dim() == 2 else None
-    logits = tuple(layer.logits for layer in routing)
     aux = z = zero
-    if config.moe.use_auxiliary_loss and family.balance_loss == "switch":
-        aux = load_balancing_loss(logits, routing[0].num_experts, routing[0].experts.shape[-1], token_mask)
-    elif config.moe.use_auxiliary_loss and family.balance_loss == "sequence":
-        sequences, weight = sequence_ids(tuple(batch["input_ids"].shape), batch.get("position_ids"), token_mask)
-        aux = sequence_balance_loss(routing, sequences, weight, family.uses_sigmoid(model.config.model_type))
+    if config.moe.use_auxiliary_loss:
+        aux = router.balance_loss(routing, router.scores, batch, token_mask)
     if config.moe.router_z_loss_weight > 0:
-        z = router_z_loss(logits, token_mask)
+        z = router_z_loss(tuple(layer.logits for layer in routing), token_mask)
     return aux, z

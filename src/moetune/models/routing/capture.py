@@ -65,11 +65,8 @@ def record(layer: int, logits: torch.Tensor, weights: torch.Tensor, experts: tor
 @contextmanager
 def capture_routing(model: nn.Module, family) -> Iterator[CapturedRouting]:
     """Record every router's routing during the forward passes run inside the ``with`` block. ``family``
-    is the model's (:func:`moetune.models.families.family_of`); None captures nothing."""
+    is the model's (:func:`moetune.models.families.family_of`)."""
     captured = CapturedRouting()
-    if family is None:
-        yield captured
-        return
     layers: dict[int, LayerRouting] = {}
     token = _RECORDING.set(layers)
     tap = family.tap_routers or hook_router_modules
@@ -86,23 +83,24 @@ def router_modules(model: nn.Module, family) -> list[nn.Module]:
     """The router module of every MoE block, in layer order (PEFT wrappers included)."""
     from moetune.models.layout import find_moe_blocks
 
-    return [getattr(block.module, block.router_name) for block in find_moe_blocks(model, (family.router_name,))]
+    return [getattr(block.module, block.router_name) for block in find_moe_blocks(model, family.router_name)]
 
 
 def hook_router_modules(family, model: nn.Module):
-    """The tap of routers that return ``(logits, weights, experts)`` (transformers 5.x MoE routers)."""
+    """The default tap: a forward hook on every router module, which reads the routing from the
+    router's output with the family's ``Router.read``."""
+    read = family.router_of(model.config).read
     for layer, router in enumerate(router_modules(model, family)):
         if not any(getattr(hook, "moetune_layer", None) == layer for hook in router._forward_hooks.values()):
-            router.register_forward_hook(_router_hook(layer))
+            router.register_forward_hook(_router_hook(layer, read))
     return _nothing
 
 
-def _router_hook(layer: int):
+def _router_hook(layer: int, read):
     # A plain function, not a bound method or an object: PEFT deep-copies a router for
     # modules_to_save, and a function survives deepcopy as itself, still reporting this layer.
     def hook(module, args, output):
-        logits, weights, experts = output[0], output[1], output[2]
-        record(layer, logits, weights, experts)
+        record(layer, *read(module, output))
 
     hook.moetune_layer = layer
     return hook
@@ -110,6 +108,27 @@ def _router_hook(layer: int):
 
 def _nothing() -> None:
     return None
+
+
+def read_logits_weights_experts(router: nn.Module, output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A router that returns ``(logits, weights, experts)``, as most transformers 5.x MoE routers do."""
+    return output[0], output[1], output[2]
+
+
+def read_scores_and_logits(router: nn.Module, output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Llama-4's router: it returns ``(scores, logits)``, ``scores`` (tokens, E) holding the sigmoid of
+    the top-k logits and zero elsewhere; the chosen experts are those top-k."""
+    scores, logits = output
+    with torch.no_grad():
+        experts = torch.topk(logits, router.top_k, dim=-1).indices
+    return logits, scores.gather(-1, experts), experts
+
+
+def read_probabilities(router: nn.Module, output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A router that returns ``(probabilities, weights, experts)`` (Gemma-4): their log is a logit
+    vector with the same softmax, which is what the balance losses and expert scores need."""
+    probabilities, weights, experts = output[0], output[1], output[2]
+    return torch.log(probabilities.float().clamp_min(torch.finfo(torch.float32).tiny)), weights, experts
 
 
 def expert_token_counts(routing: tuple[LayerRouting, ...], attention_mask: torch.Tensor | None = None) -> torch.Tensor:

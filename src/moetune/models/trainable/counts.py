@@ -11,14 +11,14 @@ from moetune.models.layout import MoeBlockInfo, is_expert_parameter, is_shared_e
 
 logger = logging.getLogger(__name__)
 
-# Module names under which a layer keeps its attention, across the families.
-ATTENTION_PARTS = ("self_attn", "attn", "attention")
-
-
-def trainable_parts(model: nn.Module, blocks: list[MoeBlockInfo], shared: tuple[str, ...]) -> dict[str, int]:
+def trainable_parts(model: nn.Module, blocks: list[MoeBlockInfo], family) -> dict[str, int]:
     """Trainable parameter counts of attention, router, routed experts, shared experts and the rest.
-    ``blocks`` are found on ``model`` itself (names as ``model.named_parameters`` gives them)."""
+    ``blocks`` are found on ``model`` itself (names as ``model.named_parameters`` gives them). Attention
+    is what trains under the family's token mixers (linear attention and SSM layers included) or in the
+    Linears its attention targets reach (their LoRA factors)."""
     routers = tuple(f".{block.router_path}." for block in blocks)
+    mixers = tuple(f".{mixer}." for mixer in family.token_mixers)
+    attention_linears = family.attention_linears()
     parts = dict.fromkeys(("attention", "router", "experts", "shared experts", "other"), 0)
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -27,16 +27,25 @@ def trainable_parts(model: nn.Module, blocks: list[MoeBlockInfo], shared: tuple[
         dotted = f".{name}"
         if is_expert_parameter(name):
             part = "experts"
-        elif is_shared_expert_parameter(name, shared):
+        elif is_shared_expert_parameter(name, family.shared_experts):
             part = "shared experts"
         elif any(router in dotted for router in routers):
             part = "router"
-        elif any(f".{attention}." in dotted for attention in ATTENTION_PARTS):
+        elif any(mixer in dotted for mixer in mixers) or _owning_linear(name) in attention_linears:
             part = "attention"
         else:
             part = "other"
         parts[part] += count
     return parts
+
+
+def _owning_linear(name: str) -> str:
+    """The Linear a parameter belongs to: ``in_proj`` for ``...in_proj.lora_A.default.weight``."""
+    parts = name.split(".")
+    for marker in ("lora_A", "lora_B", "base_layer"):
+        if marker in parts:
+            return parts[parts.index(marker) - 1]
+    return parts[-2] if len(parts) > 1 else ""
 
 
 def format_trainable_parts(parts: dict[str, int]) -> str:

@@ -27,7 +27,6 @@ from torch.nn.utils import parametrize
 from moetune.errors import ConfigError, UserError
 from moetune.models.layout import (
     EXPERTS_NAME,
-    ROUTER_NAMES,
     MoeBlockInfo,
     count_experts,
     find_moe_blocks,
@@ -200,5 +199,5 @@ def expert_blocks(model: nn.Module, family=None) -> list[MoeBlockInfo]:
     """The MoE blocks of ``model`` in layer order (the order routing capture reports them in)."""
     from moetune.models.families import family_of
 
-    family = family if family is not None else family_of(model)
-    return find_moe_blocks(innermost_model(model), (family.router_name,) if family is not None else ROUTER_NAMES)
+    inner = innermost_model(model)
+    return find_moe_blocks(inner, (family or family_of(inner)).router_name)

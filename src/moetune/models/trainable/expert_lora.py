@@ -34,12 +34,10 @@ from moetune.models.layout import (
     is_excluded,
     is_expert_parameter,
     linear_module_names,
+    shared_expert_paths,
 )
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
-
 
 @dataclass
 class ExpertAdapters:
@@ -83,8 +81,7 @@ def plan_expert_adapters(model: nn.Module, config, family, blocks: list[MoeBlock
                 raise ConfigError("moe.expert_training", no_expert_match_message(blocks, family, exclude))
             plan.modules_to_save = [block.experts_path for block in blocks]
     if train_shared:
-        shared = family.shared_experts if family is not None else ()
-        paths = [f"{block.path}.{name}" for block in blocks for name in shared if hasattr(block.module, name)]
+        paths = shared_expert_paths(model, blocks, family.shared_experts)
         if config.moe.shared_experts.method == "lora":
             # As parameters, not modules: on model types PEFT converts from the transformers v4 layout
             # (deepseek_v2/v3, glm4_moe, qwen3_moe, olmoe), a target module ending in down_proj / gate_proj /
@@ -106,29 +103,26 @@ def plan_expert_adapters(model: nn.Module, config, family, blocks: list[MoeBlock
 
 def fused_expert_parameters(blocks: list[MoeBlockInfo], family) -> list[str]:
     """Full names of the fused 3-D expert weights (dim 0 the expert) the family names, in every block."""
-    wanted = family.expert_parameters if family is not None else DEFAULT_EXPERT_PARAMETERS
     names = []
     for block in blocks:
         experts = getattr(block.module, EXPERTS_NAME)
         names += [f"{block.experts_path}.{name}" for name, param in experts.named_parameters(recurse=False)
-                  if name in wanted and param.dim() == 3]
+                  if name in family.expert_parameters and param.dim() == 3]
     return names
 
 
 def expert_linears(model: nn.Module, family) -> list[str]:
     """Full names of per-expert Linears (``experts.N.up_proj``) the family names."""
-    wanted = family.expert_parameters if family is not None else None
     return [name for name in linear_module_names(model) if is_expert_parameter(name + ".weight")
-            and (wanted is None or name.rsplit(".", 1)[-1] in wanted)]
+            and name.rsplit(".", 1)[-1] in family.expert_parameters]
 
 
 def no_expert_match_message(blocks: list[MoeBlockInfo], family, exclude: tuple[str, ...]) -> str:
-    wanted = family.expert_parameters if family is not None else DEFAULT_EXPERT_PARAMETERS
     if not blocks:
         return "moe.expert_training asks for expert training, but this model has no MoE block (nothing to train)."
     experts = getattr(blocks[0].module, EXPERTS_NAME)
     found = [f"{name} {tuple(param.shape)}" for name, param in experts.named_parameters()]
     return (f"moe.expert_training asks for expert training, but no expert parameter matched: the "
-            f"{family.name if family is not None else 'model'} family names {list(wanted)}"
+            f"{family.name} family names {list(family.expert_parameters)}"
             f"{f' and lora.exclude_modules is {list(exclude)}' if exclude else ''}, while this model's experts "
             f"({blocks[0].experts_path}, one of {len(blocks)} MoE blocks) hold {found}.")

@@ -11,7 +11,7 @@ routed experts as well, ``moe.shared_experts.train`` the shared experts
 :mod:`moetune.models.trainable.expert_lora`. ``moe.router_bias_update_rate`` saves the router (with its
 correction bias) in the adapter even when the router's weight stays frozen.
 
-Upcycled MPT (the family reports ``experts_must_train``): the experts start identical, so they must
+Upcycled MPT (the family reports ``experts_train_by_default``): the experts start identical, so they must
 train for the MoE to become more than the dense model (``moe.expert_training`` defaults to full); a
 router created by upcycling (``router_is_new``) always trains. See docs/upcycling.md.
 """
@@ -27,14 +27,16 @@ from transformers import PreTrainedModel
 from moetune.errors import ConfigError
 from moetune.models.families._spec import Traits
 from moetune.models.layout import (
-    ROUTER_NAMES,
     MoeBlockInfo,
     find_moe_blocks,
+    freeze_block_tensor,
     freeze_experts,
+    innermost_model,
     is_expert_parameter,
     is_shared_expert_parameter,
     resolve_target_modules,
     set_router_trainable,
+    shared_expert_paths,
 )
 from moetune.models.trainable.counts import format_trainable_parts, log_trainable_parameters, trainable_parts
 from moetune.models.trainable.expert_lora import (
@@ -56,49 +58,52 @@ def router_trains(config, router_is_new: bool) -> bool:
 
 def apply_training_plan(model: nn.Module, config, traits: Traits | None = None, family=None) -> nn.Module:
     """Freeze / wrap ``model`` as ``config.lora`` and ``config.moe`` say; returns the model to train
-    (a PeftModel when lora.enabled). ``traits`` and ``family`` come from the family's build (a model
-    no family describes gets the defaults). Logs the trainable-parameter line."""
+    (a PeftModel when lora.enabled). ``traits`` come from the family's build; ``family`` is the
+    model's own unless given. Logs the trainable-parameter line."""
+    from moetune.models.families import family_of
+
     traits = traits or Traits()
+    family = family or family_of(model)
     if config.moe.expert_training == "esft":
         from moetune.models.trainable.esft import apply_esft_plan
 
         return apply_esft_plan(model, config, family)
-    router_names = (family.router_name,) if family is not None else ROUTER_NAMES
-    shared = family.shared_experts if family is not None else ()
-    blocks = find_moe_blocks(model, router_names)
+    shared = family.shared_experts
+    blocks = find_moe_blocks(model, family.router_name)
     train_router = bool(blocks) and router_trains(config, traits.router_is_new)
     save_router = bool(blocks) and (train_router or config.moe.router_bias_update_rate > 0)
-    expert_mode = config.moe.expert_training or ("full" if traits.experts_must_train else "frozen")
+    expert_mode = config.moe.expert_training or ("full" if traits.experts_train_by_default else "frozen")
     train_shared = config.moe.shared_experts.train
     if train_shared:
         check_shared_experts(model, blocks, family)
     if config.lora.enabled:
         model = _wrap_with_lora(model, config, family, save_router, expert_mode, train_shared)
         if save_router and not train_router:
-            set_router_trainable(model, False, router_names)  # saved for its bias only
+            set_router_trainable(model, False, family.router_name)  # saved for its bias only
     else:
         model.requires_grad_(True)
         if expert_mode == "frozen":
             freeze_experts(model, () if train_shared else shared)
         elif not train_shared:
             freeze_shared_experts(model, shared)
-        set_router_trainable(model, train_router, router_names)
+        set_router_trainable(model, train_router, family.router_name)
+    bias = family.router_of(getattr(innermost_model(model), "config", None)).correction_bias
+    if bias is not None:
+        freeze_block_tensor(model, family.router_name, bias)
     _check_experts(model, expert_mode, () if train_shared else shared, blocks, family)
     log_trainable_parameters(model)
-    logger.info(format_trainable_parts(trainable_parts(model, find_moe_blocks(model, router_names), shared)))
+    logger.info(format_trainable_parts(trainable_parts(model, find_moe_blocks(model, family.router_name), family)))
     return model
 
 
 def check_shared_experts(model: nn.Module, blocks: list[MoeBlockInfo], family) -> None:
-    """``moe.shared_experts.train`` needs a model whose MoE blocks hold shared experts (Qwen2-MoE, DeepSeek, GLM):
+    """``moe.shared_experts.train`` needs a model whose MoE blocks hold shared experts (the family names them):
     on any other it would train nothing it names."""
-    names = family.shared_experts if family is not None else ()
-    if any(hasattr(block.module, name) for block in blocks for name in names):
+    if shared_expert_paths(model, blocks, family.shared_experts):
         return
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     what = f"this {model_type!r} model" if model_type else "this model"
-    if family is not None:
-        what += f" ({family.name} family)"
+    what += f" ({family.name} family)"
     if blocks:
         children = ", ".join(name for name, _ in blocks[0].module.named_children())
         has = f"its MoE blocks ({blocks[0].path}, one of {len(blocks)}) hold {children}"
@@ -120,11 +125,9 @@ def _wrap_with_lora(model: nn.Module, config, family, save_router: bool, expert_
     from peft import LoraConfig, get_peft_model
 
     lora = config.lora
-    router_names = (family.router_name,) if family is not None else ROUTER_NAMES
-    shared = family.shared_experts if family is not None else ()
-    aliases = dict(family.attention) if family is not None and family.attention else None
-    blocks = find_moe_blocks(model, router_names)
-    targets = [name for name in resolve_target_modules(model, lora.target_modules, lora.exclude_modules, aliases=aliases)
+    shared = family.shared_experts
+    blocks = find_moe_blocks(model, family.router_name)
+    targets = [name for name in resolve_target_modules(model, lora.target_modules, family.attention, lora.exclude_modules)
                if not is_expert_parameter(name + ".weight") and not is_shared_expert_parameter(name + ".weight", shared)]
     experts = plan_expert_adapters(model, config, family, blocks, expert_mode, train_shared)
     # Full paths: PEFT matches modules_to_save as name suffixes, and "gate" would also take Qwen2-MoE's

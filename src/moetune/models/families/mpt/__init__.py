@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from moetune.models.families._spec import FamilySpec, Traits, logger
+from moetune.models.families._spec import FamilySpec, Traits, logger, softmax_router
 
 
 def build_mpt(spec: FamilySpec, config, tokenizer=None, *, seed: int, gradient_checkpointing: bool):
@@ -39,8 +39,8 @@ def shape_mpt(spec: FamilySpec, config, hf_config):
     if config.moe.upcycling.enabled and not upcycled:
         from moetune.models.families.mpt.upcycle import upcycled_config
 
-        return upcycled_config(hf_config, config.moe), Traits(router_is_new=True, experts_must_train=True)
-    return hf_config, Traits(experts_must_train=upcycled)
+        return upcycled_config(hf_config, config.moe), Traits(router_is_new=True, experts_train_by_default=True)
+    return hf_config, Traits(experts_train_by_default=upcycled)
 
 
 def tap_moe_blocks(spec: FamilySpec, model):
@@ -78,22 +78,22 @@ class _Sink(list):
 SPEC = FamilySpec(
     name="mpt",
     model_types=("mpt", "mpt_moe"),
-    summary="MPT dense, or sparse-upcycled to MoE (mpt_moe): LoRA on attn.Wqkv/out_proj; upcycled experts train "
-            "(moe.expert_training), a new router always trains; Switch load-balancing loss.",
     tiny_configs={
         "mpt": dict(n_layers=2, d_model=64, n_heads=4, vocab_size=128, max_seq_len=128),
         "mpt_moe": dict(n_layers=2, d_model=64, n_heads=4, vocab_size=128, max_seq_len=128, num_local_experts=4,
                         num_experts_per_tok=2),
     },
     random_init_model_type="mpt",
+    router=softmax_router(transformers_aux_loss=True),
     attention={"q_proj": ("Wqkv",), "k_proj": ("Wqkv",), "v_proj": ("Wqkv",), "o_proj": ("out_proj",)},
+    token_mixers=("attn",),
     router_name="router",
     expert_parameters=("up_proj", "down_proj"),
-    expert_layout="one module per expert: experts.N.up_proj / down_proj",
     fused_experts=False,
     context_key="max_seq_len",
-    accepts_position_ids=False,
+    packs_by_position_ids=False,
     attention_kernels=("eager",),
+    example_config="configs/mpt7b_moe.yaml",
     build=build_mpt,
     shape=shape_mpt,
     tap_routers=tap_moe_blocks,
