@@ -97,7 +97,7 @@ def check_config_against_model(config, *, read_hub: bool = False) -> ModelCheck:
     check_context_length(model, spec.max_seq_length, family.context_key)
     blocks = find_moe_blocks(model, family.router_name)  # before the plan, whose wrappers hold more than experts
     experts = count_experts(getattr(blocks[0].module, EXPERTS_NAME)) if blocks else 0
-    with _quiet():  # the run logs what trains; the same lines from a model without weights would read as a run's
+    with quiet_logs():
         model = apply_training_plan(model, config, traits, family)
     if config.moe.expert_parallel.backend == "deepspeed":
         from moetune.models.families.mpt.deepspeed_moe import check_deepspeed_conversion
@@ -125,8 +125,10 @@ def check_packages(config) -> None:
 
 
 @contextlib.contextmanager
-def _quiet():
-    logger = logging.getLogger("moetune.models")
+def quiet_logs(name: str = "moetune.models"):
+    """Logger ``name`` says only warnings inside the ``with``: the training plan logs its trainable-parameter
+    lines for a run, and the same lines from a model without weights would read as a run's."""
+    logger = logging.getLogger(name)
     level = logger.level
     logger.setLevel(logging.WARNING)
     try:

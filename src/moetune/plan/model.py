@@ -9,8 +9,6 @@ with its experts.json, routers saved with the adapter.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from torch import nn
 from transformers import PreTrainedConfig
 
 from moetune.errors import ConfigError
+from moetune.models.check import quiet_logs
 from moetune.models.families import family_for_model_type, get_family, known_model_types
 from moetune.models.families._spec import FamilySpec, Traits
 from moetune.models.load.meta import build_on_meta, offline_model_config
@@ -74,7 +73,7 @@ def build_planned_model(config, model_config: str | Path | None = None) -> Plann
     base, traits = _build_base(family, config, hf_config, dtype, attn)
     counts = count_base(base, family, experts_per_token(base.config))  # before LoRA and saved copies join it
     quantized = quantize_on_meta(base, section) if wants_quantization(section) else {}
-    with torch.device("meta"), _quiet("moetune.models.trainable"):
+    with torch.device("meta"), quiet_logs("moetune.models.trainable"):
         model = apply_training_plan(base, config, traits, family)
     return PlannedModel(base=base, model=model, hf_config=hf_config, family=family, traits=traits, dtype=dtype,
                         attn_implementation=attn, counts=with_trainable(counts, model, family),
@@ -127,15 +126,3 @@ def _meta_attention(family: FamilySpec) -> str:
     # A family whose attention has no sdpa kernel (gpt-oss's sinks, MPT's ALiBi) runs eager in training
     # unless flash-attn is there; eager is what the meta forward can run of those.
     return "sdpa" if family.attention_kernels is None or "sdpa" in family.attention_kernels else "eager"
-
-
-@contextlib.contextmanager
-def _quiet(name: str):
-    """The training plan logs its trainable-parameter lines for a run; the plan prints its own."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
