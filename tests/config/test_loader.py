@@ -125,6 +125,8 @@ def test_wrong_types_name_key_value_and_accepted(tmp_path, yaml_text, expected):
      "advanced.early_stopping_patience needs a validation split"),
     ("model:\n  architecture: mixtral\nmoe:\n  upcycling:\n    enabled: true\n",
      "moe.upcycling.enabled turns a dense MPT model into an MoE"),
+    ("lora:\n  enabled: false\nmoe:\n  expert_training: esft\n  esft: {experts: e.json}\n  shared_experts: {train: true}\n",
+     "moe.shared_experts.train does nothing under moe.expert_training: esft"),
 ])
 def test_cross_field_and_range_checks(tmp_path, yaml_text, expected):
     assert expected in error_of(tmp_path, yaml_text)

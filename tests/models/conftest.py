@@ -40,10 +40,12 @@ def make_token_batch(batch: int = 2, length: int = 12, seed: int = 1) -> torch.T
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny models run faster on one thread than on several, which only wait for each other: on a
-    shared 2-core machine the family matrix took 4.7x as long with torch's default threads."""
+    shared 2-core machine the family matrix took 4.7x as long with torch's default threads. Module-scoped,
+    so the setting ends with tests/models' modules: a session-wide one leaked into later directories,
+    whose exact comparisons with a fresh interpreter (default threads) then differed in the last bits."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -47,7 +47,10 @@ def saved_in_real_forward(model, inputs, checkpointing: bool) -> int:
     per_layer: dict[int, int] = {}
     layer_inputs: dict[int, int] = {}
 
+    alive = []  # every storage seen stays allocated, so a later one cannot reuse its address and pass as seen
+
     def pack(tensor):
+        alive.append(tensor)
         storage = tensor.untyped_storage()
         if storage._cdata not in weights and storage._cdata not in seen:
             seen[storage._cdata] = storage.nbytes()

@@ -547,6 +547,10 @@ class Config:
         if self.moe.expert_training == "esft" and (self.lora.enabled or self.moe.expert_parallel.backend != "native"):
             raise ConfigError("moe.expert_training", "moe.expert_training: esft trains the selected experts themselves "
                               "and freezes everything else, so it takes lora.enabled: false and moe.expert_parallel.backend: native.")
+        if self.moe.expert_training == "esft" and self.moe.shared_experts.train:
+            # ESFT freezes every weight but the selected routed experts; the shared experts would not train.
+            raise ConfigError("moe.shared_experts.train", "moe.shared_experts.train does nothing under moe.expert_training: "
+                              "esft, which trains only the experts moe.esft.experts selects; set it to false.")
         if self.advanced.early_stopping_patience is not None and self.validation.validation_split == 0:
             raise ConfigError("advanced.early_stopping_patience", "advanced.early_stopping_patience needs a validation split; "
                               "validation.validation_split is 0.")
