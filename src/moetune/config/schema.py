@@ -400,6 +400,28 @@ class TrainingConfig:
     auto_find_batch_size: bool = opt(
         False, "On out-of-memory, retry with half the per-device batch and twice the accumulation (same effective batch)."
     )
+    objective: Literal["sft", "dpo", "orpo", "kto"] = opt(
+        "sft", "What the model learns from: `sft` the next-token loss on the trained tokens; `dpo`, `orpo` (paired "
+        "prompt/chosen/rejected records) and `kto` (paired, or prompt/completion/label records) from preferences, "
+        "on data of the `preference` source kind. The MoE losses, expert usage and router supervision apply to each."
+    )
+    dpo_beta: float = opt(0.1, "DPO's beta (also KTO's): how far the policy may move from the reference; higher "
+                          "keeps it closer.")
+    dpo_loss: Literal["sigmoid", "ipo"] = opt(
+        "sigmoid", "DPO's loss: `sigmoid` (the DPO paper's, with dpo_label_smoothing for noisy labels) or `ipo` "
+        "(squared, on the per-token mean log-ratio, as TRL computes it)."
+    )
+    dpo_label_smoothing: float = opt(0.0, "Share of pairs assumed mislabelled (conservative DPO), for dpo_loss: sigmoid.")
+    dpo_sft_weight: float = opt(0.0, "Weight of the chosen completions' next-token loss added to the DPO loss "
+                                "(RPO); 0 = pure DPO.")
+    orpo_lambda: float = opt(0.1, "ORPO's weight of the odds-ratio loss beside the chosen completions' next-token loss.")
+    kto_desirable_weight: float = opt(1.0, "KTO's weight of desirable completions' losses.")
+    kto_undesirable_weight: float = opt(1.0, "KTO's weight of undesirable completions' losses.")
+    precompute_ref_logps: bool = opt(
+        False, "DPO/KTO: compute the reference log-probabilities of every training and validation sequence in one pass "
+        "before training, so no reference forward runs per step; with full-parameter or expert training it also "
+        "spares the frozen copy of the model."
+    )
     plan_check: Literal["warn", "error"] = opt(
         "warn", "On a GPU machine, before loading weights, the run is planned as `moetune plan` does; a plan over the "
         "visible GPUs' memory is one paragraph (the parts, the largest micro-batch that fits, the knobs): a warning, "
@@ -433,6 +455,16 @@ class TrainingConfig:
         check(self.dataloader_num_workers >= 0, t + "dataloader_num_workers", self.dataloader_num_workers, "0 or more")
         if self.bf16 and self.fp16:
             raise ConfigError(t + "fp16", "training.bf16 and training.fp16 are both true; pick one mixed-precision mode.")
+        check(self.dpo_beta > 0, t + "dpo_beta", self.dpo_beta, "greater than 0")
+        check(0 <= self.dpo_label_smoothing < 0.5, t + "dpo_label_smoothing", self.dpo_label_smoothing, "in [0, 0.5)")
+        if self.dpo_label_smoothing and self.dpo_loss != "sigmoid":
+            raise ConfigError(t + "dpo_label_smoothing", "training.dpo_label_smoothing applies to training.dpo_loss: "
+                              f"sigmoid; training.dpo_loss is {self.dpo_loss!r}.")
+        for name in ("dpo_sft_weight", "orpo_lambda", "kto_desirable_weight", "kto_undesirable_weight"):
+            check(getattr(self, name) >= 0, t + name, getattr(self, name), "0 or more")
+        if self.precompute_ref_logps and self.objective in ("sft", "orpo"):
+            raise ConfigError(t + "precompute_ref_logps", f"training.precompute_ref_logps is true but training.objective "
+                              f"{self.objective!r} uses no reference model; set it to false, or objective: dpo or kto.")
         if self.load_best_model_at_end and self.eval_steps is not None and self.save_steps % self.eval_steps:
             raise ConfigError(t + "save_steps", f"training.load_best_model_at_end needs training.save_steps ({self.save_steps}) "
                               f"to be a multiple of training.eval_steps ({self.eval_steps}), so every saved step has an eval.")
@@ -557,10 +589,23 @@ class Config:
         if self.training.load_best_model_at_end and self.validation.validation_split == 0:
             raise ConfigError("training.load_best_model_at_end", "training.load_best_model_at_end needs a validation split; "
                               "validation.validation_split is 0.")
+        self._check_objective_data()
         if self.model.random_init and self.model.architecture is None:
             raise ConfigError("model.architecture", "model.random_init builds a model from config, so it needs "
                               f"model.architecture ({' | '.join(FAMILY_NAMES)}) and usually model.config_overrides "
                               "(e.g. {num_hidden_layers: 2, hidden_size: 64}).")
+
+    def _check_objective_data(self) -> None:
+        """Preference objectives learn from preference records only, and the next-token objective from none."""
+        preference = self.training.objective != "sft"
+        for n, source in enumerate(self.data.sources):
+            if preference and source.type != PREFERENCE_KIND:
+                raise ConfigError(f"data.sources[{n}].type", f"training.objective is {self.training.objective!r}, which "
+                                  f"learns from preference records, but data.sources[{n}] is of type {source.type!r}; "
+                                  f"use `type: {PREFERENCE_KIND}` sources (prompt/chosen/rejected records) or objective: sft.")
+            if not preference and source.type == PREFERENCE_KIND:
+                raise ConfigError(f"data.sources[{n}].type", f"data.sources[{n}] holds preference records, which train "
+                                  "with training.objective: dpo, orpo or kto; training.objective is 'sft'.")
 
     def _check_what_trains(self) -> None:
         """What an adapter, quantised weights and upcycling need of each other (no model needed to tell)."""
@@ -579,6 +624,10 @@ class Config:
         if shared.train and shared.method == "lora" and not self.lora.enabled:
             raise ConfigError("moe.shared_experts.method", "moe.shared_experts.method is 'lora' but lora.enabled is "
                               "false; enable LoRA or choose moe.shared_experts.method: full.")
+
+
+PREFERENCE_KIND = "preference"
+"""The source kind whose records preference objectives learn from."""
 
 
 def deepspeed_backend_message(family: str) -> str:
