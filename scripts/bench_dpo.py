@@ -1,6 +1,6 @@
 """DPO throughput and peak memory: moetune's trainer against TRL's DPOTrainer, like-for-like.
 
-    python scripts/bench_dpo.py [--pairs 256] [--hidden 128] [--layers 2] [--experts 4] [--batch 4] [--repeats 3]
+    python scripts/bench_dpo.py [--pairs 256] [--hidden 128] [--layers 2] [--experts 4] [--batch 4] [--repeats 5]
     python scripts/bench_dpo.py --bf16                       # bf16 weights and autocast, gradient checkpointing
 
 Both train the same tiny Mixtral-shaped MoE (random init, built by moetune: sdpa attention, the same experts
@@ -17,14 +17,15 @@ adapter switched off, one extra forward per step without gradients):
   its tokenization is not timed either way). Every TRL option that changes the work is set to what moetune's
   run does (``trl_config``): its defaults differ (bf16 autocast and gradient checkpointing on, fused AdamW).
 
-Figures, per run, each run in a fresh process, the trainers interleaved ``--repeats`` times (3):
+Figures, per run, each run in a fresh process with ``--threads`` torch threads (1), the trainers interleaved
+``--repeats`` times (5), over one span: from the training loop's first loss computation (model, optimizer and data
+already built) to the end of its last step (moetune: its final save is called; TRL: ``train()`` returns):
 
 - tokens/s: the non-padding tokens of both sequences of every pair (prompt and completion: what the policy
-  forwards), divided by the wall time of the training loop (model building and tokenisation excluded);
-  pairs/s the same with pairs;
-- peak memory: on CPU, the rise of the process's resident set during training: VmHWM, reset through
-  /proc/self/clear_refs at the first loss computation (model, optimizer and data already built), minus the
-  resident set at that moment; on a GPU, ``torch.cuda.max_memory_allocated`` over the same span, reset there.
+  forwards), divided by the span's wall time; pairs/s the same with pairs; tokens per CPU second divided by the
+  process's CPU time instead (steadier than wall time on a machine that other jobs share);
+- peak memory: on CPU, the rise of the process's resident set: VmHWM, reset through /proc/self/clear_refs at
+  the start, minus the resident set at that moment; on a GPU, ``torch.cuda.max_memory_allocated``, reset there.
 
 What still differs by design: moetune computes expert usage and its own balance loss from the captured routing
 every step, TRL its entropy, token accuracy and logit means (host syncs) every step; TRL pads a batch to its
@@ -41,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -48,7 +50,7 @@ import torch
 from moetune.cli import main as moetune_cli
 from moetune.config import load_config
 from moetune.data.tokenizer import load_or_train_tokenizer
-from moetune.run_dir import METRICS_FILE, TOKENIZER_DIR
+from moetune.run_dir import TOKENIZER_DIR
 
 WORDS = ("payment amount currency refund capture authorize merchant customer connector webhook mandate "
          "router status error result option vec string self match let mut fn impl struct enum").split()
@@ -105,11 +107,12 @@ logging: {{tensorboard: false}}
 """
 
 
-class PeakMemory:
-    """The peak memory of what runs after :meth:`start`: GPU allocations, or on CPU the resident set's rise."""
+class Span:
+    """Wall seconds, this process's CPU seconds and peak memory from :meth:`start` to :meth:`stop`: GPU allocations,
+    or on CPU the resident set's rise."""
 
     def __init__(self):
-        self.baseline_kib = None
+        self.started = self.stopped = None
 
     def start(self) -> None:
         if torch.cuda.is_available():
@@ -117,19 +120,31 @@ class PeakMemory:
         else:
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
         self.baseline_kib = _status_kib("VmRSS")
+        self.started = (time.perf_counter(), time.process_time())
 
-    def peak_mib(self) -> float:
+    def stop(self) -> None:
         if torch.cuda.is_available():
-            return torch.cuda.max_memory_allocated() / 2**20
-        return (_status_kib("VmHWM") - self.baseline_kib) / 1024
+            torch.cuda.synchronize()
+        self.stopped = (time.perf_counter(), time.process_time())
+        peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else \
+            (_status_kib("VmHWM") - self.baseline_kib) / 1024
+        self.figures = {"seconds": self.stopped[0] - self.started[0], "cpu_seconds": self.stopped[1] - self.started[1],
+                        "peak_mib": peak}
 
-    def wrap(self, function):
-        """``function`` that starts the measurement on its first call."""
+    def starting(self, function):
+        """``function`` that starts the span on its first call."""
         def first_call_starts(*args, **kwargs):
-            if self.baseline_kib is None:
+            if self.started is None:
                 self.start()
             return function(*args, **kwargs)
         return first_call_starts
+
+    def stopping(self, function):
+        """``function`` that stops the span when it is called."""
+        def call_stops(*args, **kwargs):
+            self.stop()
+            return function(*args, **kwargs)
+        return call_stops
 
 
 def _status_kib(field: str) -> int:
@@ -179,14 +194,14 @@ def trl_config(config, out: Path):
     )
 
 
-def bench_moetune(config, pairs: list[dict]) -> dict:
+def bench_moetune(config) -> dict:
     from moetune.train import loop
 
-    memory = PeakMemory()
-    loop.compute_losses = memory.wrap(loop.compute_losses)  # the training loop's first loss starts the measurement
+    span = Span()
+    loop.compute_losses = span.starting(loop.compute_losses)  # the loop's first loss starts the span
+    loop.save_final = span.stopping(loop.save_final)  # and its final save, after the last step, ends it
     loop.train(config)
-    last = [json.loads(line) for line in (Path(config.training.output_dir) / METRICS_FILE).read_text().splitlines()][-1]
-    return {"seconds": last["elapsed_seconds"], "peak_mib": memory.peak_mib()}
+    return span.figures
 
 
 def bench_trl(config, pairs: list[dict], out: Path) -> dict:
@@ -207,18 +222,20 @@ def bench_trl(config, pairs: list[dict], out: Path) -> dict:
     trainer = DPOTrainer(model=model, args=trl_config(config, out), train_dataset=placeholder,
                          processing_class=tokenizer, peft_config=peft_config)
     trainer.train_dataset = Dataset.from_list(pairs)  # moetune's token ids, in the columns TRL's collator reads
-    memory = PeakMemory()
-    trainer.compute_loss = memory.wrap(trainer.compute_loss)
-    result = trainer.train()
-    return {"seconds": result.metrics["train_runtime"], "peak_mib": memory.peak_mib()}
+    span = Span()
+    trainer.compute_loss = span.starting(trainer.compute_loss)  # the loop's first loss starts the span
+    trainer.train()
+    span.stop()
+    return span.figures
 
 
-def run_trainer(trainer: str, root: Path, rep: int) -> dict:
+def run_trainer(trainer: str, root: Path, rep: int, threads: int) -> dict:
     """One timed run of one trainer, in this (fresh) process, on the data and tokenizer the parent prepared."""
     config = load_config(root / "bench.yaml", [f"model.tokenizer={root / TOKENIZER_DIR}",
                                                f"training.output_dir={root / f'{trainer}-{rep}'}"])
     pairs = json.loads((root / "pairs.json").read_text())
-    run = bench_moetune(config, pairs) if trainer == "moetune" else bench_trl(config, pairs, root / f"trl-{rep}")
+    torch.set_num_threads(threads)
+    run = bench_moetune(config) if trainer == "moetune" else bench_trl(config, pairs, root / f"trl-{rep}")
     tokens = sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
     return {**run, "pairs": len(pairs), "tokens": tokens}
 
@@ -258,9 +275,10 @@ def compare(args, root: Path) -> None:
             run = json.loads(out.stdout.strip().splitlines()[-1])
             runs[trainer].append(run)
             print(f"  run {rep + 1}: {TRAINERS[trainer]:32s} {run['tokens'] / run['seconds']:9,.0f} tokens/s "
-                  f"{run['pairs'] / run['seconds']:7.2f} pairs/s   peak {run['peak_mib']:8,.1f} MiB", flush=True)
+                  f"{run['pairs'] / run['seconds']:7.2f} pairs/s   {run['tokens'] / run['cpu_seconds']:9,.0f} tokens per "
+                  f"CPU second   peak {run['peak_mib']:8,.1f} MiB", flush=True)
     first = runs["moetune"][0]
-    print(f"\nversions: {', '.join(f'{k} {v}' for k, v in versions.items())}; {torch.get_num_threads()} threads; "
+    print(f"\nversions: {', '.join(f'{k} {v}' for k, v in versions.items())}; {args.threads} thread(s) a run; "
           f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
     print(f"{first['pairs']} pairs ({first['tokens']:,} tokens), batch {args.batch} pairs, hidden {args.hidden}, "
           f"{args.layers} layers, {args.experts} experts, {'bf16 + checkpointing' if args.bf16 else 'fp32'}, "
@@ -268,14 +286,22 @@ def compare(args, root: Path) -> None:
           f"{'max_memory_allocated' if torch.cuda.is_available() else 'rise of VmHWM over VmRSS during training'}")
     base = runs["moetune"]
     for trainer, measured in runs.items():
-        rates = [r["tokens"] / r["seconds"] for r in measured]
-        speed = [(b["tokens"] / b["seconds"]) / rate for b, rate in zip(base, rates, strict=True)]
+        wall, cpu = (speed_ratios(base, measured, key) for key in ("seconds", "cpu_seconds"))
         memory = [r["peak_mib"] / b["peak_mib"] for b, r in zip(base, measured, strict=True)]
-        print(f"  {TRAINERS[trainer]:32s} median {statistics.median(rates):9,.0f} tokens/s "
-              f"{statistics.median(r['pairs'] / r['seconds'] for r in measured):7.2f} pairs/s   "
-              f"peak {statistics.median(r['peak_mib'] for r in measured):8,.1f} MiB   "
-              f"moetune speed / this: median {statistics.median(speed):.2f}x (range {min(speed):.2f}-{max(speed):.2f}); "
-              f"this peak / moetune's: median {statistics.median(memory):.2f}x")
+        print(f"  {TRAINERS[trainer]:32s} median {statistics.median(r['tokens'] / r['seconds'] for r in measured):9,.0f} "
+              f"tokens/s {statistics.median(r['pairs'] / r['seconds'] for r in measured):7.2f} pairs/s "
+              f"{statistics.median(r['tokens'] / r['cpu_seconds'] for r in measured):9,.0f} tokens/CPU s   "
+              f"peak {statistics.median(r['peak_mib'] for r in measured):8,.1f} MiB")
+        if trainer != "moetune":
+            print(f"    moetune / this, per round: speed (wall) median {statistics.median(wall):.2f}x "
+                  f"(range {min(wall):.2f}-{max(wall):.2f}), speed (CPU time) median {statistics.median(cpu):.2f}x "
+                  f"(range {min(cpu):.2f}-{max(cpu):.2f}); peak memory this / moetune median "
+                  f"{statistics.median(memory):.2f}x (range {min(memory):.2f}-{max(memory):.2f})")
+
+
+def speed_ratios(base: list[dict], measured: list[dict], seconds: str) -> list[float]:
+    """moetune's tokens per ``seconds`` over the other trainer's, round by round."""
+    return [(b["tokens"] / b[seconds]) / (r["tokens"] / r[seconds]) for b, r in zip(base, measured, strict=True)]
 
 
 def main() -> None:
@@ -288,13 +314,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="pairs per step")
     parser.add_argument("--vocab", type=int, default=2048, help="entries of the BPE trained on the data")
     parser.add_argument("--bf16", action="store_true", help="bf16 weights and autocast, gradient checkpointing")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each trainer")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved runs of each trainer")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (CPU)")
     parser.add_argument("--child", choices=sorted(TRAINERS), help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--rep", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_trainer(args.child, args.root, args.rep)))
+        print(json.dumps(run_trainer(args.child, args.root, args.rep, args.threads)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         compare(args, Path(tmp))
