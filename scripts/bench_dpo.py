@@ -25,7 +25,8 @@ already built) to the end of its last step (moetune: its final save is called; T
   forwards), divided by the span's wall time; pairs/s the same with pairs; tokens per CPU second divided by the
   process's CPU time instead (steadier than wall time on a machine that other jobs share);
 - peak memory: on CPU, the rise of the process's resident set: VmHWM, reset through /proc/self/clear_refs at
-  the start, minus the resident set at that moment; on a GPU, ``torch.cuda.max_memory_allocated``, reset there.
+  the start (after ``malloc_trim`` has returned the free heap pages), minus the resident set at that moment; on a
+  GPU, ``torch.cuda.max_memory_allocated``, reset there.
 
 What still differs by design: moetune computes expert usage and its own balance loss from the captured routing
 every step, TRL its entropy, token accuracy and logit means (host syncs) every step; TRL pads a batch to its
@@ -35,6 +36,7 @@ longest row, as moetune does. Needs TRL (``pip install -e ".[bench]"``).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import random
@@ -118,6 +120,9 @@ class Span:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         else:
+            # Heap pages freed earlier (tokenisation, model building) stay resident and would absorb the span's first
+            # allocations unseen, by a different amount in each trainer's process: give them back first.
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
         self.baseline_kib = _status_kib("VmRSS")
         self.started = (time.perf_counter(), time.process_time())
