@@ -4,7 +4,9 @@ reference and step objective they are computed from.
 The expected values are written out here with ``math`` on plain floats, one pair (row) at a time:
 DPO (Rafailov et al. 2023, eq. 7), conservative DPO's label smoothing (Mitchell 2023), IPO (Azar et al. 2023,
 eq. 17, on per-token mean log-ratios as TRL computes it), ORPO (Hong et al. 2024, eq. 7-8) and KTO
-(Ethayarajh et al. 2024, eq. 8, KL clamped at 0).
+(Ethayarajh et al. 2024, eq. 8, KL clamped at 0). Label smoothing is checked against the formula only: TRL 1.16's
+``sigmoid`` loss no longer reads ``label_smoothing`` (it applies to its ``robust``, ``exo_pair`` and ``aot`` losses),
+so tests/models/test_dpo_parity.py compares the unsmoothed losses.
 """
 
 from __future__ import annotations
