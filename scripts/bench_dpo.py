@@ -14,8 +14,10 @@ adapter switched off, one extra forward per step without gradients):
   adapter switched off, as moetune's; given a PeftModel it would instead copy the adapter as a "ref" adapter).
   Its rows are moetune's token ids, taken from moetune's encoded pairs and handed to TRL as the
   ``prompt_ids``/``chosen_ids``/``rejected_ids`` columns its collator reads (TRL tokenizes text records itself;
-  its tokenization is not timed either way). Every TRL option that changes the work is set to what moetune's
-  run does (``trl_config``): its defaults differ (bf16 autocast and gradient checkpointing on, fused AdamW).
+  its tokenization is not timed either way), in the order moetune's loader drew them, sampled sequentially: both
+  train the same batches (padding, and so speed and peak memory, depend on which pairs share a batch). Every TRL
+  option that changes the work is set to what moetune's run does (``trl_config``): its defaults differ (bf16
+  autocast and gradient checkpointing on, fused AdamW).
 
 Figures, per run, each run in a fresh process with ``--threads`` torch threads (1), the trainers interleaved
 ``--repeats`` times (5), over one span: from the training loop's first loss computation (model, optimizer and data
@@ -194,22 +196,33 @@ def trl_config(config, out: Path):
         # already cut to model.max_seq_length by moetune's encoding.
         beta=t.dpo_beta, loss_type=[t.dpo_loss], precompute_ref_log_probs=False,
         router_aux_loss_coef=config.moe.auxiliary_loss_weight, max_length=None, pad_to_multiple_of=None,
-        dataloader_num_workers=t.dataloader_num_workers, torch_compile=False,
+        dataloader_num_workers=t.dataloader_num_workers, torch_compile=False, train_sampling_strategy="sequential",
         logging_steps=10**6, save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
     )
 
 
-def bench_moetune(config) -> dict:
+def bench_moetune(config, order_file: Path) -> dict:
+    """moetune's run; the pairs of each batch, in the order its loader drew them, go to ``order_file``."""
     from moetune.train import loop
 
-    span = Span()
-    loop.compute_losses = span.starting(loop.compute_losses)  # the loop's first loss starts the span
+    span, order = Span(), []
+
+    def note_pairs(compute_losses):
+        def noted(model, batch, *args, **kwargs):
+            order.extend(batch["pair_index"].tolist())
+            return compute_losses(model, batch, *args, **kwargs)
+        return noted
+
+    loop.compute_losses = span.starting(note_pairs(loop.compute_losses))  # the loop's first loss starts the span
     loop.save_final = span.stopping(loop.save_final)  # and its final save, after the last step, ends it
     loop.train(config)
+    order_file.write_text(json.dumps(order))
     return span.figures
 
 
-def bench_trl(config, pairs: list[dict], out: Path) -> dict:
+def bench_trl(config, pairs: list[dict], order_file: Path, out: Path) -> dict:
+    """TRL's run on the pairs in moetune's order (``order_file``), drawn sequentially: the same batches, so neither
+    trainer's speed or peak comes from a luckier grouping of long and short pairs."""
     from datasets import Dataset
     from peft import LoraConfig
     from trl import DPOTrainer
@@ -226,7 +239,11 @@ def bench_trl(config, pairs: list[dict], out: Path) -> dict:
     placeholder = Dataset.from_list([{"prompt": "a", "chosen": " b", "rejected": " c"}])
     trainer = DPOTrainer(model=model, args=trl_config(config, out), train_dataset=placeholder,
                          processing_class=tokenizer, peft_config=peft_config)
-    trainer.train_dataset = Dataset.from_list(pairs)  # moetune's token ids, in the columns TRL's collator reads
+    order = json.loads(order_file.read_text())
+    if sorted(order) != list(range(len(pairs))):
+        raise SystemExit(f"{order_file}: moetune's run did not train each pair once")
+    # moetune's token ids, in the columns TRL's collator reads, in moetune's order.
+    trainer.train_dataset = Dataset.from_list([pairs[i] for i in order])
     span = Span()
     trainer.compute_loss = span.starting(trainer.compute_loss)  # the loop's first loss starts the span
     trainer.train()
@@ -240,7 +257,8 @@ def run_trainer(trainer: str, root: Path, rep: int, threads: int) -> dict:
                                                f"training.output_dir={root / f'{trainer}-{rep}'}"])
     pairs = json.loads((root / "pairs.json").read_text())
     torch.set_num_threads(threads)
-    run = bench_moetune(config) if trainer == "moetune" else bench_trl(config, pairs, root / f"trl-{rep}")
+    order = root / "moetune-order.json"  # written by every moetune run, read by the TRL run that follows it
+    run = bench_moetune(config, order) if trainer == "moetune" else bench_trl(config, pairs, order, root / f"trl-{rep}")
     tokens = sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
     return {**run, "pairs": len(pairs), "tokens": tokens}
 
