@@ -29,8 +29,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class PreferenceSourceConfig:
-    """Preference data (TRL's formats: prompt/chosen/rejected pairs, or prompt/completion/label) in .jsonl, .json,
-    .parquet or .arrow files; trained with training.objective dpo, orpo or kto."""
+    """Preference pairs (prompt, chosen, rejected) or labelled completions (prompt, completion, label) for dpo/orpo/kto."""
 
     path: str = required("A data file, or a folder of them (relative paths resolve against the current directory).")
     type: Literal["preference"] = opt("preference", "Source kind.")
