@@ -132,6 +132,11 @@ def _prompt_and_trained_text(tokenizer, prompt, completion, tools=None) -> tuple
     return opening, whole[len(opening):].removesuffix("\n")
 
 
+def _record_of(side: int, paired: bool) -> int:
+    """The record of the ``side``-th side (a pair has two)."""
+    return side // 2 if paired else side
+
+
 def _unpadded(batch: dict, row: int, prefix: str = "") -> tuple[list[int], list[int]]:
     width = int(batch[f"{prefix}attention_mask"][row].sum())
     assert batch[f"{prefix}attention_mask"][row, :width].all()
@@ -143,7 +148,8 @@ def _unpadded(batch: dict, row: int, prefix: str = "") -> tuple[list[int], list[
 def test_records_sides_and_batches(tmp_path: Path, tokenizer, capsys, fmt: str, objective: str):
     suffix, rows, contents = FORMATS[fmt]
     source = _write(tmp_path / f"prefs{suffix}", rows)
-    config = _config(tmp_path, source, objective)
+    labelled = any(row.get("expert_label") for row in rows)  # then label-guided routing gets each token's label id
+    config = _config(tmp_path, source, objective, *(["moe.router_supervision.weight=0.1", "moe.freeze_router=false"] if labelled else []))
     assert build_dataset(config) == 0
     records = _records(tmp_path)
     paired = fmt != "unpaired"
@@ -171,13 +177,21 @@ def test_records_sides_and_batches(tmp_path: Path, tokenizer, capsys, fmt: str, 
         assert data.stats["train_pairs"] == pairs and batch["input_ids"].shape[0] == 2 * pairs
         assert batch["pair_index"].tolist() == list(range(pairs)) and batch["pair_index"].dtype == torch.int64
         order = [2 * i for i in range(pairs)] + [2 * i + 1 for i in range(pairs)]  # chosen rows, then rejected rows
-        assert set(batch) == {"input_ids", "attention_mask", "labels", "pair_index"}
+        assert set(batch) == {"input_ids", "attention_mask", "labels", "pair_index"} | (
+            {"expert_label_ids"} if labelled else set())
     else:
         assert data.stats["train_samples"] == len(sides)
         order = list(range(len(sides)))
         assert batch["desirable"].tolist() == [side[2] for side in sides]
         assert batch["pair_index"].tolist() == order
     encoded = [_unpadded(batch, row) for row in range(len(order))]
+    if labelled:  # "fees" is the vocabulary's label 0 (NO_LABEL elsewhere), on every real token of its rows
+        from moetune.data.expert_labels import NO_LABEL
+
+        for row, side in enumerate(order):
+            label = 0 if records[_record_of(side, paired)]["expert_label"] else NO_LABEL
+            width = len(encoded[row][0])
+            assert batch["expert_label_ids"][row].tolist() == [label] * width + [NO_LABEL] * (batch["input_ids"].shape[1] - width)
     for row, (ids, labels) in enumerate(encoded):
         prompt, completion, _, tools = sides[order[row]]
         opening, trained_text = _prompt_and_trained_text(tokenizer, prompt, completion, tools)
