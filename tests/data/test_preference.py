@@ -13,9 +13,9 @@ from moetune.cli import main
 from moetune.config import load_config
 from moetune.data.build import build_dataset, stats_path_for
 from moetune.data.chat_templates import CHATML, control_tokens
-from moetune.data.dataloaders import build_train_eval_datasets, data_lines
+from moetune.data.dataloaders import build_dataloaders, build_train_eval_datasets, data_lines
 from moetune.data.encode import IGNORE_INDEX
-from moetune.data.preference_batches import kl_rows
+from moetune.data.preference_batches import kl_row
 from moetune.data.preference_encode import prompt_length
 from moetune.data.split import split_unit
 from moetune.errors import UserError
@@ -206,9 +206,16 @@ def test_records_sides_and_batches(tmp_path: Path, tokenizer, capsys, fmt: str, 
             (c_ids, c_labels), (r_ids, r_labels) = encoded[i], encoded[pairs + i]
             assert c_ids[:prompt_length(c_labels)] == r_ids[:prompt_length(r_labels)]
         assert data.stats["train_preference"]["prompt_differs"] == 0
-    else:  # KTO's KL rows: row i's prompt, then the next row's completion
+    else:  # KTO's KL rows: row i's prompt, then its partner's completion; the partners make one cycle through the rows
+        partner = data.train.partner.tolist()
+        assert sorted(partner) == order and all(j != i for i, j in enumerate(partner))
+        cycle, i = [], 0
+        while i not in cycle:
+            cycle.append(i)
+            i = partner[i]
+        assert len(cycle) == len(order)
         for i, (ids, labels) in enumerate(encoded):
-            j = (i + 1) % len(encoded)
+            j = partner[i]
             kl_ids, kl_labels = _unpadded(batch, i, "kl_")
             cut, other_cut = prompt_length(labels), prompt_length(encoded[j][1])
             assert kl_ids == ids[:cut] + encoded[j][0][other_cut:]
@@ -285,10 +292,25 @@ def test_objective_and_dataset_kind_must_match(tmp_path: Path, tokenizer):
 def test_split_keeps_a_prompt_on_one_side_and_kl_rows_are_cut_to_the_limit():
     a = {"source": "preference", "kind": "pair", "prompt": "q", "chosen": " a", "rejected": " b"}
     assert split_unit(a) == split_unit({**a, "chosen": " c"}) != split_unit({**a, "prompt": "r"})
-    rows = [([1, 5, 6, 7], [IGNORE_INDEX, IGNORE_INDEX, 6, 7]), ([1, 8, 9], [IGNORE_INDEX, IGNORE_INDEX, 9])]
-    assert kl_rows(rows) == [([1, 5, 9], [IGNORE_INDEX, IGNORE_INDEX, 9]),
-                             ([1, 8, 6, 7], [IGNORE_INDEX, IGNORE_INDEX, 6, 7])]
-    assert kl_rows(rows, max_length=3)[1] == ([1, 8, 6], [IGNORE_INDEX, IGNORE_INDEX, 6])
+    first, second = ([1, 5, 6, 7], [IGNORE_INDEX, IGNORE_INDEX, 6, 7]), ([1, 8, 9], [IGNORE_INDEX, IGNORE_INDEX, 9])
+    assert kl_row(first, second) == ([1, 5, 9], [IGNORE_INDEX, IGNORE_INDEX, 9])
+    assert kl_row(second, first) == ([1, 8, 6, 7], [IGNORE_INDEX, IGNORE_INDEX, 6, 7])
+    assert kl_row(second, first, max_length=3) == ([1, 8, 6], [IGNORE_INDEX, IGNORE_INDEX, 6])
+
+
+def test_kl_partners_stay_fixed_across_shuffles(tmp_path: Path, tokenizer):
+    rows = [{"prompt": f"Question {n}?", "chosen": f" Yes {n}.", "rejected": f" No {n}."} for n in range(6)]
+    config = _config(tmp_path, _write(tmp_path / "prefs.jsonl", rows), "kto", "training.per_device_train_batch_size=3")
+    build_dataset(config)
+    train, _, data = build_dataloaders(config, tokenizer)
+    kl_of = {}
+    for _ in range(2):  # two epochs, shuffled differently: each row's KL row is the same
+        for batch in train:
+            for n, index in enumerate(batch["pair_index"].tolist()):
+                seen = _unpadded(batch, n, "kl_")
+                assert kl_of.setdefault(index, seen) == seen
+    assert len(kl_of) == 12
+    assert build_train_eval_datasets(config, tokenizer).train.partner.tolist() == data.train.partner.tolist()
 
 
 def test_show_prints_each_side(tmp_path: Path, capsys):

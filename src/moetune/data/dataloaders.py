@@ -129,12 +129,13 @@ def _preference_data(config: Config, tokenizer, cache: Path, splits, vocabulary,
         stats[f"{name}_pairs" if layout == "paired" else f"{name}_samples"] = len(encoded)
         stats[f"{name}_rows"] = len(encoded)
         stats[f"{name}_tokens"] = figures["tokens"]
-        datasets.append(PairedDataset(encoded) if layout == "paired" else UnpairedDataset(encoded))
+        datasets.append(PairedDataset(encoded) if layout == "paired" else
+                        UnpairedDataset(encoded, config.model.max_seq_length, config.training.seed))
     if datasets[0] is None or not len(datasets[0]):
         _raise_empty_train(config)
     stats["sample_unit"] = "completions"  # what the long-sample counts count: each side of a record
     pad_id = pad_token_id(tokenizer)
-    collator = PairedCollator(pad_id) if layout == "paired" else UnpairedCollator(pad_id, config.model.max_seq_length)
+    collator = PairedCollator(pad_id) if layout == "paired" else UnpairedCollator(pad_id)
     return TrainingData(datasets[0], datasets[1], collator, False, stats)
 
 
