@@ -174,7 +174,7 @@ def test_records_sides_and_batches(tmp_path: Path, tokenizer, capsys, fmt: str, 
              for r, c in zip(records, contents, strict=True) for s in range(2 if paired else 1)]
     if objective == "dpo":
         pairs = len(records)
-        assert data.stats["train_pairs"] == pairs and batch["input_ids"].shape[0] == 2 * pairs
+        assert data.stats["train_pairs"] == data.stats["train_rows"] == pairs and data.stats["train_samples"] == 2 * pairs and batch["input_ids"].shape[0] == 2 * pairs
         assert batch["pair_index"].tolist() == list(range(pairs)) and batch["pair_index"].dtype == torch.int64
         order = [2 * i for i in range(pairs)] + [2 * i + 1 for i in range(pairs)]  # chosen rows, then rejected rows
         assert set(batch) == {"input_ids", "attention_mask", "labels", "pair_index"} | (

@@ -126,7 +126,10 @@ def _preference_data(config: Config, tokenizer, cache: Path, splits, vocabulary,
         stats[f"{name}_preference"] = {key: figures[key] for key in
                                        ("pairs", "dropped_pairs", "completions", "dropped_completions", "prompt_differs")
                                        if key in figures}
-        stats[f"{name}_pairs" if layout == "paired" else f"{name}_samples"] = len(encoded)
+        # Samples are sequences (a pair has two), rows what the loader yields (pairs, or completions).
+        stats[f"{name}_samples"] = 2 * len(encoded) if layout == "paired" else len(encoded)
+        if layout == "paired":
+            stats[f"{name}_pairs"] = len(encoded)
         stats[f"{name}_rows"] = len(encoded)
         stats[f"{name}_tokens"] = figures["tokens"]
         datasets.append(PairedDataset(encoded) if layout == "paired" else
