@@ -326,3 +326,13 @@ def test_show_prints_each_side(tmp_path: Path, capsys):
     assert "<|im_start|>assistant\n⟦A 2% fee.<|im_end|>⟧" in shown and "⟦No fee at all.<|im_end|>⟧" in shown
     assert "preference unpaired (desirable side)" in shown and "What fee applies to card refunds?⟦ A 2% fee.</s>⟧" in shown
     assert "3 sides of the first 2 training records" in shown
+
+
+def test_a_prompt_its_sides_tokenize_differently_is_counted_and_kept(tmp_path: Path, tokenizer):
+    # " fee" is one token of this vocabulary: the chosen side merges the prompt's end into its completion.
+    rows = [{"prompt": "What fe", "chosen": "e applies?", "rejected": "w apply?"}]
+    config = _config(tmp_path, _write(tmp_path / "prefs.jsonl", rows), "dpo")
+    build_dataset(config)
+    data = build_train_eval_datasets(config, tokenizer)
+    assert data.stats["train_preference"]["prompt_differs"] == 1 and len(data.train) == 1
+    assert any("1 pairs whose sides tokenize their shared prompt differently" in line for line in data_lines(data.stats))
