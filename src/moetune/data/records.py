@@ -36,6 +36,9 @@ from moetune.errors import UserError
 # 3.38 at 32,000. A chunk that still comes out too long is cut into windows when it is tokenized.
 DEFAULT_CHARS_PER_TOKEN = 3.0
 
+PREFERENCE_PARTS = ("prompt", "chosen", "rejected")
+"""The content fields of a preference pair (an unpaired one has ``prompt`` and ``completion``)."""
+
 
 def sample_chars(record: dict[str, Any]) -> int:
     """Characters of model input in a record (text, prompt plus completion, a conversation's contents, or a
@@ -50,10 +53,6 @@ def sample_chars(record: dict[str, Any]) -> int:
 
 def _messages_chars(messages: list[dict]) -> int:
     return sum(len(m.get("content") or "") + len(m.get("reasoning_content") or "") for m in messages)
-
-
-PREFERENCE_PARTS = ("prompt", "chosen", "rejected")
-"""The content fields of a preference pair (an unpaired one has ``prompt`` and ``completion``)."""
 
 
 def is_preference(record: dict[str, Any]) -> bool:
@@ -140,9 +139,9 @@ def check_record(record: Any, where: str) -> None:
         names = PREFERENCE_PARTS if "chosen" in record else ("prompt", "completion")
         for name in names:
             if not isinstance(record.get(name), (str, list)):
+                found = "missing" if name not in record else f"a JSON {_json_type(record[name])}"
                 raise UserError(f"{where}: a preference record needs {', '.join(f'`{n}`' for n in names)} (strings or "
-                                f"lists of messages); `{name}` is {'missing' if name not in record else 'a JSON ' + _json_type(record[name])}"
-                                "; rebuild it with `moetune data`.")
+                                f"lists of messages); `{name}` is {found}; rebuild it with `moetune data`.")
         return
     if "messages" in record:
         messages = record["messages"]

@@ -22,6 +22,7 @@ from typing import Any
 
 from moetune.data.chat_render import ChatRenderer, chat_renderer
 from moetune.data.chat_templates import chat_template_of, require_chat_template
+from moetune.data.records import is_preference
 from moetune.errors import UserError
 
 
@@ -51,7 +52,7 @@ def renderer_of(tokenizer) -> ChatRenderer | None:
 def render_record(record: dict[str, Any], renderer: ChatRenderer | None) -> Rendered:
     """The :class:`Rendered` form of a dataset record. Raises :class:`moetune.data.chat_render.ConversationError`
     for a conversation the template cannot render, and UserError for one met with no template or a preference record."""
-    if "chosen" in record or "desirable" in record:
+    if is_preference(record):
         raise UserError(f"{record_location(record)}: a preference record is not one sample; it trains with "
                         "training.objective dpo, orpo or kto, which encode each of its sides.")
     if "messages" in record and (renderer is not None or "prompt" not in record):
