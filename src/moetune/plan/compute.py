@@ -13,7 +13,10 @@ folded weight then gets a gradient like a trained one. The input-gradient FLOPs 
 gradient checkpointing does (PEFT then makes the embeddings' output require grad): every layer's.
 
 Gradient checkpointing recomputes the forward (2N more) on the hardware, which MFU, by its definition,
-does not count: steps per hour at an MFU come from model FLOPs.
+does not count: steps per hour at an MFU come from model FLOPs. A preference objective's extra forward
+passes without gradients (DPO's and KTO's reference on every row unless precomputed, KTO's policy and
+reference on its KL rows) are work the step cannot skip: each adds the forward's 2 FLOPs per weight a token
+uses plus the attention's forward third, counted in ``reference_per_token``.
 """
 
 from __future__ import annotations
@@ -35,19 +38,21 @@ class Flops:
     weights_per_token: float
     attention_per_token: float
     per_micro_batch: float = 0.0
+    reference_per_token: float = 0.0
 
     @property
     def per_token(self) -> float:
-        return self.weights_per_token + self.attention_per_token
+        return self.weights_per_token + self.attention_per_token + self.reference_per_token
 
     def step(self, tokens: int, micro_batches: int = 1) -> float:
         """FLOPs of ``tokens`` tokens in ``micro_batches`` forward/backward passes."""
         return self.per_token * tokens + self.per_micro_batch * micro_batches
 
 
-def model_flops(model: nn.Module, hf_config, seq_len: int, routed_share: float) -> Flops:
+def model_flops(model: nn.Module, hf_config, seq_len: int, routed_share: float, extra_forwards: float = 0.0) -> Flops:
     """FLOPs of ``model`` (the planned model, training plan applied) per token of rows ``seq_len`` long.
-    ``routed_share``: top_k / num_experts."""
+    ``routed_share``: top_k / num_experts. ``extra_forwards``: forward passes without gradients per trained
+    forward (a preference objective's reference)."""
     from moetune.models.layout import innermost_model
 
     inner = innermost_model(model)
@@ -56,15 +61,17 @@ def model_flops(model: nn.Module, hf_config, seq_len: int, routed_share: float) 
     if output is not None and output.weight is embedding:  # tied: the matrix is also the lm_head, a matmul
         embedding = None
     folded, fold_flops = _folded_expert_weights(model)
-    weights = 0.0
+    weights = forward = 0.0
     for name, param in model.named_parameters():
         if param.dim() < 2 or param is embedding or _not_a_matmul_weight(name, param, folded):
             continue
         share = routed_share if is_expert_parameter(name) else 1.0
         trains = param.requires_grad or id(param) in folded or _selected_experts_train(model, name)
         weights += (6 if trains else 4) * param.numel() * share
-    return Flops(weights_per_token=weights, attention_per_token=attention_flops(hf_config, seq_len),
-                 per_micro_batch=fold_flops)
+        forward += 2 * param.numel() * share
+    attention = attention_flops(hf_config, seq_len)
+    return Flops(weights_per_token=weights, attention_per_token=attention, per_micro_batch=fold_flops,
+                 reference_per_token=extra_forwards * (forward + attention / 3))
 
 
 def attention_flops(hf_config, seq_len: int) -> float:
