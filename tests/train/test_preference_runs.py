@@ -151,9 +151,9 @@ def test_a_step_is_the_mean_over_its_pairs_whatever_the_accumulation(built, run)
 def test_resume_with_a_precomputed_reference_is_exact(built, run):
     config, root = built
     whole = steps(run("precomputed-dpo", *MERGE, "training.precompute_ref_logps=true"))
-    run("halves", "training.precompute_ref_logps=true", "training.max_steps=2")
+    run("halves", *MERGE, "training.precompute_ref_logps=true", "training.max_steps=2")
     table = torch.load(root / "halves" / "reference_logps.pt")
-    resumed = steps(run("halves", "training.precompute_ref_logps=true", "training.resume_from_checkpoint=latest"))
+    resumed = steps(run("halves", *MERGE, "training.precompute_ref_logps=true", "training.resume_from_checkpoint=latest"))
     assert torch.equal(torch.load(root / "halves" / "reference_logps.pt")["train"], table["train"])  # read, not redone
     for step in (1, 2, 3, 4):
         assert resumed[step]["loss"] == pytest.approx(whole[step]["loss"], rel=1e-6)
@@ -200,3 +200,18 @@ def test_a_preference_objective_on_a_dataset_of_another_kind_exits_2(built, tmp_
                  "validation.validation_split=0"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and "moetune data" in err
+
+
+def test_eval_reports_the_preference_accuracy_training_measured(built, run):
+    # `moetune eval` scores the validation pairs with the adapter on and off: its accuracy and margin are the
+    # trainer's last evaluation's, computed by another path (whole records, the base as the reference).
+    config, root = built
+    last_eval = [r for r in run("dpo", *MERGE) if "eval_loss" in r][-1]
+    assert main(["eval", "--config", str(config), "--adapter-path", str(root / "dpo")]) == 0
+    report = json.loads((root / "dpo" / "eval" / "report.json").read_text())
+    preference = report["preference"]
+    assert preference["pairs"] == last_eval["eval_pairs"] == 12
+    assert preference["accuracy"] == pytest.approx(last_eval["eval_rewards/accuracies"], abs=1e-9)
+    assert preference["margin"] == pytest.approx(last_eval["eval_rewards/margins"], rel=1e-4, abs=1e-6)
+    assert set(preference["per_label"]) <= {"payments", "refunds"}
+    assert sum(g["pairs"] for g in preference["per_label"].values()) == 12
