@@ -22,33 +22,6 @@ from moetune.models.loss.objective import compute_losses
 from moetune.models.routing.capture import expert_token_counts
 
 
-def tiny_model(model_type: str):
-    spec = family_for_model_type(model_type)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **spec.tiny_configs[model_type]))
-    with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.copy_(torch.tensor([0.3, -0.3, 0.2, -0.2]))
-    return model
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """``checkpoint(model_type)`` -> folder of a tiny random checkpoint saved with save_pretrained."""
-    root = tmp_path_factory.mktemp("family-specifics")
-    made: dict[str, Path] = {}
-
-    def make(model_type: str) -> Path:
-        if model_type not in made:
-            made[model_type] = root / model_type
-            tiny_model(model_type).save_pretrained(made[model_type])
-        return made[model_type]
-
-    return make
-
-
 def family_config(path: Path, *overrides: str):
     return load_config(None, [f"model.name={path}", "model.torch_dtype=float32", "model.max_seq_length=64",
                               "lora.r=4", "lora.lora_dropout=0.0", "moe.expert_training=frozen", *overrides])
