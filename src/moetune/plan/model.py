@@ -87,7 +87,7 @@ def _build_base(family: FamilySpec, config, hf_config, dtype, attn) -> tuple[nn.
     check_not_quantised_twice(config.model, family, hf_config)
     hf_config, traits = (family.shape or pretrained_shape)(family, config, hf_config)
     kwargs = {"attn_implementation": attn}
-    if family.fused_experts:
+    if family.fused_experts and family.experts_kernels:
         kwargs["experts_implementation"] = META_EXPERTS_KERNEL
     return build_on_meta(hf_config, config.model.trust_remote_code, dtype, **kwargs), traits
 

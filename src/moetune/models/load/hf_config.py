@@ -11,10 +11,11 @@ import dataclasses
 import difflib
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from huggingface_hub.errors import StrictDataclassError
-from transformers import PreTrainedConfig
+from transformers import AutoConfig, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from moetune.errors import ConfigError
@@ -72,6 +73,19 @@ def build_random_init_config(model_type: str, overrides: Mapping[str, Any], voca
     except INVALID_VALUE as err:
         raise ConfigError("model.config_overrides", f"model.config_overrides is not a valid {config_class.__name__}: "
                           f"{_one_line(err)}") from None
+
+
+def read_hf_config(name: str | Path, trust_remote_code: bool = False) -> PreTrainedConfig:
+    """``AutoConfig.from_pretrained(name)`` (a folder, a config.json, a hub id), with the config.json values its
+    family fixes (:attr:`FamilySpec.config_fixes`: Llama 4's published ``attn_temperature_tuning: 4``, which
+    transformers 5.x's strict config refuses) made valid first."""
+    from moetune.models.families import family_for_model_type
+
+    values, _ = PreTrainedConfig.get_config_dict(str(name))
+    family = family_for_model_type(values.get("model_type", ""))
+    if family is None or family.config_fixes is None or "auto_map" in values:
+        return AutoConfig.from_pretrained(str(name), trust_remote_code=trust_remote_code)
+    return CONFIG_MAPPING[values["model_type"]].from_dict(family.config_fixes(values))
 
 
 def apply_overrides(config: PreTrainedConfig, overrides: Mapping[str, Any]) -> PreTrainedConfig:

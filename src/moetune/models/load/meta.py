@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, PreTrainedConfig
+from transformers import PreTrainedConfig
 
 from moetune.errors import UserError, first_line
 from moetune.models.families._spec import FamilySpec
-from moetune.models.load.hf_config import apply_overrides, build_random_init_config
+from moetune.models.load.hf_config import apply_overrides, build_random_init_config, read_hf_config
 from moetune.models.load.pretrained import model_from_config
 
 
@@ -29,7 +29,7 @@ def local_model_config(model_section, family: FamilySpec) -> PreTrainedConfig | 
     if not (folder / "config.json").is_file():
         return None
     try:
-        hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=model_section.trust_remote_code)
+        hf_config = read_hf_config(folder, model_section.trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"{folder / 'config.json'} could not be read as a model config ({first_line(err)}).") from None
     return apply_overrides(hf_config, model_section.config_overrides)
@@ -86,7 +86,7 @@ def build_on_meta(hf_config: PreTrainedConfig, trust_remote_code: bool = False, 
 
 def _read_config(path: Path, model_section) -> PreTrainedConfig:
     try:
-        hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=model_section.trust_remote_code)
+        hf_config = read_hf_config(path, model_section.trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"{path} could not be read as a model config ({first_line(err)}).") from None
     return apply_overrides(hf_config, model_section.config_overrides)
