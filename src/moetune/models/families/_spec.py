@@ -116,11 +116,11 @@ class FamilySpec:
     ``moe.expert_training`` trains (LoRA goes on the 3-D weights among them, full takes them all)."""
     fused_experts: bool = True
     """Experts are fused 3-D parameters (transformers' ``experts_implementation`` applies, unless
-    :attr:`experts_kernels` says otherwise)."""
-    experts_kernels: bool = True
-    """The fused experts run the kernel ``experts_implementation`` picks (their class carries transformers'
-    ``@use_experts_implementation``). False: one fixed computation that takes no kernel choice (Llama 4
-    multiplies every token by every expert in one ``bmm``)."""
+    :attr:`experts_take_every_token`)."""
+    experts_take_every_token: bool = False
+    """Every token is multiplied by every routed expert, weighted by zero where the router did not choose
+    it, in one computation that takes no ``experts_implementation`` (Llama 4's ``bmm``): a token's compute
+    goes through all the experts (``moetune plan``), and transformers' experts kernels do not apply."""
     shared_experts: tuple[str, ...] = ()
     """Children of the MoE block, or of the layer that holds it, that every token goes through (shared
     expert and its gate): frozen with the routed experts unless ``moe.train_shared_experts``."""

@@ -40,7 +40,7 @@ SPEC = one_type_family(
     router=sigmoid_router(top_k_of_logits=True, read=read_scores_and_logits),
     router_name="router",
     shared_experts=("shared_expert",),
-    experts_kernels=False,
+    experts_take_every_token=True,
     multimodal_types={"llama4": "llama4_text"},
     config_fixes=fix_config,
 )

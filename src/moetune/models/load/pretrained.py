@@ -76,7 +76,7 @@ def load_base_model(config, family: FamilySpec, tokenizer=None, *, seed: int,
     attn = resolve_attn_implementation(spec.attn_implementation, family.attention_kernels)
     kwargs: dict[str, Any] = {"attn_implementation": attn}
     experts = spec.experts_implementation or fastest_experts_implementation()
-    if family.fused_experts and family.experts_kernels and experts:
+    if family.fused_experts and not family.experts_take_every_token and experts:
         kwargs["experts_implementation"] = experts
     elif spec.experts_implementation:
         logger.info("model.experts_implementation=%s does not apply: %s experts take no kernel choice",
