@@ -132,6 +132,10 @@ class SavedBytes:
         self.layers = decoder_layers(model)
         self.params = {p.untyped_storage()._cdata for p in model.parameters()}
         self.seen: set[int] = set()
+        # Every saved tensor stays referenced until the pass ends, so a storage freed mid-forward (a branch whose
+        # result is dropped) cannot hand its address to a later one, which would then pass as seen. On the meta
+        # device this holds no memory.
+        self.alive: list[torch.Tensor] = []
         self.outside = 0
         self.per_layer = [0] * len(self.layers)
         self.inputs = [0] * len(self.layers)
@@ -166,6 +170,7 @@ class SavedBytes:
         self.current = None
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.alive.append(tensor)
         storage = tensor.untyped_storage()
         key = storage._cdata
         if key not in self.params and key not in self.seen:
