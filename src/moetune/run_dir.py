@@ -8,6 +8,7 @@ A run writes into its folder::
     metrics.jsonl            one JSON object per logged step
     runs/                    TensorBoard (unless logging.logging_dir says elsewhere)
     tokenizer/               the run's tokenizer (trained on the data for random_init runs)
+    reference_logps.pt       DPO/KTO's reference log-probabilities (training.precompute_ref_logps), read on resume
     checkpoint-<step>/       a complete checkpoint, with trainer_state.json (checkpoint-step-<n> /
                              checkpoint-epoch-<n> under training.checkpoint_naming: kind)
     .partial-checkpoint-*/   a checkpoint being written, renamed when complete
@@ -34,6 +35,7 @@ METRICS_FILE = "metrics.jsonl"
 TMP_SUFFIX = ".tmp"  # config.yaml and metrics.jsonl are rewritten whole: into <name>.tmp, then renamed
 TENSORBOARD_DIR = "runs"
 TOKENIZER_DIR = "tokenizer"  # where a run keeps its tokenizer, beside its checkpoints
+REFERENCE_LOGPS_FILE = "reference_logps.pt"  # computed before the first step; the reference is gone once training starts
 MERGED_DIR = "merged"  # the merged model, unless post_training.merged_output_dir says elsewhere
 EVAL_DIR = "eval"  # `moetune eval` writes its report here, inside the folder it evaluates, unless told elsewhere
 STATE_FILE = "trainer_state.json"  # in every checkpoint: where the run stood

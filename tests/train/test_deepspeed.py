@@ -101,3 +101,20 @@ def test_cpu_offload_reaches_the_engine(tiny_run, tmp_path, ds_config, stage, of
     assert f"DeepSpeed ZeRO-{stage}: {offloaded} offloaded to CPU (advanced.use_cpu_offload)" in result.stderr
     train = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in train] == [1, 2] and all(r["grad_norm"] > 0 for r in train)
+
+
+def test_dpo_under_zero3_switches_the_partitioned_adapter_off_for_its_reference(tmp_path):
+    # The reference is the engine's own model with the adapter off: no copy, the weights stay partitioned.
+    from .test_preference_runs import CONFIG, write_pairs
+
+    write_pairs(tmp_path / "prefs.jsonl", pairs=16)
+    config = tmp_path / "dpo.yaml"
+    config.write_text(CONFIG.format(root=tmp_path))
+    assert subprocess.run([sys.executable, "-m", "moetune", "data", "--config", str(config)],
+                          capture_output=True, text=True).returncode == 0
+    launch(config, tmp_path, "configs/zero3.json", 29540, "training.max_steps=2", "training.eval_steps=2",
+           "training.gradient_accumulation_steps=1")
+    train = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    assert train[0]["preference_loss"] == pytest.approx(0.6931471805599453, abs=1e-5)  # lora_B = 0: policy = reference
+    assert train[1]["rewards/margins"] != 0.0 and all(r["aux_loss"] > 1.0 for r in train)

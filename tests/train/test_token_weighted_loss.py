@@ -124,7 +124,7 @@ def test_micro_batch_shares_sum_to_the_token_mean_of_the_step():
     first = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "labels": torch.tensor([[5, 6, 7, 8]])}
     second = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "labels": torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 8]])}
     counts = [step_token_counts(b) for b in (first, second)]
-    assert [c.tolist() for c in counts] == [[3.0, 4.0], [1.0, 4.0]]
+    assert [c.tolist() for c in counts] == [[3.0, 4.0, 0.0], [1.0, 4.0, 0.0]]  # no pairs: not a preference batch
     sums = (torch.tensor(6.0), torch.tensor(4.0))  # summed cross-entropy of each
     parts = [LossParts(lm_loss_sum=s, loss_tokens=c[0], aux_loss=torch.tensor(2.0), z_loss=torch.tensor(0.0),
                        routed_tokens=c[1], router_logits=(), aux_weight=0.1) for s, c in zip(sums, counts, strict=True)]

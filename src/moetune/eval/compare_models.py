@@ -3,8 +3,11 @@
 For each model in turn (the fine-tuned one first, so a wrong adapter fails at once; for an adapter the
 base is the same model with the adapter switched off): loss and perplexity per sample group,
 routed-token counts per group, answers (exact match, token F1: QA answers, and the final assistant reply of
-each conversation, generated from the conversation before it as its chat template renders it) and Rust bodies
-generated from their signatures. Writes report.json, report.md and one routing heatmap PNG per model.
+each conversation, generated from the conversation before it as its chat template renders it), Rust bodies
+generated from their signatures, and on preference pairs both completions' log-probabilities, from which the
+fine-tuned model's preference accuracy and reward margin against the base follow (:mod:`moetune.eval.preferences`;
+a preference record's loss is its first completion's, the chosen one of a pair). Writes report.json, report.md
+and one routing heatmap PNG per model.
 """
 
 from __future__ import annotations
@@ -15,11 +18,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from moetune.config.schema import Config
+from moetune.data.preference_sides import preference_sides
+from moetune.data.records import is_preference
 from moetune.data.sources import Evaluation, record_kind
 from moetune.errors import UserError
 from moetune.eval.generation import generate_from_ids, generate_texts, prompt_token_budget, rust_generation_prompt
 from moetune.eval.load import load_base, load_eval_tokenizer, load_tuned, resolve_tuned_model
+from moetune.eval.preferences import pair_logps, paired_records, preference_section
 from moetune.eval.qa_metrics import aggregate_scores, clean_prediction, exact_match, gold_answers, token_f1
 from moetune.eval.report import console_table, perplexity_section, write_report
 from moetune.eval.routing_report import build_routing_report, save_routing_heatmap
@@ -34,6 +42,8 @@ class ModelEval:
     score: ScoreResult
     qa_answers: list[str]
     rust_bodies: list[str]
+    pairs: tuple[torch.Tensor, list[dict]] | None = None
+    """Preference pairs' (chosen, rejected) summed log-probabilities and the records of the pairs kept."""
 
 
 def evaluate(config: Config, adapter_path: str | None = None, max_samples: int | None = None,
@@ -54,24 +64,25 @@ def evaluate(config: Config, adapter_path: str | None = None, max_samples: int |
     samples = choose_samples(validation, max_samples, config.training.seed)
     qa = answer_questions(samples, tokenizer)
     rust = [(r, *pair) for r in samples if _evaluated_as(r) == "body" and (pair := rust_generation_prompt(r)) is not None]
+    pairs = paired_records(samples)
     _say(f"eval: {len(samples)} of {len(validation)} validation samples ({len(qa)} QA, {len(rust)} Rust items "
-         f"to generate from); fine-tuned {tuned_path.kind}: {tuned_path.path}")
+         f"to generate from, {len(pairs)} preference pairs); fine-tuned {tuned_path.kind}: {tuned_path.path}")
 
     if tuned_path.kind == "adapter":
         # The adapter is loaded first so a wrong one fails before any work; the base figures come from
         # the same weights with the adapter switched off (modules_to_save included), so one model is in memory.
         tuned_model = load_tuned(config, tuned_path, tokenizer, base=load_base(config, tokenizer))
-        tuned = _evaluate_model(tuned_model, "tuned", tokenizer, samples, qa, rust, config)
+        tuned = _evaluate_model(tuned_model, "tuned", tokenizer, samples, qa, rust, pairs, config)
         with tuned_model.disable_adapter():
-            base = _evaluate_model(tuned_model, "base", tokenizer, samples, qa, rust, config)
+            base = _evaluate_model(tuned_model, "base", tokenizer, samples, qa, rust, pairs, config)
     else:
         tuned_model = load_tuned(config, tuned_path, tokenizer)
-        tuned = _evaluate_model(tuned_model, "tuned", tokenizer, samples, qa, rust, config)
+        tuned = _evaluate_model(tuned_model, "tuned", tokenizer, samples, qa, rust, pairs, config)
         del tuned_model  # a merged model is whole: free it before building the base
-        base = _evaluate_model(load_base(config, tokenizer), "base", tokenizer, samples, qa, rust, config)
+        base = _evaluate_model(load_base(config, tokenizer), "base", tokenizer, samples, qa, rust, pairs, config)
 
     out.mkdir(parents=True, exist_ok=True)
-    report = build_report(config, tuned_path, len(validation), samples, qa, rust, base, tuned, out)
+    report = build_report(config, tuned_path, len(validation), samples, qa, rust, base, tuned, out, pairs)
     report["seconds"] = round(time.perf_counter() - started, 2)
     json_path, md_path = write_report(report, out)
     print(console_table(report))
@@ -142,26 +153,34 @@ def choose_samples(records: list[dict], max_samples: int | None, seed: int) -> l
     return [records[i] for i in chosen]
 
 
-def _evaluate_model(model, name: str, tokenizer, samples, qa: list[Question], rust, config: Config) -> ModelEval:
+def _evaluate_model(model, name: str, tokenizer, samples, qa: list[Question], rust, pairs: list[dict],
+                    config: Config) -> ModelEval:
     batch = config.training.per_device_eval_batch_size
-    score = score_records(model, tokenizer, samples, config.model.max_seq_length, batch, desc=f"{name}: loss",
+    # A preference record's loss is its first completion's (a pair's chosen one), rendered as training renders it.
+    scored = [preference_sides(r)[0] if is_preference(r) else r for r in samples]
+    score = score_records(model, tokenizer, scored, config.model.max_seq_length, batch, desc=f"{name}: loss",
                           long_samples=config.data.long_samples)
+    scored_pairs = pair_logps(model, tokenizer, pairs, config, desc=f"{name}: pairs") if pairs else None
     max_prompt = prompt_token_budget(config)
     seed = config.training.seed
     answers = [c.text for c in generate_from_ids(model, tokenizer, [q.prompt_ids for q in qa], config.inference, batch,
                                                  max_prompt, seed, desc=f"{name}: QA answers")]
     bodies = generate_texts(model, tokenizer, [prompt for _, prompt, _ in rust], config.inference, batch, max_prompt,
                             seed, desc=f"{name}: Rust bodies")
-    return ModelEval(score, answers, bodies)
+    return ModelEval(score, answers, bodies, scored_pairs)
 
 
 def build_report(config: Config, tuned_path, validation_count: int, samples, qa, rust, base: ModelEval,
-                 tuned: ModelEval, out: Path) -> dict:
+                 tuned: ModelEval, out: Path, pairs: list[dict] = ()) -> dict:
     """The report.json object (see the README's evaluation section for every field)."""
+    preference = None
+    if base.pairs is not None and tuned.pairs is not None:
+        preference = preference_section(base.pairs[0], tuned.pairs[0], tuned.pairs[1], config.training.dpo_beta)
     report = {
         "base_model": config.model.name,
         "tuned_model": {"path": str(tuned_path.path), "kind": tuned_path.kind},
-        "samples": {"validation": validation_count, "evaluated": len(samples), "qa": len(qa), "rust_items": len(rust)},
+        "samples": {"validation": validation_count, "evaluated": len(samples), "qa": len(qa), "rust_items": len(rust),
+                    "preference_pairs": len(pairs)},
         "inference": {k: getattr(config.inference, k) for k in config.inference.__dataclass_fields__},
         "perplexity": perplexity_section(base.score.as_dict(), tuned.score.as_dict()),
         "qa": _qa_section(qa, base.qa_answers, tuned.qa_answers),
@@ -169,6 +188,7 @@ def build_report(config: Config, tuned_path, validation_count: int, samples, qa,
                               "reference": reference, "base": b, "tuned": t}
                              for (r, prompt, reference), b, t in zip(rust, base.rust_bodies, tuned.rust_bodies, strict=True)]},
         "routing": None,
+        "preference": preference,
     }
     if base.score.routing_counts and tuned.score.routing_counts:
         report["routing"] = {}

@@ -55,6 +55,11 @@ def console_table(report: dict) -> str:
     if qa and qa["tuned"]["overall"]["count"]:
         for key, name in (("exact_match", "QA exact match"), ("f1", "QA F1")):
             rows.append((name, _num(qa["base"]["overall"][key]), _num(qa["tuned"]["overall"][key]), ""))
+    preference = report.get("preference")
+    if preference and preference["pairs"]:
+        rows.append(("prefers chosen", _num(preference["base_prefers_chosen"]), _num(preference["tuned_prefers_chosen"]), ""))
+        rows.append(("preference accuracy", "", _num(preference["accuracy"]), ""))
+        rows.append(("reward margin", "", _num(preference["margin"]), ""))
     routing = report.get("routing")
     if routing:
         rows.append(("routing specialisation", _num(routing["base"]["specialisation"]),
@@ -88,6 +93,16 @@ def render_markdown(report: dict) -> str:
             t = qa["tuned"]["overall"] if label == "overall" else qa["tuned"]["per_label"][label]
             md.append(f"| {label} | {t['count']} | {_num(b['exact_match'])} | {_num(b['f1'])} | "
                       f"{_num(t['exact_match'])} | {_num(t['f1'])} |")
+    preference = report.get("preference")
+    if preference and preference["pairs"]:
+        md += ["", f"## Preference pairs (rewards against the base, beta {preference['beta']:g})", "",
+               "Accuracy: share of pairs whose chosen completion gets the higher reward; prefers chosen: share of pairs "
+               "where the model gives the chosen completion the higher log-probability.", "",
+               "| expert_label | pairs | accuracy | margin | base prefers chosen | fine-tuned prefers chosen |",
+               "|---|---:|---:|---:|---:|---:|"]
+        for label, f in [*preference["per_label"].items(), ("overall", preference)]:
+            md.append(f"| {label} | {f['pairs']} | {_num(f['accuracy'])} | {_num(f['margin'])} | "
+                      f"{_num(f['base_prefers_chosen'])} | {_num(f['tuned_prefers_chosen'])} |")
     routing = report.get("routing")
     if routing:
         md += ["", "## Routing by group", "",

@@ -44,6 +44,10 @@ class ModelCheck:
     random_init: bool = False
     skipped: str | None = None
     """Why no model was checked (its config.json is not local); None when one was."""
+    weight_bytes: int = 0
+    """The weights' bytes as the run loads them (model.torch_dtype; "auto": the config's dtype)."""
+    adapter: bool = False
+    """Whether a PEFT adapter trains (whose switching off gives preference training its reference)."""
 
     def summary(self) -> str:
         """One line: what was checked against what, or why the model was not."""
@@ -81,6 +85,7 @@ def check_config_against_model(config, *, read_hub: bool = False) -> ModelCheck:
         pretrained_shape,
         read_model_config,
     )
+    from moetune.models.loss.reference import has_adapter
     from moetune.models.routing.supervision import check_label_experts
     from moetune.models.trainable.counts import count_parameters
     from moetune.models.trainable.plan import apply_training_plan
@@ -109,7 +114,21 @@ def check_config_against_model(config, *, read_hub: bool = False) -> ModelCheck:
     source = "model.random_init" if spec.random_init else spec.name
     return ModelCheck(family=family.name, model_type=hf_config.model_type, source=source, moe_layers=len(blocks),
                       experts=experts, context=family.context_length(hf_config), trainable=trainable, total=total,
-                      random_init=spec.random_init)
+                      random_init=spec.random_init, weight_bytes=total * _loaded_element_size(spec, hf_config),
+                      adapter=has_adapter(model))
+
+
+def _loaded_element_size(model_section, hf_config) -> int:
+    """Bytes per weight as the run loads them: model.torch_dtype, or with "auto" the config's dtype (float32 if none)."""
+    import torch
+
+    from moetune.models.load.dtypes import resolve_dtype
+
+    dtype = resolve_dtype(model_section.torch_dtype)
+    if dtype == "auto":
+        dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def check_packages(config) -> None:

@@ -20,7 +20,10 @@ the routed experts, 2 FLOPs per multiply-add, and backward adds the same again f
 needs a gradient.
 
 Gradient checkpointing recomputes the forward (2N more) on the hardware, which MFU, by its definition,
-does not count: steps per hour at an MFU come from model FLOPs.
+does not count: steps per hour at an MFU come from model FLOPs. A preference objective's extra forward
+passes without gradients (DPO's and KTO's reference on every row unless precomputed, KTO's policy and
+reference on its KL rows) are work the step cannot skip: each adds the forward's 2 FLOPs per weight a token
+uses plus the token mixing's forward, counted in ``reference_per_token``.
 """
 
 from __future__ import annotations
@@ -49,20 +52,23 @@ class Flops:
     weights_per_token: float
     attention_per_token: float
     per_micro_batch: float = 0.0
+    reference_per_token: float = 0.0
 
     @property
     def per_token(self) -> float:
-        return self.weights_per_token + self.attention_per_token
+        return self.weights_per_token + self.attention_per_token + self.reference_per_token
 
     def step(self, tokens: int, micro_batches: int = 1) -> float:
         """FLOPs of ``tokens`` tokens in ``micro_batches`` forward/backward passes."""
         return self.per_token * tokens + self.per_micro_batch * micro_batches
 
 
-def model_flops(model: nn.Module, family, seq_len: int, routed_share: float) -> Flops:
+def model_flops(model: nn.Module, family, seq_len: int, routed_share: float, extra_forwards: float = 0.0) -> Flops:
     """FLOPs of ``model`` (the planned model on the meta device, training plan applied; ``family`` its
     FamilySpec) per token of rows ``seq_len`` long. ``routed_share``: the share of each MoE block's routed
-    experts a token's compute goes through (:attr:`moetune.plan.model.PlannedModel.routed_share`)."""
+    experts a token's compute goes through (:attr:`moetune.plan.model.PlannedModel.routed_share`).
+    ``extra_forwards``: forward passes without gradients per trained forward (a preference objective's
+    reference)."""
     from moetune.models.layout import innermost_model
 
     inner = innermost_model(model)
@@ -71,24 +77,27 @@ def model_flops(model: nn.Module, family, seq_len: int, routed_share: float) -> 
     if output is not None and output.weight is embedding:  # tied: the matrix is also the lm_head, a matmul
         embedding = None
     folded, fold_flops = _folded_expert_weights(model)
-    weights = 0.0
+    weights = forward = 0.0
     for name, param in model.named_parameters():
         if param.dim() < 2 or param is embedding or _not_a_matmul_weight(name, param, folded):
             continue
         share = routed_share if is_expert_parameter(name) else 1.0
         trains = param.requires_grad or id(param) in folded or _selected_experts_train(model, name)
         weights += (6 if trains else 4) * param.numel() * share
-    return Flops(weights_per_token=weights, attention_per_token=token_mixing_flops(model, family, seq_len),
-                 per_micro_batch=fold_flops)
+        forward += 2 * param.numel() * share
+    mixing, mixing_forward = token_mixing_flops(model, family, seq_len)
+    return Flops(weights_per_token=weights, attention_per_token=mixing, per_micro_batch=fold_flops,
+                 reference_per_token=extra_forwards * (forward + mixing_forward))
 
 
-def token_mixing_flops(model: nn.Module, family, seq_len: int) -> float:
+def token_mixing_flops(model: nn.Module, family, seq_len: int) -> tuple[float, float]:
     """FLOPs per token of the products the decoder layers take between activations (attention, linear
-    attention, SSM scans), forward and backward, measured on a meta forward of one row of ``seq_len`` tokens."""
+    attention, SSM scans), measured on a meta forward of one row of ``seq_len`` tokens: forward and backward,
+    and the forward alone."""
     products = _ActivationProducts(model, family)
     with products.watching():
         forward_on_meta(model, 1, seq_len, observer=products)
-    return products.flops / seq_len
+    return products.flops / seq_len, products.forward_flops / seq_len
 
 
 # The products torch's FlopCounterMode counts (matmul, mm, bmm, addmm, baddbmm, einsum, linear, sdpa), as the
@@ -111,6 +120,7 @@ class _ActivationProducts(TorchFunctionMode):
         self.experts = [getattr(block.module, EXPERTS_NAME) for block in find_moe_blocks(model, family.router_name)]
         self.depth = {"layer": 0, "experts": 0}
         self.flops = 0.0
+        self.forward_flops = 0.0
 
     def watching(self):
         import contextlib
@@ -142,16 +152,20 @@ class _ActivationProducts(TorchFunctionMode):
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
         if self.depth["layer"] and not self.depth["experts"]:
-            self.flops += self._product_flops(func, args, kwargs, result)
+            forward, total = self._product_flops(func, args, kwargs, result)
+            self.forward_flops += forward
+            self.flops += total
         return result
 
-    def _product_flops(self, func, args, kwargs, result) -> float:
+    def _product_flops(self, func, args, kwargs, result) -> tuple[float, float]:
+        """(forward, forward and backward) FLOPs of one call; nothing for a call that is no such product."""
         if func is F.scaled_dot_product_attention:
             query, key, value = args[:3]
             scores = 2 * query.shape[:-1].numel() * key.shape[-2]
             keys_need_grad = query.requires_grad or key.requires_grad
-            return (scores * query.shape[-1] * (1 + query.requires_grad + key.requires_grad)
-                    + scores * value.shape[-1] * (1 + keys_need_grad + value.requires_grad))
+            forward = scores * (query.shape[-1] + value.shape[-1])
+            return forward, (scores * query.shape[-1] * (1 + query.requires_grad + key.requires_grad)
+                             + scores * value.shape[-1] * (1 + keys_need_grad + value.requires_grad))
         if func in _MATMULS:
             return self._product(args[0], args[1], 2 * result.numel() * args[0].shape[-1])
         if func in _ADD_MATMULS:
@@ -164,13 +178,13 @@ class _ActivationProducts(TorchFunctionMode):
             operands = operands[0] if len(operands) == 1 and isinstance(operands[0], (list, tuple)) else operands
             if len(operands) == 2:
                 return self._product(*operands, 2 * _einsum_multiply_adds(equation, operands))
-        return 0.0
+        return 0.0, 0.0
 
-    def _product(self, left, right, forward: float) -> float:
+    def _product(self, left, right, forward: float) -> tuple[float, float]:
         tensors = [t for t in (left, right) if isinstance(t, torch.Tensor)]
         if any(t.untyped_storage()._cdata in self.params for t in tensors):
-            return 0.0
-        return forward * (1 + sum(t.requires_grad for t in tensors))
+            return 0.0, 0.0
+        return forward, forward * (1 + sum(t.requires_grad for t in tensors))
 
 
 def _einsum_multiply_adds(equation: str, operands) -> int:

@@ -45,17 +45,21 @@ def format_plan(plan: Plan) -> str:
     parts = " | ".join(f"{part} {_count(n)}" for part, n in c.trainable.items())
     lines.append(f"  trainable                  {_count(c.trainable_total)}  ({parts})")
     checkpointing = "on" if plan.checkpointing else "off"
-    lines += ["", f"Memory per GPU at micro-batch {plan.batch} x {plan.seq_len:,} tokens, gradient checkpointing "
+    pairs = " pairs (x 2 rows)" if plan.rows_per_sample == 2 else ""
+    lines += ["", f"Memory per GPU at micro-batch {plan.batch}{pairs} x {plan.seq_len:,} tokens, gradient checkpointing "
                   f"{checkpointing}"]
     s = plan.states
     rows = [("weights", s.weights, ""), ("  of which trainable", s.trainable, ""),
             ("gradients", s.gradients, ""), ("optimizer states", s.optimizer, "")]
     if s.gathered:
         rows.append(("layers gathered (ZeRO-3)", s.gathered, ""))
-    other = plan.activations.at(plan.batch, not plan.checkpointing)
-    rows.append(("activations", plan.activations.at(plan.batch, plan.checkpointing),
+    if plan.reference:
+        rows.append(("reference copy", plan.reference, "frozen weights: no adapter to switch off"))
+    batch_rows = plan.batch * plan.rows_per_sample
+    other = plan.activations.at(batch_rows, not plan.checkpointing)
+    rows.append(("activations", plan.activations.at(batch_rows, plan.checkpointing),
                  f"{_gib(other)} with checkpointing {'off' if plan.checkpointing else 'on'}"))
-    rows.append((f"LM loss ({'chunked' if plan.loss.chunked else 'full logits'})", plan.loss.at(plan.batch), ""))
+    rows.append((f"LM loss ({'chunked' if plan.loss.chunked else 'full logits'})", plan.loss.at(batch_rows), ""))
     buckets = f" + DeepSpeed buckets {_gib(plan.buckets)}" if plan.buckets else ""
     rows.append(("allowance", plan.allowance(), f"1 GiB CUDA context and workspaces{buckets} + "
                                                 f"{ALLOWANCE_SHARE:.0%} fragmentation"))
@@ -77,9 +81,10 @@ def format_plan(plan: Plan) -> str:
         lines.append("")
     f = plan.flops
     lines.append("Compute")
+    reference = f"; reference forwards {f.reference_per_token / 1e9:,.1f}" if f.reference_per_token else ""
     lines.append(f"  model FLOPs per token      {f.per_token / 1e9:,.1f} GFLOP (weights {f.weights_per_token / 1e9:,.1f}: "
                  f"4 per frozen and 6 per trained parameter a token uses; token mixing (attention, linear "
-                 f"attention, SSM scans) {f.attention_per_token / 1e9:,.1f})")
+                 f"attention, SSM scans) {f.attention_per_token / 1e9:,.1f}{reference})")
     per_hour = plan.steps_per_hour()
     if per_hour is not None:
         lines.append(f"  at {plan.mfu:.0%} MFU ({plan.mfu_source}): {per_hour:,.0f} optimizer steps/hour, "
@@ -106,13 +111,16 @@ def plan_as_dict(plan: Plan) -> dict:
         "memory_bytes_per_gpu": {
             "micro_batch": plan.batch, "seq_len": plan.seq_len, "gradient_checkpointing": plan.checkpointing,
             "weights": s.weights, "trainable_weights": s.trainable, "gradients": s.gradients, "optimizer": s.optimizer,
-            "gathered_layers": s.gathered, "activations": plan.activations.at(plan.batch, plan.checkpointing),
-            "activations_other_checkpointing": plan.activations.at(plan.batch, not plan.checkpointing),
-            "loss": plan.loss.at(plan.batch), "loss_path": "chunked" if plan.loss.chunked else "full logits",
+            "rows_per_sample": plan.rows_per_sample, "reference_copy": plan.reference,
+            "gathered_layers": s.gathered,
+            "activations": plan.activations.at(plan.batch * plan.rows_per_sample, plan.checkpointing),
+            "activations_other_checkpointing": plan.activations.at(plan.batch * plan.rows_per_sample, not plan.checkpointing),
+            "loss": plan.loss.at(plan.batch * plan.rows_per_sample), "loss_path": "chunked" if plan.loss.chunked else "full logits",
             "allowance": plan.allowance(), "allocated": plan.allocated(), "total": plan.total(), "cpu_offloaded": s.cpu},
         "fits": plan.fits, "largest_micro_batch": plan.largest_batch() if plan.gpu else None, "remedies": plan.remedies,
         "compute": {"flops_per_token": plan.flops.per_token, "weight_flops_per_token": plan.flops.weights_per_token,
                     "attention_flops_per_token": plan.flops.attention_per_token,
+                    "reference_flops_per_token": plan.flops.reference_per_token,
                     "flops_per_micro_batch": plan.flops.per_micro_batch, "mfu": plan.mfu, "mfu_source": plan.mfu_source,
                     "tokens_per_step": plan.tokens_per_step, "steps_per_hour": plan.steps_per_hour()},
     }

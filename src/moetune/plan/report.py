@@ -54,12 +54,18 @@ class Plan:
     mfu: float
     mfu_source: str
     remedies: list[str] = field(default_factory=list)
+    rows_per_sample: int = 1
+    """Rows a sample of the micro-batch becomes: 2 for a pair (chosen and rejected in one forward), else 1."""
+    reference: int = 0
+    """Bytes of a frozen reference copy (DPO/KTO without an adapter and without precomputed log-probabilities)."""
 
     def allocated(self, batch: int | None = None, checkpointing: bool | None = None) -> int:
-        """Bytes torch allocates at the peak: model states, activations and the loss at ``batch`` rows."""
+        """Bytes torch allocates at the peak: model states, a reference copy, activations and the loss at ``batch``
+        samples (``batch x rows_per_sample`` rows)."""
         batch = self.batch if batch is None else batch
         checkpointing = self.checkpointing if checkpointing is None else checkpointing
-        return self.states.total + self.activations.at(batch, checkpointing) + self.loss.at(batch)
+        rows = batch * self.rows_per_sample
+        return self.states.total + self.reference + self.activations.at(rows, checkpointing) + self.loss.at(rows)
 
     def allowance(self, batch: int | None = None) -> int:
         return ALLOWANCE_FIXED + self.buckets + math.ceil(ALLOWANCE_SHARE * self.allocated(batch))
@@ -84,7 +90,7 @@ class Plan:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.batch * self.seq_len * self.accumulation * self.launch.processes
+        return self.batch * self.rows_per_sample * self.seq_len * self.accumulation * self.launch.processes
 
     def steps_per_hour(self) -> float | None:
         if self.gpu is None or self.gpu.peak_flops is None:
@@ -128,13 +134,32 @@ def _plan(config, planned: PlannedModel, launch: Launch, gpu: Gpu | None, mfu: f
                                                                if p is head.weight),
                        softcap=getattr(text, "final_logit_softcapping", None) is not None)
     measured = mfu is not None
+    rows, extra_forwards, reference = preference_costs(t, planned.model, states.weights)
     return Plan(
         model_name=config.model.name, family=planned.family.name, dtype=str(planned.dtype).removeprefix("torch."),
         counts=planned.counts, launch=launch, gpu=gpu, states=states, activations=activations, loss=loss,
         buckets=_deepspeed_buckets(launch, planned, text, compute_bytes), checkpointing=t.gradient_checkpointing,
         batch=t.per_device_train_batch_size, seq_len=seq_len, accumulation=t.gradient_accumulation_steps,
-        flops=model_flops(planned.model, planned.family, seq_len, planned.routed_share), mfu=mfu if measured else DEFAULT_MFU,
-        mfu_source="given with --mfu" if measured else "assumed; scripts/gpu_check.py measures it on a GPU")
+        flops=model_flops(planned.model, planned.family, seq_len, planned.routed_share, extra_forwards),
+        mfu=mfu if measured else DEFAULT_MFU,
+        mfu_source="given with --mfu" if measured else "assumed; scripts/gpu_check.py measures it on a GPU",
+        rows_per_sample=rows, reference=reference)
+
+
+def preference_costs(training, model, weight_bytes: int) -> tuple[int, float, int]:
+    """What ``training.objective`` adds to a step: (rows per sample, forward passes without gradients per trained
+    row, bytes of a frozen reference copy). A pair is two rows; DPO's and KTO's reference runs a forward unless its
+    log-probabilities are precomputed, and is a copy of the weights when no adapter trains; KTO also runs the policy
+    and the reference on its KL rows."""
+    from moetune.models.loss.preference import PAIRED_OBJECTIVES, REFERENCE_OBJECTIVES
+    from moetune.models.loss.reference import has_adapter
+
+    objective = training.objective
+    rows = 2 if objective in PAIRED_OBJECTIVES else 1
+    live_reference = objective in REFERENCE_OBJECTIVES and not training.precompute_ref_logps
+    forwards = float(live_reference) + (1.0 + live_reference if objective == "kto" else 0.0)
+    copy = weight_bytes if live_reference and not has_adapter(model) else 0
+    return rows, forwards, copy
 
 
 def _deepspeed_buckets(launch: Launch, planned: PlannedModel, text, compute_bytes: int) -> int:

@@ -46,8 +46,9 @@ def build_training_inputs(config: Config, accelerator):
     if accelerator.is_main_process:
         s = data.stats
         efficiency = f", packing efficiency {s['train_packing_efficiency']:.1%}" if data.packed else ""
-        print(f"data: {s['train_samples']:,} training samples ({s['train_tokens']:,} tokens) in {s['train_rows']:,} rows"
-              f"{efficiency}; {s.get('eval_samples', 0):,} validation samples", file=sys.stderr)
+        unit = "pairs" if "train_pairs" in s else "samples"  # a paired preference objective counts pairs
+        print(f"data: {s[f'train_{unit}']:,} training {unit} ({s['train_tokens']:,} tokens) in {s['train_rows']:,} rows"
+              f"{efficiency}; {s.get(f'eval_{unit}', 0):,} validation {unit}", file=sys.stderr)
         for line in data_lines(s):
             print(f"data: {line}", file=sys.stderr)
     return tokenizer, model, train_loader, val_loader

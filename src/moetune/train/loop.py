@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from moetune.config import Config
 from moetune.errors import OutOfMemory, UserError
 from moetune.models.loss.objective import compute_losses, step_token_counts, weighted_loss
+from moetune.models.loss.preference import PAIRED_OBJECTIVES, PREFERENCE_SUMS, preference_metrics
 from moetune.models.routing.capture import expert_token_counts
 from moetune.models.trainable.weights import load_trainable_weights
 from moetune.run_dir import checkpoint_dir_name
@@ -49,10 +50,11 @@ from moetune.train.out_of_memory import AttemptFiles, halved_batch, out_of_memor
 from moetune.train.output_dir import check_output_dir, save_run_config
 from moetune.train.plan_check import check_plan
 from moetune.train.preflight import check_before_training
+from moetune.train.reference import check_reference_fits, frozen_copy, make_references, needs_frozen_copy
 from moetune.train.run_lock import RunLock
 from moetune.train.run_log import RunLog
 from moetune.train.signals import StopSignals
-from moetune.train.validation_loss import evaluate_loss
+from moetune.train.validation_loss import evaluate_loss, evaluate_preference
 
 
 def train(config: Config) -> int:
@@ -68,7 +70,8 @@ def train(config: Config) -> int:
     try:
         # What validate checks, before anything is built or loaded: the config against the run folder and
         # against its model on the meta device (a hub model's config is read for it).
-        check_before_training(config, read_hub=True)
+        checked = check_before_training(config, read_hub=True)
+        check_reference_fits(config, checked.weight_bytes, checked.adapter)
         return _train_retrying(config, stop, run_lock)
     finally:
         run_lock.release()
@@ -119,12 +122,15 @@ def _train_once(config: Config, stop: StopSignals, run_lock: RunLock, files: Att
     accelerator.wait_for_everyone()
 
     tokenizer, model, train_loader, val_loader = build_training_inputs(config, accelerator)
+    copied = frozen_copy(model, accelerator) if needs_frozen_copy(config, model) else None  # DPO/KTO without an adapter
     optimizer = build_optimizer(model, t)
     total_steps = total_optimizer_steps(t, len(train_loader))
     scheduler = build_scheduler(optimizer, t, total_steps)
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler)
     install_adapter_hooks(accelerator)
+    # Before a checkpoint's weights are loaded: a precomputed reference is the policy as it starts.
+    train_reference, eval_reference = make_references(config, model, copied, accelerator, train_loader, val_loader)
     if config.advanced.use_cpu_offload:
         log_cpu_offload(accelerator)
     state = load_checkpoint(accelerator, resume_from) if resume_from else TrainerState()
@@ -134,7 +140,7 @@ def _train_once(config: Config, stop: StopSignals, run_lock: RunLock, files: Att
     last_saved = resume_from  # the checkpoint to go back to when the loss diverges
     update_biases = _router_bias_updater(accelerator.unwrap_model(model), config)  # None unless moe.router_bias_update_rate
     usage = None  # (MoE layers, experts) routed-token counts since the last log line
-    window_log = _LogWindow(accelerator.device)  # sums since the last log line
+    window_log = _LogWindow(accelerator.device, t.objective)  # sums since the last log line
     bad_steps = 0
     eval_every = t.eval_steps or max(1, total_steps // max(1, math.ceil(t.num_train_epochs)))
     progress = tqdm(total=total_steps, initial=state.global_step, desc="train", unit="step",
@@ -156,7 +162,7 @@ def _train_once(config: Config, stop: StopSignals, run_lock: RunLock, files: Att
                 for index, batch in enumerate(window):
                     last = index == len(window) - 1
                     with accumulating(accelerator, model, sync=last):
-                        parts = compute_losses(model, batch, config)
+                        parts = compute_losses(model, batch, config, train_reference)
                         backward_share(accelerator, parts.objective(step_tokens))
                     window_log.add(parts, batch)
                     if parts.routing and (config.moe.monitor.expert_usage or update_biases is not None):
@@ -197,11 +203,14 @@ def _train_once(config: Config, stop: StopSignals, run_lock: RunLock, files: Att
 
                 improved = False
                 if val_loader is not None and (state.global_step % eval_every == 0 or state.global_step == total_steps):
-                    metrics = evaluate_loss(model, val_loader, accelerator, _eval_batches(config))
+                    if t.objective == "sft":
+                        metrics = evaluate_loss(model, val_loader, accelerator, _eval_batches(config))
+                    else:
+                        metrics = evaluate_preference(model, val_loader, accelerator, config, eval_reference,
+                                                      _eval_batches(config))
                     improved = _track_best(state, metrics[t.metric_for_best_model], config)
                     log.write({"step": state.global_step, "epoch": _epoch(state, len(train_loader)), **metrics},
-                              console=f"step {state.global_step}: eval_loss {metrics['eval_loss']:.4f}, "
-                                      f"perplexity {metrics['eval_perplexity']:.2f}" + (" (best)" if improved else ""))
+                              console=_eval_console_line(state.global_step, metrics) + (" (best)" if improved else ""))
 
                 stopping = stop.requested(accelerator)
                 if epoch_ended:  # before saving, so a checkpoint at an epoch's end resumes at the next one
@@ -237,11 +246,13 @@ class _LogWindow:
     """
 
     # Columns of ``sums``: summed LM loss, label tokens, aux x routed tokens, z x routed tokens, routed tokens,
-    # router supervision x routed tokens.
+    # router supervision x routed tokens; then, under a preference objective, PreferenceParts.sums().
     LM_SUM, LOSS_TOKENS, AUX_SUM, Z_SUM, ROUTED, SUPERVISION_SUM = range(6)
 
-    def __init__(self, device):
-        self.sums = torch.zeros(6, dtype=torch.float64, device=device)
+    def __init__(self, device, objective: str = "sft"):
+        self.objective = objective
+        self.sums = torch.zeros(6 + (PREFERENCE_SUMS if objective != "sft" else 0), dtype=torch.float64, device=device)
+        self.lm_weight, self.preference_weight = 1.0, 0.0
         self.samples = torch.zeros((), dtype=torch.float64, device=device)
         self.started = self.loop_started = time.perf_counter()
         self.step_total = torch.zeros((), dtype=torch.float64, device=device)
@@ -251,8 +262,12 @@ class _LogWindow:
         routed = parts.routed_tokens.detach()
         supervision = parts.router_supervision_loss
         supervision = supervision.detach() if supervision is not None else torch.zeros_like(routed)
-        self.sums += torch.stack([parts.lm_loss_sum.detach(), parts.loss_tokens.detach(), parts.aux_loss.detach() * routed,
-                                  parts.z_loss.detach() * routed, routed, supervision * routed]).double()
+        row = torch.stack([parts.lm_loss_sum.detach(), parts.loss_tokens.detach(), parts.aux_loss.detach() * routed,
+                           parts.z_loss.detach() * routed, routed, supervision * routed]).double()
+        if parts.preference is not None:
+            row = torch.cat([row, parts.preference.sums().to(row.device)])
+            self.lm_weight, self.preference_weight = parts.lm_weight, parts.preference.weight
+        self.sums += row
         self.step_total += parts.total.detach().double()
         self.aux_weight, self.z_weight = parts.aux_weight, parts.z_weight
         self.supervision_weight = parts.supervision_weight or self.supervision_weight
@@ -275,11 +290,14 @@ class _LogWindow:
         tokens, routed = sums[self.LOSS_TOKENS], max(sums[self.ROUTED], 1.0)
         lm_loss, aux_loss, z_loss = sums[self.LM_SUM] / max(tokens, 1.0), sums[self.AUX_SUM] / routed, sums[self.Z_SUM] / routed
         supervision = sums[self.SUPERVISION_SUM] / routed
+        preference = preference_metrics(sums[6:], self.objective in PAIRED_OBJECTIVES) if self.objective != "sft" else {}
         record = {
             "step": state.global_step, "epoch": _epoch(state, batches_per_epoch),
             "loss": weighted_loss(lm_loss, aux_loss, z_loss, supervision, aux_weight=self.aux_weight,
-                                  z_weight=self.z_weight, supervision_weight=self.supervision_weight),
-            "lm_loss": lm_loss, "aux_loss": aux_loss, "z_loss": z_loss,
+                                  z_weight=self.z_weight, supervision_weight=self.supervision_weight,
+                                  lm_weight=self.lm_weight, preference_loss=preference.get("preference_loss"),
+                                  preference_weight=self.preference_weight),
+            "lm_loss": lm_loss, "aux_loss": aux_loss, "z_loss": z_loss, **preference,
             **({"router_supervision_loss": supervision} if self.supervision_weight else {}), "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_second": tokens / seconds, "samples_per_second": samples / seconds,
@@ -376,8 +394,22 @@ def _epoch(state: TrainerState, batches_per_epoch: int) -> float:
 
 
 def _console_line(record: dict) -> str:
-    return (f"step {record['step']}: loss {record['loss']:.4f} (lm {record['lm_loss']:.4f}, aux {record['aux_loss']:.4f})"
-            f", lr {record['lr']:.2e}, grad_norm {record['grad_norm'] or 0:.3f}, {record['tokens_per_second']:.0f} tok/s")
+    preference = ""
+    if "preference_loss" in record:
+        preference = f", preference {record['preference_loss']:.4f}"
+        if "rewards/accuracies" in record:
+            preference += f" (accuracy {record['rewards/accuracies']:.2f}, margin {record['rewards/margins']:.3f})"
+    return (f"step {record['step']}: loss {record['loss']:.4f} (lm {record['lm_loss']:.4f}, aux {record['aux_loss']:.4f}"
+            f"{preference}), lr {record['lr']:.2e}, grad_norm {record['grad_norm'] or 0:.3f}, "
+            f"{record['tokens_per_second']:.0f} tok/s")
+
+
+def _eval_console_line(step: int, metrics: dict) -> str:
+    line = f"step {step}: eval_loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}"
+    if "eval_rewards/accuracies" in metrics:
+        line += (f", preference accuracy {metrics['eval_rewards/accuracies']:.3f}, "
+                 f"margin {metrics['eval_rewards/margins']:.3f}")
+    return line
 
 
 def _router_bias_updater(model, config: Config):

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 OWN_NAMES = frozenset((
     LOCK_FILE, RUN_FILE, run_dir.CONFIG_FILE, run_dir.METRICS_FILE,
     run_dir.CONFIG_FILE + run_dir.TMP_SUFFIX, run_dir.METRICS_FILE + run_dir.TMP_SUFFIX,
-    run_dir.TENSORBOARD_DIR, run_dir.TOKENIZER_DIR, run_dir.MERGED_DIR, run_dir.EVAL_DIR,
+    run_dir.TENSORBOARD_DIR, run_dir.TOKENIZER_DIR, run_dir.REFERENCE_LOGPS_FILE, run_dir.MERGED_DIR, run_dir.EVAL_DIR,
     run_dir.ADAPTER_CONFIG, *run_dir.ADAPTER_WEIGHTS, run_dir.MODEL_CARD, *run_dir.ESFT_FILES, *run_dir.TOKENIZER_FILES,
     run_dir.MODEL_CONFIG, run_dir.GENERATION_CONFIG, run_dir.FULL_MODEL_INDEX,
 ))

@@ -48,9 +48,11 @@ def over_memory_message(plan) -> str:
     from moetune.plan.gpus import GIB
 
     s = plan.states
+    rows = plan.batch * plan.rows_per_sample
+    reference = f"reference copy {plan.reference / GIB:.1f}, " if plan.reference else ""
     parts = (f"weights {s.weights / GIB:.1f}, gradients and optimizer states {(s.gradients + s.optimizer) / GIB:.1f}, "
-             f"activations {plan.activations.at(plan.batch, plan.checkpointing) / GIB:.1f}, "
-             f"LM loss {plan.loss.at(plan.batch) / GIB:.1f}, allowance {plan.allowance() / GIB:.1f}")
+             f"{reference}activations {plan.activations.at(rows, plan.checkpointing) / GIB:.1f}, "
+             f"LM loss {plan.loss.at(rows) / GIB:.1f}, allowance {plan.allowance() / GIB:.1f}")
     largest = plan.largest_batch()
     fit = (f"the largest micro-batch that fits is {largest} (training.per_device_train_batch_size)" if largest
            else "not even micro-batch 1 fits")

@@ -24,6 +24,7 @@ import importlib.util
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from moetune.data.encode import IGNORE_INDEX
@@ -96,6 +97,49 @@ def chunked_causal_lm_loss(hidden_states: torch.Tensor, lm_head: nn.Module | tor
         loss_sum = _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, label_smoothing, logit_scale,
                                                     softcap, chunk_tokens, torch.is_grad_enabled())
     return loss_sum, loss_tokens
+
+
+def chunked_sequence_logps(hidden_states: torch.Tensor, lm_head: nn.Module | torch.Tensor, labels: torch.Tensor, *,
+                           chunk_tokens: int = 1024, logit_scale: float | None = None,
+                           softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's summed next-token log-probability of its labels, and how many tokens each sum holds: (B,), (B,).
+
+    What preference objectives score a sequence by. Inputs as :func:`chunked_causal_lm_loss`. Only the labelled
+    positions get logits, a chunk at a time; with gradients on, each chunk is checkpointed (its logits recomputed in
+    backward), so no more than one chunk of float32 logits exists at once in either pass. The sums are float32.
+    """
+    weight, bias = lm_head_weight_and_bias(lm_head)
+    batch, length, _ = hidden_states.shape
+    labels = labels.to(hidden_states.device)
+    predicts = torch.zeros(batch, length, dtype=torch.bool, device=labels.device)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    positions = predicts.reshape(-1).nonzero().squeeze(1)
+    row_of_token = positions // length
+    hidden, targets = _labelled_positions(hidden_states, labels)
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    bias = bias.to(dtype) if bias is not None else None
+    pieces = []
+    with torch.autocast(device_type, enabled=False):
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            args = (hidden[start:start + chunk_tokens], weight, bias, targets[start:start + chunk_tokens], logit_scale, softcap)
+            if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+                pieces.append(torch.utils.checkpoint.checkpoint(_chunk_token_logps, *args, use_reentrant=False))
+            else:
+                pieces.append(_chunk_token_logps(*args))
+    token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    sums = torch.zeros(batch, dtype=torch.float32, device=hidden.device).index_add(0, row_of_token, token_logps)
+    return sums, torch.bincount(row_of_token, minlength=batch)
+
+
+def _chunk_token_logps(chunk, weight, bias, target, logit_scale, softcap) -> torch.Tensor:
+    logits = F.linear(chunk, weight, bias).float()
+    if logit_scale is not None:
+        logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits.log_softmax(dim=-1).gather(1, target[:, None]).squeeze(1)
 
 
 def lm_loss_implementation(device: torch.device | str | None = None) -> str:

@@ -20,7 +20,13 @@ import torch.nn.functional as F
 from moetune.data.encode import IGNORE_INDEX
 from moetune.errors import UserError
 from moetune.models.layout import innermost_model
-from moetune.models.loss.chunked import chunked_causal_lm_loss, lm_head_weight_and_bias, lm_loss_implementation, logit_options
+from moetune.models.loss.chunked import (
+    chunked_causal_lm_loss,
+    chunked_sequence_logps,
+    lm_head_weight_and_bias,
+    lm_loss_implementation,
+    logit_options,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +78,37 @@ def forward_with_lm_loss(model: torch.nn.Module, inputs: Mapping[str, Any], labe
             return out, loss_sum
     out = model(**inputs)
     return out, causal_lm_loss(out.logits, labels, label_smoothing, reduction="sum")
+
+
+def forward_with_sequence_logps(model: torch.nn.Module, inputs: Mapping[str, Any],
+                                labels: torch.Tensor) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """The forward pass, each row's summed log-probability of its label tokens (float32, (B,)), and each row's
+    label-token count ((B,)): what preference objectives score a sequence by.
+
+    The same path as :func:`forward_with_lm_loss` (chunked from the final hidden states where that gives the
+    model's own logits, decided once per model), so the two agree on every token."""
+    inner = innermost_model(model)
+    head = _chunkable_lm_head(inner)
+    if head is not None:
+        with _final_hidden_states(inner) as final:
+            out = model(**inputs, logits_to_keep=1)
+        hidden = final[0]
+        options = logit_options(inner.config)
+        if _LM_LOSS_PATH.get(inner) or _hidden_states_give_logits(inner, head, hidden, out.logits, options):
+            sums, tokens = chunked_sequence_logps(hidden, head, labels, **options)
+            return out, sums, tokens
+    out = model(**inputs)
+    return (out, *sequence_logps(out.logits, labels))
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's summed next-token log-probability of its labels (not -100; shifted here), from full logits,
+    and each row's label-token count."""
+    shift_labels = labels[:, 1:].to(logits.device)
+    scored = shift_labels != IGNORE_INDEX
+    logps = logits[:, :-1, :].float().log_softmax(dim=-1)
+    token_logps = logps.gather(2, shift_labels.clamp_min(0).unsqueeze(2)).squeeze(2)
+    return (token_logps * scored).sum(dim=1), scored.sum(dim=1)
 
 
 @contextlib.contextmanager
