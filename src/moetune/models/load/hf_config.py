@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,17 +75,21 @@ def build_random_init_config(model_type: str, overrides: Mapping[str, Any], voca
                           f"{_one_line(err)}") from None
 
 
-def read_hf_config(name: str | Path, trust_remote_code: bool = False) -> PreTrainedConfig:
-    """``AutoConfig.from_pretrained(name)`` (a folder, a config.json, a hub id), with the config.json values its
-    family fixes (:attr:`FamilySpec.config_fixes`: Llama 4's published ``attn_temperature_tuning: 4``, which
-    transformers 5.x's strict config refuses) made valid first."""
-    from moetune.models.families import family_for_model_type
+def config_values(name: str | Path) -> dict[str, Any]:
+    """The values of ``name``'s config.json (a folder, the file, a hub id in the cache), as written: no config
+    class has checked them yet."""
+    return PreTrainedConfig.get_config_dict(str(name))[0]
 
-    values, _ = PreTrainedConfig.get_config_dict(str(name))
-    family = family_for_model_type(values.get("model_type", ""))
-    if family is None or family.config_fixes is None or "auto_map" in values:
+
+def read_hf_config(name: str | Path, trust_remote_code: bool = False,
+                   fixes: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> PreTrainedConfig:
+    """``AutoConfig.from_pretrained(name)`` (a folder, a config.json, a hub id); ``fixes``: its family's
+    :attr:`~moetune.models.families._spec.FamilySpec.config_fixes`, applied to the config.json values first
+    (Llama 4's published ``attn_temperature_tuning: 4``, which transformers 5.x's strict config refuses)."""
+    if fixes is None:
         return AutoConfig.from_pretrained(str(name), trust_remote_code=trust_remote_code)
-    return CONFIG_MAPPING[values["model_type"]].from_dict(family.config_fixes(values))
+    values = config_values(name)
+    return CONFIG_MAPPING[values["model_type"]].from_dict(fixes(values))
 
 
 def apply_overrides(config: PreTrainedConfig, overrides: Mapping[str, Any]) -> PreTrainedConfig:

@@ -22,7 +22,7 @@ from moetune.config.schema import deepspeed_backend_message
 from moetune.errors import ConfigError, UserError, first_line
 from moetune.models.families._spec import FamilySpec, Traits
 from moetune.models.load.dtypes import resolve_dtype
-from moetune.models.load.hf_config import apply_overrides, build_random_init_config, read_hf_config
+from moetune.models.load.hf_config import apply_overrides, build_random_init_config, config_values, read_hf_config
 from moetune.models.load.kernels import fastest_experts_implementation, log_kernels, resolve_attn_implementation
 from moetune.models.load.loading_info import check_loading_info
 from moetune.models.load.quant import prepare_quantized_for_training, quantization_config, wants_quantization
@@ -39,7 +39,7 @@ def read_model_type(name: str, trust_remote_code: bool = False) -> str:
         except (json.JSONDecodeError, KeyError) as err:
             raise UserError(f"{local} has no readable model_type ({err}).") from None
     try:
-        return read_hf_config(name, trust_remote_code).model_type
+        return config_values(name)["model_type"]
     except (OSError, ValueError) as err:
         raise UserError(f"model.name {name!r} is neither a folder with a config.json nor a reachable hub model "
                         f"({first_line(err)}). Set model.architecture, or fix the path.") from None
@@ -103,7 +103,7 @@ def read_model_config(spec, family: FamilySpec) -> PreTrainedConfig:
     """The Hugging Face config of ``model.name`` (a folder or a hub id), checked to be of ``family``, with
     ``model.config_overrides`` applied."""
     try:
-        hf_config = read_hf_config(spec.name, spec.trust_remote_code)
+        hf_config = read_hf_config(spec.name, spec.trust_remote_code, family.config_fixes)
     except (OSError, ValueError) as err:
         raise UserError(f"model.name {spec.name!r} could not be loaded ({first_line(err)}).") from None
     check_model_type(spec, family, hf_config.model_type)
