@@ -45,7 +45,8 @@ from transformers import AutoModelForImageTextToText
 from moetune.cli import main
 from moetune.config import load_config
 from moetune.errors import UserError
-from moetune.models.load.hf_config import read_hf_config
+from moetune.models.families import family_for_model_type
+from moetune.models.load.hf_config import config_values, read_hf_config
 from moetune.plan.gpus import resolve_gpu
 from moetune.plan.model import build_planned_model
 
@@ -72,10 +73,16 @@ def counts():
             for config, hub, *_ in PUBLISHED}
 
 
+def hub_config(hub: str):
+    """The hub config.json of ``hub`` as moetune reads it (with its family's fixes)."""
+    path = HUB / hub / "config.json"
+    return read_hf_config(path, fixes=family_for_model_type(config_values(path)["model_type"]).config_fixes)
+
+
 def checkpoint_counts(hub: str) -> tuple[int, int]:
     """A multimodal checkpoint's parameters, and those of its language model, built whole on the meta device
     (publishers' totals count the vision tower, which moetune does not load)."""
-    hf_config = read_hf_config(HUB / hub / "config.json")
+    hf_config = hub_config(hub)
     with torch.device("meta"):
         whole = AutoModelForImageTextToText.from_config(hf_config)
     vision = ("visual.", "vision_model.", "multi_modal_projector.")
@@ -88,7 +95,7 @@ def checkpoint_counts(hub: str) -> tuple[int, int]:
 def test_counts_of_the_production_shapes_match_the_published_figures(counts, config, hub, total, active, convention,
                                                                      digits):
     planned = counts[hub]
-    if hasattr(read_hf_config(HUB / hub / "config.json"), "vision_config"):
+    if hasattr(hub_config(hub), "vision_config"):
         whole, language = checkpoint_counts(hub)
         assert planned.total == language < whole  # the language model, weight for weight
         assert whole == pytest.approx(total, rel=0.01)
