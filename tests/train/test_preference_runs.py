@@ -7,7 +7,6 @@ that cannot be made is refused before any weight is loaded.
 
 import json
 import random
-import textwrap
 
 import pytest
 import torch
@@ -15,39 +14,21 @@ from safetensors.torch import load_file
 
 from moetune.cli import main
 
-from .conftest import WORDS, read_metrics
+from .conftest import WORDS, read_metrics, write_config
 
-CONFIG = """
-model:
-  name: tiny-mixtral
-  architecture: mixtral
-  random_init: true
-  torch_dtype: float32
-  max_seq_length: 64
-  tokenizer_vocab_size: 384
-  config_overrides: {{num_hidden_layers: 2, hidden_size: 64, intermediate_size: 128, num_attention_heads: 4,
-                     num_key_value_heads: 2, num_local_experts: 4, num_experts_per_tok: 2, max_position_embeddings: 128}}
-lora: {{r: 4, lora_alpha: 8, lora_dropout: 0.0}}
-moe: {{use_auxiliary_loss: true, auxiliary_loss_weight: 0.01, freeze_router: false}}
-data:
-  output_path: {root}/prefs.built.jsonl
-  sources: [{{type: preference, path: {root}/prefs.jsonl}}]
-validation: {{validation_split: 0.25}}
-training:
-  objective: dpo
-  output_dir: {root}/run
-  max_steps: 4
-  per_device_train_batch_size: 4
-  per_device_eval_batch_size: 8
-  gradient_accumulation_steps: 2
-  learning_rate: 5.0e-3
-  lr_scheduler_type: constant
-  logging_steps: 1
-  eval_steps: 2
-  save_steps: 2
-  seed: 5
-logging: {{tensorboard: false}}
-"""
+
+def write_dpo_config(path, root):
+    """A DPO run of the tiny Mixtral on the pairs under ``root``: 4 steps of 4 pairs x 2 micro-batches."""
+    return write_config(
+        path, model={"max_seq_length": 64, "tokenizer_vocab_size": 384},
+        lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+        moe={"use_auxiliary_loss": True, "auxiliary_loss_weight": 0.01, "freeze_router": False},
+        data={"output_path": str(root / "prefs.built.jsonl"), "sources": [{"type": "preference", "path": str(root / "prefs.jsonl")}]},
+        validation={"validation_split": 0.25},
+        training={"objective": "dpo", "output_dir": str(root / "run"), "max_steps": 4, "per_device_train_batch_size": 4,
+                  "per_device_eval_batch_size": 8, "gradient_accumulation_steps": 2, "learning_rate": 5.0e-3,
+                  "lr_scheduler_type": "constant", "logging_steps": 1, "eval_steps": 2, "save_steps": 2, "seed": 5},
+        logging={"tensorboard": False})
 
 
 def write_pairs(path, pairs: int = 48, seed: int = 0):
@@ -68,8 +49,7 @@ def built(tmp_path_factory):
     """(config path, root) with the preference dataset built once."""
     root = tmp_path_factory.mktemp("preference")
     write_pairs(root / "prefs.jsonl")
-    config = root / "dpo.yaml"
-    config.write_text(textwrap.dedent(CONFIG.format(root=root)))
+    config = write_dpo_config(root / "dpo.yaml", root)
     assert main(["data", "--config", str(config)]) == 0
     return config, root
 
