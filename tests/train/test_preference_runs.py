@@ -100,11 +100,18 @@ def test_dpo_logs_preference_figures_beside_the_moe_parts_and_merges(built, run)
     assert (merged / "config.json").is_file()
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["adapter-off", "frozen-copy"])
-def test_a_precomputed_reference_gives_the_same_steps_as_a_live_one(built, run, lora):
+# (run name, overrides): DPO's reference with the adapter off and as a frozen copy; KTO's, whose KL rows too.
+LIVE_REFERENCES = {
+    "adapter-off": ("dpo", MERGE),
+    "frozen-copy": ("full", ("lora.enabled=false", "moe.expert_training=full", "training.learning_rate=1e-3")),
+    "kto": ("kto", ("training.objective=kto",)),
+}
+
+
+@pytest.mark.parametrize("case", LIVE_REFERENCES)
+def test_a_precomputed_reference_gives_the_same_steps_as_a_live_one(built, run, case):
     config, root = built
-    extra = MERGE if lora else ("lora.enabled=false", "moe.expert_training=full", "training.learning_rate=1e-3")
-    name = "dpo" if lora else "full"
+    name, extra = LIVE_REFERENCES[case]
     live = steps(run(name, *extra))
     precomputed = steps(run(f"precomputed-{name}", *extra, "training.precompute_ref_logps=true"))
     assert (root / f"precomputed-{name}" / "reference_logps.pt").is_file()
@@ -142,7 +149,7 @@ def test_resume_with_a_precomputed_reference_is_exact(built, run):
 @pytest.mark.parametrize("objective", ["orpo", "kto"])
 def test_orpo_and_kto_train_and_log_their_figures(built, run, objective):
     config, root = built
-    logged = steps(run(objective, f"training.objective={objective}"))
+    logged = steps(run(objective, f"training.objective={objective}"))  # the KTO run is LIVE_REFERENCES["kto"]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in logged.values())
     assert logged[4]["loss"] < logged[1]["loss"]
     if objective == "orpo":  # the chosen completions' next-token loss plus lambda x the odds-ratio loss
