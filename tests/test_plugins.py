@@ -22,7 +22,7 @@ def test_the_family_table_lists_every_family_module():
 
 def test_every_registered_source_module_exports_its_kind():
     kinds = registered_kinds()
-    assert [kind.name for kind in kinds] == list(plugins.SOURCE_MODULES) == ["rust_repo", "qa_jsonl", "chat", "instruction", "text"]
+    assert [kind.name for kind in kinds] == list(plugins.SOURCE_MODULES) == ["rust_repo", "qa_jsonl", "chat", "instruction", "text", "preference"]
     for kind in kinds:
         assert isinstance(kind, SourceKind)
         fields = {f.name: f for f in dataclasses.fields(kind.config_class)}

@@ -29,6 +29,7 @@ SOURCE_MODULES: dict[str, str] = {
     "chat": "moetune.data.sources.chat",
     "instruction": "moetune.data.sources.instruction",
     "text": "moetune.data.sources.text",
+    "preference": "moetune.data.sources.preference",
 }
 """``data.sources[].type`` -> the module exporting that kind's ``SOURCE``. The order is the order of
 kinds in error messages, the config reference, the stats file and the build summary."""

@@ -93,7 +93,7 @@ def test_unknown_key_inside_a_source(tmp_path):
     ("lora:\n  target_modules: [q_proj, 3]\n", "lora.target_modules[1] must be a string, got 3."),
     ("model: fast\n", "model must be a mapping of keys, got 'fast'."),
     ("data:\n  sources:\n    - {type: rust_repository, path: x}\n",
-     "data.sources[0].type must be one of rust_repo, qa_jsonl, chat, instruction, text; got 'rust_repository'. Did you mean 'rust_repo'?"),
+     "data.sources[0].type must be one of rust_repo, qa_jsonl, chat, instruction, text, preference; got 'rust_repository'. Did you mean 'rust_repo'?"),
     ("data:\n  sources:\n    - {type: rust_repo}\n", "data.sources[0].path is required"),
 ])
 def test_wrong_types_name_key_value_and_accepted(tmp_path, yaml_text, expected):

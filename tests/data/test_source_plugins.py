@@ -130,9 +130,9 @@ def test_a_registered_kind_loads_with_strict_keys(tmp_path: Path, plain_text):
     with pytest.raises(ConfigError) as typo:
         _config(tmp_path, [{"type": "plain_txt", "path": str(guide)}])
     assert typo.value.message.endswith("config.yaml:1: data.sources[0].type must be one of rust_repo, qa_jsonl, chat, "
-                                       "instruction, text, plain_text; got 'plain_txt'. Did you mean 'plain_text'?")
+                                       "instruction, text, preference, plain_text; got 'plain_txt'. Did you mean 'plain_text'?")
     with pytest.raises(ConfigError, match=r"data.sources\[0\].type must be one of rust_repo, qa_jsonl, chat, instruction, "
-                       r"text, plain_text; got \[1\]"):
+                       r"text, preference, plain_text; got \[1\]"):
         _config(tmp_path, [{"type": [1], "path": str(guide)}])  # not a name at all: no TypeError either
 
 

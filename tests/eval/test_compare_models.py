@@ -37,7 +37,9 @@ def test_report_compares_base_and_tuned_loss(full_report):
     validation = load_splits(config)[1]
     assert report["samples"] == {"validation": len(validation), "evaluated": len(validation),
                                  "qa": sum(r["source"] == "qa_jsonl" for r in validation),
-                                 "rust_items": sum(rust_generation_prompt(r) is not None for r in validation)}
+                                 "rust_items": sum(rust_generation_prompt(r) is not None for r in validation),
+                                 "preference_pairs": 0}
+    assert report["preference"] is None  # no preference record in this dataset
     # The fine-tuned loss on the whole validation split is the trainer's last eval loss.
     assert p["tuned"]["loss"] == pytest.approx([r for r in metrics if "eval_loss" in r][-1]["eval_loss"], rel=1e-5)
     # The base figures (adapter switched off) are those of a freshly built base model.

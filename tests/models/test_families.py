@@ -37,7 +37,7 @@ from moetune.models.layout import (
     shared_expert_paths,
 )
 from moetune.models.load.factory import build_base_model, build_model, resolve_family
-from moetune.models.load.pretrained import causal_lm_class, model_from_config
+from moetune.models.load.pretrained import causal_lm_class
 from moetune.models.loss.objective import compute_losses
 from moetune.models.routing.balance import sequence_balance_loss, switch_balance_loss
 from moetune.models.routing.capture import expert_token_counts
@@ -98,36 +98,6 @@ def test_the_matrix_lists_every_model_type_and_each_has_one_family():
     assert FAMILY_NAMES == tuple(sorted(spec.name for spec in all_families()))
 
 
-def tiny_model(model_type: str, seed: int = 0):
-    spec = family_for_model_type(model_type)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_from_config(AutoConfig.for_model(model_type, **spec.tiny_configs[model_type]))
-    bias = spec.router_of(model.config).correction_bias
-    if bias is not None:
-        with torch.no_grad():  # a bias that changes the choice, so counting from logits alone would be wrong
-            for block in find_moe_blocks(model, spec.router_name):
-                tensor = block.module.get_parameter(bias) if bias in dict(block.module.named_parameters()) \
-                    else block.module.get_buffer(bias)
-                tensor.copy_(torch.tensor([0.3, -0.3, 0.2, -0.2]).reshape(tensor.shape))
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """``checkpoint(model_type)`` -> folder of a tiny random checkpoint saved with save_pretrained."""
-    root = tmp_path_factory.mktemp("families")
-    made: dict[str, Path] = {}
-
-    def make(model_type: str) -> Path:
-        if model_type not in made:
-            made[model_type] = root / model_type
-            tiny_model(model_type).save_pretrained(made[model_type])
-        return made[model_type]
-
-    return make
-
-
 def family_config(path: Path, *overrides: str):
     return load_config(None, [f"model.name={path}", "model.torch_dtype=float32", "model.max_seq_length=64",
                               "lora.r=4", "lora.lora_dropout=0.0", "moe.expert_training=frozen", *overrides])
@@ -159,7 +129,7 @@ def owning_linear(name: str) -> str:
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_the_family_is_detected_from_config_json_and_its_facts_hold(checkpoint, model_type):
+def test_the_family_is_detected_from_config_json_and_its_facts_hold(checkpoint, tiny_model, model_type):
     config = family_config(checkpoint(model_type))
     spec = resolve_family(config.model)
     assert model_type in spec.model_types
@@ -270,7 +240,7 @@ def expert_rows(model, blocks) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("model_type", MOE_TYPES)
-def test_esft_trains_only_the_selected_experts_and_reloads_and_merges_exactly(tmp_path, model_type):
+def test_esft_trains_only_the_selected_experts_and_reloads_and_merges_exactly(tmp_path, tiny_model, model_type):
     model = tiny_model(model_type)
     blocks = expert_blocks(model)
     selection = [[0, 3]] + [[1]] * (len(blocks) - 1)

@@ -22,33 +22,6 @@ from moetune.models.loss.objective import compute_losses
 from moetune.models.routing.capture import expert_token_counts
 
 
-def tiny_model(model_type: str):
-    spec = family_for_model_type(model_type)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **spec.tiny_configs[model_type]))
-    with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.copy_(torch.tensor([0.3, -0.3, 0.2, -0.2]))
-    return model
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """``checkpoint(model_type)`` -> folder of a tiny random checkpoint saved with save_pretrained."""
-    root = tmp_path_factory.mktemp("family-specifics")
-    made: dict[str, Path] = {}
-
-    def make(model_type: str) -> Path:
-        if model_type not in made:
-            made[model_type] = root / model_type
-            tiny_model(model_type).save_pretrained(made[model_type])
-        return made[model_type]
-
-    return make
-
-
 def family_config(path: Path, *overrides: str):
     return load_config(None, [f"model.name={path}", "model.torch_dtype=float32", "model.max_seq_length=64",
                               "lora.r=4", "lora.lora_dropout=0.0", "moe.expert_training=frozen", *overrides])
@@ -193,25 +166,40 @@ def test_the_readmes_family_table_is_the_one_the_specs_generate():
         assert all(model_type in row for model_type in spec.model_types), spec.name
 
 
-def test_a_multimodal_qwen3_5_checkpoint_trains_its_language_model(tmp_path):
+# A multimodal hub checkpoint's model_type -> a tiny vision tower for it, and attention Linears LoRA must reach.
+MULTIMODAL = {
+    "qwen3_5_moe": (dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64),
+                    {"q_proj", "in_proj_qkv", "out_proj"}),
+    "llama4": (dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1, image_size=28,
+                    patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=64),
+               {"q_proj", "k_proj", "v_proj", "o_proj"}),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(MULTIMODAL))
+def test_a_multimodal_checkpoint_trains_its_language_model(tmp_path, model_type):
     from transformers import AutoModelForImageTextToText
 
     from moetune.models.families import family_of
 
-    spec = family_for_model_type("qwen3_5_moe")
-    hf_config = AutoConfig.for_model("qwen3_5_moe", text_config=dict(spec.tiny_configs["qwen3_5_moe_text"]),
-                                     vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
-                                                        out_hidden_size=64))
+    spec = family_for_model_type(model_type)
+    text_type = spec.multimodal_types[model_type]
+    vision, targets = MULTIMODAL[model_type]
+    hf_config = AutoConfig.for_model(model_type, text_config=dict(spec.tiny_configs[text_type]), vision_config=vision)
     torch.manual_seed(0)
     vision_language = AutoModelForImageTextToText.from_config(hf_config).eval()
-    vision_language.save_pretrained(tmp_path / "qwen3.5")
-    model = build_model(family_config(tmp_path / "qwen3.5"), seed=42)
-    assert family_of(model).name == "qwen_next" and model.config.model_type == "qwen3_5_moe_text"
-    assert not any("visual" in n for n, _ in model.named_parameters())
+    vision_language.save_pretrained(tmp_path / model_type)
+    if model_type == "llama4":  # the hub's value, which transformers 5.x's strict config refuses unless fixed
+        written = json.loads((tmp_path / model_type / "config.json").read_text())
+        written["text_config"]["attn_temperature_tuning"] = 4
+        (tmp_path / model_type / "config.json").write_text(json.dumps(written))
+    model = build_model(family_config(tmp_path / model_type), seed=42)
+    assert family_of(model).name == spec.name and model.config.model_type == text_type
+    assert not any("vision" in n or "visual" in n for n, _ in model.named_parameters())
     # The checkpoint's own language model, weight for weight (moetune runs the experts kernel fastest on CPU).
     with torch.no_grad(), model.disable_adapter():
         assert torch.allclose(model.eval()(tokens()).logits, vision_language(input_ids=tokens()).logits, atol=1e-5)
-    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable(model)} >= {"q_proj", "in_proj_qkv", "out_proj"}
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable(model)} >= targets
 
 
 def test_every_moe_type_transformers_ships_is_supported_or_named_in_the_readme_as_left_out():

@@ -27,9 +27,7 @@ def test_planned_flops_are_within_five_percent_of_flop_counter_mode(config_for, 
     # Eager kernels, whose matmuls FlopCounterMode counts (it has no formula for CPU sdpa or grouped_mm).
     config = config_for(model_type, "model.experts_implementation=eager", "model.attn_implementation=eager", *overrides)
     planned = build_planned_model(config)
-    blocks = planned.counts.blocks
-    share = blocks[0].top_k / blocks[0].num_experts if blocks else 1.0
-    plan = model_flops(planned.model, planned.hf_config, SEQ, share).step(BATCH * SEQ)
+    plan = model_flops(planned.model, planned.family, SEQ, planned.routed_share).step(BATCH * SEQ)
     model = build_model(config, seed=0)
     model.train()
     # What PEFT does for a run with gradient checkpointing: the embedding's output requires grad, so every

@@ -17,8 +17,19 @@ Published figures and where they are stated:
   (Zhipu, https://github.com/zai-org/GLM-4.5 README). The count: 106.85B total; 12.80B active without the
   input embedding, 13.42B with it, so "12B" is the first convention cut to whole billions.
 
-Qwen's 3.3B and DeepSeek's 2.4B are the counts cut (not rounded) to two digits: 3.353B and 2.451B, 1.6% and
-2.1% above them; the other figures agree within 0.2%.
+* Qwen3.5-35B-A3B: 35B total, 3B activated (model card, https://huggingface.co/Qwen/Qwen3.5-35B-A3B; "35B
+  total/3B active" in transformers' docs, docs/source/en/model_doc/qwen3_5_moe.md). The total is the
+  multimodal checkpoint's: 35.11B, the vision tower's 0.45B included; the language model moetune trains is
+  34.66B. Active: every parameter a token touches, as for Qwen3-30B-A3B: 3.455B (2.946B without the input
+  embedding; both cut to one digit are 3B, the first is Qwen's convention of Qwen3-30B-A3B).
+* Llama-4-Scout-17B-16E: 109B total, 17B activated (model card, https://huggingface.co/meta-llama/Llama-4-Scout-17B-16E,
+  "17B (Activated) 109B (Total)"; https://ai.meta.com/blog/llama-4-multimodal-intelligence/). The total is the
+  multimodal checkpoint's: 108.64B, the vision encoder and projector's 0.87B included; the text model is
+  107.77B. Active: every parameter of the text model a token touches (shared expert, one of 16 routed
+  experts, attention, both embedding matrices): 17.17B; 16.14B without the input embedding would not be "17B".
+
+Qwen's 3.3B and 3B, DeepSeek's 2.4B and Meta's 17B are the counts cut (not rounded) to the digits given: 3.353B,
+3.455B, 2.451B and 17.17B; the other figures agree within 0.4%.
 """
 
 from __future__ import annotations
@@ -28,42 +39,76 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModelForImageTextToText
 
 from moetune.cli import main
 from moetune.config import load_config
 from moetune.errors import UserError
+from moetune.models.families import family_for_model_type
+from moetune.models.load.hf_config import config_values, read_hf_config
 from moetune.plan.gpus import resolve_gpu
 from moetune.plan.model import build_planned_model
 
 ROOT = Path(__file__).resolve().parents[2]
 HUB = ROOT / "tests" / "data" / "hub_configs"
-PUBLISHED = [  # config, hub config.json, total, active, convention, digits the active figure is given to
+PUBLISHED = [  # run config (a shipped file, or the hub model a default config trains), hub config.json, total,
+    # active, convention, digits the active figure is given to
     ("config.yaml", "mixtral-8x7b", 46.7e9, 12.9e9, "active", 3),
     ("configs/qwen3-30b-a3b.yaml", "qwen3-30b-a3b", 30.5e9, 3.3e9, "active", 2),
     ("configs/gpt-oss-20b.yaml", "gpt-oss-20b", 20.91e9, 3.61e9, "active_without_input_embedding", 3),
     ("configs/deepseek-v2-lite.yaml", "deepseek-v2-lite", 15.7e9, 2.4e9, "active_without_input_embedding", 2),
+    ("Qwen/Qwen3.5-35B-A3B", "qwen3.5-35b-a3b", 35e9, 3e9, "active", 1),
+    ("meta-llama/Llama-4-Scout-17B-16E", "llama-4-scout-17b-16e", 109e9, 17e9, "active", 2),
 ]
+
+
+def run_config(config: str):
+    return load_config(ROOT / config) if config.endswith(".yaml") else load_config(None, [f"model.name={config}"])
 
 
 @pytest.fixture(scope="module")
 def counts():
-    return {hub: build_planned_model(load_config(ROOT / config), HUB / hub / "config.json").counts
+    return {hub: build_planned_model(run_config(config), HUB / hub / "config.json").counts
             for config, hub, *_ in PUBLISHED}
+
+
+def hub_config(hub: str):
+    """The hub config.json of ``hub`` as moetune reads it (with its family's fixes)."""
+    path = HUB / hub / "config.json"
+    return read_hf_config(path, fixes=family_for_model_type(config_values(path)["model_type"]).config_fixes)
+
+
+def checkpoint_counts(hub: str) -> tuple[int, int]:
+    """A multimodal checkpoint's parameters, and those of its language model, built whole on the meta device
+    (publishers' totals count the vision tower, which moetune does not load)."""
+    hf_config = hub_config(hub)
+    with torch.device("meta"):
+        whole = AutoModelForImageTextToText.from_config(hf_config)
+    vision = ("visual.", "vision_model.", "multi_modal_projector.")
+    return (sum(p.numel() for p in whole.parameters()),
+            sum(p.numel() for name, p in whole.named_parameters() if not any(part in name for part in vision)))
 
 
 @pytest.mark.parametrize(("config", "hub", "total", "active", "convention", "digits"), PUBLISHED,
                          ids=[hub for _, hub, *_ in PUBLISHED])
-def test_counts_of_the_shipped_configs_match_the_published_figures(counts, config, hub, total, active, convention,
-                                                                   digits):
+def test_counts_of_the_production_shapes_match_the_published_figures(counts, config, hub, total, active, convention,
+                                                                     digits):
     planned = counts[hub]
-    assert planned.total == pytest.approx(total, rel=0.01)
+    if hasattr(hub_config(hub), "vision_config"):
+        whole, language = checkpoint_counts(hub)
+        assert planned.total == language < whole  # the language model, weight for weight
+        assert whole == pytest.approx(total, rel=0.01)
+    else:
+        assert planned.total == pytest.approx(total, rel=0.01)
     ours = getattr(planned, convention)
     if digits == 3:
         assert ours == pytest.approx(active, rel=0.01)
-    else:  # the publisher cut the count to two digits
-        scale = 10 ** (math.floor(math.log10(ours)) - 1)
+    else:  # the publisher cut the count to one or two digits
+        scale = 10 ** (math.floor(math.log10(ours)) - digits + 1)
         assert math.floor(ours / scale) * scale == pytest.approx(active)
-        assert ours == pytest.approx(active, rel=0.025)
+        if digits == 2:
+            assert ours == pytest.approx(active, rel=0.025)
 
 
 def test_glm_4_5_air_total_matches_the_published_figure():
@@ -89,6 +134,17 @@ def test_what_trains_is_counted_by_part_as_the_lora_shapes_give(counts):
     mla = 16 * ((2048 + 3072) + (2048 + 576) + (512 + 4096) + (2048 + 2048))
     assert counts["deepseek-v2-lite"].trainable["attention"] == 27 * mla
     assert counts["deepseek-v2-lite"].trainable["router"] == 26 * 64 * 2048  # the first layer is dense
+    # Qwen3.5-35B-A3B, the default attention LoRA (r 16) on every token mixer: 10 gated full-attention layers,
+    # q_proj 2048 -> 2 x 16 x 256 (queries and their gate), k/v 2048 -> 2 x 256, o 4096 -> 2048; 30 Gated
+    # DeltaNet layers, in_proj_qkv 2048 -> 2 x 16 x 128 + 32 x 128, in_proj_z 2048 -> 32 x 128, in_proj_b and
+    # in_proj_a 2048 -> 32, out_proj 4096 -> 2048.
+    full = 16 * ((2048 + 8192) + 2 * (2048 + 512) + (4096 + 2048))
+    linear = 16 * ((2048 + 8192) + (2048 + 4096) + 2 * (2048 + 32) + (4096 + 2048))
+    assert counts["qwen3.5-35b-a3b"].trainable == {"attention": 10 * full + 30 * linear, "router": 0, "experts": 0,
+                                                   "shared experts": 0, "other": 0}
+    # Llama-4-Scout: q/k/v/o (5120 -> 40 x 128, 8 x 128, 8 x 128; 5120 -> 5120) in 48 layers.
+    assert counts["llama-4-scout-17b-16e"].trainable["attention"] == 48 * 16 * (
+        (5120 + 5120) + 2 * (5120 + 1024) + (5120 + 5120))
 
 
 def test_a_config_json_not_on_this_machine_is_one_paragraph_and_exit_2(capsys, monkeypatch, tmp_path):

@@ -56,9 +56,8 @@ def test_planned_dpo_flops_are_within_five_percent_of_flop_counter_mode(config_f
     config = config_for("mixtral", "model.experts_implementation=eager", "model.attn_implementation=eager",
                         "training.objective=dpo", *overrides)
     planned = build_planned_model(config)
-    block = planned.counts.blocks[0]
     _, forwards, _ = preference_costs(config.training, planned.model, 0)
-    plan = model_flops(planned.model, planned.hf_config, SEQ, block.top_k / block.num_experts, forwards).step(2 * PAIRS * SEQ)
+    plan = model_flops(planned.model, planned.family, SEQ, planned.routed_share, forwards).step(2 * PAIRS * SEQ)
 
     model = build_model(config, seed=0)
     model.train()

@@ -29,6 +29,23 @@ def write_dataset(path: Path, samples: int = 160, seed: int = 0) -> Path:
     return path
 
 
+TINY_MODEL = {"name": "tiny-mixtral", "architecture": "mixtral", "random_init": True, "torch_dtype": "float32",
+              "max_seq_length": 128, "tokenizer_vocab_size": 512,
+              "config_overrides": {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+                                   "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4,
+                                   "num_experts_per_tok": 2, "max_position_embeddings": 256}}
+"""The model section of TINY_CONFIG, for tests that write their own config with :func:`write_config`."""
+
+
+def write_config(path: Path, **sections) -> Path:
+    """A config file of ``sections`` (``model`` defaults to TINY_MODEL, updated by a ``model`` given)."""
+    import yaml
+
+    sections["model"] = {**TINY_MODEL, **sections.get("model", {})}
+    path.write_text(yaml.safe_dump(sections, sort_keys=False))
+    return path
+
+
 TINY_CONFIG = """
 model:
   name: tiny-mixtral

@@ -105,11 +105,10 @@ def test_cpu_offload_reaches_the_engine(tiny_run, tmp_path, ds_config, stage, of
 
 def test_dpo_under_zero3_switches_the_partitioned_adapter_off_for_its_reference(tmp_path):
     # The reference is the engine's own model with the adapter off: no copy, the weights stay partitioned.
-    from .test_preference_runs import CONFIG, write_pairs
+    from .test_preference_runs import write_dpo_config, write_pairs
 
     write_pairs(tmp_path / "prefs.jsonl", pairs=16)
-    config = tmp_path / "dpo.yaml"
-    config.write_text(CONFIG.format(root=tmp_path))
+    config = write_dpo_config(tmp_path / "dpo.yaml", tmp_path)
     assert subprocess.run([sys.executable, "-m", "moetune", "data", "--config", str(config)],
                           capture_output=True, text=True).returncode == 0
     launch(config, tmp_path, "configs/zero3.json", 29540, "training.max_steps=2", "training.eval_steps=2",

@@ -7,7 +7,6 @@ that cannot be made is refused before any weight is loaded.
 
 import json
 import random
-import textwrap
 
 import pytest
 import torch
@@ -15,39 +14,21 @@ from safetensors.torch import load_file
 
 from moetune.cli import main
 
-from .conftest import WORDS, read_metrics
+from .conftest import WORDS, read_metrics, write_config
 
-CONFIG = """
-model:
-  name: tiny-mixtral
-  architecture: mixtral
-  random_init: true
-  torch_dtype: float32
-  max_seq_length: 64
-  tokenizer_vocab_size: 384
-  config_overrides: {{num_hidden_layers: 2, hidden_size: 64, intermediate_size: 128, num_attention_heads: 4,
-                     num_key_value_heads: 2, num_local_experts: 4, num_experts_per_tok: 2, max_position_embeddings: 128}}
-lora: {{r: 4, lora_alpha: 8, lora_dropout: 0.0}}
-moe: {{use_auxiliary_loss: true, auxiliary_loss_weight: 0.01, freeze_router: false}}
-data:
-  output_path: {root}/prefs.built.jsonl
-  sources: [{{type: preference, path: {root}/prefs.jsonl}}]
-validation: {{validation_split: 0.25}}
-training:
-  objective: dpo
-  output_dir: {root}/run
-  max_steps: 4
-  per_device_train_batch_size: 4
-  per_device_eval_batch_size: 8
-  gradient_accumulation_steps: 2
-  learning_rate: 5.0e-3
-  lr_scheduler_type: constant
-  logging_steps: 1
-  eval_steps: 2
-  save_steps: 2
-  seed: 5
-logging: {{tensorboard: false}}
-"""
+
+def write_dpo_config(path, root):
+    """A DPO run of the tiny Mixtral on the pairs under ``root``: 4 steps of 4 pairs x 2 micro-batches."""
+    return write_config(
+        path, model={"max_seq_length": 64, "tokenizer_vocab_size": 384},
+        lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+        moe={"use_auxiliary_loss": True, "auxiliary_loss_weight": 0.01, "freeze_router": False},
+        data={"output_path": str(root / "prefs.built.jsonl"), "sources": [{"type": "preference", "path": str(root / "prefs.jsonl")}]},
+        validation={"validation_split": 0.25},
+        training={"objective": "dpo", "output_dir": str(root / "run"), "max_steps": 4, "per_device_train_batch_size": 4,
+                  "per_device_eval_batch_size": 8, "gradient_accumulation_steps": 2, "learning_rate": 5.0e-3,
+                  "lr_scheduler_type": "constant", "logging_steps": 1, "eval_steps": 2, "save_steps": 2, "seed": 5},
+        logging={"tensorboard": False})
 
 
 def write_pairs(path, pairs: int = 48, seed: int = 0):
@@ -68,8 +49,7 @@ def built(tmp_path_factory):
     """(config path, root) with the preference dataset built once."""
     root = tmp_path_factory.mktemp("preference")
     write_pairs(root / "prefs.jsonl")
-    config = root / "dpo.yaml"
-    config.write_text(textwrap.dedent(CONFIG.format(root=root)))
+    config = write_dpo_config(root / "dpo.yaml", root)
     assert main(["data", "--config", str(config)]) == 0
     return config, root
 
@@ -93,7 +73,8 @@ def steps(metrics: list[dict]) -> dict[int, dict]:
     return {r["step"]: r for r in metrics if "loss" in r}
 
 
-MERGE = ("post_training.merge_and_save=true",)
+# The DPO run most tests share: it also merges, and supervises the routing by each pair's label.
+MERGE = ("post_training.merge_and_save=true", "moe.router_supervision.weight=0.05")
 
 
 def test_dpo_logs_preference_figures_beside_the_moe_parts_and_merges(built, run):
@@ -107,7 +88,9 @@ def test_dpo_logs_preference_figures_beside_the_moe_parts_and_merges(built, run)
     assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6) and first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     for record in logged.values():
         assert record["aux_loss"] > 0 and len(record["expert_usage"]) == 2  # two MoE layers, usage per layer
-        assert record["loss"] == pytest.approx(record["preference_loss"] + 0.01 * record["aux_loss"], rel=1e-6)
+        assert record["router_supervision_loss"] > 0
+        assert record["loss"] == pytest.approx(record["preference_loss"] + 0.01 * record["aux_loss"]
+                                               + 0.05 * record["router_supervision_loss"], rel=1e-6)
     assert logged[4]["preference_loss"] < first["preference_loss"]
     evals = [r for r in metrics if "eval_loss" in r]
     assert [r["step"] for r in evals] == [2, 4]
@@ -117,11 +100,18 @@ def test_dpo_logs_preference_figures_beside_the_moe_parts_and_merges(built, run)
     assert (merged / "config.json").is_file()
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["adapter-off", "frozen-copy"])
-def test_a_precomputed_reference_gives_the_same_steps_as_a_live_one(built, run, lora):
+# (run name, overrides): DPO's reference with the adapter off and as a frozen copy; KTO's, whose KL rows too.
+LIVE_REFERENCES = {
+    "adapter-off": ("dpo", MERGE),
+    "frozen-copy": ("full", ("lora.enabled=false", "moe.expert_training=full", "training.learning_rate=1e-3")),
+    "kto": ("kto", ("training.objective=kto",)),
+}
+
+
+@pytest.mark.parametrize("case", LIVE_REFERENCES)
+def test_a_precomputed_reference_gives_the_same_steps_as_a_live_one(built, run, case):
     config, root = built
-    extra = MERGE if lora else ("lora.enabled=false", "moe.expert_training=full", "training.learning_rate=1e-3")
-    name = "dpo" if lora else "full"
+    name, extra = LIVE_REFERENCES[case]
     live = steps(run(name, *extra))
     precomputed = steps(run(f"precomputed-{name}", *extra, "training.precompute_ref_logps=true"))
     assert (root / f"precomputed-{name}" / "reference_logps.pt").is_file()
@@ -130,12 +120,27 @@ def test_a_precomputed_reference_gives_the_same_steps_as_a_live_one(built, run, 
             assert precomputed[step][key] == pytest.approx(live[step][key], rel=1e-5, abs=1e-6), (step, key)
 
 
+def test_a_step_is_the_mean_over_its_pairs_whatever_the_accumulation(built, run):
+    # 4 pairs x 2 micro-batches and 8 pairs x 1 take the same data in the same order: the same updates. (The
+    # balance loss of a micro-batch is not a mean over its tokens, so it is off here, as in the SFT test.)
+    config, root = built
+    no_router_loss = ("moe.use_auxiliary_loss=false", "moe.freeze_router=true")
+    accumulated = steps(run("accumulated", *no_router_loss))
+    whole = steps(run("batch-8", *no_router_loss, "training.per_device_train_batch_size=8",
+                      "training.gradient_accumulation_steps=1"))
+    for step in accumulated:
+        for key in ("loss", "preference_loss", "rewards/margins", "grad_norm"):
+            assert whole[step][key] == pytest.approx(accumulated[step][key], rel=1e-5, abs=1e-7), (step, key)
+    a, b = (load_file(root / name / "adapter_model.safetensors") for name in ("accumulated", "batch-8"))
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
 def test_resume_with_a_precomputed_reference_is_exact(built, run):
     config, root = built
     whole = steps(run("precomputed-dpo", *MERGE, "training.precompute_ref_logps=true"))
-    run("halves", "training.precompute_ref_logps=true", "training.max_steps=2")
+    run("halves", *MERGE, "training.precompute_ref_logps=true", "training.max_steps=2")
     table = torch.load(root / "halves" / "reference_logps.pt")
-    resumed = steps(run("halves", "training.precompute_ref_logps=true", "training.resume_from_checkpoint=latest"))
+    resumed = steps(run("halves", *MERGE, "training.precompute_ref_logps=true", "training.resume_from_checkpoint=latest"))
     assert torch.equal(torch.load(root / "halves" / "reference_logps.pt")["train"], table["train"])  # read, not redone
     for step in (1, 2, 3, 4):
         assert resumed[step]["loss"] == pytest.approx(whole[step]["loss"], rel=1e-6)
@@ -144,7 +149,7 @@ def test_resume_with_a_precomputed_reference_is_exact(built, run):
 @pytest.mark.parametrize("objective", ["orpo", "kto"])
 def test_orpo_and_kto_train_and_log_their_figures(built, run, objective):
     config, root = built
-    logged = steps(run(objective, f"training.objective={objective}"))
+    logged = steps(run(objective, f"training.objective={objective}"))  # the KTO run is LIVE_REFERENCES["kto"]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in logged.values())
     assert logged[4]["loss"] < logged[1]["loss"]
     if objective == "orpo":  # the chosen completions' next-token loss plus lambda x the odds-ratio loss
@@ -182,3 +187,18 @@ def test_a_preference_objective_on_a_dataset_of_another_kind_exits_2(built, tmp_
                  "validation.validation_split=0"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and "moetune data" in err
+
+
+def test_eval_reports_the_preference_accuracy_training_measured(built, run):
+    # `moetune eval` scores the validation pairs with the adapter on and off: its accuracy and margin are the
+    # trainer's last evaluation's, computed by another path (whole records, the base as the reference).
+    config, root = built
+    last_eval = [r for r in run("dpo", *MERGE) if "eval_loss" in r][-1]
+    assert main(["eval", "--config", str(config), "--adapter-path", str(root / "dpo")]) == 0
+    report = json.loads((root / "dpo" / "eval" / "report.json").read_text())
+    preference = report["preference"]
+    assert preference["pairs"] == last_eval["eval_pairs"] == 12
+    assert preference["accuracy"] == pytest.approx(last_eval["eval_rewards/accuracies"], abs=1e-9)
+    assert preference["margin"] == pytest.approx(last_eval["eval_rewards/margins"], rel=1e-4, abs=1e-6)
+    assert set(preference["per_label"]) <= {"payments", "refunds"}
+    assert sum(g["pairs"] for g in preference["per_label"].values()) == 12

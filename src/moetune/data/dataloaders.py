@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -68,6 +69,10 @@ def build_train_eval_datasets(config: Config, tokenizer, cache_dir: str | Path |
     stats: dict[str, Any] = {"train_records": len(train_records), "eval_records": len(val_records), "mixture": mixture}
     datasets = []
     vocabulary = _supervised_labels(config, column_values(train_records, "label").tolist())
+    for table in (tables.train, tables.validation):
+        check_record_kinds(table, config.training.objective, config.data.output_path)
+    if config.training.objective != "sft":
+        return _preference_data(config, tokenizer, cache, (train_records, val_records), vocabulary, stats)
     for name, records in (("train", train_records), ("eval", val_records)):
         if not len(records):
             datasets.append(None)
@@ -96,16 +101,93 @@ def build_train_eval_datasets(config: Config, tokenizer, cache_dir: str | Path |
     return TrainingData(datasets[0], datasets[1], collator, packed, stats)
 
 
+def _preference_data(config: Config, tokenizer, cache: Path, splits, vocabulary, stats: dict[str, Any]) -> TrainingData:
+    """:func:`build_train_eval_datasets` for a preference objective: pairs (dpo, orpo) or labelled completions (kto),
+    padded (:mod:`moetune.data.preference_batches`)."""
+    from moetune.data.preference_batches import PairedCollator, PairedDataset, UnpairedCollator, UnpairedDataset
+    from moetune.data.preference_encode import encode_preferences, layout_of
+
+    layout = layout_of(config.training.objective)
+    if config.data.packing:
+        print(f"data.packing: training.objective {config.training.objective} pads its "
+              f"{'pairs' if layout == 'paired' else 'completions'} (one a row); they are not packed.", file=sys.stderr)
+    datasets: list[Dataset | None] = []
+    for name, records in zip(("train", "eval"), splits, strict=True):
+        if not len(records):
+            datasets.append(None)
+            continue
+        encoded = encode_preferences(records, tokenizer, config.model.max_seq_length, config.training.objective,
+                                     cache_dir=cache, max_target_length=config.data.max_target_length,
+                                     label_vocabulary=vocabulary if name == "train" else None, strict=config.data.strict,
+                                     num_proc=config.data.num_workers or os.cpu_count() or 1,
+                                     where=str(config.data.output_path))
+        figures = encoded.stats
+        stats[f"{name}_long_samples"] = figures["sides"]
+        stats[f"{name}_preference"] = {key: figures[key] for key in
+                                       ("pairs", "dropped_pairs", "completions", "dropped_completions", "prompt_differs")
+                                       if key in figures}
+        # Samples are sequences (a pair has two), rows what the loader yields (pairs, or completions).
+        stats[f"{name}_samples"] = 2 * len(encoded) if layout == "paired" else len(encoded)
+        if layout == "paired":
+            stats[f"{name}_pairs"] = len(encoded)
+        stats[f"{name}_rows"] = len(encoded)
+        stats[f"{name}_tokens"] = figures["tokens"]
+        datasets.append(PairedDataset(encoded) if layout == "paired" else
+                        UnpairedDataset(encoded, config.model.max_seq_length, config.training.seed))
+    if datasets[0] is None or not len(datasets[0]):
+        _raise_empty_train(config)
+    stats["sample_unit"] = "completions"  # what the long-sample counts count: each side of a record
+    pad_id = pad_token_id(tokenizer)
+    collator = PairedCollator(pad_id) if layout == "paired" else UnpairedCollator(pad_id)
+    return TrainingData(datasets[0], datasets[1], collator, False, stats)
+
+
+def check_record_kinds(table, objective: str, path: str | Path) -> None:
+    """A UserError when the built dataset's records do not fit ``objective``: preference records under sft, other
+    records under a preference objective. The lines are matched as text first (fast at any size); only the matching
+    ones are parsed, to name a record's kind."""
+    import json
+
+    import pyarrow.compute as pc
+
+    if not len(table):
+        return
+    lines = table.select_columns(["json"]).with_format("arrow")[:]["json"]
+    preference = pc.match_substring_regex(lines, r'"source":\s*"preference"').to_numpy(zero_copy_only=False)
+    wanted = objective != "sft"
+    suspects = np.flatnonzero(preference != wanted)
+    found = [json.loads(lines[int(i)].as_py()) for i in suspects[:1000]]
+    found = [record for record in found if (record.get("source") == "preference") != wanted]
+    if not found:
+        return
+    if wanted:
+        raise UserError(f"{path} holds {found[0].get('source', 'unknown')} records, and training.objective "
+                        f"{objective!r} learns from preference records only; rebuild it with `moetune data` from "
+                        "`type: preference` sources (or train with training.objective: sft).")
+    raise UserError(f"{path} holds preference records, which train with training.objective dpo, orpo or kto; "
+                    "training.objective is 'sft'. Rebuild it with `moetune data` from the config's sources, or set the "
+                    "objective.")
+
+
 def data_lines(stats: dict[str, Any]) -> list[str]:
     """What the figures of :class:`TrainingData` say beyond the sample counts: the records that were too long or not
-    renderable, and the weighted mixture; one line each, none when there is nothing to say."""
+    renderable, the preference pairs dropped, and the weighted mixture; one line each, none when there is nothing to say."""
     said = {"truncated": "truncated to fit", "split": "split into windows", "dropped": "dropped (too long)",
             "bad": "skipped (the chat template cannot render them)"}
+    unit = stats.get("sample_unit", "records")
     lines = []
     for name in ("train", "eval"):
         handled = {k: n for k, n in stats.get(f"{name}_long_samples", {}).items() if n}
         if handled:
-            lines.append(f"{name}: " + ", ".join(f"{n:,} records {said[k]}" for k, n in handled.items()))
+            lines.append(f"{name}: " + ", ".join(f"{n:,} {unit} {said[k]}" for k, n in handled.items()))
+        preference = stats.get(f"{name}_preference", {})
+        if preference.get("dropped_pairs"):
+            lines.append(f"{name}: {preference['dropped_pairs']:,} of {preference['pairs'] + preference['dropped_pairs']:,} "
+                         "pairs dropped (a side was dropped: its prompt alone does not fit model.max_seq_length, or the "
+                         "chat template cannot render it)")
+        if preference.get("prompt_differs"):
+            lines.append(f"{name}: {preference['prompt_differs']:,} pairs whose sides tokenize their shared prompt "
+                         "differently (the tokenizer merged its end with a completion's start); kept")
     for part in stats.get("mixture", []):
         lines.append(f"mixture: {part['source']} weight {part['weight']:g}: {part['samples']:,} samples per epoch "
                      f"from {part['records']:,} records")

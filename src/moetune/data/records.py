@@ -10,6 +10,10 @@ the kind's module in :mod:`moetune.data.sources` lists. The shapes:
   the tokenizer's chat template when it is tokenized; the loss is on the messages whose ``train`` is true.
   Optional ``tools`` (JSON schemas) and ``train_reasoning``. A record may also carry ``prompt`` +
   ``completion``, used when the tokenizer has no chat template (instructions).
+- preference (``source: preference``, :mod:`moetune.data.sources.preference`): ``prompt`` + ``chosen`` +
+  ``rejected`` (``kind: pair``) or ``prompt`` + ``completion`` + ``desirable`` (``kind: unpaired``), each part a
+  string or a list of messages. Such a record is never one sample: it becomes one per side
+  (:mod:`moetune.data.preference_sides`), and only a preference objective trains on it.
 
 How each shape becomes tokens and labels is :mod:`moetune.data.rendering`. With ``weight`` on the sources,
 every record also carries ``entry``, the index of its source in ``data.sources`` (:mod:`moetune.data.mixing`).
@@ -32,18 +36,35 @@ from moetune.errors import UserError
 # 3.38 at 32,000. A chunk that still comes out too long is cut into windows when it is tokenized.
 DEFAULT_CHARS_PER_TOKEN = 3.0
 
+PREFERENCE_PARTS = ("prompt", "chosen", "rejected")
+"""The content fields of a preference pair (an unpaired one has ``prompt`` and ``completion``)."""
+
 
 def sample_chars(record: dict[str, Any]) -> int:
-    """Characters of model input in a record (text, prompt plus completion, or a conversation's contents)."""
+    """Characters of model input in a record (text, prompt plus completion, a conversation's contents, or a
+    preference record's prompt and completions)."""
     if "messages" in record:
-        return sum(len(m.get("content") or "") + len(m.get("reasoning_content") or "") for m in record["messages"])
+        return _messages_chars(record["messages"])
     if "text" in record:
         return len(record["text"])
-    return len(record["prompt"]) + len(record["completion"])
+    return sum(len(part) if isinstance(part, str) else _messages_chars(part)
+               for part in (record[name] for name in PREFERENCE_PARTS + ("completion",) if name in record))
+
+
+def _messages_chars(messages: list[dict]) -> int:
+    return sum(len(m.get("content") or "") + len(m.get("reasoning_content") or "") for m in messages)
+
+
+def is_preference(record: dict[str, Any]) -> bool:
+    """Whether a dataset record is a preference record (a pair, or an unpaired completion with its label)."""
+    return "chosen" in record or "desirable" in record
 
 
 def record_text(record: dict[str, Any]) -> str:
     """All the text a record holds, in reading order: what a tokenizer trained on the data learns from."""
+    if is_preference(record):
+        parts = [record[name] for name in PREFERENCE_PARTS + ("completion",) if name in record]
+        return "\n".join(part if isinstance(part, str) else record_text({"messages": part}) for part in parts)
     if "messages" in record:
         # Tool schemas and calls are rendered as JSON: a tokenizer that never saw them spends a token per character.
         calls = [json.dumps(m["tool_calls"], ensure_ascii=False) for m in record["messages"] if m.get("tool_calls")]
@@ -62,7 +83,10 @@ def estimate_tokens(chars: int, chars_per_token: float = DEFAULT_CHARS_PER_TOKEN
 
 def content_digest(record: dict[str, Any]) -> bytes:
     """16-byte hash of what the model sees; two records with equal digests are exact duplicates."""
-    if "messages" in record:
+    if is_preference(record):
+        parts = [record.get(name) for name in (*PREFERENCE_PARTS, "completion", "desirable", "tools")]
+        content = json.dumps(parts, ensure_ascii=False, sort_keys=True)
+    elif "messages" in record:
         content = json.dumps([record["messages"], record.get("tools")], ensure_ascii=False, sort_keys=True)
     elif "text" in record:
         content = record["text"]
@@ -106,11 +130,19 @@ def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
 
 
 def check_record(record: Any, where: str) -> None:
-    """A dataset line is an object with a string ``text``, string ``prompt`` and ``completion``, or a list of
-    ``messages`` (objects with a string ``role``)."""
+    """A dataset line is an object with a string ``text``, string ``prompt`` and ``completion``, a list of
+    ``messages`` (objects with a string ``role``), or a preference record's parts (strings or lists)."""
     expected = "a dataset line needs `text` (a string), `prompt` + `completion` (strings) or `messages` (a list)"
     if not isinstance(record, dict):
         raise UserError(f"{where}: {expected}; got a JSON {_json_type(record)}.")
+    if is_preference(record):
+        names = PREFERENCE_PARTS if "chosen" in record else ("prompt", "completion")
+        for name in names:
+            if not isinstance(record.get(name), (str, list)):
+                found = "missing" if name not in record else f"a JSON {_json_type(record[name])}"
+                raise UserError(f"{where}: a preference record needs {', '.join(f'`{n}`' for n in names)} (strings or "
+                                f"lists of messages); `{name}` is {found}; rebuild it with `moetune data`.")
+        return
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):

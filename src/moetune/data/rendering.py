@@ -8,7 +8,11 @@ This is the one place that knows the record shapes of :mod:`moetune.data.records
 - ``messages``: rendered by the tokenizer's chat template (:mod:`moetune.data.chat_render`); the messages
   whose ``train`` is true are trained, each with its end-of-turn token. The template places its own special
   tokens. A record that also holds ``prompt`` + ``completion`` (an instruction) falls back to them when
-  the tokenizer has no template; one that does not is an error naming ``data.chat_template``.
+  the tokenizer has no template; one that does not is an error naming ``data.chat_template``. With
+  ``truncate_completion`` (a preference side) a too-long conversation is cut anywhere after its untrained
+  opening, as a prompt/completion record is, rather than at a turn's end.
+
+A preference record is never rendered whole: each of its sides is (:mod:`moetune.data.preference_sides`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Any
 
 from moetune.data.chat_render import ChatRenderer, chat_renderer
 from moetune.data.chat_templates import chat_template_of, require_chat_template
+from moetune.data.records import is_preference
+from moetune.errors import UserError
 
 
 @dataclass
@@ -45,11 +51,17 @@ def renderer_of(tokenizer) -> ChatRenderer | None:
 
 def render_record(record: dict[str, Any], renderer: ChatRenderer | None) -> Rendered:
     """The :class:`Rendered` form of a dataset record. Raises :class:`moetune.data.chat_render.ConversationError`
-    for a conversation the template cannot render, and UserError for one met with no template."""
+    for a conversation the template cannot render, and UserError for one met with no template or a preference record."""
+    if is_preference(record):
+        raise UserError(f"{record_location(record)}: a preference record is not one sample; it trains with "
+                        "training.objective dpo, orpo or kto, which encode each of its sides.")
     if "messages" in record and (renderer is not None or "prompt" not in record):
         if renderer is None:
             require_chat_template(None, f"{record_location(record)}: a conversation")
         rendered = renderer.render(record["messages"], record.get("tools"), bool(record.get("train_reasoning")))
+        if record.get("truncate_completion") and rendered.trained:
+            keep = rendered.trained[0][0]
+            return Rendered(rendered.text, rendered.trained, None, keep=keep, bos=False, eos=False)
         return Rendered(rendered.text, rendered.trained, rendered.turn_ends, bos=False, eos=False)
     if "text" in record:
         return Rendered(record["text"], [(0, len(record["text"]))])

@@ -55,6 +55,13 @@ def data_files(path: str | Path) -> list[Path]:
     return files
 
 
+def source_files(path: str | Path) -> list[Path]:
+    """The files a source entry reads: the data files under the folder ``path``, or ``path`` itself when it is
+    not a folder (its reader then says what is wrong with it)."""
+    path = Path(path)
+    return data_files(path) if path.is_dir() else [path]
+
+
 def read_rows(path: Path, columns: Sequence[str] = (), cache_dir: str | Path | None = None) -> Iterator[Row]:
     """The rows of one data file, in order. ``columns``: names a tabular file must have (MissingColumn otherwise;
     JSON rows are checked row by row by their reader)."""

@@ -95,14 +95,24 @@ def measure_on_meta(model: nn.Module, batch: int, seq_len: int, *, autocast_dtyp
                     num_experts: int = 1, masked_sdpa: bool = False) -> Activations:
     """One training forward of ``model`` on meta tensors, (``batch``, ``seq_len``) token ids, with the
     bytes autograd saves attributed to the decoder layer that saved them."""
+    with SavedBytes(model) as saved:
+        forward_on_meta(model, batch, seq_len, autocast_dtype=autocast_dtype, num_experts=num_experts,
+                        masked_sdpa=masked_sdpa)
+    return saved.activations()
+
+
+def forward_on_meta(model: nn.Module, batch: int, seq_len: int, *, autocast_dtype: torch.dtype | None = None,
+                    num_experts: int = 1, masked_sdpa: bool = False, observer: TorchFunctionMode | None = None) -> None:
+    """One training forward of ``model`` on meta tensors, (``batch``, ``seq_len``) token ids, the GPU kernels
+    stood in for as the module doc says. ``observer``: a mode that sees every torch function the model calls
+    before the stand-ins replace any (the caller's hooks and modes observe the rest)."""
     inputs = {"input_ids": torch.zeros(batch, seq_len, dtype=torch.long, device="meta"), "use_cache": False}
     if "logits_to_keep" in inspect.signature(_innermost(model).forward).parameters:
         inputs["logits_to_keep"] = 1  # the chunked LM loss takes the hidden states (its memory: moetune.plan.loss)
-    with (SavedBytes(model) as saved, _MetaKernels(autocast_dtype, 1 / num_experts, masked_sdpa), torch.enable_grad(),
-          mock.patch.object(torch, "autocast", _autocast_off_on_meta)):
+    with (_MetaKernels(autocast_dtype, 1 / num_experts, masked_sdpa), observer or contextlib.nullcontext(),
+          torch.enable_grad(), mock.patch.object(torch, "autocast", _autocast_off_on_meta)):
         model.train()
         model(**inputs)
-    return saved.activations()
 
 
 _AUTOCAST = torch.autocast
@@ -122,6 +132,10 @@ class SavedBytes:
         self.layers = decoder_layers(model)
         self.params = {p.untyped_storage()._cdata for p in model.parameters()}
         self.seen: set[int] = set()
+        # Every saved tensor stays referenced until the pass ends, so a storage freed mid-forward (a branch whose
+        # result is dropped) cannot hand its address to a later one, which would then pass as seen. On the meta
+        # device this holds no memory.
+        self.alive: list[torch.Tensor] = []
         self.outside = 0
         self.per_layer = [0] * len(self.layers)
         self.inputs = [0] * len(self.layers)
@@ -156,6 +170,7 @@ class SavedBytes:
         self.current = None
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.alive.append(tensor)
         storage = tensor.untyped_storage()
         key = storage._cdata
         if key not in self.params and key not in self.seen:

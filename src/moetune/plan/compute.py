@@ -3,36 +3,50 @@
 Per token, every weight a token goes through costs 2 FLOPs per parameter forward and 2 for the gradient
 of its input in backward: 4N for frozen weights; a weight that trains costs 2 more for its own gradient:
 6N (the counts of PaLM's MFU, Chowdhery et al. 2022, appendix B, with the frozen part of a LoRA run at
-4N). Routed experts count the top_k / num_experts share a token uses; the input embedding is a lookup
-and counts nothing. Attention adds its scores and weighted values: 2 x heads x tokens x (qk dim + v
-dim) forward per token and layer, three times that with backward (12 x heads x head_dim x tokens for
-equal dims), over every key of the row (what the kernels and torch's FlopCounterMode count, a causal
-mask's skipped half included; sliding windows too). LoRA factors train (6N); PEFT's LoRA on fused expert
-weights folds ``W + B A`` into the weight once per micro-batch (its FLOPs are per micro-batch) and the
-folded weight then gets a gradient like a trained one. The input-gradient FLOPs assume what a run with
-gradient checkpointing does (PEFT then makes the embeddings' output require grad): every layer's.
+4N). Routed experts count the top_k / num_experts share a token uses (all of them where the family
+multiplies every token by every expert, Llama 4); the input embedding is a lookup and counts nothing.
+LoRA factors train (6N); PEFT's LoRA on fused expert weights folds ``W + B A`` into the weight once per
+micro-batch (its FLOPs are per micro-batch) and the folded weight then gets a gradient like a trained
+one. The input-gradient FLOPs assume what a run with gradient checkpointing does (PEFT then makes the
+embeddings' output require grad): every layer's.
+
+Token mixing adds the products taken between activations, not weights: attention's scores and weighted
+values (2 x heads x tokens x (qk dim + v dim) forward per token and layer, over every key of the row, as
+the kernels and torch's FlopCounterMode count them, a causal mask's skipped half and sliding windows
+included), linear attention's chunked products (Gated DeltaNet, Kimi Delta Attention) and an SSM's scan
+(Mamba-2). They are measured, not modelled: one forward of the planned model on meta tensors
+(:func:`moetune.plan.activations.forward_on_meta`) counts every such product in the decoder layers outside
+the routed experts, 2 FLOPs per multiply-add, and backward adds the same again for each of its inputs that
+needs a gradient.
 
 Gradient checkpointing recomputes the forward (2N more) on the hardware, which MFU, by its definition,
 does not count: steps per hour at an MFU come from model FLOPs. A preference objective's extra forward
 passes without gradients (DPO's and KTO's reference on every row unless precomputed, KTO's policy and
 reference on its KL rows) are work the step cannot skip: each adds the forward's 2 FLOPs per weight a token
-uses plus the attention's forward third, counted in ``reference_per_token``.
+uses plus the token mixing's forward, counted in ``reference_per_token``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from moetune.models.layout import is_expert_parameter
+from moetune.models.layout import EXPERTS_NAME, find_moe_blocks, is_expert_parameter
+from moetune.plan.activations import forward_on_meta
+from moetune.plan.memory import decoder_layers
 
 HOUR = 3600
 
 
 @dataclass(frozen=True)
 class Flops:
-    """Model FLOPs: ``per_token`` (weights and attention at the planned row length) and ``per_micro_batch``
+    """Model FLOPs: ``per_token`` (weights, and token mixing: attention, linear attention, SSM scans, at the
+    planned row length) and ``per_micro_batch``
     (expert LoRA's weight folds)."""
 
     weights_per_token: float
@@ -49,10 +63,12 @@ class Flops:
         return self.per_token * tokens + self.per_micro_batch * micro_batches
 
 
-def model_flops(model: nn.Module, hf_config, seq_len: int, routed_share: float, extra_forwards: float = 0.0) -> Flops:
-    """FLOPs of ``model`` (the planned model, training plan applied) per token of rows ``seq_len`` long.
-    ``routed_share``: top_k / num_experts. ``extra_forwards``: forward passes without gradients per trained
-    forward (a preference objective's reference)."""
+def model_flops(model: nn.Module, family, seq_len: int, routed_share: float, extra_forwards: float = 0.0) -> Flops:
+    """FLOPs of ``model`` (the planned model on the meta device, training plan applied; ``family`` its
+    FamilySpec) per token of rows ``seq_len`` long. ``routed_share``: the share of each MoE block's routed
+    experts a token's compute goes through (:attr:`moetune.plan.model.PlannedModel.routed_share`).
+    ``extra_forwards``: forward passes without gradients per trained forward (a preference objective's
+    reference)."""
     from moetune.models.layout import innermost_model
 
     inner = innermost_model(model)
@@ -69,25 +85,123 @@ def model_flops(model: nn.Module, hf_config, seq_len: int, routed_share: float, 
         trains = param.requires_grad or id(param) in folded or _selected_experts_train(model, name)
         weights += (6 if trains else 4) * param.numel() * share
         forward += 2 * param.numel() * share
-    attention = attention_flops(hf_config, seq_len)
-    return Flops(weights_per_token=weights, attention_per_token=attention, per_micro_batch=fold_flops,
-                 reference_per_token=extra_forwards * (forward + attention / 3))
+    mixing, mixing_forward = token_mixing_flops(model, family, seq_len)
+    return Flops(weights_per_token=weights, attention_per_token=mixing, per_micro_batch=fold_flops,
+                 reference_per_token=extra_forwards * (forward + mixing_forward))
 
 
-def attention_flops(hf_config, seq_len: int) -> float:
-    """Attention scores and weighted values per token, forward and backward, every layer with attention."""
-    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_heads", 0)
-    hidden = getattr(text, "hidden_size", None) or getattr(text, "d_model", 0)
-    head_dim = getattr(text, "head_dim", None) or (hidden // heads if heads else 0)
-    qk_dim = getattr(text, "qk_head_dim", None) or (
-        text.qk_nope_head_dim + text.qk_rope_head_dim if getattr(text, "qk_rope_head_dim", None) else head_dim)
-    v_dim = getattr(text, "v_head_dim", None) or head_dim
-    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layers", 0)
-    layer_types = getattr(text, "layer_types", None)
-    if layer_types:  # hybrids: linear-attention / SSM layers have no (T x T) scores
-        layers = sum(1 for kind in layer_types if "attention" in kind and "linear" not in kind)
-    return 3 * 2 * heads * seq_len * (qk_dim + v_dim) * layers
+def token_mixing_flops(model: nn.Module, family, seq_len: int) -> tuple[float, float]:
+    """FLOPs per token of the products the decoder layers take between activations (attention, linear
+    attention, SSM scans), measured on a meta forward of one row of ``seq_len`` tokens: forward and backward,
+    and the forward alone."""
+    products = _ActivationProducts(model, family)
+    with products.watching():
+        forward_on_meta(model, 1, seq_len, observer=products)
+    return products.flops / seq_len, products.forward_flops / seq_len
+
+
+# The products torch's FlopCounterMode counts (matmul, mm, bmm, addmm, baddbmm, einsum, linear, sdpa), as the
+# model code calls them.
+_MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.mm,
+            torch.Tensor.mm, torch.bmm, torch.Tensor.bmm}
+_ADD_MATMULS = {torch.addmm, torch.Tensor.addmm, torch.baddbmm, torch.Tensor.baddbmm}
+
+
+class _ActivationProducts(TorchFunctionMode):
+    """Within :meth:`watching`: the FLOPs (forward and backward) of every product between activations taken in
+    a decoder layer outside its routed experts (whose weights ESFT rebuilds from parameters); a product with a
+    parameter (a view of one included) is a weight's, which :func:`model_flops` counts per parameter."""
+
+    def __init__(self, model: nn.Module, family):
+        super().__init__()
+        self.model = model
+        self.params = {p.untyped_storage()._cdata for p in model.parameters()}
+        self.layers = decoder_layers(model)
+        self.experts = [getattr(block.module, EXPERTS_NAME) for block in find_moe_blocks(model, family.router_name)]
+        self.depth = {"layer": 0, "experts": 0}
+        self.flops = 0.0
+        self.forward_flops = 0.0
+
+    def watching(self):
+        import contextlib
+
+        from moetune.models.layout import innermost_model
+
+        stack = contextlib.ExitStack()
+        for kind, modules in (("layer", self.layers), ("experts", self.experts)):
+            for module in modules:
+                stack.callback(module.register_forward_pre_hook(self._enter(kind)).remove)
+                stack.callback(module.register_forward_hook(self._leave(kind)).remove)
+        # A run with gradient checkpointing computes every layer's input gradient (see the module doc).
+        embeddings = innermost_model(self.model).get_input_embeddings()
+        stack.callback(embeddings.register_forward_hook(
+            lambda module, args, out: out if out.requires_grad else out.detach().requires_grad_()).remove)
+        return stack
+
+    def _enter(self, kind: str):
+        def hook(module, args):
+            self.depth[kind] += 1
+        return hook
+
+    def _leave(self, kind: str):
+        def hook(module, args, output):
+            self.depth[kind] -= 1
+        return hook
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if self.depth["layer"] and not self.depth["experts"]:
+            forward, total = self._product_flops(func, args, kwargs, result)
+            self.forward_flops += forward
+            self.flops += total
+        return result
+
+    def _product_flops(self, func, args, kwargs, result) -> tuple[float, float]:
+        """(forward, forward and backward) FLOPs of one call; nothing for a call that is no such product."""
+        if func is F.scaled_dot_product_attention:
+            query, key, value = args[:3]
+            scores = 2 * query.shape[:-1].numel() * key.shape[-2]
+            keys_need_grad = query.requires_grad or key.requires_grad
+            forward = scores * (query.shape[-1] + value.shape[-1])
+            return forward, (scores * query.shape[-1] * (1 + query.requires_grad + key.requires_grad)
+                             + scores * value.shape[-1] * (1 + keys_need_grad + value.requires_grad))
+        if func in _MATMULS:
+            return self._product(args[0], args[1], 2 * result.numel() * args[0].shape[-1])
+        if func in _ADD_MATMULS:
+            return self._product(args[1], args[2], 2 * result.numel() * args[1].shape[-1])
+        if func is F.linear:
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            return self._product(args[0], weight, 2 * result.numel() * weight.shape[-1])
+        if func is torch.einsum:
+            equation, *operands = args
+            operands = operands[0] if len(operands) == 1 and isinstance(operands[0], (list, tuple)) else operands
+            if len(operands) == 2:
+                return self._product(*operands, 2 * _einsum_multiply_adds(equation, operands))
+        return 0.0, 0.0
+
+    def _product(self, left, right, forward: float) -> tuple[float, float]:
+        tensors = [t for t in (left, right) if isinstance(t, torch.Tensor)]
+        if any(t.untyped_storage()._cdata in self.params for t in tensors):
+            return 0.0, 0.0
+        return forward, forward * (1 + sum(t.requires_grad for t in tensors))
+
+
+def _einsum_multiply_adds(equation: str, operands) -> int:
+    """Multiply-adds of a two-operand einsum: the product of the sizes of every index it names."""
+    inputs = equation.replace(" ", "").split("->")[0].split(",")
+    sizes = {}
+    for letters, operand in zip(inputs, operands, strict=True):
+        if "..." in letters:
+            before, after = letters.split("...")
+            batch = operand.dim() - len(before) - len(after)
+            sizes.update({f"...{i}": operand.shape[len(before) + i] for i in range(batch)})
+            letters = before + after
+            shape = operand.shape[:len(before)] + operand.shape[operand.dim() - len(after):]
+        else:
+            shape = operand.shape
+        sizes.update(zip(letters, shape, strict=True))
+    return math.prod(sizes.values())
 
 
 def steps_per_hour(flops: Flops, *, tokens_per_step: int, micro_batches_per_step: int, gpus: int,

@@ -48,6 +48,15 @@ class PlannedModel:
     """``id(parameter)`` -> bits, for the Linear weights bitsandbytes stores in 4 or 8 bits (on the meta
     device they keep their full shape; :mod:`moetune.plan.memory` sizes them as bitsandbytes stores them)."""
 
+    @property
+    def routed_share(self) -> float:
+        """The share of each MoE block's routed experts one token's compute goes through: top_k / num_experts,
+        or all of them where the family multiplies every token by every expert (Llama 4)."""
+        blocks = self.counts.blocks
+        if not blocks or self.family.experts_take_every_token:
+            return 1.0
+        return blocks[0].top_k / blocks[0].num_experts
+
 
 def plan_family(model_section, hf_config: PreTrainedConfig | None = None) -> FamilySpec:
     """``model.architecture``'s family, else the family of the config.json's model_type."""
@@ -87,7 +96,7 @@ def _build_base(family: FamilySpec, config, hf_config, dtype, attn) -> tuple[nn.
     check_not_quantised_twice(config.model, family, hf_config)
     hf_config, traits = (family.shape or pretrained_shape)(family, config, hf_config)
     kwargs = {"attn_implementation": attn}
-    if family.fused_experts:
+    if family.fused_experts and not family.experts_take_every_token:
         kwargs["experts_implementation"] = META_EXPERTS_KERNEL
     return build_on_meta(hf_config, config.model.trust_remote_code, dtype, **kwargs), traits
 

@@ -83,8 +83,8 @@ def format_plan(plan: Plan) -> str:
     lines.append("Compute")
     reference = f"; reference forwards {f.reference_per_token / 1e9:,.1f}" if f.reference_per_token else ""
     lines.append(f"  model FLOPs per token      {f.per_token / 1e9:,.1f} GFLOP (weights {f.weights_per_token / 1e9:,.1f}: "
-                 f"4 per frozen and 6 per trained parameter a token uses; attention {f.attention_per_token / 1e9:,.1f}"
-                 f"{reference})")
+                 f"4 per frozen and 6 per trained parameter a token uses; token mixing (attention, linear "
+                 f"attention, SSM scans) {f.attention_per_token / 1e9:,.1f}{reference})")
     per_hour = plan.steps_per_hour()
     if per_hour is not None:
         lines.append(f"  at {plan.mfu:.0%} MFU ({plan.mfu_source}): {per_hour:,.0f} optimizer steps/hour, "

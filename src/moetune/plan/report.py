@@ -133,7 +133,6 @@ def _plan(config, planned: PlannedModel, launch: Launch, gpu: Gpu | None, mfu: f
                        lm_head_trains=head is not None and any(p.requires_grad for p in planned.model.parameters()
                                                                if p is head.weight),
                        softcap=getattr(text, "final_logit_softcapping", None) is not None)
-    share = blocks[0].top_k / blocks[0].num_experts if blocks else 1.0
     measured = mfu is not None
     rows, extra_forwards, reference = preference_costs(t, planned.model, states.weights)
     return Plan(
@@ -141,7 +140,7 @@ def _plan(config, planned: PlannedModel, launch: Launch, gpu: Gpu | None, mfu: f
         counts=planned.counts, launch=launch, gpu=gpu, states=states, activations=activations, loss=loss,
         buckets=_deepspeed_buckets(launch, planned, text, compute_bytes), checkpointing=t.gradient_checkpointing,
         batch=t.per_device_train_batch_size, seq_len=seq_len, accumulation=t.gradient_accumulation_steps,
-        flops=model_flops(planned.model, planned.hf_config, seq_len, share, extra_forwards),
+        flops=model_flops(planned.model, planned.family, seq_len, planned.routed_share, extra_forwards),
         mfu=mfu if measured else DEFAULT_MFU,
         mfu_source="given with --mfu" if measured else "assumed; scripts/gpu_check.py measures it on a GPU",
         rows_per_sample=rows, reference=reference)

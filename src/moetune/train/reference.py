@@ -85,7 +85,8 @@ def make_references(config, model, copied: torch.nn.Module | None, accelerator, 
     if t.objective not in REFERENCE_OBJECTIVES:
         return None, None
     if not t.precompute_ref_logps:
-        reference = FrozenCopy(accelerator.prepare_model(copied, evaluation_mode=True)) if copied is not None else AdapterOff()
+        # Not through accelerator.prepare: a prepared model is saved into every checkpoint, and the copy never changes.
+        reference = FrozenCopy(copied.to(accelerator.device), accelerator.autocast) if copied is not None else AdapterOff()
         return reference, reference
     path = Path(t.output_dir) / REFERENCE_LOGPS_FILE
     loaders = {"train": train_loader, "eval": val_loader}

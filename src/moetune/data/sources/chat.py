@@ -143,10 +143,9 @@ def describe_empty(stats: dict) -> str:
 
 def input_files(source: ChatSourceConfig) -> list[Path]:
     """The data files the entry reads (the path itself when it is not a folder)."""
-    from moetune.data.tabular import data_files
+    from moetune.data.tabular import source_files
 
-    path = Path(source.path)
-    return data_files(path) if path.is_dir() else [path]
+    return source_files(source.path)
 
 
 def split_unit(record: dict) -> str:

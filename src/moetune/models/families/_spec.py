@@ -115,7 +115,12 @@ class FamilySpec:
     """Parameter (fused layout) or Linear (per-expert layout) names under ``<block>.experts``: what
     ``moe.expert_training`` trains (LoRA goes on the 3-D weights among them, full takes them all)."""
     fused_experts: bool = True
-    """Experts are fused 3-D parameters (transformers' ``experts_implementation`` applies)."""
+    """Experts are fused 3-D parameters (transformers' ``experts_implementation`` applies, unless
+    :attr:`experts_take_every_token`)."""
+    experts_take_every_token: bool = False
+    """Every token is multiplied by every routed expert, weighted by zero where the router did not choose
+    it, in one computation that takes no ``experts_implementation`` (Llama 4's ``bmm``): a token's compute
+    goes through all the experts (``moetune plan``), and transformers' experts kernels do not apply."""
     shared_experts: tuple[str, ...] = ()
     """Children of the MoE block, or of the layer that holds it, that every token goes through (shared
     expert and its gate): frozen with the routed experts unless ``moe.train_shared_experts``."""
@@ -147,6 +152,10 @@ class FamilySpec:
     makes from a checkpoint whose config is ``hf_config`` (MPT: upcycled), and its Traits, with the checks
     ``build`` makes before reading a weight; validation builds that model on the meta device. A family
     with a build of its own gives it; None: the checkpoint's model as is (``load.pretrained.pretrained_shape``)."""
+    config_fixes: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    """``config_fixes(config_dict) -> config_dict``: the family's published config.json values that the
+    installed transformers' strict config classes refuse, made valid (with the meaning the modeling code
+    gives them) before the config is built; None: config.json is read as is."""
     pretrained_kwargs: Callable[..., dict[str, Any]] | None = None
     """``pretrained_kwargs(hf_config) -> dict``: extra ``from_pretrained`` arguments (MXFP4)."""
     tap_routers: Callable[..., Callable[[], None]] | None = None

@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from huggingface_hub.errors import StrictDataclassError
-from transformers import PreTrainedConfig
+from transformers import AutoConfig, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from moetune.errors import ConfigError
@@ -72,6 +73,23 @@ def build_random_init_config(model_type: str, overrides: Mapping[str, Any], voca
     except INVALID_VALUE as err:
         raise ConfigError("model.config_overrides", f"model.config_overrides is not a valid {config_class.__name__}: "
                           f"{_one_line(err)}") from None
+
+
+def config_values(name: str | Path) -> dict[str, Any]:
+    """The values of ``name``'s config.json (a folder, the file, a hub id in the cache), as written: no config
+    class has checked them yet."""
+    return PreTrainedConfig.get_config_dict(str(name))[0]
+
+
+def read_hf_config(name: str | Path, trust_remote_code: bool = False,
+                   fixes: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> PreTrainedConfig:
+    """``AutoConfig.from_pretrained(name)`` (a folder, a config.json, a hub id); ``fixes``: its family's
+    :attr:`~moetune.models.families._spec.FamilySpec.config_fixes`, applied to the config.json values first
+    (Llama 4's published ``attn_temperature_tuning: 4``, which transformers 5.x's strict config refuses)."""
+    if fixes is None:
+        return AutoConfig.from_pretrained(str(name), trust_remote_code=trust_remote_code)
+    values = config_values(name)
+    return CONFIG_MAPPING[values["model_type"]].from_dict(fixes(values))
 
 
 def apply_overrides(config: PreTrainedConfig, overrides: Mapping[str, Any]) -> PreTrainedConfig:

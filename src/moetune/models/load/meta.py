@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, PreTrainedConfig
+from transformers import PreTrainedConfig
 
 from moetune.errors import UserError, first_line
+from moetune.models.families import family_for_model_type
 from moetune.models.families._spec import FamilySpec
-from moetune.models.load.hf_config import apply_overrides, build_random_init_config
+from moetune.models.load.hf_config import apply_overrides, build_random_init_config, config_values, read_hf_config
 from moetune.models.load.pretrained import model_from_config
 
 
@@ -29,7 +30,7 @@ def local_model_config(model_section, family: FamilySpec) -> PreTrainedConfig | 
     if not (folder / "config.json").is_file():
         return None
     try:
-        hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=model_section.trust_remote_code)
+        hf_config = read_hf_config(folder, model_section.trust_remote_code, family.config_fixes)
     except (OSError, ValueError) as err:
         raise UserError(f"{folder / 'config.json'} could not be read as a model config ({first_line(err)}).") from None
     return apply_overrides(hf_config, model_section.config_overrides)
@@ -60,7 +61,7 @@ def offline_model_config(model_section, family: FamilySpec | None,
         if not path.is_file():
             raise UserError(f"--model-config {model_config}: no such file (give the model's config.json, or the folder "
                             "that holds it).")
-        return _read_config(path, model_section)
+        return _read_config(path, model_section, family)
     if model_section.random_init:
         return local_model_config(model_section, family)
     local = Path(model_section.name) / "config.json"
@@ -70,7 +71,7 @@ def offline_model_config(model_section, family: FamilySpec | None,
                         "and not in the Hugging Face cache, and nothing is downloaded here. Download it "
                         f"(`hf download {model_section.name} config.json`), or pass --model-config with the model's "
                         "config.json from its hub page.")
-    return _read_config(found, model_section)
+    return _read_config(found, model_section, family)
 
 
 def build_on_meta(hf_config: PreTrainedConfig, trust_remote_code: bool = False, dtype: torch.dtype | None = None,
@@ -84,9 +85,10 @@ def build_on_meta(hf_config: PreTrainedConfig, trust_remote_code: bool = False, 
         return model_from_config(hf_config, trust_remote_code=trust_remote_code, **kwargs)
 
 
-def _read_config(path: Path, model_section) -> PreTrainedConfig:
+def _read_config(path: Path, model_section, family: FamilySpec | None) -> PreTrainedConfig:
     try:
-        hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=model_section.trust_remote_code)
+        family = family or family_for_model_type(config_values(path).get("model_type", ""))
+        hf_config = read_hf_config(path, model_section.trust_remote_code, family and family.config_fixes)
     except (OSError, ValueError) as err:
         raise UserError(f"{path} could not be read as a model config ({first_line(err)}).") from None
     return apply_overrides(hf_config, model_section.config_overrides)

@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
+from transformers import AutoModelForCausalLM, PreTrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from moetune.config.schema import deepspeed_backend_message
 from moetune.errors import ConfigError, UserError, first_line
 from moetune.models.families._spec import FamilySpec, Traits
 from moetune.models.load.dtypes import resolve_dtype
-from moetune.models.load.hf_config import apply_overrides, build_random_init_config
+from moetune.models.load.hf_config import apply_overrides, build_random_init_config, config_values, read_hf_config
 from moetune.models.load.kernels import fastest_experts_implementation, log_kernels, resolve_attn_implementation
 from moetune.models.load.loading_info import check_loading_info
 from moetune.models.load.quant import prepare_quantized_for_training, quantization_config, wants_quantization
@@ -39,7 +39,7 @@ def read_model_type(name: str, trust_remote_code: bool = False) -> str:
         except (json.JSONDecodeError, KeyError) as err:
             raise UserError(f"{local} has no readable model_type ({err}).") from None
     try:
-        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).model_type
+        return config_values(name)["model_type"]
     except (OSError, ValueError) as err:
         raise UserError(f"model.name {name!r} is neither a folder with a config.json nor a reachable hub model "
                         f"({first_line(err)}). Set model.architecture, or fix the path.") from None
@@ -76,10 +76,10 @@ def load_base_model(config, family: FamilySpec, tokenizer=None, *, seed: int,
     attn = resolve_attn_implementation(spec.attn_implementation, family.attention_kernels)
     kwargs: dict[str, Any] = {"attn_implementation": attn}
     experts = spec.experts_implementation or fastest_experts_implementation()
-    if family.fused_experts and experts:
+    if family.fused_experts and not family.experts_take_every_token and experts:
         kwargs["experts_implementation"] = experts
     elif spec.experts_implementation:
-        logger.info("model.experts_implementation=%s does not apply: %s experts are separate modules",
+        logger.info("model.experts_implementation=%s does not apply: %s experts take no kernel choice",
                     spec.experts_implementation, family.name)
     if spec.random_init:
         hf_config = build_random_init_config(family.random_init_model_type, spec.config_overrides,
@@ -103,7 +103,7 @@ def read_model_config(spec, family: FamilySpec) -> PreTrainedConfig:
     """The Hugging Face config of ``model.name`` (a folder or a hub id), checked to be of ``family``, with
     ``model.config_overrides`` applied."""
     try:
-        hf_config = AutoConfig.from_pretrained(spec.name, trust_remote_code=spec.trust_remote_code)
+        hf_config = read_hf_config(spec.name, spec.trust_remote_code, family.config_fixes)
     except (OSError, ValueError) as err:
         raise UserError(f"model.name {spec.name!r} could not be loaded ({first_line(err)}).") from None
     check_model_type(spec, family, hf_config.model_type)
@@ -139,7 +139,7 @@ def _from_pretrained(spec, family: FamilySpec, dtype, kwargs: dict[str, Any], to
             trust_remote_code=spec.trust_remote_code, output_loading_info=True, **kwargs)
     except OSError as err:
         raise UserError(f"model.name {spec.name!r}: the weights could not be read ({first_line(err)}).") from None
-    check_loading_info(info, spec.name)
+    check_loading_info(info, spec.name, text_of_multimodal=hf_config.model_type in family.multimodal_types)
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
         logger.info("resizing the embedding from %d to the tokenizer's %d tokens",
                     model.get_input_embeddings().num_embeddings, len(tokenizer))

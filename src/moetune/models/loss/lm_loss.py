@@ -65,18 +65,11 @@ def forward_with_lm_loss(model: torch.nn.Module, inputs: Mapping[str, Any], labe
     the largest allocation of a LoRA step. Otherwise (no ``logits_to_keep``, a partitioned or unusual
     lm_head) the full logits are used. The choice is made and logged once per model.
     """
-    inner = innermost_model(model)
-    head = _chunkable_lm_head(inner)
-    if head is not None:
-        with _final_hidden_states(inner) as final:
-            out = model(**inputs, logits_to_keep=1)
-        hidden = final[0]
-        options = logit_options(inner.config)
-        if _LM_LOSS_PATH.get(inner) or _hidden_states_give_logits(inner, head, hidden, out.logits,
-                                                                                       options):
-            loss_sum, _ = chunked_causal_lm_loss(hidden, head, labels, label_smoothing=label_smoothing, **options)
-            return out, loss_sum
-    out = model(**inputs)
+    out, chunked = _forward_for_the_loss(model, inputs)
+    if chunked is not None:
+        hidden, head, options = chunked
+        loss_sum, _ = chunked_causal_lm_loss(hidden, head, labels, label_smoothing=label_smoothing, **options)
+        return out, loss_sum
     return out, causal_lm_loss(out.logits, labels, label_smoothing, reduction="sum")
 
 
@@ -87,6 +80,16 @@ def forward_with_sequence_logps(model: torch.nn.Module, inputs: Mapping[str, Any
 
     The same path as :func:`forward_with_lm_loss` (chunked from the final hidden states where that gives the
     model's own logits, decided once per model), so the two agree on every token."""
+    out, chunked = _forward_for_the_loss(model, inputs)
+    if chunked is not None:
+        hidden, head, options = chunked
+        return (out, *chunked_sequence_logps(hidden, head, labels, **options))
+    return (out, *sequence_logps(out.logits, labels))
+
+
+def _forward_for_the_loss(model: torch.nn.Module, inputs: Mapping[str, Any]):
+    """(output, (final hidden states, lm_head, logit options)) when the loss may come from the hidden states a chunk
+    at a time (the model then computes its last position's logits only), else (output with full logits, None)."""
     inner = innermost_model(model)
     head = _chunkable_lm_head(inner)
     if head is not None:
@@ -95,10 +98,8 @@ def forward_with_sequence_logps(model: torch.nn.Module, inputs: Mapping[str, Any
         hidden = final[0]
         options = logit_options(inner.config)
         if _LM_LOSS_PATH.get(inner) or _hidden_states_give_logits(inner, head, hidden, out.logits, options):
-            sums, tokens = chunked_sequence_logps(hidden, head, labels, **options)
-            return out, sums, tokens
-    out = model(**inputs)
-    return (out, *sequence_logps(out.logits, labels))
+            return out, (hidden, head, options)
+    return model(**inputs), None
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,7 @@ usage and router supervision see the policy's routed tokens only.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -56,15 +57,17 @@ class AdapterOff:
 
 @dataclass
 class FrozenCopy:
-    """A frozen copy of the model as it was before training."""
+    """A frozen copy of the model as it was before training. ``autocast``: the mixed-precision context the policy's
+    forward runs under (the trainer's ``accelerator.autocast``), so both score in the same precision."""
 
     model: torch.nn.Module
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
     def logps(self, model, batch, rows: Rows = "main") -> torch.Tensor:
         inputs, labels = rows_of(batch, rows)
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():
             _, sums, _ = forward_with_sequence_logps(self.model, {**inputs, "use_cache": False}, labels)
-        return sums
+        return sums.float()
 
 
 @dataclass
