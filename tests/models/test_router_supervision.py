@@ -128,7 +128,7 @@ def test_supervision_is_a_routed_token_weighted_part_of_the_objective():
                          z_loss=torch.tensor(0.0), routed_tokens=torch.tensor(routed), router_logits=(),
                          aux_weight=0.1, router_supervision_loss=torch.tensor(supervision), supervision_weight=0.5)
     first, second = parts(4.0, 2.0), parts(12.0, 1.0)
-    step = torch.tensor([6.0, 16.0])
+    step = torch.tensor([6.0, 16.0, 0.0])  # label tokens, routed tokens, preference pairs
     total = first.objective(step) + second.objective(step)
     assert total.item() == pytest.approx(12.0 / 6 + 0.1 * 1.0 + 0.5 * (4 * 2.0 + 12 * 1.0) / 16)
     assert first.total.item() == pytest.approx(2.0 + 0.1 + 0.5 * 2.0)

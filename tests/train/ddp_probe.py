@@ -24,16 +24,15 @@ original_summarize = loop.summarize_usage
 original_save_final = loop.save_final
 
 
-
 def probe_path(output_dir, rank: int) -> Path:
     folder = Path(f"{output_dir}-probes")
     folder.mkdir(exist_ok=True)
     return folder / f"probe-rank{rank}.pt"
 
-def compute_losses(model, batch, config):
+def compute_losses(model, batch, config, reference=None):
     for row in batch["input_ids"]:
         seen_rows.append(hashlib.sha1(row.cpu().numpy().tobytes()).hexdigest())
-    return original_compute_losses(model, batch, config)
+    return original_compute_losses(model, batch, config, reference)
 
 
 def expert_token_counts(*args, **kwargs):

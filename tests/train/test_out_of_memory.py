@@ -46,14 +46,14 @@ def steps_run_out_of_memory_after(monkeypatch, micro_batches: int, then=None) ->
 
     real, calls = loop.compute_losses, []
 
-    def compute_losses(model, batch, cfg):
+    def compute_losses(model, batch, cfg, reference=None):
         if batch["input_ids"].shape[0] > 1:
             calls.append(1)
             if len(calls) > micro_batches:
                 if then is not None:
                     then()
                 raise torch.OutOfMemoryError("CUDA out of memory.")
-        return real(model, batch, cfg)
+        return real(model, batch, cfg, reference)
 
     monkeypatch.setattr(loop, "compute_losses", compute_losses)
 

@@ -172,9 +172,9 @@ def test_a_nan_stop_names_the_last_checkpoint_saved_before_the_first_bad_step(ti
     config, out = tiny_run
     real, calls = loop.compute_losses, []
 
-    def diverging_after_step_4(model, batch, cfg):  # 2 micro-batches per step
+    def diverging_after_step_4(model, batch, cfg, reference=None):  # 2 micro-batches per step
         calls.append(1)
-        parts = real(model, batch, cfg)
+        parts = real(model, batch, cfg, reference)
         if len(calls) > 8:
             parts.lm_loss_sum = parts.lm_loss_sum * float("inf")
         return parts

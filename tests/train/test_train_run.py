@@ -100,8 +100,8 @@ def test_nan_loss_steps_are_skipped_then_the_run_stops_naming_the_step(tiny_run,
     config, out = tiny_run
     real = loop.compute_losses
 
-    def poisoned(model, batch, cfg):
-        parts = real(model, batch, cfg)
+    def poisoned(model, batch, cfg, reference=None):
+        parts = real(model, batch, cfg, reference)
         parts.lm_loss_sum = parts.lm_loss_sum * float("nan")
         return parts
 
@@ -133,7 +133,7 @@ def test_sigterm_saves_a_checkpoint_then_exits(tiny_run):
 def test_out_of_memory_exits_1_with_remedies(tiny_run, monkeypatch, capsys):
     import moetune.train.loop as loop
 
-    def out_of_memory(model, batch, cfg):
+    def out_of_memory(model, batch, cfg, reference=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(loop, "compute_losses", out_of_memory)
@@ -149,10 +149,10 @@ def test_auto_find_batch_size_halves_the_batch_and_keeps_the_effective_batch(tin
 
     real = loop.compute_losses
 
-    def needs_small_batches(model, batch, cfg):
+    def needs_small_batches(model, batch, cfg, reference=None):
         if batch["input_ids"].shape[0] > 1:
             raise torch.OutOfMemoryError("CUDA out of memory.")
-        return real(model, batch, cfg)
+        return real(model, batch, cfg, reference)
 
     monkeypatch.setattr(loop, "compute_losses", needs_small_batches)
     config, out = tiny_run
