@@ -149,6 +149,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState, na
                                    "intact)", "resume with training.resume_from_checkpoint=latest") from None
         raise no_space_failure(root, needed, f"{final.name}, the run's first checkpoint", "start the run again",
                                at_least=True) from None
+    # Every process writes into the partial folder (its RNG state, its shards): all must be done before it is renamed.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():  # a resumed run passing a step it saved before
             shutil.rmtree(final)
