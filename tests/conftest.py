@@ -4,6 +4,7 @@ save_pretrained, the files a hub repository holds."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,15 @@ import moetune.models.families.mpt.modeling  # noqa: F401  (registers mpt_moe wi
 from moetune.models.families import family_for_model_type
 from moetune.models.layout import find_moe_blocks
 from moetune.models.load.pretrained import model_from_config
+
+
+def free_port() -> int:
+    """A TCP port no process listens on now, for a launched process group: tests run side by side (pytest -n)
+    and a fixed port would be taken by whichever launch came first."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
 
 # A router correction bias that changes the choice, so counting experts from the logits alone would be wrong.
 CORRECTION_BIAS = (0.3, -0.3, 0.2, -0.2)

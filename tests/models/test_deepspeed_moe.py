@@ -15,6 +15,8 @@ import pytest
 from moetune.errors import UserError
 from moetune.models.load.factory import build_model
 
+from ..conftest import free_port
+
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
 
@@ -68,7 +70,7 @@ DEEPSPEED_SCRIPT = textwrap.dedent("""
 def test_deepspeed_block_computes_what_the_native_block_computes(tmp_path):
     # A separate process: DeepSpeed sets up a process group, which must not leak into other tests.
     # TORCHDYNAMO_DISABLE skips DeepSpeed's torch.compile of its gating (~30 s on CPU, same numbers).
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517", "RANK": "0", "WORLD_SIZE": "1",
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
            "LOCAL_RANK": "0", "TORCHDYNAMO_DISABLE": "1"}
     result = subprocess.run([sys.executable, "-c", DEEPSPEED_SCRIPT], env=env, capture_output=True, text=True,
                             timeout=300)

@@ -19,6 +19,7 @@ from moetune.config import load_config
 from moetune.models.load.factory import build_model
 from moetune.models.trainable.counts import count_parameters
 
+from ..conftest import free_port
 from .conftest import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                 reason="the optional deepspeed extra is not installed")
 
 
-def launch(config: Path, tmp_path: Path, ds_config: str, port: int, *overrides: str) -> subprocess.CompletedProcess:
+def launch(config: Path, tmp_path: Path, ds_config: str, *overrides: str) -> subprocess.CompletedProcess:
     """`accelerate launch` one CPU process of `moetune train` under DeepSpeed, as the shipped configs set it."""
     stage = json.loads((ROOT / ds_config).read_text())["zero_optimization"]["stage"]
     accelerate_config = tmp_path / "accelerate.yaml"
@@ -37,7 +38,7 @@ def launch(config: Path, tmp_path: Path, ds_config: str, port: int, *overrides: 
         f"  zero3_init_flag: {'true' if stage == 3 else 'false'}\n"  # as configs/accelerate/zero3.yaml ships
         "machine_rank: 0\nnum_machines: 1\nnum_processes: 1\nuse_cpu: false\n")
     result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
-                             "--main_process_port", str(port), "-m", "moetune", "train", "--config", str(config),
+                             "--main_process_port", str(free_port()), "-m", "moetune", "train", "--config", str(config),
                              *overrides], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -59,7 +60,7 @@ def counted_in_one_process(config: Path, out: Path, *overrides: str) -> tuple[in
 @pytest.mark.parametrize(("ds_config", "stage"), [("deepspeed_moe_config.json", 2), ("configs/zero3.json", 3)])
 def test_deepspeed_zero_on_cpu_trains_logs_and_saves_a_peft_adapter(tiny_run, tmp_path, ds_config, stage):
     config, out = tiny_run
-    result = launch(config, tmp_path, ds_config, 29520 + stage,
+    result = launch(config, tmp_path, ds_config,
                     "training.max_steps=4", "training.save_steps=4", "training.eval_steps=4")
     train = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
@@ -80,7 +81,7 @@ def test_zero3_upcycles_a_partitioned_dense_mpt_and_trains_it(tiny_run, tmp_path
     mpt = ["model.architecture=mpt", "model.config_overrides={d_model: 64, n_heads: 4, n_layers: 2, max_seq_len: 128}",
            "moe.upcycling.enabled=true", "moe.upcycling.num_experts=4", "lora.target_modules=[Wqkv, out_proj]",
            "lora.modules_to_save=[]"]
-    result = launch(config, tmp_path, "configs/zero3.json", 29525, *mpt, "training.max_steps=2", "training.eval_steps=2")
+    result = launch(config, tmp_path, "configs/zero3.json", *mpt, "training.max_steps=2", "training.eval_steps=2")
     assert "upcycled 2 of 2 MPT blocks into 4 experts each" in result.stderr
     assert "ZeRO-3: MoE blocks gathered whole as leaf modules: MoeFeedForward" in result.stderr
     train = [r for r in read_metrics(out) if "loss" in r]
@@ -96,7 +97,7 @@ def test_zero3_upcycles_a_partitioned_dense_mpt_and_trains_it(tiny_run, tmp_path
 def test_cpu_offload_reaches_the_engine(tiny_run, tmp_path, ds_config, stage, offloaded):
     # The line is the engine's own answer (zero_cpu_offload, zero_offload_param) after prepare.
     config, out = tiny_run
-    result = launch(config, tmp_path, ds_config, 29530 + stage, "advanced.use_cpu_offload=true",
+    result = launch(config, tmp_path, ds_config, "advanced.use_cpu_offload=true",
                     "training.max_steps=2", "training.eval_steps=2")
     assert f"DeepSpeed ZeRO-{stage}: {offloaded} offloaded to CPU (advanced.use_cpu_offload)" in result.stderr
     train = [r for r in read_metrics(out) if "loss" in r]
@@ -111,7 +112,7 @@ def test_dpo_under_zero3_switches_the_partitioned_adapter_off_for_its_reference(
     config = write_dpo_config(tmp_path / "dpo.yaml", tmp_path)
     assert subprocess.run([sys.executable, "-m", "moetune", "data", "--config", str(config)],
                           capture_output=True, text=True).returncode == 0
-    launch(config, tmp_path, "configs/zero3.json", 29540, "training.max_steps=2", "training.eval_steps=2",
+    launch(config, tmp_path, "configs/zero3.json", "training.max_steps=2", "training.eval_steps=2",
            "training.gradient_accumulation_steps=1")
     train = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert [r["step"] for r in train] == [1, 2]

@@ -24,6 +24,7 @@ from moetune.config import load_config
 from moetune.errors import ConfigError, UserError
 from moetune.train.accelerator import check_deepspeed_moe_launch
 
+from ..conftest import free_port
 from .conftest import read_metrics, write_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +42,7 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
                                      reason="the optional deepspeed extra is not installed")
 
 
-def launch(tmp_path, config, port, *overrides, processes=1):
+def launch(tmp_path, config, *overrides, processes=1):
     """`accelerate launch` the probe with DeepSpeed ZeRO-2 (deepspeed_moe_config.json) on CPU."""
     accelerate_config = tmp_path / f"accelerate{processes}.yaml"
     accelerate_config.write_text(
@@ -51,7 +52,7 @@ def launch(tmp_path, config, port, *overrides, processes=1):
     # TORCHDYNAMO_DISABLE skips DeepSpeed's torch.compile of its gating (~30 s on CPU, same numbers).
     env = {**os.environ, "TORCHDYNAMO_DISABLE": "1"}
     result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
-                             "--main_process_port", str(port), str(PROBE), str(config), *UPCYCLED_DEEPSPEED, *overrides],
+                             "--main_process_port", str(free_port()), str(PROBE), str(config), *UPCYCLED_DEEPSPEED, *overrides],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -80,7 +81,7 @@ def probe(out: Path, rank: int = 0) -> dict:
 @needs_deepspeed
 def test_zero2_run_trains_saves_native_files_that_reload_exactly_and_resumes(tiny_run, tmp_path):
     config, out = tiny_run
-    result = launch(tmp_path, config, 29541)
+    result = launch(tmp_path, config)
     train = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     for r in train:
@@ -113,7 +114,7 @@ def test_zero2_run_trains_saves_native_files_that_reload_exactly_and_resumes(tin
             assert torch.allclose(logits, trained, atol=1e-5), (kind, overrides, (logits - trained).abs().max())
 
     # Resume from checkpoint-2: the same losses for steps 3-4 and the same final model.
-    launch(tmp_path, config, 29542, f"training.resume_from_checkpoint={out / 'checkpoint-2'}")
+    launch(tmp_path, config, f"training.resume_from_checkpoint={out / 'checkpoint-2'}")
     resumed = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # steps 1-2 kept from the first run, 3-4 trained again
     for again, first in zip(resumed[2:], train[2:], strict=True):
@@ -132,8 +133,7 @@ def test_two_processes_with_expert_parallelism_gather_every_expert_into_the_save
     # gloo: without it Accelerate sees no distributed backend on a CPU-only machine and counts one process.
     settings = ["moe.expert_parallel.size=2", f"moe.expert_training={expert_training}",
                 f"training.gradient_checkpointing={str(checkpointing).lower()}", "training.ddp_backend=gloo"]
-    port = 29543 if expert_training == "full" else 29545
-    launch(tmp_path, config, port, *settings, processes=2)
+    launch(tmp_path, config, *settings, processes=2)
     ranks = [probe(out, rank) for rank in (0, 1)]
     assert [r["ep_rank"] for r in ranks] == [0, 1]
     assert ("ep_size_2", True, 0.01) in ranks[0]["optimizer_groups"]
@@ -141,7 +141,7 @@ def test_two_processes_with_expert_parallelism_gather_every_expert_into_the_save
     assert [r["step"] for r in train] == [1, 2, 3, 4]
 
     # Each rank resumes its own experts (and their optimizer state) from the engine's files: the same losses.
-    launch(tmp_path, config, port + 1, *settings, f"training.resume_from_checkpoint={out / 'checkpoint-2'}", processes=2)
+    launch(tmp_path, config, *settings, f"training.resume_from_checkpoint={out / 'checkpoint-2'}", processes=2)
     resumed = [r for r in read_metrics(out) if "loss" in r]
     for again, first in zip(resumed[2:], train[2:], strict=True):
         assert again["loss"] == pytest.approx(first["loss"], rel=1e-5), first["step"]

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..conftest import free_port
 from .conftest import write_dataset
 
 PROBE = Path(__file__).with_name("ddp_probe.py")
@@ -17,7 +18,7 @@ def test_two_processes_stay_in_sync_share_the_data_and_sum_expert_usage(tiny_run
     # Enough rows that 4 steps x 2 micro-batches x 4 rows per rank stay inside the first epoch.
     write_dataset(Path(yaml.safe_load(config.read_text())["data"]["output_path"]), samples=480)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                str(PROBE), str(config), "training.max_steps=4", "training.eval_steps=2", "training.save_steps=2"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

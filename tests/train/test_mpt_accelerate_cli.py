@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 
 from moetune.mpt_accelerate_cli import build_parser, load_trainer_config
 
+from ..conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "train_mpt7b_moe_accelerate.py"
 WORDS = "payment refund capture merchant customer webhook mandate currency amount authorize".split()
@@ -184,7 +186,7 @@ def test_two_processes_through_accelerate_launch_train_the_dense_model_in_full(t
     from transformers import AutoModelForCausalLM, AutoTokenizer, MptForCausalLM
 
     launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     flags = [*quick_flags(tiny_mpt, "ddp"), "--data_file", str(tiny_mpt / "qa-ddp.jsonl"), "--epochs", "1",
              "data.output_path=" + str(tiny_mpt / "built-ddp.jsonl")]
     shutil.copy(tiny_mpt / "qa.jsonl", tiny_mpt / "qa-ddp.jsonl")

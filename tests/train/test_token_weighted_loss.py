@@ -18,6 +18,7 @@ from moetune.cli import main
 from moetune.data.encode import IGNORE_INDEX
 from moetune.models.loss.objective import LossParts, step_token_counts
 
+from ..conftest import free_port
 from .conftest import WORDS, read_metrics
 
 CONFIG = """
@@ -108,7 +109,7 @@ def test_accumulating_two_micro_batches_equals_one_batch_of_two(qa_setup, batch_
 def test_two_processes_of_one_equal_one_process_of_two(qa_setup, batch_of_two):
     config, out = _config(qa_setup, "two_processes")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                "-m", "moetune", "train", "--config", str(config), "training.per_device_train_batch_size=1",
                "training.gradient_accumulation_steps=1"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
