@@ -209,6 +209,25 @@ def test_the_step_objective_over_micro_batches_is_the_per_pair_mean(mixtral_conf
     assert sum(p.preference.loss_sum for p in parts).item() / len(PAIRS) == pytest.approx(per_pair.mean().item(), rel=1e-5)
 
 
+def test_the_reference_forward_runs_before_the_policy_s_and_scores_the_same(mixtral_config):
+    # Run first, the reference's forward adds its transient memory to nothing, not to the policy's activations that
+    # backward keeps (it was the peak of a DPO step: docs/benchmarks.md); the rewards must not change.
+    config = mixtral_config("training.objective=dpo", "moe.use_auxiliary_loss=false")
+    model = build_model(config, seed=42)
+    perturb_lora_b(model)
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append("policy" if torch.is_grad_enabled() else "reference"))
+    parts = compute_losses(model, pair_batch(PAIRS), config, AdapterOff())
+    assert forwards == ["reference", "policy"]
+
+    chosen, rejected, ref_chosen, ref_rejected = whole_logps(model, AdapterOff())
+    beta = config.training.dpo_beta
+    torch.testing.assert_close(parts.preference.chosen_rewards, beta * (chosen - ref_chosen).detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(parts.preference.rejected_rewards, beta * (rejected - ref_rejected).detach(),
+                               rtol=1e-6, atol=1e-6)
+    assert (parts.preference.chosen_rewards.abs() > 1e-5).all()  # the perturbed adapter moved the policy
+
+
 def whole_logps(model, reference):
     """(policy chosen, policy rejected, reference chosen, reference rejected) summed log-probabilities of PAIRS."""
     batch = pair_batch(PAIRS)

@@ -202,3 +202,28 @@ def test_eval_reports_the_preference_accuracy_training_measured(built, run):
     assert preference["margin"] == pytest.approx(last_eval["eval_rewards/margins"], rel=1e-4, abs=1e-6)
     assert set(preference["per_label"]) <= {"payments", "refunds"}
     assert sum(g["pairs"] for g in preference["per_label"].values()) == 12
+
+
+def test_a_micro_batch_s_losses_and_routing_are_let_go_before_the_next_forward(built, monkeypatch):
+    # Kept alive through the next forward pass, a micro-batch's routing (allocated among its activations) pins the
+    # allocator's blocks between them and the heap grows: DPO's peak memory on CPU (docs/benchmarks.md).
+    config, root = built
+    import weakref
+
+    from moetune.train import loop
+
+    real, earlier, still_held = loop.compute_losses, [], []
+
+    def noting(model, batch, cfg, reference=None):
+        still_held.append(sum(ref() is not None for ref in earlier))
+        parts = real(model, batch, cfg, reference)
+        earlier.extend(weakref.ref(tensor) for layer in parts.routing for tensor in (layer.logits, layer.experts))
+        earlier.append(weakref.ref(parts))
+        return parts
+
+    monkeypatch.setattr(loop, "compute_losses", noting)
+    assert main(["train", "--config", str(config), f"training.output_dir={root / 'released'}",
+                 "validation.validation_split=0", "training.max_steps=2"]) == 0
+    # 2 steps x 2 micro-batches, each of the 2 MoE layers' routing recorded (logits and experts), and the parts.
+    assert len(still_held) == 4 and len(earlier) == 4 * (2 * 2 + 1)
+    assert still_held == [0, 0, 0, 0]

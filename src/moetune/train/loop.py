@@ -168,6 +168,12 @@ def _train_once(config: Config, stop: StopSignals, run_lock: RunLock, files: Att
                     if parts.routing and (config.moe.monitor.expert_usage or update_biases is not None):
                         counts = expert_token_counts(parts.routing, batch.get("attention_mask"))
                         step_usage = counts if step_usage is None else step_usage + counts
+                    # Let go of this micro-batch's losses and routing (every MoE layer's router logits, chosen
+                    # experts and weights) before the next forward pass. Small as they are, they were allocated
+                    # among this forward's activations: kept alive through the next one, they pin the allocator's
+                    # blocks between them, so the next batch's activations (padded to another length) cannot reuse
+                    # the memory around them and the heap grows (docs/benchmarks.md, DPO peak memory).
+                    del parts
                 if step_usage is not None and config.moe.monitor.expert_usage:
                     usage = step_usage if usage is None else usage + step_usage
                 state.batches_done_in_epoch += len(window)

@@ -35,7 +35,7 @@ from moetune.models.loss.preference import (
     kto_losses,
     orpo_losses,
 )
-from moetune.models.loss.reference import Reference, rows_of
+from moetune.models.loss.reference import Reference, Rows, rows_of
 from moetune.models.routing.balance import router_losses
 from moetune.models.routing.capture import CapturedRouting, LayerRouting, capture_routing
 
@@ -173,6 +173,10 @@ def compute_losses(model: torch.nn.Module, batch: Mapping[str, Any], config, ref
     labels = _labels(batch)
     routed = wants_router_logits(config)
     objective = config.training.objective
+    # The reference's forward passes (no gradients) run before the policy's, not after: their transient memory
+    # then comes on top of nothing, not on top of the policy's activations that backward keeps (with them after,
+    # the reference forward was the peak of a DPO step). The values are the same: the reference is not the policy.
+    scored = reference_logps(model, batch, objective, reference)
     capturing = capture_routing(model, family_of(model)) if routed else contextlib.nullcontext(CapturedRouting())
     with capturing as captured:
         if objective == "sft":
@@ -183,7 +187,7 @@ def compute_losses(model: torch.nn.Module, batch: Mapping[str, Any], config, ref
     preference, lm_weight = None, 1.0
     if objective != "sft":
         lm_loss_sum = -logps[lm_rows(batch)].sum()
-        preference = preference_parts(model, batch, logps, tokens, config.training, reference)
+        preference = preference_parts(model, batch, logps, tokens, config.training, reference, scored)
         lm_weight = lm_loss_weight(config.training)
     loss_tokens, routed_tokens, _ = step_token_counts(batch).to(lm_loss_sum.device).unbind()
     routing = captured.layers
@@ -208,19 +212,32 @@ def lm_loss_weight(training) -> float:
     return 1.0 if training.objective in ("sft", "orpo") else training.dpo_sft_weight
 
 
+def reference_logps(model, batch: Mapping[str, Any], objective: str,
+                    reference: Reference | None) -> dict[Rows, torch.Tensor]:
+    """The reference's summed log-probabilities that ``objective`` reads, by rows: DPO's of the batch's rows, KTO's
+    of its rows and its KL rows; none for an objective without a reference (or when there is no reference)."""
+    if objective not in REFERENCE_OBJECTIVES or reference is None:
+        return {}
+    rows: tuple[Rows, ...] = ("main", "kl") if objective == "kto" else ("main",)
+    return {r: reference.logps(model, batch, r) for r in rows}
+
+
 def preference_parts(model, batch: Mapping[str, Any], logps: torch.Tensor, tokens: torch.Tensor, training,
-                     reference: Reference | None) -> PreferenceParts:
+                     reference: Reference | None, scored: Mapping[Rows, torch.Tensor] | None = None) -> PreferenceParts:
     """The preference loss of a batch from its rows' summed log-probabilities under the policy (``logps``) and
-    their label-token counts, as ``training.objective`` and its settings say."""
+    their label-token counts, as ``training.objective`` and its settings say. ``scored``: the reference's
+    log-probabilities (:func:`reference_logps`) when already computed, else they are computed here."""
     objective = training.objective
     if objective in REFERENCE_OBJECTIVES and reference is None:
         raise ValueError(f"training.objective {objective!r} needs a reference model")
+    if objective in REFERENCE_OBJECTIVES and not scored:
+        scored = reference_logps(model, batch, objective, reference)
     if objective == "kto":
         with torch.no_grad():  # the KL estimate is detached: the policy's KL rows need no graph
             kl_inputs, kl_labels = rows_of(batch, "kl")
             _, kl_logps, _ = forward_with_sequence_logps(model, {**kl_inputs, "use_cache": False}, kl_labels)
         losses, desirable_rewards, undesirable_rewards, _ = kto_losses(
-            logps, reference.logps(model, batch), kl_logps, reference.logps(model, batch, "kl"), batch["desirable"],
+            logps, scored["main"], kl_logps, scored["kl"], batch["desirable"],
             beta=training.dpo_beta, desirable_weight=training.kto_desirable_weight,
             undesirable_weight=training.kto_undesirable_weight)
         return PreferenceParts(losses.sum(), logps.new_tensor(losses.numel()), desirable_rewards, undesirable_rewards)
@@ -231,7 +248,7 @@ def preference_parts(model, batch: Mapping[str, Any], logps: torch.Tensor, token
                                                                beta=training.orpo_lambda)
         return PreferenceParts(losses.sum(), logps.new_tensor(losses.numel()), chosen_rewards, rejected_rewards,
                                weight=training.orpo_lambda)
-    ref_chosen, ref_rejected = reference.logps(model, batch).chunk(2)
+    ref_chosen, ref_rejected = scored["main"].chunk(2)
     losses, chosen_rewards, rejected_rewards = dpo_losses(
         chosen, rejected, ref_chosen, ref_rejected, beta=training.dpo_beta, loss=training.dpo_loss,
         label_smoothing=training.dpo_label_smoothing, chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens)
