@@ -163,9 +163,8 @@ def _status_kib(field: str) -> int:
 
 def encoded_pairs(config, tokenizer) -> list[dict[str, list[int]]]:
     """moetune's token ids of every training pair, as TRL's collator reads them: a shared prompt, two completions."""
-    from moetune.data.preference_encode import prompt_length
-
     from moetune.data.dataloaders import build_train_eval_datasets
+    from moetune.data.preference_encode import prompt_length
 
     rows = []
     data = build_train_eval_datasets(config, tokenizer)

@@ -74,7 +74,7 @@ def test_readme_config_reference_is_generated_from_the_code():
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci/run").read_text()
-    command = "bash scripts/setup.sh && .venv/bin/python -m pytest -q"
+    command = "bash scripts/setup.sh && .venv/bin/python -m pytest -q -n auto --dist loadfile"
     assert command in readme and ci.strip().endswith(command)
 
 
