@@ -51,6 +51,7 @@ from pathlib import Path
 
 import torch
 
+from bench_train import peer_versions  # scripts/, beside this file: the same versions line as the SFT bench
 from moetune.cli import main as moetune_cli
 from moetune.config import load_config
 from moetune.data.tokenizer import load_or_train_tokenizer
@@ -260,18 +261,6 @@ def run_trainer(trainer: str, root: Path, rep: int, threads: int) -> dict:
     run = bench_moetune(config, order) if trainer == "moetune" else bench_trl(config, pairs, order, root / f"trl-{rep}")
     tokens = sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
     return {**run, "pairs": len(pairs), "tokens": tokens}
-
-
-def peer_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for package in ("torch", "transformers", "peft", "accelerate", "datasets", "trl"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = "not installed"
-    return found
 
 
 def compare(args, root: Path) -> None:
