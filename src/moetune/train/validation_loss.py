@@ -42,7 +42,14 @@ def evaluate_preference(model, loader, accelerator, config, reference, max_batch
     pairs whose chosen reward beats the rejected one) and mean reward margin; ``eval_pairs``: how many were scored.
     """
     from moetune.models.loss.lm_loss import forward_with_sequence_logps
-    from moetune.models.loss.objective import LOSS_ONLY_KEYS, lm_loss_weight, lm_rows, preference_parts, weighted_loss
+    from moetune.models.loss.objective import (
+        LOSS_ONLY_KEYS,
+        lm_loss_weight,
+        lm_rows,
+        preference_parts,
+        reference_logps,
+        weighted_loss,
+    )
     from moetune.models.loss.preference import PAIRED_OBJECTIVES, PREFERENCE_SUMS, preference_metrics
 
     t = config.training
@@ -54,8 +61,9 @@ def evaluate_preference(model, loader, accelerator, config, reference, max_batch
         if max_batches is not None and i >= max_batches:
             break
         inputs = {k: v for k, v in batch.items() if k not in LOSS_ONLY_KEYS}
+        scored = reference_logps(model, batch, t.objective, reference)
         _, logps, tokens = forward_with_sequence_logps(model, {**inputs, "use_cache": False}, batch["labels"])
-        parts = preference_parts(model, batch, logps, tokens, t, reference)
+        parts = preference_parts(model, batch, logps, tokens, t, scored)
         rows = lm_rows(batch)
         sums += torch.cat([torch.stack([-logps[rows].sum(), tokens[rows].sum()]).double(), parts.sums().to(sums.device)])
         preference_weight = parts.weight

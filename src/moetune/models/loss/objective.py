@@ -187,7 +187,7 @@ def compute_losses(model: torch.nn.Module, batch: Mapping[str, Any], config, ref
     preference, lm_weight = None, 1.0
     if objective != "sft":
         lm_loss_sum = -logps[lm_rows(batch)].sum()
-        preference = preference_parts(model, batch, logps, tokens, config.training, reference, scored)
+        preference = preference_parts(model, batch, logps, tokens, config.training, scored)
         lm_weight = lm_loss_weight(config.training)
     loss_tokens, routed_tokens, _ = step_token_counts(batch).to(lm_loss_sum.device).unbind()
     routing = captured.layers
@@ -215,23 +215,21 @@ def lm_loss_weight(training) -> float:
 def reference_logps(model, batch: Mapping[str, Any], objective: str,
                     reference: Reference | None) -> dict[Rows, torch.Tensor]:
     """The reference's summed log-probabilities that ``objective`` reads, by rows: DPO's of the batch's rows, KTO's
-    of its rows and its KL rows; none for an objective without a reference (or when there is no reference)."""
-    if objective not in REFERENCE_OBJECTIVES or reference is None:
+    of its rows and its KL rows; none for an objective without a reference."""
+    if objective not in REFERENCE_OBJECTIVES:
         return {}
+    if reference is None:
+        raise ValueError(f"training.objective {objective!r} needs a reference model")
     rows: tuple[Rows, ...] = ("main", "kl") if objective == "kto" else ("main",)
     return {r: reference.logps(model, batch, r) for r in rows}
 
 
 def preference_parts(model, batch: Mapping[str, Any], logps: torch.Tensor, tokens: torch.Tensor, training,
-                     reference: Reference | None, scored: Mapping[Rows, torch.Tensor] | None = None) -> PreferenceParts:
+                     scored: Mapping[Rows, torch.Tensor]) -> PreferenceParts:
     """The preference loss of a batch from its rows' summed log-probabilities under the policy (``logps``) and
-    their label-token counts, as ``training.objective`` and its settings say. ``scored``: the reference's
-    log-probabilities (:func:`reference_logps`) when already computed, else they are computed here."""
+    the reference (``scored``, from :func:`reference_logps`, run before the policy's forward pass), and their
+    label-token counts, as ``training.objective`` and its settings say."""
     objective = training.objective
-    if objective in REFERENCE_OBJECTIVES and reference is None:
-        raise ValueError(f"training.objective {objective!r} needs a reference model")
-    if objective in REFERENCE_OBJECTIVES and not scored:
-        scored = reference_logps(model, batch, objective, reference)
     if objective == "kto":
         with torch.no_grad():  # the KL estimate is detached: the policy's KL rows need no graph
             kl_inputs, kl_labels = rows_of(batch, "kl")
