@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from bench_train import peer_versions  # scripts/, beside this file: the same versions line as the SFT bench
+from bench_train import peer_versions, trl_training_arguments  # scripts/, beside this file: as the SFT bench
 from moetune.cli import main as moetune_cli
 from moetune.config import load_config
 from moetune.data.tokenizer import load_or_train_tokenizer
@@ -185,19 +185,13 @@ def trl_config(config, out: Path):
 
     t = config.training
     return DPOConfig(
-        output_dir=str(out), seed=t.seed, data_seed=t.seed, num_train_epochs=1, max_steps=-1,
-        per_device_train_batch_size=t.per_device_train_batch_size, gradient_accumulation_steps=1,
-        bf16=t.bf16, fp16=False, activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False}, use_cpu=not torch.cuda.is_available(),
-        optim="adamw_torch", learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type, warmup_steps=0,
-        weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon,
-        max_grad_norm=t.max_grad_norm,
+        **trl_training_arguments(config, out),
+        activation_checkpointing=t.gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
         # DPO: the same beta and loss, the reference computed live, the router aux loss weighted alike; the rows are
-        # already cut to model.max_seq_length by moetune's encoding.
+        # already cut to model.max_seq_length by moetune's encoding, and drawn in moetune's order.
         beta=t.dpo_beta, loss_type=[t.dpo_loss], precompute_ref_log_probs=False,
         router_aux_loss_coef=config.moe.auxiliary_loss_weight, max_length=None, pad_to_multiple_of=None,
-        dataloader_num_workers=t.dataloader_num_workers, torch_compile=False, train_sampling_strategy="sequential",
-        logging_steps=10**6, save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
+        train_sampling_strategy="sequential",
     )
 
 

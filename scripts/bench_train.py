@@ -153,29 +153,37 @@ def bench_padded(config, tokenizer, texts: list[str]) -> dict:
     return {"useful_tokens": useful, "seconds": time.perf_counter() - start}
 
 
+def trl_training_arguments(config, out: Path) -> dict:
+    """The TrainingArguments every TRL trainer of these benches takes as moetune's run has them: one epoch, the
+    batch, the precision, unfused AdamW with moetune's cosine schedule and no warmup, clip, the loader's workers;
+    no compile, logging, saving or evaluation."""
+    t = config.training
+    return dict(
+        output_dir=str(out), seed=t.seed, data_seed=t.seed, num_train_epochs=1, max_steps=-1,
+        per_device_train_batch_size=t.per_device_train_batch_size, gradient_accumulation_steps=1,
+        bf16=t.bf16, fp16=False, use_cpu=not torch.cuda.is_available(),
+        optim="adamw_torch", learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type, warmup_steps=0,
+        weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon,
+        max_grad_norm=t.max_grad_norm, dataloader_num_workers=t.dataloader_num_workers, torch_compile=False,
+        logging_steps=10**6, save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
+    )
+
+
 def trl_config(config, out: Path):
     """SFTConfig with every option that changes the work set as moetune's run has it (TRL's defaults differ:
     gradient checkpointing and bf16 on, fused AdamW, no aux loss coefficient of moetune's)."""
     from trl import SFTConfig
 
-    t = config.training
     return SFTConfig(
-        output_dir=str(out), seed=t.seed, data_seed=t.seed, num_train_epochs=1, max_steps=-1,
-        per_device_train_batch_size=t.per_device_train_batch_size, gradient_accumulation_steps=1,
-        # precision and recomputation: moetune's bench run uses bf16 autocast and checkpointing together (--bf16)
-        bf16=t.bf16, fp16=False, gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False}, use_cpu=not torch.cuda.is_available(),
-        # optimizer and schedule as moetune's: unfused AdamW, cosine, no warmup, clip 1.0
-        optim="adamw_torch", learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type, warmup_steps=0,
-        weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon,
-        max_grad_norm=t.max_grad_norm,
+        **trl_training_arguments(config, out),
+        # recomputation: moetune's bench run uses bf16 autocast and checkpointing together (--bf16)
+        gradient_checkpointing=config.training.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         # data: best-fit-decreasing packing into max_seq_length, loss on every token but each sample's first
         # (TRL's padding-free collator masks position 0 as moetune's encoder does), router aux loss weighted alike
         max_length=config.model.max_seq_length, packing=True, packing_strategy="bfd", padding_free=True,
         completion_only_loss=False, dataset_text_field="text", pad_to_multiple_of=None,
         router_aux_loss_coef=config.moe.auxiliary_loss_weight, loss_type="nll",
-        dataloader_num_workers=t.dataloader_num_workers, torch_compile=False,
-        logging_steps=10**6, save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
     )
 
 
