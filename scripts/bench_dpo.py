@@ -40,10 +40,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +49,11 @@ from pathlib import Path
 
 import torch
 
-from bench_train import peer_versions, trl_training_arguments  # scripts/, beside this file: as the SFT bench
+from bench_train import (  # scripts/, beside this file: as the SFT bench
+    peer_versions,
+    run_in_fresh_process,
+    trl_training_arguments,
+)
 from moetune.cli import main as moetune_cli
 from moetune.config import load_config
 from moetune.data.tokenizer import load_or_train_tokenizer
@@ -274,10 +276,7 @@ def compare(args, root: Path) -> None:
     runs: dict[str, list[dict]] = {t: [] for t in TRAINERS}
     for rep in range(args.repeats):
         for trainer in TRAINERS:
-            out = subprocess.run([sys.executable, __file__, *flags, "--child", trainer, "--root", str(root),
-                                  "--rep", str(rep)], check=True, capture_output=True, text=True,
-                                 env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-            run = json.loads(out.stdout.strip().splitlines()[-1])
+            run = run_in_fresh_process(__file__, flags, trainer, root, rep)
             runs[trainer].append(run)
             print(f"  run {rep + 1}: {TRAINERS[trainer]:32s} {run['tokens'] / run['seconds']:9,.0f} tokens/s "
                   f"{run['pairs'] / run['seconds']:7.2f} pairs/s   {run['tokens'] / run['cpu_seconds']:9,.0f} tokens per "

@@ -296,6 +296,14 @@ def peer_versions() -> dict[str, str]:
     return found
 
 
+def run_in_fresh_process(script: str, flags: list[str], trainer: str, root: Path, rep: int) -> dict:
+    """``script --child trainer``'s run in a process of its own (no allocator or thread-pool state inherited from
+    another run): the JSON object its last output line holds."""
+    out = subprocess.run([sys.executable, script, *flags, "--child", trainer, "--root", str(root), "--rep", str(rep)],
+                         check=True, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def compare_trainers(args, root: Path) -> None:
     """Each trainer ``--repeats`` times, interleaved (moetune, padded, TRL, moetune, ...), each run in a fresh
     process so no run inherits another's allocator or thread-pool state; medians and the range of ratios."""
@@ -308,10 +316,7 @@ def compare_trainers(args, root: Path) -> None:
     rates: dict[str, list[float]] = {t: [] for t in trainers}
     for rep in range(args.repeats):
         for trainer in trainers:
-            out = subprocess.run([sys.executable, __file__, *flags, "--child", trainer, "--root", str(root),
-                                  "--rep", str(rep)], check=True, capture_output=True, text=True,
-                                 env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-            run = json.loads(out.stdout.strip().splitlines()[-1])
+            run = run_in_fresh_process(__file__, flags, trainer, root, rep)
             rates[trainer].append(run["useful_tokens"] / run["seconds"])
             print(f"  run {rep + 1}: {TRAINERS[trainer]:40s} {rates[trainer][-1]:10,.0f} useful tokens/s", flush=True)
     print(f"\nversions: {', '.join(f'{k} {v}' for k, v in versions.items())}; {torch.get_num_threads()} threads")
