@@ -93,9 +93,10 @@ def test_deepspeed_shards_what_its_estimators_say():
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v2"])
-def test_a_four_bit_run_is_planned_as_loaded_quantised_experts_stay_unquantised_in_float32(config_for, model_type):
+def test_a_four_bit_run_is_planned_as_loaded_quantised_experts_stay_unquantised_in_their_dtype(config_for, model_type):
     # transformers' bitsandbytes integration converts nn.Linear only (fused 3-D experts are none), then
-    # PEFT's prepare_model_for_kbit_training casts every other 16-bit weight to float32.
+    # PEFT's prepare_model_for_kbit_training casts every other 16-bit weight to float32, and moetune puts
+    # the fused experts back in bf16: only the small weights (norms, embeddings, lm_head) stay in float32.
     bnb = pytest.importorskip("bitsandbytes")
     config = config_for(model_type, "model.load_in_4bit=true", "model.torch_dtype=bfloat16", ROUTER_TRAINS)
     planned = build_planned_model(config)
@@ -106,9 +107,13 @@ def test_a_four_bit_run_is_planned_as_loaded_quantised_experts_stay_unquantised_
     quant_states = sum(t.nbytes for p in packed for t in (p.quant_state.absmax, p.quant_state.code,
                                                            p.quant_state.state2.absmax, p.quant_state.state2.code,
                                                            p.quant_state.offset))
+    experts = [p for n, p in model.named_parameters() if ".experts." in n]
+    assert experts and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in experts)
+    planned_experts = [p for n, p in planned.model.named_parameters() if ".experts." in n]
+    assert [p.dtype for p in planned_experts] == [p.dtype for p in experts]
+    norms = [p for n, p in model.named_parameters() if "norm" in n]
+    assert norms and all(p.dtype == torch.float32 for p in norms)  # PEFT's float32, kept
     real = real_model_states(model, config)
     assert states.weights == real["weights"] + quant_states
     assert (states.trainable, states.gradients, states.optimizer) == (real["trainable"], real["gradients"],
                                                                       real["optimizer"])
-    experts = [p for n, p in model.named_parameters() if ".experts." in n]
-    assert experts and all(p.dtype == torch.float32 for p in experts)

@@ -21,7 +21,7 @@ from moetune.models.check import quiet_logs
 from moetune.models.families import family_for_model_type, get_family, known_model_types
 from moetune.models.families._spec import FamilySpec, Traits
 from moetune.models.load.meta import build_on_meta, offline_model_config
-from moetune.models.load.quant import wants_quantization
+from moetune.models.load.quant import is_fused_expert_stack, wants_quantization
 from moetune.models.trainable.plan import apply_training_plan
 from moetune.plan.params import ParameterCounts, count_base, experts_per_token, with_trainable
 
@@ -106,7 +106,8 @@ def quantize_on_meta(base: nn.Module, model_section) -> dict[int, int]:
     the Linears transformers' bitsandbytes integration converts (every ``nn.Linear`` but the output
     embedding and the model's fp32 modules: its own rule, reused), and then PEFT's
     ``prepare_model_for_kbit_training``, which moetune calls and which casts every other 16-bit
-    parameter to float32. Fused 3-D experts are no Linear: they stay unquantised, in float32.
+    parameter to float32, but for the fused 3-D experts: they are no Linear, stay unquantised, and moetune
+    puts them back in the dtype they load in (:func:`moetune.models.load.quant.restore_fused_experts`).
     Returns ``id(weight)`` -> bits of the converted Linears."""
     from transformers.quantizers.base import HfQuantizer
     from transformers.quantizers.quantizers_utils import should_convert_module
@@ -115,7 +116,9 @@ def quantize_on_meta(base: nn.Module, model_section) -> dict[int, int]:
     skip = HfQuantizer.get_modules_to_not_convert(base, None, base._keep_in_fp32_modules)
     quantized = {id(module.weight): bits for name, module in base.named_modules()
                  if type(module) is nn.Linear and should_convert_module(name, skip)}
-    for param in base.parameters():
+    for name, param in base.named_parameters():
+        if is_fused_expert_stack(name, param):
+            continue
         if id(param) not in quantized and param.dtype in (torch.float16, torch.bfloat16):
             param.data = param.data.to(torch.float32)
     return quantized

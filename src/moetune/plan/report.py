@@ -214,7 +214,7 @@ def what_would_fit(config, planned: PlannedModel, plan: Plan, model_config=None)
     notes = []
     linears = _linear_share(planned)
     why = (f"bitsandbytes quantises nn.Linear layers only, {linears:.0%} of this model's weights; the fused experts "
-           "stay unquantised and PEFT's preparation for 4-bit training casts them to float32")
+           "stay unquantised, in their 16-bit dtype")
     if linears < 0.5 and not planned.quantized:
         notes.append(f"(model.load_in_4bit would not help: {why})")
     elif linears < 0.5:
