@@ -98,7 +98,7 @@ def restore_fused_experts(model: nn.Module, loaded: dict[str, torch.dtype]) -> i
         module.register_forward_pre_hook(pre_hook, with_kwargs=True)
         module.register_forward_hook(hook)
     if owners:
-        logger.info("4/8-bit loading: %d fused expert stacks kept in %s (unquantised, frozen)", len(loaded),
+        logger.info("4/8-bit loading: %d fused expert stacks kept in %s (unquantised, frozen)", restored,
                     ", ".join(sorted({str(d).removeprefix("torch.") for d in owners.values()})))
     return restored
 
